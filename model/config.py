@@ -1,0 +1,164 @@
+"""ModelConfig: every architecture choice of a GPT-2-family model, frozen and hashable.
+
+A config is a static argument of jitted functions, so it must be hashable: all fields are
+plain Python scalars or strings (dtypes are names like "bfloat16", not numpy objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+NORM_PLACEMENTS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+# "xla": the reference einsum attention written out in model/transformer.py.
+# "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), the cuDNN flash kernel (GPU only).
+# "auto": jax.nn.dot_product_attention, with the cuDNN kernel where it applies (GPU, bf16/fp16).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer. Defaults are GPT-2 small (124M)."""
+
+  vocab_size: int = 50257
+  # Rows of the embedding / columns of the logits. None means vocab_size. A larger value
+  # (50304 = 393 * 128 for GPT-2) makes the matmuls faster; the extra logits are masked out.
+  padded_vocab_size: int | None = None
+  block_size: int = 1024  # maximum number of positions
+  num_layers: int = 12
+  num_heads: int = 12
+  d_model: int = 768
+  d_mlp: int | None = None  # None means 4 * d_model
+  embd_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  use_bias: bool = True
+  position_embedding: str = "learned"
+  norm_placement: str = "pre"
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  attention: str = "auto"
+  scan_layers: bool = False
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.d_mlp is None:
+      object.__setattr__(self, "d_mlp", 4 * self.d_model)
+    if self.padded_vocab_size is None:
+      object.__setattr__(self, "padded_vocab_size", self.vocab_size)
+    self.validate()
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "padded_vocab_size", "block_size", "num_layers", "num_heads",
+                 "d_model", "d_mlp"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+    if self.padded_vocab_size < self.vocab_size:
+      raise ValueError(
+          f"ModelConfig.padded_vocab_size ({self.padded_vocab_size}) must be at least "
+          f"vocab_size ({self.vocab_size}).")
+    if self.d_model % self.num_heads:
+      raise ValueError(
+          f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
+          f"({self.num_heads}).")
+    if self.position_embedding == "sinusoidal" and self.d_model % 2:
+      raise ValueError(
+          f"ModelConfig.d_model ({self.d_model}) must be even for sinusoidal positions.")
+    for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a number in [0, 1), got {value!r}.")
+    if not isinstance(self.layer_norm_epsilon, (int, float)) or self.layer_norm_epsilon <= 0:
+      raise ValueError(
+          f"ModelConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
+    for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
+                          ("norm_placement", NORM_PLACEMENTS),
+                          ("activation", ACTIVATIONS),
+                          ("attention", ATTENTION_IMPLEMENTATIONS),
+                          ("dtype", DTYPES),
+                          ("param_dtype", DTYPES),
+                          ("remat", REMAT_POLICIES)):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(
+            f"ModelConfig.{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    for name in ("use_bias", "tie_embeddings", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> Any:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "ModelConfig":
+    """A copy with some fields changed (re-validated). d_mlp / padded_vocab_size follow the
+    new width / vocabulary unless given explicitly."""
+    data = dataclasses.asdict(self)
+    if "d_model" in changes and "d_mlp" not in changes and self.d_mlp == 4 * self.d_model:
+      data["d_mlp"] = None
+    if ("vocab_size" in changes and "padded_vocab_size" not in changes
+        and self.padded_vocab_size == self.vocab_size):
+      data["padded_vocab_size"] = None
+    unknown = sorted(set(changes) - set(data))
+    if unknown:
+      raise ValueError(
+          f"Unknown ModelConfig field {unknown[0]!r}; known fields: {', '.join(sorted(data))}.")
+    data.update(changes)
+    return ModelConfig(**data)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def field_names() -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # OpenAI GPT-2 family (Radford et al. 2019), as in Hugging Face's checkpoints.
+    "gpt2": dict(num_layers=12, num_heads=12, d_model=768),
+    "gpt2-medium": dict(num_layers=24, num_heads=16, d_model=1024),
+    "gpt2-large": dict(num_layers=36, num_heads=20, d_model=1280),
+    "gpt2-xl": dict(num_layers=48, num_heads=25, d_model=1600),
+    # nanoGPT's baby GPT on tiny shakespeare characters (config/train_shakespeare_char.py).
+    "shakespeare-char": dict(vocab_size=65, block_size=256, num_layers=6, num_heads=6,
+                             d_model=384, embd_dropout=0.2, attn_dropout=0.2,
+                             resid_dropout=0.2, use_bias=False),
+    # A few-thousand-parameter model for tests.
+    "tiny": dict(vocab_size=128, block_size=64, num_layers=2, num_heads=4, d_model=64),
+}
+
+
+def preset_names() -> tuple[str, ...]:
+  return tuple(_PRESETS)
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+  """A named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, shakespeare-char, tiny)."""
+  if name not in _PRESETS:
+    raise ValueError(f"Unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}.")
+  fields = set(field_names())
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(
+        f"Unknown ModelConfig field {unknown[0]!r}; known fields: {', '.join(sorted(fields))}.")
+  return ModelConfig(**{**_PRESETS[name], **overrides})

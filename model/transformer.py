@@ -1,0 +1,361 @@
+"""The GPT-2 family as pure Flax (Linen) modules.
+
+Shape letters used in names and einsums throughout the codebase:
+
+  B  batch                 T  query length           S  key length (KV-cache slots)
+  D  model width           H  attention heads        K  head dimension (D = H * K)
+  F  MLP hidden width      V  (padded) vocabulary    L  layers
+
+Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
+mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
+carry a leading L axis. Every parameter carries logical axis names; activations are constrained
+with logical names prefixed "act_". The mapping to mesh axes lives only in sharding/rules.py.
+
+The KV cache is an explicit pytree {"k": [L, B, S, H, K], "v": [L, B, S, H, K]} (see
+`init_cache`), passed in and returned; row b's new tokens are written at slots
+positions_BT[b, 0] ... positions_BT[b, -1] and each query attends to the slots <= its position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+# Logical axes of activations (mapped to mesh axes in sharding/rules.py).
+ACT_BTD = ("act_batch", "act_length", "act_embed")
+ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
+ACT_BTF = ("act_batch", "act_length", "act_mlp")
+ACT_BTV = ("act_batch", "act_length", "act_vocab")
+# Logical axes of the KV cache arrays [L, B, S, H, K].
+CACHE_AXES = ("cache_layers", "act_batch", "cache_length", "act_heads", "act_kv")
+
+# Added to masked attention scores (computed in float32) and written into padded logits.
+MASK_VALUE = -1e30
+
+
+def _normal(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias,
+                      use_fast_variance=False, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.params_dtype, scale_init=_ones(("norm",)),
+                      bias_init=_zeros(("norm",)), name=name)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+  """GPT-2 / nanoGPT: output projections into the residual stream use 0.02 / sqrt(2 L)."""
+  return 0.02 / math.sqrt(2 * cfg.num_layers)
+
+
+def sinusoidal_positions(positions_BT: jax.Array, d_model: int) -> jax.Array:
+  """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(same)."""
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+      *positions_BT.shape, d_model)
+
+
+def causal_mask(positions_BT: jax.Array, num_slots: int) -> jax.Array:
+  """[B, 1, T, S] boolean: query (b, t) may attend to key slot s iff s <= positions_BT[b, t]."""
+  return (jnp.arange(num_slots)[None, None, :] <= positions_BT[:, :, None])[:, None]
+
+
+def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_B1TS, dropout: nn.Dropout | None = None):
+  """Plain softmax attention, scores and softmax in float32."""
+  scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+  scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK,
+                           preferred_element_type=jnp.float32) * scale
+  scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, MASK_VALUE)
+  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+  if dropout is not None:
+    probs_BHTS = dropout(probs_BHTS)
+  return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS.astype(v_BSHK.dtype), v_BSHK)
+
+
+def _use_cudnn(cfg: ModelConfig) -> bool:
+  if cfg.attention == "cudnn":
+    return True
+  return (cfg.attention == "auto" and jax.default_backend() == "gpu"
+          and cfg.dtype in ("bfloat16", "float16"))
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, kv_cache):
+    cfg = self.cfg
+    H, K = cfg.num_heads, cfg.head_dim
+    qkv_BT3HK = nn.DenseGeneral(
+        features=(3, H, K), axis=-1, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "qkv", "heads", "kv")),
+        bias_init=_zeros(("qkv", "heads", "kv")), name="c_attn")(x_BTD)
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+    q_BTHK = _constrain(q_BTHK, ACT_BTHK)
+    k_BTHK = _constrain(k_BTHK, ACT_BTHK)
+    v_BTHK = _constrain(v_BTHK, ACT_BTHK)
+
+    attn_dropout = cfg.attn_dropout > 0 and not self.deterministic
+    dropout = nn.Dropout(cfg.attn_dropout, deterministic=False) if attn_dropout else None
+    if kv_cache is None:
+      T = x_BTD.shape[1]
+      if cfg.attention == "xla" or attn_dropout:
+        mask_B1TS = causal_mask(jnp.arange(T)[None, :], T)
+        out_BTHK = reference_attention(q_BTHK, k_BTHK, v_BTHK, mask_B1TS, dropout)
+      else:
+        out_BTHK = jax.nn.dot_product_attention(
+            q_BTHK, k_BTHK, v_BTHK, is_causal=True,
+            implementation="cudnn" if _use_cudnn(cfg) else None)
+    else:
+      k_BSHK, v_BSHK = kv_cache
+      start_B = positions_BT[:, 0]
+      write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (p, 0, 0)))
+      k_BSHK = write(k_BSHK, k_BTHK.astype(k_BSHK.dtype), start_B)
+      v_BSHK = write(v_BSHK, v_BTHK.astype(v_BSHK.dtype), start_B)
+      kv_cache = (k_BSHK, v_BSHK)
+      mask_B1TS = causal_mask(positions_BT, k_BSHK.shape[1])
+      out_BTHK = reference_attention(q_BTHK, k_BSHK.astype(q_BTHK.dtype),
+                                     v_BSHK.astype(q_BTHK.dtype), mask_B1TS, dropout)
+    out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
+    y_BTD = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_normal(_residual_std(cfg), ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)), name="c_proj")(out_BTHK)
+    y_BTD = nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
+    return y_BTD, kv_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    h_BTF = nn.Dense(cfg.d_mlp, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "mlp")),
+                     bias_init=_zeros(("mlp",)), name="c_fc")(x_BTD)
+    h_BTF = _constrain(h_BTF, ACT_BTF)
+    if cfg.activation == "gelu_tanh":
+      h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+    elif cfg.activation == "gelu":
+      h_BTF = jax.nn.gelu(h_BTF, approximate=False)
+    else:
+      h_BTF = jax.nn.relu(h_BTF)
+    y_BTD = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.params_dtype,
+                     kernel_init=_normal(_residual_std(cfg), ("mlp", "embed")),
+                     bias_init=_zeros(("embed",)), name="c_proj")(h_BTF)
+    return nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+  """One transformer block; (x, kv_cache_layer, positions) -> (x, new kv_cache_layer)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, kv_cache, positions_BT):
+    cfg = self.cfg
+    attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
+    mlp = MLP(cfg, self.deterministic, name="mlp")
+    ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+    if cfg.norm_placement == "pre":
+      y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache)
+      x_BTD = x_BTD + y_BTD
+      x_BTD = x_BTD + mlp(ln_2(x_BTD))
+    else:  # post-LN, as in the original Transformer
+      y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache)
+      x_BTD = ln_1(x_BTD + y_BTD)
+      x_BTD = ln_2(x_BTD + mlp(x_BTD))
+    return _constrain(x_BTD, ACT_BTD), kv_cache
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }[name]
+
+
+class GPT(nn.Module):
+  """GPT(cfg).apply({"params": params}, tokens_BT) -> float32 logits [B, T, V].
+
+  With `cache` (from `init_cache`) it returns (logits, new_cache); `positions_BT` then gives
+  each token's absolute position (default 0..T-1 for every row). With `return_hidden` the
+  final-norm hidden states [B, T, D] are returned instead of logits (for a chunked loss; see
+  `logits_from_hidden`). Padded-vocabulary logits are MASK_VALUE, so they are never
+  predicted and have zero probability.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, positions_BT=None, cache: Cache | None = None,
+               deterministic: bool = True, return_hidden: bool = False):
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    wte = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                   param_dtype=cfg.params_dtype,
+                   embedding_init=_normal(0.02, ("vocab", "embed")), name="wte")
+    x_BTD = wte(tokens_BT)
+    if cfg.position_embedding == "learned":
+      wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.params_dtype,
+                     embedding_init=_normal(0.02, ("position", "embed")), name="wpe")
+      x_BTD = x_BTD + wpe(positions_BT)
+    else:
+      x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
+    x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
+    x_BTD = _constrain(x_BTD, ACT_BTD)
+
+    block_cls = Block
+    if cfg.remat != "none":
+      block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat),
+                           prevent_cse=not cfg.scan_layers)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    if cfg.scan_layers:
+      blocks = nn.scan(block_cls, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, kv = blocks(cfg, deterministic, name="h")(x_BTD, kv, positions_BT)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BTD, layer_kv = block_cls(cfg, deterministic, name=f"h_{i}")(
+            x_BTD, layer_kv, positions_BT)
+        if layer_kv is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+      if kv is not None:
+        kv = (jnp.stack(new_k), jnp.stack(new_v))
+    if cfg.norm_placement == "pre":
+      x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+
+    if return_hidden:
+      out = x_BTD
+    elif cfg.tie_embeddings:
+      out = _mask_padded(cfg, wte.attend(x_BTD))
+    else:
+      out = _mask_padded(cfg, nn.Dense(
+          cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+          param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "vocab")),
+          name="lm_head")(x_BTD))
+    if cache is None:
+      return out
+    return out, {"k": _constrain(kv[0], CACHE_AXES), "v": _constrain(kv[1], CACHE_AXES)}
+
+
+def _mask_padded(cfg: ModelConfig, logits_BTV):
+  logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
+  if cfg.padded_vocab_size > cfg.vocab_size:
+    valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    logits_BTV = jnp.where(valid_V, logits_BTV, MASK_VALUE)
+  return logits_BTV
+
+
+def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
+  """The [D, V] matrix of the LM head (the transposed token embedding when tied)."""
+  if cfg.tie_embeddings:
+    return params["wte"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
+  """The LM head applied to `return_hidden` outputs: the same float32 logits GPT returns."""
+  w_DV = lm_head_weight(params, cfg).astype(cfg.compute_dtype)
+  return _mask_padded(cfg, jnp.einsum("BTD,DV->BTV", x_BTD.astype(cfg.compute_dtype), w_DV))
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
+  """A zeroed KV cache {"k", "v"} of shape [L, B, max_len, H, K] in the compute dtype."""
+  if max_len <= 0 or batch_size <= 0:
+    raise ValueError(f"KV cache needs positive batch_size and max_len, got {batch_size}, "
+                     f"{max_len}.")
+  if cfg.position_embedding == "learned" and max_len > cfg.block_size:
+    raise ValueError(f"KV cache length {max_len} exceeds the model's block_size "
+                     f"{cfg.block_size} (learned positions stop there).")
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
+  dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, *, batch_size: int = 1,
+                seq_len: int | None = None, unbox: bool = True):
+  """Parameters on the default device (for tests and small models; sharding/ creates them
+  already sharded for real runs). With unbox=False the logical-axis metadata is kept."""
+  seq_len = min(cfg.block_size, 8) if seq_len is None else seq_len
+  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  variables = GPT(cfg).init(rng, tokens)
+  return nn.unbox(variables["params"]) if unbox else variables["params"]
+
+
+def abstract_params(cfg: ModelConfig, *, unbox: bool = True):
+  """Parameter shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
+  return jax.eval_shape(lambda rng: init_params(cfg, rng, unbox=unbox), jax.random.key(0))
+
+
+def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
+  """Number of parameters (from abstract shapes). non_embedding drops wpe and, when the head
+  is untied, wte (the convention of nanoGPT's get_num_params subtracts wpe only)."""
+  shapes = abstract_params(cfg)
+  total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+  if non_embedding:
+    if "wpe" in shapes:
+      total -= math.prod(shapes["wpe"]["embedding"].shape)
+    if not cfg.tie_embeddings:
+      total -= math.prod(shapes["wte"]["embedding"].shape)
+  return total
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Loop layout (h_0 .. h_{L-1}) -> scan layout (h with a leading L axis)."""
+  if "h" in params:
+    return params
+  blocks = [params[f"h_{i}"] for i in range(num_layers)]
+  out = {k: v for k, v in params.items() if not k.startswith("h_")}
+  out["h"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scan layout (h with a leading L axis) -> loop layout (h_0 .. h_{L-1})."""
+  if "h" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "h"}
+  for i in range(num_layers):
+    out[f"h_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["h"])
+  return out
+
+
+def convert_layout(params: dict, cfg: ModelConfig) -> dict:
+  """Parameters in the layer layout `cfg.scan_layers` expects."""
+  return (stack_layers if cfg.scan_layers else unstack_layers)(params, cfg.num_layers)

@@ -1,0 +1,1 @@
+"""Sharding: device mesh, logical-axis rules, sharded creation, batch placement."""

@@ -1,0 +1,1 @@
+"""Training: optimizer, TrainState, steps, data, checkpoints, metrics, loop."""
