@@ -101,6 +101,31 @@ def _use_cudnn(cfg: ModelConfig) -> bool:
           and cfg.dtype in ("bfloat16", "float16"))
 
 
+class EinsumDense(nn.Module):
+  """y = einsum(spec, x, kernel) + bias, where the bias covers the kernel's output axes (those
+  after the input axes that the spec contracts). Kernel and bias carry logical axis names."""
+  cfg: ModelConfig
+  spec: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  std: float
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape,
+                        cfg.params_dtype)
+    y = jnp.einsum(self.spec, x.astype(dt), kernel.astype(dt))
+    if cfg.use_bias:
+      in_letters, out_letters = self.spec.split("->")
+      x_letters, k_letters = in_letters.split(",")
+      n_out = sum(1 for c in k_letters if c not in x_letters)
+      bias = self.param("bias", _zeros(self.kernel_axes[-n_out:]), self.kernel_shape[-n_out:],
+                        cfg.params_dtype)
+      y = y + bias.astype(dt)
+    return y
+
+
 class CausalSelfAttention(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
@@ -109,10 +134,9 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x_BTD, positions_BT, kv_cache):
     cfg = self.cfg
     H, K = cfg.num_heads, cfg.head_dim
-    qkv_BT3HK = nn.DenseGeneral(
-        features=(3, H, K), axis=-1, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-        param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "qkv", "heads", "kv")),
-        bias_init=_zeros(("qkv", "heads", "kv")), name="c_attn")(x_BTD)
+    D, dt = cfg.d_model, cfg.compute_dtype
+    qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
+                            ("embed", "qkv", "heads", "kv"), 0.02, name="c_attn")(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
     k_BTHK = _constrain(k_BTHK, ACT_BTHK)
@@ -140,11 +164,8 @@ class CausalSelfAttention(nn.Module):
       out_BTHK = reference_attention(q_BTHK, k_BSHK.astype(q_BTHK.dtype),
                                      v_BSHK.astype(q_BTHK.dtype), mask_B1TS, dropout)
     out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
-    y_BTD = nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-        param_dtype=cfg.params_dtype,
-        kernel_init=_normal(_residual_std(cfg), ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)), name="c_proj")(out_BTHK)
+    y_BTD = EinsumDense(cfg, "BTHK,HKD->BTD", (H, K, cfg.d_model), ("heads", "kv", "embed"),
+                        _residual_std(cfg), name="c_proj")(out_BTHK)
     y_BTD = nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
     return y_BTD, kv_cache
 
