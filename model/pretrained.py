@@ -1,0 +1,327 @@
+"""Hugging Face GPT-2 checkpoints <-> (ModelConfig, params).
+
+`load_hf_gpt2("gpt2")` downloads openai-community/gpt2 (config.json + model.safetensors) with
+huggingface_hub; `load_hf_gpt2("/path/to/dir")` reads a local checkpoint directory (what
+`save_pretrained` writes). No torch is needed for safetensors checkpoints.
+
+Hugging Face's Conv1D stores weights as [in, out]; the mapping to our layout is
+  c_attn.weight [D, 3D] -> c_attn/kernel [D, 3, H, K]   c_attn.bias [3D] -> [3, H, K]
+  attn.c_proj.weight [D, D] -> c_proj/kernel [H, K, D]  mlp weights [D, F], [F, D] unchanged
+  wte.weight [V, D], wpe.weight [P, D]                   lm_head.weight [V, D] -> kernel [D, V]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.transformer import convert_layout, unstack_layers
+
+HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_ORG = "openai-community"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+GPT2_EOT_ID = 50256
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu"}
+_HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# GPT2Config's defaults, used for fields a config.json leaves out.
+_HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                    n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
+                    embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+                    tie_word_embeddings=True)
+# Fields the checkpoint fixes; block_size may be lowered (wpe is cropped), padded_vocab_size
+# raised (wte is padded with zero rows).
+_FIXED_FIELDS = ("vocab_size", "num_layers", "num_heads", "d_model", "d_mlp", "use_bias",
+                 "tie_embeddings", "position_embedding", "norm_placement", "activation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_hf_gpt2(name_or_path: str | os.PathLike, *, scan_layers: bool = False,
+                 dtype: str = "float32", param_dtype: str = "float32",
+                 **config_overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) from a Hugging Face GPT-2 checkpoint directory or hub name.
+
+  Dropout rates come from config.json (0.1 for OpenAI's GPT-2); override them, and anything
+  not fixed by the weights (attention, remat, block_size <= n_positions, padded_vocab_size),
+  with keyword arguments. Params are a plain nested dict of arrays in `param_dtype`, in the
+  layer layout `scan_layers` asks for.
+  """
+  directory = resolve_checkpoint_dir(name_or_path)
+  hf_config = read_hf_config(directory)
+  cfg = config_from_hf(hf_config, scan_layers=scan_layers, dtype=dtype,
+                       param_dtype=param_dtype, source=os.path.join(directory, CONFIG_FILE),
+                       **config_overrides)
+  tensors, weights_path = read_hf_tensors(directory)
+  n_positions = hf_config.get("n_positions", _HF_DEFAULTS["n_positions"])
+  return cfg, params_from_hf(tensors, cfg, n_positions=n_positions, source=weights_path)
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> str:
+  """A local directory as is; a GPT-2 name (or "owner/repo") through the Hugging Face Hub."""
+  path = os.fspath(name_or_path)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise ValueError(f"Checkpoint path {path!r} is a file; pass the directory holding "
+                     f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
+  if path in HF_NAMES:
+    return _download(f"{HF_ORG}/{path}", path)
+  if _looks_like_repo_id(path):
+    return _download(path, path)
+  raise FileNotFoundError(
+      f"Checkpoint directory {path!r} does not exist; pass a directory holding {CONFIG_FILE} "
+      f"and {WEIGHTS_FILE}, or one of {', '.join(HF_NAMES)}.")
+
+
+def _looks_like_repo_id(path: str) -> bool:
+  parts = path.split("/")
+  return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def _download(repo_id: str, name: str) -> str:
+  try:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+  except ImportError:
+    raise ImportError(f"Loading {name!r} by name needs huggingface_hub (pip install "
+                      f"'flaxgpt[hf]'); or pass a local checkpoint directory.") from None
+  try:
+    return snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+  except hf_errors.RepositoryNotFoundError:
+    raise ValueError(
+        f"Unknown checkpoint {name!r}: no such local directory, and the Hugging Face Hub has "
+        f"no (public) repository {repo_id!r}; use one of {', '.join(HF_NAMES)} or a local "
+        f"checkpoint directory.") from None
+  except Exception as e:  # no network, offline mode, ...
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise OSError(
+        f"Could not download {name!r} ({repo_id}) from the Hugging Face Hub, and it is no "
+        f"local directory (no network? {reason}); download {CONFIG_FILE} and {WEIGHTS_FILE} "
+        f"elsewhere and pass their local directory instead.") from None
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: a Hugging Face GPT-2 checkpoint directory "
+                            f"needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}).") from None
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"{path} must hold a JSON object, got {type(hf_config).__name__}.")
+  return hf_config
+
+
+def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
+                   **overrides) -> ModelConfig:
+  """ModelConfig for a Hugging Face GPT2Config dict (plus overrides not fixed by weights)."""
+  model_type = hf_config.get("model_type", "gpt2")
+  if model_type != "gpt2":
+    raise ValueError(f"{source}: model_type {model_type!r} is not a GPT-2 checkpoint "
+                     f"(expected 'gpt2').")
+  for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                         ("add_cross_attention", False)):
+    if hf_config.get(key, supported) != supported:
+      raise ValueError(f"{source}: {key}={hf_config[key]!r} is not supported (only "
+                       f"{supported}).")
+  c = {**_HF_DEFAULTS, **{k: v for k, v in hf_config.items() if k in _HF_DEFAULTS}}
+  activation = _ACTIVATIONS.get(c["activation_function"])
+  if activation is None:
+    raise ValueError(f"{source}: activation_function {c['activation_function']!r} is not "
+                     f"supported; supported: {', '.join(_ACTIVATIONS)}.")
+  n_positions = c["n_positions"]
+  if isinstance(overrides.get("block_size"), int) and overrides["block_size"] > n_positions:
+    raise ValueError(f"block_size {overrides['block_size']} exceeds the checkpoint's "
+                     f"n_positions {n_positions}; it can only be lowered.")
+  fields = dict(vocab_size=c["vocab_size"], block_size=n_positions, num_layers=c["n_layer"],
+                num_heads=c["n_head"], d_model=c["n_embd"], d_mlp=c["n_inner"],
+                activation=activation, layer_norm_epsilon=c["layer_norm_epsilon"],
+                tie_embeddings=c["tie_word_embeddings"], resid_dropout=c["resid_pdrop"],
+                embd_dropout=c["embd_pdrop"], attn_dropout=c["attn_pdrop"])
+  try:
+    base = ModelConfig(**fields)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{source}: {e}") from None
+  for name in _FIXED_FIELDS:
+    if name in overrides and overrides[name] != getattr(base, name):
+      raise ValueError(f"Cannot override {name} ({overrides[name]!r}) when loading a checkpoint "
+                       f"whose weights fix it to {getattr(base, name)!r}.")
+  return base.replace(**overrides)
+
+
+def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
+  """All tensors of the checkpoint as numpy arrays, and the weights file they came from."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  single = os.path.join(directory, WEIGHTS_FILE)
+  index = os.path.join(directory, WEIGHTS_INDEX_FILE)
+  torch_file = os.path.join(directory, TORCH_WEIGHTS_FILE)
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index} is not a valid safetensors index ({e!r}).") from None
+    files = [os.path.join(directory, s) for s in shards]
+  elif os.path.isfile(torch_file):
+    return _read_torch_tensors(torch_file), torch_file
+  else:
+    raise FileNotFoundError(f"{single} not found: a Hugging Face GPT-2 checkpoint directory "
+                            f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE}, "
+                            f"read with torch when it is installed).")
+  tensors = {}
+  for path in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} (listed in {index}) not found.")
+    try:
+      tensors.update(load_file(path))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ValueError(f"{path} is not a readable safetensors file ({e}).") from None
+  return tensors, files[0] if len(files) == 1 else index
+
+
+def _read_torch_tensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise FileNotFoundError(
+        f"{path} is a PyTorch checkpoint and has no {WEIGHTS_FILE} next to it; install torch "
+        f"to read it, or convert it with transformers "
+        f"(save_pretrained(..., safe_serialization=True)).") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # corrupt or not a state dict
+    raise ValueError(f"{path} is not a readable PyTorch state dict ({e}).") from None
+  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+          for k, v in state.items()}
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
+                   n_positions: int | None = None, source: str = WEIGHTS_FILE) -> dict:
+  """Our parameter tree (layout of `cfg.scan_layers`, dtype `cfg.param_dtype`) from HF tensors."""
+  D, H, K, F, L = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp, cfg.num_layers
+  V, P = cfg.vocab_size, n_positions or cfg.block_size
+  tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+  def get(key, shape):
+    if key not in tensors:
+      raise ValueError(f"{source} has no tensor {key!r} (nor 'transformer.{key}').")
+    x = tensors[key]
+    if tuple(x.shape) != shape:
+      raise ValueError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but "
+                       f"{CONFIG_FILE} implies {shape}.")
+    return np.asarray(x, dtype=np.float32)
+
+  def ln(prefix):
+    return {"scale": get(f"{prefix}.weight", (D,)), "bias": get(f"{prefix}.bias", (D,))}
+
+  def dense(prefix, n_in, n_out):
+    return {"kernel": get(f"{prefix}.weight", (n_in, n_out)),
+            "bias": get(f"{prefix}.bias", (n_out,))}
+
+  params = {"wte": {"embedding": _pad_rows(get("wte.weight", (V, D)), cfg.padded_vocab_size)},
+            "wpe": {"embedding": get("wpe.weight", (P, D))[:cfg.block_size]},
+            "ln_f": ln("ln_f")}
+  for i in range(L):
+    p = f"h.{i}"
+    c_attn = dense(f"{p}.attn.c_attn", D, 3 * D)
+    c_proj = dense(f"{p}.attn.c_proj", D, D)
+    params[f"h_{i}"] = {
+        "ln_1": ln(f"{p}.ln_1"),
+        "attn": {"c_attn": {"kernel": c_attn["kernel"].reshape(D, 3, H, K),
+                            "bias": c_attn["bias"].reshape(3, H, K)},
+                 "c_proj": {"kernel": c_proj["kernel"].reshape(H, K, D),
+                            "bias": c_proj["bias"]}},
+        "ln_2": ln(f"{p}.ln_2"),
+        "mlp": {"c_fc": dense(f"{p}.mlp.c_fc", D, F), "c_proj": dense(f"{p}.mlp.c_proj", F, D)},
+    }
+  if not cfg.tie_embeddings:
+    lm_head_VD = _pad_rows(get("lm_head.weight", (V, D)), cfg.padded_vocab_size)
+    params["lm_head"] = {"kernel": lm_head_VD.T}
+  dtype = cfg.params_dtype
+  params = {k: _map(lambda x: jnp.asarray(x, dtype), v) for k, v in params.items()}
+  return convert_layout(params, cfg)
+
+
+def _pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
+  if rows == x_VD.shape[0]:
+    return x_VD
+  return np.concatenate([x_VD, np.zeros((rows - x_VD.shape[0], x_VD.shape[1]), x_VD.dtype)])
+
+
+def _map(fn, tree):
+  if isinstance(tree, dict):
+    return {k: _map(fn, v) for k, v in tree.items()}
+  return fn(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> None:
+  """Writes `path`/config.json and model.safetensors that transformers' GPT2LMHeadModel loads.
+
+  Needs a GPT-2-shaped config: learned positions, pre-LN, biases; padded vocabulary rows are
+  dropped. Weights are saved as float32.
+  """
+  from safetensors.numpy import save_file
+  for field, needed in (("position_embedding", "learned"), ("norm_placement", "pre"),
+                        ("use_bias", True)):
+    if getattr(cfg, field) != needed:
+      raise ValueError(f"save_hf_gpt2 needs ModelConfig.{field}={needed!r} (Hugging Face "
+                       f"GPT-2 has no other), got {getattr(cfg, field)!r}.")
+  D, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
+  p = _map(lambda x: np.asarray(x, np.float32), unstack_layers(params, L))
+  t = {"transformer.wte.weight": p["wte"]["embedding"][:V],
+       "transformer.wpe.weight": p["wpe"]["embedding"],
+       "transformer.ln_f.weight": p["ln_f"]["scale"], "transformer.ln_f.bias": p["ln_f"]["bias"]}
+  for i in range(L):
+    b, pre = p[f"h_{i}"], f"transformer.h.{i}"
+    t.update({
+        f"{pre}.ln_1.weight": b["ln_1"]["scale"], f"{pre}.ln_1.bias": b["ln_1"]["bias"],
+        f"{pre}.ln_2.weight": b["ln_2"]["scale"], f"{pre}.ln_2.bias": b["ln_2"]["bias"],
+        f"{pre}.attn.c_attn.weight": b["attn"]["c_attn"]["kernel"].reshape(D, 3 * D),
+        f"{pre}.attn.c_attn.bias": b["attn"]["c_attn"]["bias"].reshape(3 * D),
+        f"{pre}.attn.c_proj.weight": b["attn"]["c_proj"]["kernel"].reshape(D, D),
+        f"{pre}.attn.c_proj.bias": b["attn"]["c_proj"]["bias"],
+        f"{pre}.mlp.c_fc.weight": b["mlp"]["c_fc"]["kernel"],
+        f"{pre}.mlp.c_fc.bias": b["mlp"]["c_fc"]["bias"],
+        f"{pre}.mlp.c_proj.weight": b["mlp"]["c_proj"]["kernel"],
+        f"{pre}.mlp.c_proj.bias": b["mlp"]["c_proj"]["bias"],
+    })
+  if not cfg.tie_embeddings:
+    t["lm_head.weight"] = p["lm_head"]["kernel"][:, :V].T
+  hf_config = {
+      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V,
+      "n_positions": cfg.block_size, "n_embd": D, "n_layer": L, "n_head": cfg.num_heads,
+      "n_inner": cfg.d_mlp, "activation_function": _HF_ACTIVATIONS[cfg.activation],
+      "layer_norm_epsilon": cfg.layer_norm_epsilon, "tie_word_embeddings": cfg.tie_embeddings,
+      "resid_pdrop": cfg.resid_dropout, "embd_pdrop": cfg.embd_dropout,
+      "attn_pdrop": cfg.attn_dropout, "scale_attn_weights": True,
+      # GPT-2's <|endoftext|>; transformers' default (50256) is out of range for small vocabularies.
+      "bos_token_id": GPT2_EOT_ID if V > GPT2_EOT_ID else None,
+      "eos_token_id": GPT2_EOT_ID if V > GPT2_EOT_ID else None,
+  }
+  os.makedirs(path, exist_ok=True)
+  save_file({k: np.ascontiguousarray(v) for k, v in t.items()},
+            os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f, indent=2)

@@ -1,0 +1,151 @@
+"""Tokenizers: GPT-2 byte-pair encoding (tiktoken) and a character vocabulary.
+
+Both expose encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot_id (the
+end-of-text id, or None), name, and to_dict() so that a checkpoint can record its tokenizer
+(`tokenizer_from_dict` restores it; a character vocabulary is saved in full).
+
+Offline use: set FLAXGPT_GPT2_BPE to a tiktoken-format GPT-2 rank file (`gpt2.tiktoken`);
+without it, tiktoken downloads GPT-2's files on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import tiktoken
+import tiktoken.load
+
+GPT2_BPE_ENV = "FLAXGPT_GPT2_BPE"
+# GPT-2's pre-tokenisation regex (tiktoken_ext/openai_public.py).
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+TOKENIZER_NAMES = ("gpt2", "char")
+
+
+class GPT2Tokenizer:
+  """GPT-2 BPE (50,257 ids; <|endoftext|> = 50256).
+
+  `encode` maps the literal text "<|endoftext|>" to the special id 50256 (tiktoken's
+  allowed_special="all"), so documents can be joined with it in plain text; every other
+  string is encoded as ordinary text.
+  """
+
+  name = "gpt2"
+
+  def __init__(self, encoding: tiktoken.Encoding):
+    self._enc = encoding
+    self.vocab_size: int = encoding.n_vocab
+    self.eot_id: int | None = encoding.eot_token
+
+  def encode(self, text: str) -> list[int]:
+    return self._enc.encode(text, allowed_special="all")
+
+  def encode_batch(self, texts: Iterable[str], num_threads: int = 8) -> list[list[int]]:
+    return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special="all")
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._enc.decode([int(i) for i in ids])
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"name": self.name}
+
+  def __repr__(self) -> str:
+    return f"GPT2Tokenizer(vocab_size={self.vocab_size})"
+
+
+def gpt2_encoding(bpe_path: str | os.PathLike | None = None) -> tiktoken.Encoding:
+  """tiktoken's GPT-2 encoding, from `bpe_path`, else $FLAXGPT_GPT2_BPE, else the download."""
+  source = "bpe_path"
+  if bpe_path is None:
+    bpe_path, source = os.environ.get(GPT2_BPE_ENV) or None, f"${GPT2_BPE_ENV}"
+  if bpe_path is None:
+    return tiktoken.get_encoding("gpt2")
+  path = os.fspath(bpe_path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"GPT-2 BPE file {path!r} (from {source}) does not exist; point {GPT2_BPE_ENV} at a "
+        f"tiktoken-format gpt2.tiktoken file, or unset it to download the encoding.")
+  ranks = tiktoken.load.load_tiktoken_bpe(path)
+  return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                           special_tokens={ENDOFTEXT: GPT2_EOT_ID})
+
+
+class CharTokenizer:
+  """One id per character; the vocabulary is the sorted distinct characters of a text
+  (nanoGPT's shakespeare_char convention: 65 symbols for tiny shakespeare). No end-of-text."""
+
+  name = "char"
+  eot_id: int | None = None
+
+  def __init__(self, chars: Iterable[str]):
+    chars = list(chars)
+    if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
+      raise ValueError("CharTokenizer needs a non-empty list of single characters.")
+    if len(set(chars)) != len(chars):
+      raise ValueError("CharTokenizer characters must be distinct.")
+    self.chars: list[str] = chars
+    self._stoi = {c: i for i, c in enumerate(chars)}
+    self.vocab_size: int = len(chars)
+
+  @classmethod
+  def from_text(cls, text: str) -> "CharTokenizer":
+    if not text:
+      raise ValueError("CharTokenizer.from_text needs a non-empty text.")
+    return cls(sorted(set(text)))
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      return [self._stoi[c] for c in text]
+    except KeyError as e:
+      raise ValueError(
+          f"Character {e.args[0]!r} is not in the character vocabulary "
+          f"({self.vocab_size} symbols).") from None
+
+  def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    out = []
+    for i in ids:
+      i = int(i)
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f"Token id {i} is outside the character vocabulary "
+                         f"[0, {self.vocab_size}).")
+      out.append(self.chars[i])
+    return "".join(out)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "chars": "".join(self.chars)}
+
+  def __repr__(self) -> str:
+    return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+Tokenizer = GPT2Tokenizer | CharTokenizer
+
+
+def get_tokenizer(name: str = "gpt2", *, text: str | None = None,
+                  bpe_path: str | os.PathLike | None = None) -> Tokenizer:
+  """"gpt2" (BPE; `bpe_path` or $FLAXGPT_GPT2_BPE for offline use) or "char" (from `text`)."""
+  if name == "gpt2":
+    return GPT2Tokenizer(gpt2_encoding(bpe_path))
+  if name == "char":
+    if text is None:
+      raise ValueError('get_tokenizer("char") needs text=... to build its vocabulary.')
+    return CharTokenizer.from_text(text)
+  raise ValueError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+  """Inverse of `to_dict()` (for a tokenizer stored with a checkpoint)."""
+  name = d.get("name") if isinstance(d, dict) else None
+  if name == "gpt2":
+    return get_tokenizer("gpt2")
+  if name == "char":
+    if not isinstance(d.get("chars"), str):
+      raise ValueError("A saved char tokenizer needs its 'chars' string.")
+    return CharTokenizer(d["chars"])
+  raise ValueError(f"Unknown saved tokenizer {name!r}; expected a dict whose 'name' is one of "
+                   f"{', '.join(TOKENIZER_NAMES)}.")
