@@ -57,6 +57,16 @@ def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+def _lookup(table: nn.Embed, ids_BT, rows_axis: str | None):
+  """table(ids_BT), with the table constrained to whole rows first (only its rows may stay split,
+  over `rows_axis`). Under FSDP the embed axis of the table is split over the same mesh axis as
+  the batch, and XLA cannot gather from such a table straight into batch-split rows (it warns of
+  an "involuntary full rematerialization"); gathering the table's embed axis first is the usual
+  just-in-time FSDP all-gather. The values are exactly those of table(ids_BT)."""
+  table_RD = _constrain(table.embedding, (rows_axis, "act_embed")).astype(table.dtype)
+  return jnp.take(table_RD, ids_BT, axis=0)
+
+
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias,
                       use_fast_variance=False, dtype=cfg.compute_dtype,
@@ -245,12 +255,12 @@ class GPT(nn.Module):
     wte = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                    param_dtype=cfg.params_dtype,
                    embedding_init=_normal(0.02, ("vocab", "embed")), name="wte")
-    x_BTD = wte(tokens_BT)
+    x_BTD = _lookup(wte, tokens_BT, "act_vocab")
     if cfg.position_embedding == "learned":
       wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype,
                      embedding_init=_normal(0.02, ("position", "embed")), name="wpe")
-      x_BTD = x_BTD + wpe(positions_BT)
+      x_BTD = x_BTD + _lookup(wpe, positions_BT, None)
     else:
       x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -36,36 +36,74 @@ def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1,
   return tuple(sizes)
 
 
-def _num_slices(devices: Sequence[jax.Device]) -> int:
-  return len({getattr(d, "slice_index", 0) for d in devices})
+def _granules(devices: Sequence[Any]) -> tuple[str | None, int]:
+  """The units joined by the slow network: TPU slices of a multi-slice job (slice_index), or
+  the hosts of a multi-process GPU/CPU job (process_index). (None, 1) when there is only one:
+  a single TPU slice is one ICI domain however many hosts it has."""
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if len(slices) > 1:
+    return "slice_index", len(slices)
+  processes = {getattr(d, "process_index", 0) for d in devices}
+  if len(processes) > 1 and devices[0].platform != "tpu":
+    return "process_index", len(processes)
+  return None, 1
+
+
+def _dcn_shape(shape: tuple[int, int, int], granules: int) -> tuple[int, int, int]:
+  """How many granules (slices / hosts) each mesh axis spans: data first (one gradient
+  all-reduce per step), then fsdp (an all-gather per layer), then tensor (several collectives
+  per layer: slow across hosts, so only when data x fsdp cannot absorb the hosts). The granules
+  divide the device count, so this always factors them completely."""
+  dcn, left = [], granules
+  for size in shape:
+    dcn.append(math.gcd(size, left))
+    left //= dcn[-1]
+  return tuple(dcn)
+
+
+def mesh_devices(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as a (data, fsdp, tensor) array with a fast device order.
+
+  `tensor` (innermost, the most communication) and then `fsdp` stay within a host / ICI domain:
+  mesh_utils.create_device_mesh knows TPU and GPU topologies. Several TPU slices (devices with
+  several slice_index values) or several GPU/CPU hosts are laid along `data` first, then
+  `fsdp` (then `tensor`), with create_hybrid_device_mesh, so the data-centre network carries
+  the gradient all-reduce and, only if fsdp spans hosts, the per-layer all-gathers."""
+  devices = list(devices)
+  attr, granules = _granules(devices)
+  if granules > 1:
+    dcn = _dcn_shape(shape, granules)
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=attr == "process_index",
+        allow_split_physical_axes=True)
+  if len(devices) == 1 or devices[0].platform == "cpu":
+    return np.asarray(devices).reshape(shape)
+  return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes ("data", "fsdp", "tensor").
-
-  Device order keeps `tensor` (innermost, the most communication) and then `fsdp` within a
-  host / ICI domain: mesh_utils.create_device_mesh knows TPU and GPU topologies. On a multi-slice
-  TPU job (devices with several slice_index values) the slices are laid along `data` with
-  create_hybrid_device_mesh, so only gradient all-reduces cross the data-centre network.
-  """
+  """A Mesh with axes ("data", "fsdp", "tensor") over all devices (of every process) or
+  `devices`; one size may be -1 for "the rest". See mesh_devices for the device order."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
-  slices = _num_slices(devices)
-  if slices > 1 and shape[0] % slices == 0:
-    ici_shape = (shape[0] // slices, shape[1], shape[2])
-    device_array = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, (slices, 1, 1), devices, allow_split_physical_axes=True)
-  elif len(devices) == 1 or devices[0].platform == "cpu":
-    device_array = np.asarray(devices).reshape(shape)
-  else:
-    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  return Mesh(device_array, MESH_AXES)
+  return Mesh(mesh_devices(shape, devices), MESH_AXES)
 
 
-def mesh_from_config(mesh_cfg) -> Mesh:
-  """make_mesh from a config section with fields data, fsdp, tensor."""
-  return make_mesh(data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp), tensor=int(mesh_cfg.tensor))
+def _field(section: Any, name: str, default: int) -> int:
+  get = getattr(section, "get", None)
+  value = get(name, default) if get is not None else getattr(section, name, default)
+  if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    value = int(value)
+  return value
+
+
+def mesh_from_config(mesh_cfg: Any) -> Mesh:
+  """make_mesh from a config section (ConfigDict, dict or object) with fields data, fsdp,
+  tensor; missing fields default to data=1, fsdp=-1, tensor=1."""
+  return make_mesh(data=_field(mesh_cfg, "data", 1), fsdp=_field(mesh_cfg, "fsdp", -1),
+                   tensor=_field(mesh_cfg, "tensor", 1))
 
 
 def describe(mesh: Mesh) -> str:

@@ -8,24 +8,40 @@ Activations (constrained with nn.with_logical_constraint):
 
 Strategies, all at once on a (data, fsdp, tensor) mesh:
   data parallel   the batch is split over `data` (and `fsdp`); parameters are replicated on it.
-  FSDP / ZeRO-3   the batch is split over `fsdp` too, and every weight matrix is split along its
-                  `embed` axis over `fsdp` (optimizer state follows its parameter), so XLA
-                  all-gathers each layer's weights just in time and reduce-scatters the grads.
+  FSDP / ZeRO-3   the batch is split over `fsdp` too, and every weight is stored split over
+                  `fsdp` (optimizer state follows its parameter), so XLA all-gathers each
+                  layer's weights just in time and reduce-scatters the gradients.
   tensor (Megatron) attention heads, the MLP hidden axis and the vocabulary are split over
                   `tensor`; activations of those axes stay split between the two matmuls.
 
+Which axis FSDP splits. ZeRO-3 only asks that each device store 1/fsdp of every weight; any axis
+gives the same bytes and the same all-gather volume. As in MaxText ("embed" -> fsdp) and
+Levanter ("embed" -> data), weights are split along `embed` (D): every matrix of GPT-2 has a D
+axis (wte [V, D], c_attn [D, 3, H, K], c_proj [H, K, D], c_fc [D, F], mlp c_proj [F, D]), and
+its other axis is the one `tensor` takes, so fsdp x tensor shards each matrix in 2-D. The
+"largest axis" only matters when D is not divisible by the fsdp size (GPT-2 small's 768 on 512
+devices): then fsdp moves to the largest free axis it divides (F of an MLP kernel, V of the
+embedding) instead of leaving the weight whole; see FSDP_AXES and partition.fit_spec. Other
+rule axes that do not divide a dimension (GPT-2's 50257-row vocabulary on tensor=2) are
+dropped and the dimension is replicated; `format_param_report` lists them. Pad the vocabulary
+(padded_vocab_size=50304) to shard it.
+
 Rules are in priority order (flax semantics): a mesh axis is used at most once per array.
+Override entries with `make_rules({"embed": None})` or a config section (`rules_from_config`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Mesh axes that only decide where a weight is stored (it is all-gathered before use): when a
+# rule puts one on a dimension it does not divide, it moves to the largest free dimension it does.
+FSDP_AXES = ("fsdp",)
 
 DEFAULT_RULES: Rules = (
     # parameters
@@ -51,31 +67,80 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def _check_mesh_axes(name: str, axes: MeshAxes) -> MeshAxes:
+def parse_mesh_axes(name: str, axes: Any) -> MeshAxes:
+  """A rule's value: None / "" / "none" (replicated), "fsdp", "data,fsdp" or a list of names
+  (strings are accepted so that command-line config overrides can express every value)."""
+  if isinstance(axes, str):
+    axes = [a.strip() for a in axes.split(",") if a.strip()]
+    axes = None if not axes or axes == ["none"] or axes == ["None"] else axes
   if axes is None:
     return None
-  if isinstance(axes, (list, tuple)):
-    axes = tuple(axes)
-    bad = [a for a in axes if a not in MESH_AXES]
-  else:
-    bad = [axes] if axes not in MESH_AXES else []
+  if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
+    raise ValueError(f"Sharding rule for {name!r} must be a mesh axis name, a list of them or "
+                     f"None, got {axes!r}.")
+  bad = [a for a in axes if a not in MESH_AXES]
   if bad:
     raise ValueError(f"Sharding rule for {name!r} names unknown mesh axis {bad[0]!r}; mesh axes "
                      f"are {', '.join(MESH_AXES)}.")
-  return axes
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"Sharding rule for {name!r} repeats a mesh axis: {tuple(axes)!r}.")
+  return axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def make_rules(overrides: Mapping[str, MeshAxes] | Sequence[tuple[str, MeshAxes]] | None = None
-               ) -> Rules:
+def make_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None) -> Rules:
   """DEFAULT_RULES with some logical names remapped, e.g. {"embed": None} turns FSDP off for
   weights, {"vocab": None} keeps the embedding whole. Unknown logical names are an error."""
   if not overrides:
     return DEFAULT_RULES
+  if hasattr(overrides, "to_dict"):  # ml_collections.ConfigDict
+    overrides = overrides.to_dict()
   overrides = dict(overrides)
-  known = {name for name, _ in DEFAULT_RULES}
-  unknown = sorted(set(overrides) - known)
+  known = [name for name, _ in DEFAULT_RULES]
+  unknown = sorted(set(overrides) - set(known))
   if unknown:
     raise ValueError(f"Unknown logical axis {unknown[0]!r} in sharding rules; known: "
                      f"{', '.join(sorted(known))}.")
-  return tuple((name, _check_mesh_axes(name, overrides.get(name, axes)) if name in overrides
-                else axes) for name, axes in DEFAULT_RULES)
+  return tuple((name, parse_mesh_axes(name, overrides[name]) if name in overrides else axes)
+               for name, axes in DEFAULT_RULES)
+
+
+def _format_axes(axes: MeshAxes) -> str:
+  if axes is None:
+    return "none"
+  return axes if isinstance(axes, str) else ",".join(axes)
+
+
+def rules_config(rules: Rules = DEFAULT_RULES) -> dict[str, str]:
+  """The table as {logical name: "tensor" | "data,fsdp" | "none"}: put it in a config
+  (c.mesh.rules = ml_collections.ConfigDict(rules_config())) and every entry can be overridden
+  from the command line, e.g. --config.mesh.rules.embed=none."""
+  return {name: _format_axes(axes) for name, axes in rules}
+
+
+def _parse_overrides(text: str) -> dict[str, str]:
+  """"embed=none; vocab=none" -> {"embed": "none", "vocab": "none"}."""
+  overrides = {}
+  for item in text.replace(";", " ").split():
+    name, sep, axes = item.partition("=")
+    if not sep:
+      raise ValueError(f"Sharding rule override {item!r} must look like name=axes, e.g. "
+                       f"embed=none or act_batch=data,fsdp.")
+    overrides[name.strip()] = axes
+  return overrides
+
+
+def rules_from_config(mesh_cfg: Any) -> Rules:
+  """make_rules from the `rules` entry of a mesh config section: a mapping of logical name ->
+  mesh axes (as from rules_config), or a string "embed=none; vocab=none". DEFAULT_RULES when it
+  is absent or empty."""
+  get = getattr(mesh_cfg, "get", None)
+  overrides = get("rules", None) if get is not None else getattr(mesh_cfg, "rules", None)
+  if isinstance(overrides, str):
+    overrides = _parse_overrides(overrides)
+  return make_rules(overrides)
+
+
+def format_rules(rules: Rules = DEFAULT_RULES) -> str:
+  """The table as text, one `logical -> mesh axes` line per rule."""
+  width = max(len(name) for name, _ in rules)
+  return "\n".join(f"{name:<{width}} -> {_format_axes(axes)}" for name, axes in rules)
