@@ -1,0 +1,361 @@
+"""Logits filtering, sampling statistics and the KV-cache generate loop (model/sampling.py)."""
+
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model import sampling
+from model.sampling import (Buckets, choose_buckets, filter_logits, generate, generate_stream,
+                            sample_token)
+from model.pretrained import load_hf_gpt2
+from model.transformer import GPT
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+HF_DIR = FIXTURES / "hf_gpt2_tiny"
+HF_GREEDY = FIXTURES / "hf_gpt2_tiny_greedy.npz"
+
+# Upper 1e-6 quantiles of the chi-square distribution by degrees of freedom: the x with
+# P(X > x) = 1e-6, found by bisection on mpmath.gammainc(df / 2, x / 2, inf, regularized=True)
+# (df = 2 gives 2 ln(1e6) = 27.631 exactly). A correct sampler fails a test at most with
+# probability 1e-6 (and, with the fixed seeds, either always or never).
+CHI2_CRITICAL_1E6 = {1: 23.928127, 2: 27.631021, 3: 30.66485, 4: 33.376842, 5: 35.888187}
+# Most generate calls share these padded shapes, so the tests compile few loops.
+BUCKETS = Buckets(batch=4, prompt_len=16, cache_len=32, out_len=16)
+
+
+def _finite(x):
+  return np.isfinite(np.asarray(x))
+
+
+def _softmax(x):
+  return np.asarray(jax.nn.softmax(jnp.asarray(x)))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  return model.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+  """Random tiny-model params, N(0, 0.3) around GPT-2's init (1 for layer-norm scales, 0
+  elsewhere), drawn with numpy (fast, no compilation). Freshly initialised params only echo
+  the last token under greedy decoding, which would make the generation tests weak."""
+  rng = np.random.default_rng(0)
+
+  def draw(path, shape):
+    base = 1.0 if path[-1].key == "scale" else 0.0
+    return jnp.asarray(base + 0.3 * rng.standard_normal(shape.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens_BT):
+  return GPT(cfg).apply({"params": params}, tokens_BT)
+
+
+def _greedy_without_cache(params, cfg, prompt, new_tokens):
+  """Token-by-token argmax of full forward passes (no KV cache) over a right-padded buffer
+  (causal attention: the padding after a position does not change its logits)."""
+  seq = list(prompt)
+  for _ in range(new_tokens):
+    buf = np.zeros((1, cfg.block_size), np.int32)
+    buf[0, :len(seq)] = seq
+    logits_V = np.asarray(_forward(cfg, params, buf))[0, len(seq) - 1, :cfg.vocab_size]
+    seq.append(int(np.argmax(logits_V)))
+  return seq[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------
+# filter_logits
+
+
+def test_top_p_and_top_k_keep_the_two_most_likely():
+  logits = jnp.array([6.0, 4.0, 2.0, 1.0, 0.2])
+  for out in (filter_logits(logits, top_p=0.95), filter_logits(logits, top_k=2)):
+    np.testing.assert_array_equal(_finite(out), [True, True, False, False, False])
+    np.testing.assert_allclose(_softmax(out)[:2], [0.881, 0.119], atol=1e-3)
+
+
+def test_temperature_divides_logits():
+  logits = jnp.array([1.0, -0.5, 2.0, 0.3])
+  np.testing.assert_allclose(_softmax(filter_logits(logits, temperature=0.5)),
+                             _softmax(logits / 0.5), rtol=1e-6)
+  np.testing.assert_allclose(filter_logits(logits, temperature=0.5), logits / 0.5, rtol=1e-6)
+
+
+def test_temperature_zero_is_argmax_with_lowest_index_on_ties():
+  out = filter_logits(jnp.array([0.1, 3.0, -2.0, 1.0]), temperature=0.0)
+  np.testing.assert_array_equal(_finite(out), [False, True, False, False])
+  assert float(out[1]) == 3.0
+  tied = filter_logits(jnp.array([1.0, 5.0, 2.0, 5.0]), temperature=0.0)
+  np.testing.assert_array_equal(_finite(tied), [False, True, False, False])
+
+
+def test_top_k_ties_keep_exactly_k_lower_index_first():
+  logits = jnp.array([1.0, 3.0, 2.0, 3.0, 2.0, 0.0])
+  np.testing.assert_array_equal(_finite(filter_logits(logits, top_k=1)), [0, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(_finite(filter_logits(logits, top_k=3)), [0, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(_finite(filter_logits(logits, top_k=100)), [1] * 6)
+  # Equal logits everywhere: top-k keeps the first k.
+  np.testing.assert_array_equal(_finite(filter_logits(jnp.zeros(5), top_k=2)), [1, 1, 0, 0, 0])
+
+
+def test_tiny_top_p_keeps_only_the_argmax():
+  out = filter_logits(jnp.array([0.5, 2.0, 1.9, -1.0]), top_p=1e-6)
+  np.testing.assert_array_equal(_finite(out), [False, True, False, False])
+  tied = filter_logits(jnp.array([0.5, 2.0, 2.0]), temperature=3.0, top_p=1e-6)
+  np.testing.assert_array_equal(_finite(tied), [False, True, False])
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.0), dict(top_k=3),
+                                      dict(top_p=0.5), dict(temperature=2.0, top_k=6, top_p=0.9)])
+def test_padded_vocab_entries_are_always_filtered(settings):
+  logits = jnp.array([[1.0, 0.5, 2.0, -1.0, 0.0, 50.0, 60.0, 70.0]] * 2)
+  out = filter_logits(logits, vocab_size=5, **settings)
+  assert out.dtype == jnp.float32 and out.shape == (2, 8)
+  assert np.all(np.asarray(out)[:, 5:] == -np.inf)
+  assert np.all(_finite(out)[:, 2])  # the most likely real token survives
+
+
+def test_traced_settings_match_python_settings_without_recompiling():
+  logits = jnp.asarray(np.random.default_rng(0).normal(0, 2, (3, 16)), jnp.float32)
+  jitted = jax.jit(filter_logits, static_argnames="vocab_size")
+  for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.6),
+                                    (0.9, 5, 0.8)]:
+    expected = filter_logits(logits, temperature, top_k, top_p, vocab_size=14)
+    got = jitted(logits, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                 vocab_size=14)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert jitted._cache_size() == 1
+
+
+def test_invalid_python_settings_raise():
+  for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_k=1.5), dict(top_p=0.0),
+              dict(top_p=1.5)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      filter_logits(jnp.zeros(4), **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling statistics
+
+
+def _reference_probs(logits, temperature, top_k, top_p, vocab_size):
+  """The filtered, renormalised distribution, computed directly in numpy."""
+  scaled = np.asarray(logits, np.float64)[:vocab_size] / temperature
+  probs = np.exp(scaled - scaled.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs, kind="stable")[:top_k]
+  kept = order[:np.searchsorted(np.cumsum(probs[order] / probs[order].sum()), top_p) + 1]
+  out = np.zeros(len(logits))
+  out[kept] = probs[kept] / probs[kept].sum()
+  return out
+
+
+def _assert_chi_square(draws, expected_probs):
+  counts = np.bincount(np.asarray(draws), minlength=len(expected_probs))
+  assert counts[expected_probs == 0].sum() == 0, f"filtered tokens were drawn: {counts}"
+  kept = expected_probs > 0
+  expected = expected_probs[kept] * len(draws)
+  chi2 = float(np.sum((counts[kept] - expected) ** 2 / expected))
+  critical = CHI2_CRITICAL_1E6[int(kept.sum()) - 1]
+  assert chi2 < critical, f"chi2 {chi2:.2f} >= {critical} for counts {counts} vs {expected}"
+
+
+def test_sampling_frequencies_match_the_filtered_distribution():
+  # Index 7 is padded vocabulary (with the largest logit); top-k 5 then top-p 0.9 keeps
+  # tokens 1, 3, 5, 0 (cumulative renormalised mass 0.49, 0.75, 0.89, 0.97).
+  logits = jnp.array([1.0, 2.5, 0.3, 2.0, -1.0, 1.5, 0.0, 9.0])
+  settings = dict(temperature=0.8, top_k=5, top_p=0.9, vocab_size=7)
+  expected = _reference_probs(logits, **settings)
+  assert np.count_nonzero(expected) == 4
+  num_draws = 20_000
+
+  filtered = filter_logits(logits, **settings)
+  np.testing.assert_allclose(_softmax(filtered), expected, atol=1e-6)
+  draws = jax.jit(lambda k: jax.random.categorical(k, filtered, shape=(num_draws,)))(
+      jax.random.key(1234))
+  _assert_chi_square(draws, expected)
+
+  # sample_token draws one token per row of a [num_draws, V] batch.
+  draws = sample_token(jax.random.key(4321), jnp.broadcast_to(logits, (num_draws, 8)), **settings)
+  _assert_chi_square(draws, expected)
+
+
+def test_sample_token_greedy_and_batched_shapes():
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 11)), jnp.float32)
+  tokens = sample_token(jax.random.key(0), logits, temperature=0.0)
+  assert tokens.shape == (2, 3) and tokens.dtype == jnp.int32
+  np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), axis=-1))
+  sampled = sample_token(jax.random.key(0), logits, top_k=2, vocab_size=9)
+  assert sampled.shape == (2, 3) and sampled.dtype == jnp.int32
+  top2 = np.argsort(-np.asarray(logits)[..., :9], axis=-1)[..., :2]
+  assert np.all(np.any(top2 == np.asarray(sampled)[..., None], axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def test_buckets():
+  assert choose_buckets(3, 5, 10, 64) == Buckets(4, 8, 16, 16)
+  assert choose_buckets(1, 20, 30, 64) == Buckets(1, 32, 64, 32)
+  assert choose_buckets(1, 60, 4, 64) == Buckets(1, 64, 64, 8)
+  assert choose_buckets(2, 500, 400, 1000) == Buckets(2, 512, 1000, 512)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_with_cache_equals_full_forward_argmax(cfg, params, scan_layers):
+  cfg = cfg.replace(scan_layers=scan_layers)
+  prompts = [[7], [3, 1, 4, 1, 5], list(range(20, 31))]
+  # Params come in the loop layout; generate converts them to cfg's layout.
+  result = generate(params, cfg, prompts, max_new_tokens=12, temperature=0.0)
+  assert result.buckets == BUCKETS  # 3 rows + 1 dummy row, prompts right-padded to 16
+  # The reference runs the loop layout (the same function; compiled once for both cases).
+  loop_cfg = cfg.replace(scan_layers=False)
+  expected = [_greedy_without_cache(params, loop_cfg, p, 12) for p in prompts]
+  assert result.tokens == expected
+  assert result.stopped == [False] * 3 and result.decode_steps == 11
+
+
+def test_rows_stop_independently_on_eot_and_the_loop_ends_early(cfg, params):
+  new_tokens = 12
+  greedy = functools.partial(generate, params, cfg, max_new_tokens=new_tokens, temperature=0.0,
+                             buckets=BUCKETS)
+  row0, row_never = [9, 2, 33], [5]
+  full0, full_never = greedy([row0, row_never]).tokens
+  row1 = row0 + full0[:3]  # three tokens further along the same greedy path
+  (full1,) = greedy([row1]).tokens
+  # eot: a token that row 0 first produces at step >= 4 (so row 1, 3 steps ahead, stops first).
+  eot = next(t for i, t in enumerate(full0) if i >= 4 and t not in full0[:i] + full_never)
+  stops = [full0.index(eot), full1.index(eot)]
+  assert stops[0] != stops[1], "test setup: the rows should stop at different steps"
+
+  result = greedy([row0, row1], eot_id=eot)
+  assert result.tokens == [full0[:stops[0]], full1[:stops[1]]]
+  assert result.stopped == [True, True]
+  assert result.decode_steps == max(stops) < new_tokens - 1  # the loop ended early
+
+  with_eot = greedy([row0, row1], eot_id=eot, include_eot=True)
+  assert with_eot.tokens == [full0[:stops[0] + 1], full1[:stops[1] + 1]]
+
+  # A row that never produces eot runs to max_new_tokens while the others have stopped.
+  mixed = greedy([row0, row_never, row1], eot_id=eot)
+  assert mixed.tokens == [full0[:stops[0]], full_never, full1[:stops[1]]]
+  assert mixed.stopped == [True, False, True] and mixed.decode_steps == new_tokens - 1
+
+
+def test_invalid_requests_raise_clear_errors(cfg, params):
+  with pytest.raises(ValueError, match=r"\(60 tokens\).*\(10\).*70.*block_size \(64\)"):
+    generate(params, cfg, [[1] * 60, [2]], max_new_tokens=10)
+  with pytest.raises(ValueError, match="Prompt 1 is empty"):
+    generate(params, cfg, [[1, 2], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match="non-empty list"):
+    generate(params, cfg, [], max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"outside \[0, 128\)"):
+    generate(params, cfg, [[1, 128]], max_new_tokens=4)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate(params, cfg, [[1]], max_new_tokens=0)
+  with pytest.raises(ValueError, match="top_p"):
+    generate(params, cfg, [[1]], max_new_tokens=4, top_p=0.0)
+  with pytest.raises(ValueError, match="cache_len 32 < 40"):
+    generate(params, cfg, [[1] * 20], max_new_tokens=20, buckets=BUCKETS)
+  with pytest.raises(ValueError, match="Prompt 0 is empty"):
+    generate_stream(params, cfg, [[]], max_new_tokens=4)  # raised before the first next()
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(cfg, params):
+  prompts = [[4, 8, 15], [16, 23, 42, 7, 1]]
+  kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=50, buckets=BUCKETS)
+  run = lambda seed: generate(params, cfg, prompts, seed=seed, **kwargs).tokens
+  first = run(0)
+  assert all(len(row) == 12 for row in first)
+  assert run(0) == first
+  assert run(1) != first
+  # A row's randomness depends on (seed, row index, step), not on the other rows.
+  alone = generate(params, cfg, prompts[:1], seed=0, **kwargs)
+  assert alone.tokens == first[:1]
+
+
+def test_no_recompilation_within_a_bucket(cfg, params):
+  def cache_sizes():
+    return sampling._prefill._cache_size(), sampling._decode._cache_size()
+
+  result = generate(params, cfg, [list(range(1, 13)), [4], [5, 6]], max_new_tokens=12,
+                    temperature=0.0)
+  assert result.buckets == BUCKETS
+  before = cache_sizes()
+  # Other prompt lengths, batch size, token count, seed and eot: the same buckets.
+  result = generate(params, cfg, [list(range(30, 39)), [12, 13], [14], list(range(15))],
+                    max_new_tokens=16, temperature=0.0, seed=3, eot_id=1)
+  assert result.buckets == BUCKETS
+  assert cache_sizes() == before
+  # Sampling settings within one mode (here: top-k / top-p on) are traced values too.
+  generate(params, cfg, [[1, 2]], max_new_tokens=12, temperature=0.7, top_k=5, top_p=0.9,
+           buckets=BUCKETS)
+  before = cache_sizes()
+  generate(params, cfg, [[3], [4, 5, 6]], max_new_tokens=10, temperature=1.3, top_k=0,
+           top_p=0.5, seed=7, buckets=BUCKETS)
+  generate(params, cfg, [[3]], max_new_tokens=12, temperature=0.2, top_k=9, buckets=BUCKETS)
+  assert cache_sizes() == before
+  # A new bucket compiles once more (so the checks above can fail).
+  result = generate(params, cfg, [[1]], max_new_tokens=3, temperature=0.0)
+  assert result.buckets == Buckets(1, 4, 4, 8)
+  assert cache_sizes() == (before[0] + 1, before[1] + 1)
+
+
+def test_stream_yields_the_same_tokens_as_generate(cfg, params):
+  prompts = [[4, 8, 15], [16, 23, 42, 7, 1]]
+  kwargs = dict(max_new_tokens=11, temperature=0.9, top_k=20, seed=5, buckets=BUCKETS)
+  chunks = list(generate_stream(params, cfg, prompts, chunk_size=4, **kwargs))
+  assert len(chunks) == 4  # prefill's first token, then 4 + 4 + 2 decode steps
+  joined = [sum((chunk[b] for chunk in chunks), []) for b in range(len(prompts))]
+  assert joined == generate(params, cfg, prompts, **kwargs).tokens
+
+
+def test_bfloat16_generation(cfg, params):
+  cfg16 = cfg.replace(dtype="bfloat16", scan_layers=True)
+  result = generate(params, cfg16, [[1, 2, 3], [9]], max_new_tokens=6, temperature=0.8,
+                    buckets=BUCKETS)
+  assert [len(row) for row in result.tokens] == [6, 6]
+  assert all(0 <= t < cfg.vocab_size for row in result.tokens for t in row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with Hugging Face transformers
+
+
+def _hf_greedy_expected():
+  data = np.load(HF_GREEDY)
+  prompts = [row[:n].tolist() for row, n in zip(data["prompts"], data["lengths"])]
+  return prompts, data["tokens"].tolist()
+
+
+def test_greedy_matches_transformers_recorded():
+  cfg, params = load_hf_gpt2(HF_DIR)
+  prompts, expected = _hf_greedy_expected()
+  result = generate(params, cfg, prompts, max_new_tokens=len(expected[0]), temperature=0.0)
+  assert result.tokens == expected
+
+
+def test_greedy_matches_transformers_live():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  spec = importlib.util.spec_from_file_location(
+      "make_hf_greedy_fixture", FIXTURES / "make_hf_greedy_fixture.py")
+  fixture = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fixture)
+  cfg, params = load_hf_gpt2(HF_DIR)
+  hf_model = fixture.load_model()
+  prompts, _ = _hf_greedy_expected()
+  expected = [fixture.hf_greedy(hf_model, p, fixture.NEW_TOKENS) for p in prompts]
+  result = generate(params, cfg, prompts, max_new_tokens=fixture.NEW_TOKENS, temperature=0.0)
+  assert result.tokens == expected
