@@ -1,0 +1,75 @@
+"""Train a GPT: python -m launch.train --config configs/<name>.py --workdir DIR [--quiet]
+[--config.<section>.<key>=value ...]
+
+Rerunning the same command on the same --workdir resumes from its latest checkpoint. Writes
+DIR/metrics.jsonl, TensorBoard events, DIR/config.json and orbax checkpoints in
+DIR/checkpoints/. Mistakes in the inputs print one `error:` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from training.cli_errors import config_arg, explain_flag_error
+from training.errors import TrainingDiverged, UserError
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/shakespeare_char.py or "
+    "configs/shakespeare_char.py:cpu; override any field with --config.<section>.<key>=value.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config "
+                    "(a run there is resumed).")
+flags.DEFINE_bool("quiet", False, "No console output except errors.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def fail(message: str, status: int = 2):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  spec = config_arg(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
+  try:
+    return FLAGS(argv)
+  except SystemExit as e:  # absl's --help exits with status 1 after printing the usage
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(explain_flag_error(e, argv))
+
+
+def _load_config():
+  try:
+    return FLAGS.config
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+      root = root.__cause__ or root.__context__
+    fail(f"Could not load --config {config_arg(sys.argv)}: {root}")
+
+
+def main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if len(argv) > 1:
+    fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
+  config = _load_config()
+  from training.loop import train  # pylint: disable=import-outside-toplevel  (imports jax)
+  try:
+    train(config, FLAGS.workdir, quiet=FLAGS.quiet)
+  except TrainingDiverged as e:
+    fail(str(e), status=1)
+  except UserError as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

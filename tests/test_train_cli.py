@@ -1,0 +1,177 @@
+"""python -m launch.train end to end, in subprocesses: outputs, exact resume after SIGKILL and
+SIGTERM, and one-sentence errors for bad inputs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from training.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
+# A long enough tiny run that it is still going when its first checkpoint appears.
+RESUME_ARGS = ("--config.train.steps=300", "--config.log.every=1", "--config.eval.every=50",
+               "--config.checkpoint.every=20", "--config.checkpoint.keep=3",
+               "--config.model.num_layers=1")
+
+
+@pytest.fixture(scope="module")
+def env(shared_data, tmp_path_factory):
+  e = dict(os.environ)
+  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+           FLAXGPT_DATA_DIR=str(shared_data),
+           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+  if not (shared_data / "tinyshakespeare.txt").exists():
+    pytest.skip("tiny shakespeare not found (set FLAXGPT_DATA_DIR)")
+  return e
+
+
+def _cmd(workdir, *overrides, config="configs/tiny.py"):
+  return [sys.executable, "-m", "launch.train", "--config", config, "--workdir", str(workdir),
+          *overrides]
+
+
+def _run(cmd, env, timeout=240):
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _start(cmd, env):
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _checkpoints(workdir):
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def e2e_workdir(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("e2e")
+  out = _run(_cmd(workdir, "--config.train.steps=20", "--config.eval.every=10",
+                  "--config.checkpoint.every=10", "--config.log.every=5"), env)
+  assert out.returncode == 0, out.stderr
+  return workdir, out
+
+
+def test_end_to_end_outputs(e2e_workdir):
+  workdir, out = e2e_workdir
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [5, 10, 15, 20]
+  for row in rows:
+    assert METRIC_KEYS <= set(row) and row["mfu"] is None  # a CPU has no peak in the table
+    assert row["tokens_per_sec"] > 0 and row["loss"] > 0
+  assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["model"]["vocab_size"] == 65 and config["model"]["d_mlp"] == 256
+  assert config["optimizer"]["decay_steps"] == 20
+  assert _checkpoints(workdir) == [10, 20]
+  assert "ETA" in out.stdout and "done: step 20" in out.stdout
+
+
+def test_load_for_inference(e2e_workdir):
+  import jax
+  import jax.numpy as jnp
+  from model.tokenizer import tokenizer_from_dict
+  from model.transformer import GPT
+  from training.checkpoint import load_for_inference
+  workdir, _ = e2e_workdir
+  cfg, params, tokenizer, step = load_for_inference(workdir)
+  assert step == 20 and cfg.vocab_size == 65 and cfg.num_layers == 2
+  tok = tokenizer_from_dict(tokenizer)
+  ids = jnp.asarray([tok.encode("ROMEO:")])
+  logits = GPT(cfg).apply({"params": params}, ids)
+  assert logits.shape == (1, 6, 65) and bool(jnp.isfinite(logits).all())
+  assert load_for_inference(workdir, step=10)[3] == 10
+  assert {d for x in jax.tree_util.tree_leaves(params) for d in x.devices()} == {
+      jax.devices()[0]}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  out = _run(_cmd(workdir, *RESUME_ARGS, "--quiet"), env)
+  assert out.returncode == 0, out.stderr
+  return _losses(workdir)
+
+
+def _losses(workdir):
+  rows = read_metrics(workdir)
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), "each step must be logged once"
+  return {r["step"]: (r["loss"], r.get("val_loss")) for r in rows}
+
+
+def _interrupt_after_first_checkpoint(workdir, env, sig):
+  proc = _start(_cmd(workdir, *RESUME_ARGS), env)
+  deadline = time.time() + 180
+  while not _checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  stdout, stderr = proc.communicate(timeout=60)
+  return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_exact_resume_after_interruption(sig, env, tmp_path, reference_losses):
+  rc, stdout, stderr = _interrupt_after_first_checkpoint(tmp_path, env, sig)
+  if sig == signal.SIGKILL:
+    assert rc == -signal.SIGKILL, f"the run ended (rc {rc}) before it could be killed"
+  else:
+    assert rc == 0, stderr  # preemption: save and exit cleanly
+    assert "stopped by SIGTERM" in stdout
+    assert _checkpoints(tmp_path)[-1] == max(_losses(tmp_path))  # saved where it stopped
+  saved = _checkpoints(tmp_path)
+  assert saved and saved[-1] < 300
+  out = _run(_cmd(tmp_path, *RESUME_ARGS), env)
+  assert out.returncode == 0, out.stderr
+  assert f"resumed from the checkpoint of step {saved[-1]}" in out.stdout
+  losses = _losses(tmp_path)
+  assert sorted(losses) == sorted(reference_losses) == list(range(1, 301))
+  mismatched = [s for s in losses if losses[s] != reference_losses[s]]
+  assert not mismatched, f"losses differ from the uninterrupted run at steps {mismatched[:5]}"
+
+
+def _assert_one_line_error(out, pattern):
+  assert out.returncode == 2, (out.returncode, out.stderr)
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+  assert "Traceback" not in out.stderr
+  assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, devices, pattern", [
+    (["--config.data.path=/no/such/input.txt"], 1, "does not exist"),
+    (["--config.train.batchsize=4"], 1, "did you mean 'train.batch_size'"),
+    (["--config.train.steps=2.5"], 1, "--config.train.steps must be an integer"),
+    (["--config.train.batch_size=12"], 8, "data-parallel size mesh.data x mesh.fsdp = 8"),
+], ids=["missing-data", "unknown-key", "float-for-int", "batch-vs-mesh"])
+def test_bad_input_is_one_sentence(overrides, devices, pattern, env, tmp_path):
+  e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  workdir = tmp_path / "run"
+  out = _run(_cmd(workdir, *overrides), e)
+  _assert_one_line_error(out, pattern)
+  assert not workdir.exists()  # nothing written
+
+
+def test_different_model_in_workdir_is_refused(env, e2e_workdir):
+  workdir, _ = e2e_workdir
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  out = _run(_cmd(workdir, "--config.train.steps=40", "--config.model.num_layers=3"), env)
+  _assert_one_line_error(out, "holds a run of a different model (model.num_layers is 2 "
+                              "there, 3 here)")
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert after == before
+
+
+def test_help():
+  out = subprocess.run([sys.executable, "-m", "launch.train", "--help"], cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 0 and "--workdir" in out.stdout and "--config" in out.stdout

@@ -1,0 +1,72 @@
+"""FLOPs per token, device peak throughput and model FLOPs utilisation (MFU).
+
+FLOPs/token (forward + backward) = 6 N + 12 L T D (Kaplan et al. 2020; PaLM appendix B), where
+N = the parameters that take part in matmuls: all parameters except the position embedding and,
+when the LM head is untied, the token embedding (a lookup) -- i.e. the non-embedding parameters
+plus the LM head, with the padded vocabulary. For GPT-2 124M (V = 50257, tied) N = 123,653,376.
+The 12 L T D term is attention's score and value matmuls (forward 2 * 2 * T * D per layer).
+
+MFU = achieved model FLOP/s / (number of devices * the device's dense bf16 peak), whatever the
+compute dtype; devices not in the table (CPUs, unknown accelerators) have no MFU (None).
+"""
+
+from __future__ import annotations
+
+from model.config import ModelConfig
+from model.transformer import count_params
+
+# Dense (no sparsity) bf16 peak, TFLOP/s per device (per chip for TPUs), from vendor datasheets.
+PEAK_BF16_TFLOPS = {
+    "h100 sxm": 989.0,
+    "h100 pcie": 756.0,
+    "h200": 989.0,
+    "a100": 312.0,
+    "tpu v4": 275.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v6e": 918.0,
+}
+
+# jax's device_kind strings -> table keys.
+_KIND_ALIASES = (
+    ("h100 pcie", "h100 pcie"),
+    ("h100", "h100 sxm"),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("h200", "h200"),
+    ("a100", "a100"),
+    ("tpu v5 lite", "tpu v5e"),
+    ("tpu v5e", "tpu v5e"),
+    ("tpu v5p", "tpu v5p"),
+    ("tpu v5", "tpu v5p"),
+    ("tpu v6 lite", "tpu v6e"),
+    ("tpu v6e", "tpu v6e"),
+    ("tpu v4", "tpu v4"),
+)
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+  """N of the FLOPs formula: non-embedding parameters plus the LM head (see module doc)."""
+  return count_params(cfg, non_embedding=True)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+  """Training FLOPs per token: 6 N + 12 L T D, T = seq_len (default block_size)."""
+  T = cfg.block_size if seq_len is None else seq_len
+  return 6 * non_embedding_params(cfg) + 12 * cfg.num_layers * T * cfg.d_model
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of this jax device_kind, or None if unknown."""
+  kind = device_kind.lower()
+  for pattern, key in _KIND_ALIASES:
+    if pattern in kind:
+      return PEAK_BF16_TFLOPS[key] * 1e12
+  return None
+
+
+def mfu(tokens_per_sec: float, flops_per_tok: float, device_kind: str,
+        num_devices: int) -> float | None:
+  """Model FLOPs utilisation in [0, 1], or None for a device kind without a known peak."""
+  peak = peak_flops(device_kind)
+  if peak is None or num_devices <= 0:
+    return None
+  return tokens_per_sec * flops_per_tok / (peak * num_devices)

@@ -1,0 +1,289 @@
+"""The training loop: python -m launch.train calls `train(config, workdir)`.
+
+Everything that can be wrong with the inputs is checked first (training/setup.py); then the
+train and eval steps are compiled once, the state is restored from the workdir's latest
+checkpoint or created sharded, and the loop runs. The host never waits for the step it just
+dispatched: metrics are read in groups at logged steps, after the next step is dispatched (and
+all of them before an evaluation or a checkpoint). Every step's loss and gradient norm are
+checked, so a NaN/Inf stops the run before anything diverged is saved. SIGTERM (preemption)
+finishes the current step, saves a checkpoint and returns normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from sharding import DEFAULT_RULES, describe, make_mesh, shard_batch
+from training import flops
+from training.checkpoint import Checkpointer
+from training.data import prefetch
+from training.errors import TrainingDiverged, UserError
+from training.metrics import Console, MetricsWriter, format_count, format_duration
+from training.optimizer import make_optimizer, schedule_from_config
+from training.setup import CONFIG_NAME, Run, check_same_model, config_json, prepare
+from training.state import abstract_train_state, create_train_state
+from training.step import compile_eval_step, compile_train_step
+
+
+class StopRequest:
+  """Set by SIGTERM (installed only in the main thread); the loop checks it after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name = ""
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      self.requested, self.signal_name = True, signal.Signals(signum).name
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _every(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+# Steps the host may run ahead of the metrics it has read (bounds queued batches in memory).
+_MAX_PENDING = 16
+
+
+class _MetricsReader:
+  """Reads finished steps' metrics in groups (one device-to-host transfer per group), stops on
+  a NaN/Inf loss or gradient norm, and writes rows for the logged steps."""
+
+  def __init__(self, trainer: "_Trainer", writer, summary: dict, start: int):
+    self.t, self.writer, self.summary = trainer, writer, summary
+    self.log_every = trainer.run_.config.log.every
+    self.row = None  # the last row written
+    self.restart_clock(start)
+    self.train_seconds = 0.0
+
+  def restart_clock(self, step: int) -> None:
+    self.clock_t, self.clock_step = time.perf_counter(), step
+
+  def is_log_step(self, step: int) -> bool:
+    return _every(step, self.log_every) or step == self.t.steps
+
+  def read(self, pending: list, hold_last: bool = False) -> None:
+    """Read and check `pending` steps; write the rows of logged steps (the last step's row is
+    held for log_eval when hold_last)."""
+    host = jax.device_get([m for _, m in pending])
+    now = time.perf_counter()
+    for (step, _), m in zip(pending, host):
+      loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        last = self.t.ckpt.latest_step()
+        raise TrainingDiverged(
+            f"The loss became {loss} (gradient norm {grad_norm}) at step {step}; stopped "
+            f"without saving; the last good checkpoint ("
+            f"{'step ' + str(last) if last is not None else 'none'}) in "
+            f"{self.t.ckpt.directory} is kept.")
+    elapsed = now - self.clock_t
+    last_step = pending[-1][0]
+    tps = (last_step - self.clock_step) * self.t.run_.tokens_per_step / max(elapsed, 1e-9)
+    self.train_seconds += elapsed
+    self.summary["train_seconds"] = self.train_seconds
+    self.clock_t, self.clock_step = now, last_step
+    self.summary["step"], self.summary["loss"] = last_step, float(host[-1]["loss"])
+    for (step, _), m in zip(pending, host):
+      if self.is_log_step(step) or step == last_step:
+        self.row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
+                    "mfu": flops.mfu(tps, self.t.flops_per_token, self.t.device_kind,
+                                     self.t.mesh.devices.size)}
+        if self.is_log_step(step) and not (hold_last and step == last_step):
+          self._emit(self.row)
+
+  def log_eval(self, step: int, val_loss: float) -> None:
+    """Add val_loss to the row of `step` (the last one read)."""
+    self.summary["val_loss"] = val_loss
+    self._emit(dict(self.row, val_loss=val_loss))
+
+  def _emit(self, row: dict) -> None:
+    if self.writer is not None:
+      self.writer.write(row)
+    self.t.console.row(row, self.train_seconds)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False
+          ) -> dict[str, Any]:
+  """Train (or resume) the run of `config` in `workdir`. Returns a summary: step, loss,
+  val_loss, train_seconds, wall_seconds, preempted. Raises UserError for bad inputs and
+  TrainingDiverged when the loss becomes NaN/Inf."""
+  t_start = time.perf_counter()
+  run = prepare(config, workdir)
+  console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
+  ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
+  try:
+    latest = ckpt.latest_step()
+    meta = ckpt.read_meta(latest) if latest is not None else None
+    if meta is not None:
+      check_same_model(meta["model"], run.model, f"The checkpoint of step {latest} in "
+                       f"{ckpt.directory}")
+    if jax.process_index() == 0:
+      run.workdir.mkdir(parents=True, exist_ok=True)
+      (run.workdir / CONFIG_NAME).write_text(config_json(run.config))
+    with StopRequest().installed() as stop:
+      return _Trainer(run, ckpt, console, t_start).run(latest, stop)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+
+
+class _Trainer:
+  """The state of one call of `train` (not saved; everything saved is in the checkpoint)."""
+
+  def __init__(self, run: Run, ckpt: Checkpointer, console: Console, t_start: float):
+    self.run_, self.ckpt, self.console, self.t_start = run, ckpt, console, t_start
+    c = run.config
+    self.steps = c.train.steps
+    self.mesh = make_mesh(*run.mesh_shape)
+    self.rules = DEFAULT_RULES
+    self.tx = make_optimizer(c.optimizer, self.steps)
+    self.schedule = schedule_from_config(c.optimizer, self.steps)
+    self.batch_shape = (c.train.batch_size, run.seq_len + 1)
+    self.flops_per_token = flops.flops_per_token(run.model, run.seq_len)
+    self.device_kind = jax.devices()[0].device_kind
+    self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
+    self.is_main = jax.process_index() == 0
+
+  # --- set-up -----------------------------------------------------------------------------
+
+  def _describe(self) -> None:
+    run, info = self.run_, self.console.info
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(self.abstract.params))
+    m = run.model
+    info(f"model: {format_count(n_params)} parameters ({m.num_layers} layers, {m.num_heads} "
+         f"heads, width {m.d_model}, block {m.block_size}, vocab {m.vocab_size}), "
+         f"{m.dtype} compute, {format_count(self.flops_per_token)} FLOPs/token")
+    info(f"mesh: {describe(self.mesh)} ({self.device_kind})")
+    info(run.source.describe())
+    c = run.config.train
+    accum = f" in {c.grad_accum} micro-batches" if c.grad_accum > 1 else ""
+    info(f"train: {self.steps} steps of {c.batch_size} x {run.seq_len} tokens{accum}")
+
+  def _compile_train(self):
+    return compile_train_step(self.run_.model, self.tx, self.schedule, self.mesh, self.abstract,
+                              self.batch_shape, self.run_.config.train.grad_accum, self.rules)
+
+  def _compile_eval(self):
+    if not self.val_batches:
+      return None
+    return compile_eval_step(self.run_.model, self.mesh, self.abstract.params, self.batch_shape,
+                             self.run_.config.train.grad_accum, self.rules)
+
+  def _initial_state(self, latest: int | None):
+    if latest is None:
+      self.console.info(f"new run in {self.run_.workdir}")
+      state, _ = create_train_state(self.run_.model, self.tx, self.mesh,
+                                    self.run_.config.train.seed, self.rules)
+      return state, 0
+    try:
+      state, meta = self.ckpt.restore(self.abstract, latest)
+    except ValueError as e:  # the saved tree does not fit this config's TrainState
+      raise UserError(
+          f"The checkpoint of step {latest} in {self.ckpt.directory} does not fit this "
+          f"config's training state ({str(e).splitlines()[0]}); resume with the settings it "
+          f"was saved with or use another --workdir.") from None
+    start = int(meta["data_position"])
+    self.console.info(f"resumed from the checkpoint of step {latest} in {self.ckpt.directory}")
+    return state, start
+
+  # --- the loop -----------------------------------------------------------------------------
+
+  def run(self, latest: int | None, stop: StopRequest) -> dict[str, Any]:
+    self.abstract, _ = abstract_train_state(self.run_.model, self.tx, self.mesh, self.rules)
+    self._describe()
+    if latest is not None and latest >= self.steps:
+      self.console.info(f"nothing to do: the run is at step {latest} of {self.steps}")
+      return {"step": latest, "loss": None, "val_loss": None, "train_seconds": 0.0,
+              "preempted": False, "wall_seconds": time.perf_counter() - self.t_start}
+    state, start = self._initial_state(latest)
+    t = time.perf_counter()
+    self.train_step, self.eval_step = self._compile_train(), self._compile_eval()
+    self.console.info(f"compiled the train and eval steps in {time.perf_counter() - t:.1f}s")
+    summary = {"step": start, "loss": None, "val_loss": None, "train_seconds": 0.0,
+               "preempted": False}
+    self.console.start = start
+    writer = MetricsWriter(self.run_.workdir, start) if self.is_main else None
+    try:
+      self._loop(state, start, writer, stop, summary)
+    finally:
+      if writer is not None:
+        writer.close()
+    summary["preempted"] = stop.requested
+    summary["wall_seconds"] = time.perf_counter() - self.t_start
+    tps = (summary["step"] - start) * self.run_.tokens_per_step / max(
+        summary["train_seconds"], 1e-9)
+    val = summary["val_loss"]
+    self.console.info(
+        f"{'stopped by ' + stop.signal_name if stop.requested else 'done'}: step "
+        f"{summary['step']}, loss {summary['loss']:.4f}"
+        + (f", val_loss {val:.4f}" if val is not None else "")
+        + f" | {format_duration(summary['wall_seconds'])} in all, "
+        f"{format_duration(summary['train_seconds'])} training at {format_count(tps)} tok/s")
+    return summary
+
+  def _loop(self, state, start: int, writer, stop: StopRequest, summary: dict):
+    c = self.run_.config
+    eval_every, ckpt_every = c.eval.every, c.checkpoint.every
+    batches = prefetch(self.run_.source, "train", start, count=self.steps - start,
+                       depth=c.data.prefetch)
+    reader = _MetricsReader(self, writer, summary, start)
+    pending = []  # (step, metrics still on the device), not yet read
+    try:
+      for s in range(start, self.steps):
+        state, metrics = self.train_step(state, shard_batch(next(batches), self.mesh))
+        step = s + 1
+        pending.append((step, metrics))
+        do_eval = self.eval_step is not None and eval_every > 0 and (
+            step % eval_every == 0 or step == self.steps)
+        do_ckpt = _every(step, ckpt_every) or step == self.steps or stop.requested
+        if do_eval or do_ckpt:
+          # A boundary: every step up to here is read and checked before it is evaluated or
+          # saved, so a checkpoint never holds a diverged state.
+          reader.read(pending, hold_last=do_eval)
+          pending = []
+          if do_eval:
+            reader.log_eval(step, self._evaluate(state.params))
+          if do_ckpt:
+            self._save(state, step)
+            if writer is not None:
+              writer.flush()
+          reader.restart_clock(step)
+          if stop.requested:
+            break
+        elif len(pending) > 1 and (reader.is_log_step(pending[-2][0])
+                                   or len(pending) > _MAX_PENDING):
+          # Read up to the previous step while the newest one runs.
+          reader.read(pending[:-1])
+          pending = pending[-1:]
+    finally:
+      batches.close()
+
+  def _evaluate(self, params) -> float:
+    losses = [self.eval_step(params, shard_batch(b, self.mesh)) for b in self.val_batches]
+    return float(np.mean(jax.device_get(losses)))
+
+  def _save(self, state, step: int) -> None:
+    run = self.run_
+    meta = {"step": step, "data_position": step, "model": run.model.to_dict(),
+            "tokenizer": run.source.tokenizer, "config": run.config.to_dict(),
+            "mesh": list(run.mesh_shape)}
+    self.ckpt.save(step, state, meta)

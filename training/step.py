@@ -1,0 +1,152 @@
+"""Pure train and eval steps, jitted once with explicit shardings.
+
+    train_step = compile_train_step(cfg, tx, schedule, mesh, rules, state_shardings, grad_accum,
+                                    batch_shape)
+    state, metrics = train_step(state, batch_BT1)   # state donated; metrics: loss, grad_norm, lr
+
+A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With grad_accum = k
+the batch is split into k micro-batches of B / k rows (row r goes to micro-batch r mod k, so each
+micro-batch stays split over all data-parallel devices) that a lax.scan runs one after another,
+summing float32 gradients; loss and gradients are means over all B * T tokens, the same as one
+step on the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model.config import ModelConfig
+from model.transformer import GPT
+from sharding import DEFAULT_RULES, activate, batch_sharding
+from training.state import TrainState
+
+ACT_BATCH = ("act_batch", None)
+
+
+def uses_dropout(cfg: ModelConfig) -> bool:
+  return max(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout) > 0
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean float32 cross-entropy over all positions."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT)
+  return jnp.mean(losses_BT)
+
+
+def loss_fn(params: Any, cfg: ModelConfig, tokens_BT1: jax.Array, key: jax.Array | None,
+            train: bool) -> jax.Array:
+  """Mean next-token cross-entropy of a [B, T + 1] token batch (dropout on when train)."""
+  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+  dropout = train and uses_dropout(cfg)
+  logits_BTV = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
+                              rngs={"dropout": key} if dropout else None)
+  return cross_entropy(logits_BTV, targets_BT)
+
+
+def split_micro_batches(tokens_BT1: jax.Array, k: int) -> jax.Array:
+  """[B, T+1] -> [k, B/k, T+1]; micro-batch j holds rows j, j + k, j + 2k, ..."""
+  B = tokens_BT1.shape[0]
+  return jnp.swapaxes(tokens_BT1.reshape(B // k, k, -1), 0, 1)
+
+
+def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
+               param_shardings: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update from a global batch. Pure: (state, batch) -> (state, metrics).
+  `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
+  (split over fsdp / tensor) instead of leaving it to XLA."""
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.value_and_grad(loss_fn)
+  to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
+
+  if grad_accum == 1:
+    tokens_BT1 = nn.with_logical_constraint(tokens_BT1, ACT_BATCH)
+    loss, grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
+    grads = to_f32(grads)
+  else:
+    micro_KBT1 = split_micro_batches(tokens_BT1, grad_accum)
+
+    def micro_step(grads_sum, xs):
+      i, tokens = xs
+      tokens = nn.with_logical_constraint(tokens, ACT_BATCH)
+      loss, grads = grad_fn(state.params, cfg, tokens, jax.random.fold_in(step_key, i), True)
+      grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
+      if param_shardings is not None:
+        grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
+      return grads_sum, loss
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    if param_shardings is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    grads, losses_K = jax.lax.scan(micro_step, zeros, (jnp.arange(grad_accum), micro_KBT1))
+    grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
+    loss = jnp.mean(losses_K)
+
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+  return new_state, metrics
+
+
+def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1
+              ) -> jax.Array:
+  """Mean loss of a global batch, run in the same micro-batches as training (memory)."""
+  if grad_accum == 1:
+    return loss_fn(params, cfg, nn.with_logical_constraint(tokens_BT1, ACT_BATCH), None, False)
+
+  def micro(_, tokens):
+    return None, loss_fn(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH), None, False)
+
+  _, losses_K = jax.lax.scan(micro, None, split_micro_batches(tokens_BT1, grad_accum))
+  return jnp.mean(losses_K)
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a pytree of jax.Arrays or ShapeDtypeStructs."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _shardings(abstract_tree: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x: x.sharding, abstract_tree)
+
+
+def _batch_struct(mesh: Mesh, batch_shape: tuple[int, int]) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32, sharding=batch_sharding(mesh))
+
+
+def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: Callable,
+                       mesh: Mesh, abstract_state: TrainState, batch_shape: tuple[int, int],
+                       grad_accum: int = 1, rules=DEFAULT_RULES):
+  """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]:
+  (state, batch) -> (state, metrics). The state is donated. `abstract_state` holds
+  ShapeDtypeStructs with shardings (see abstract_like). Calling the result with other shapes
+  or shardings is an error, never a silent recompilation."""
+  state_shardings = _shardings(abstract_state)
+  fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
+                                       grad_accum=grad_accum,
+                                       param_shardings=state_shardings.params),
+               in_shardings=(state_shardings, batch_sharding(mesh)),
+               out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+               donate_argnums=0)
+  with activate(mesh, rules):
+    return fn.lower(abstract_state, _batch_struct(mesh, batch_shape)).compile()
+
+
+def compile_eval_step(cfg: ModelConfig, mesh: Mesh, abstract_params: Any,
+                      batch_shape: tuple[int, int], grad_accum: int = 1, rules=DEFAULT_RULES):
+  """eval_step compiled ahead of time: (params, batch) -> mean loss (a replicated scalar)."""
+  fn = jax.jit(lambda p, b: eval_step(p, b, cfg=cfg, grad_accum=grad_accum),
+               in_shardings=(_shardings(abstract_params), batch_sharding(mesh)),
+               out_shardings=NamedSharding(mesh, PartitionSpec()))
+  with activate(mesh, rules):
+    return fn.lower(abstract_params, _batch_struct(mesh, batch_shape)).compile()
