@@ -54,13 +54,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
   return 6 * non_embedding_params(cfg) + 12 * cfg.num_layers * T * cfg.d_model
 
 
-def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s of one device of this jax device_kind, or None if unknown."""
+def peak_entry(device_kind: str) -> str | None:
+  """The key of PEAK_BF16_TFLOPS used for this jax device_kind, or None if unknown."""
   kind = device_kind.lower()
   for pattern, key in _KIND_ALIASES:
     if pattern in kind:
-      return PEAK_BF16_TFLOPS[key] * 1e12
+      return key
   return None
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of this jax device_kind, or None if unknown."""
+  key = peak_entry(device_kind)
+  return None if key is None else PEAK_BF16_TFLOPS[key] * 1e12
 
 
 def mfu(tokens_per_sec: float, flops_per_tok: float, device_kind: str,

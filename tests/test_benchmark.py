@@ -1,0 +1,73 @@
+"""launch.benchmark on the tiny config (CPU): both modes run and the JSON has every field."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from model.config import get_config
+from training import benchmark, flops
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", "--config", "configs/tiny.py", "--mode", "all",
+       "--json", str(out), "--steps", "3", "--warmup", "1", "--batch_sizes", "1,2",
+       "--new_tokens", "8", "--repeats", "1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_train_fields(report):
+  data, stdout = report
+  train = data["train"]
+  for key in ("compile_s", "step_ms_median", "step_ms_p90", "tokens_per_sec", "tflops_per_sec",
+              "mfu", "flops_per_token", "flops_formula", "peak_memory_bytes", "timed_steps"):
+    assert key in train
+  assert train["timed_steps"] == 3
+  assert train["step_ms_p90"] >= train["step_ms_median"] > 0
+  assert train["tokens_per_sec"] == pytest.approx(
+      train["batch_size"] * train["seq_len"] / (train["step_ms_median"] / 1e3))
+  assert train["tflops_per_sec"] == pytest.approx(
+      train["tokens_per_sec"] * train["flops_per_token"] / 1e12)
+  assert data["device"]["peak_entry"] == "unknown" and train["mfu"] is None  # CPU: no peak
+  assert "tokens/s" in stdout and "MFU n/a" in stdout
+
+
+def test_sample_fields(report):
+  data, stdout = report
+  rows = data["sample"]
+  assert {(r["batch_size"], r["mode"]) for r in rows} == {
+      (b, m) for b in (1, 2) for m in ("greedy", "top_k40_top_p0.9")}
+  for r in rows:
+    assert r["new_tokens"] == 8 and r["prompt_len"] == 16
+    assert r["tokens_per_sec"] == pytest.approx(r["batch_size"] * 8 / r["seconds"])
+    assert r["achieved_gb_per_sec"] > 0 and r["bytes_per_decode_step"] > 0
+  assert "greedy" in stdout
+
+
+def test_mfu_hand_computed_h100():
+  # GPT-2 124M at T=1024: N = 123,653,376 -> 6N + 12*12*1024*768 = 855,166,976 FLOPs/token.
+  cfg = get_config("gpt2")
+  assert flops.flops_per_token(cfg, 1024) == 6 * 123_653_376 + 12 * 12 * 1024 * 768
+  # 500K tokens/s on one H100 (989 TFLOP/s) -> 427.58 TFLOP/s -> 43.23% MFU.
+  mfu = flops.mfu(500_000, flops.flops_per_token(cfg, 1024), "NVIDIA H100 80GB HBM3", 1)
+  assert mfu == pytest.approx(500_000 * 855_166_976 / 989e12)
+  assert mfu == pytest.approx(0.43234, abs=1e-4)
+  assert flops.peak_entry("TPU v5 lite") == "tpu v5e"
+  assert flops.peak_entry("cpu") is None
+
+
+def test_decode_bytes_counts_params_and_whole_cache():
+  cfg = get_config("tiny")
+  params = {"w": np.zeros((10, 10), np.float32)}
+  expected = 400 + 2 * cfg.num_layers * 4 * 32 * cfg.d_model * 4
+  assert benchmark._decode_bytes_per_step(cfg, params, 4, 32) == expected

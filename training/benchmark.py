@@ -1,0 +1,228 @@
+"""Throughput measurements behind `python -m launch.benchmark`: a training step and generation.
+
+Train: the real sharded train step (training/step.py) on random tokens, compiled once (timed),
+a few warm-up steps, then `steps` timed steps each synchronised with block_until_ready; step
+time median and p90, tokens/s, model TFLOP/s with FLOPs/token = 6N + 12 L T D (training/flops.py
+states N), MFU against the device's dense bf16 peak, and peak device memory where the backend
+reports it.
+
+Sample: `model.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
+to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
+the first call of each shape compiles and is not timed. Achieved memory bandwidth counts, per
+decode step, the parameter bytes plus the KV-cache bytes the attention reads (the whole
+fixed-size cache, as the implementation does), over the mean decode-step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from model.config import ModelConfig
+from model.sampling import choose_buckets, generate
+from model.transformer import init_params
+from sharding import make_mesh, rules_from_config, shard_batch
+from training import flops
+from training.optimizer import make_optimizer, schedule_from_config
+from training.state import abstract_train_state, create_train_state
+from training.step import compile_train_step
+
+
+def device_info() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  peak = flops.peak_flops(dev.device_kind)
+  return {
+      "platform": dev.platform,
+      "device_kind": dev.device_kind,
+      "num_devices": jax.device_count(),
+      "peak_entry": _peak_entry(dev.device_kind),
+      "peak_tflops_per_device": None if peak is None else peak / 1e12,
+      "jax_version": jax.__version__,
+  }
+
+
+def _peak_entry(device_kind: str) -> str:
+  """The row of training/flops.py's peak table used for this device, or "unknown"."""
+  key = flops.peak_entry(device_kind)
+  return "unknown" if key is None else f"{key} ({flops.PEAK_BF16_TFLOPS[key]:g} TFLOP/s)"
+
+
+def peak_memory_bytes() -> int | None:
+  """Largest peak_bytes_in_use over local devices (None where the backend has no stats)."""
+  peaks = []
+  for dev in jax.local_devices():
+    try:
+      stats = dev.memory_stats()
+    except Exception:  # pylint: disable=broad-except  (CPU and some backends)
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def _percentile(values: list[float], q: float) -> float:
+  ordered = sorted(values)
+  return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The config's model with placeholders resolved for random data (vocab 50257 if unset)."""
+  fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  fields.setdefault("vocab_size", int(config.data.get("vocab_size", 50257) or 50257))
+  return ModelConfig(**fields)
+
+
+def benchmark_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3,
+                    profile_dir: str | None = None) -> dict[str, Any]:
+  cfg = model_config(config)
+  mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
+  rules = rules_from_config(config.mesh)
+  B, T, k = int(config.train.batch_size), cfg.block_size, int(config.train.grad_accum)
+  tx = make_optimizer(config.optimizer, total_steps=int(config.train.steps))
+  schedule = schedule_from_config(config.optimizer, int(config.train.steps))
+
+  start = time.perf_counter()
+  abstract, _ = abstract_train_state(cfg, tx, mesh, rules)
+  step_fn = compile_train_step(cfg, tx, schedule, mesh, abstract, (B, T + 1), k, rules)
+  compile_s = time.perf_counter() - start
+  state, _ = create_train_state(cfg, tx, mesh, int(config.train.seed), rules)
+
+  rng = np.random.default_rng(0)
+  batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32), mesh)
+             for _ in range(2)]
+  for i in range(warmup):
+    state, metrics = step_fn(state, batches[i % 2])
+  jax.block_until_ready(metrics)
+
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+    for i in range(3):
+      state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+
+  median = statistics.median(times)
+  tokens_per_sec = B * T / median
+  fpt = flops.flops_per_token(cfg, T)
+  info = device_info()
+  mfu = flops.mfu(tokens_per_sec, fpt, info["device_kind"], jax.device_count())
+  return {
+      "model": {"layers": cfg.num_layers, "d_model": cfg.d_model, "heads": cfg.num_heads,
+                "vocab": cfg.padded_vocab_size, "dtype": cfg.dtype,
+                "attention": cfg.attention, "scan_layers": cfg.scan_layers, "remat": cfg.remat},
+      "batch_size": B, "seq_len": T, "grad_accum": k,
+      "mesh": dict(mesh.shape),
+      "compile_s": compile_s,
+      "timed_steps": steps,
+      "step_ms_median": median * 1e3,
+      "step_ms_p90": _percentile(times, 0.9) * 1e3,
+      "tokens_per_sec": tokens_per_sec,
+      "flops_per_token": fpt,
+      "flops_formula": (f"6N + 12*L*T*D, N = {flops.non_embedding_params(cfg):,} "
+                        "(non-embedding parameters + LM head)"),
+      "tflops_per_sec": tokens_per_sec * fpt / 1e12,
+      "mfu": mfu,
+      "peak_memory_bytes": peak_memory_bytes(),
+      "final_loss": float(metrics["loss"]),
+  }
+
+
+def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int) -> int:
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  kv_bytes = (2 * cfg.num_layers * batch * cache_len * cfg.d_model
+              * jnp.dtype(cfg.compute_dtype).itemsize)
+  return param_bytes + kv_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleCase:
+  name: str
+  temperature: float
+  top_k: int
+  top_p: float
+
+
+SAMPLE_CASES = (SampleCase("greedy", 0.0, 0, 1.0), SampleCase("top_k40_top_p0.9", 1.0, 40, 0.9))
+
+
+def benchmark_sample(config: ml_collections.ConfigDict, *, batch_sizes=(1, 8, 64),
+                     prompt_len: int = 16, new_tokens: int = 256, repeats: int = 3
+                     ) -> list[dict[str, Any]]:
+  cfg = model_config(config)
+  new_tokens = min(new_tokens, cfg.block_size - prompt_len)
+  if new_tokens < 1:
+    raise ValueError(f"prompt_len {prompt_len} leaves no room to generate within block_size "
+                     f"{cfg.block_size}.")
+  params = init_params(cfg, jax.random.key(int(config.train.seed)))
+  params = jax.tree_util.tree_map(lambda x: x.astype(cfg.compute_dtype), params)
+  rng = np.random.default_rng(0)
+  rows = []
+  for batch in batch_sizes:
+    prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    buckets = choose_buckets(batch, prompt_len, new_tokens, cfg.block_size)
+    for case in SAMPLE_CASES:
+      kwargs = dict(max_new_tokens=new_tokens, temperature=case.temperature, top_k=case.top_k,
+                    top_p=case.top_p, eot_id=None)
+      generate(params, cfg, prompts, seed=0, **kwargs)  # compiles
+      seconds = []
+      for r in range(repeats):
+        result = generate(params, cfg, prompts, seed=r + 1, **kwargs)
+        seconds.append(result.seconds)
+      best = min(seconds)
+      step_s = best / new_tokens
+      bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len)
+      rows.append({
+          "batch_size": batch, "mode": case.name, "prompt_len": prompt_len,
+          "new_tokens": new_tokens, "seconds": best, "tokens_per_sec": batch * new_tokens / best,
+          "ms_per_token_step": step_s * 1e3,
+          "bytes_per_decode_step": bytes_per_step,
+          "achieved_gb_per_sec": bytes_per_step / step_s / 1e9,
+          "buckets": dict(buckets._asdict()),
+      })
+  return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+  dev = report["device"]
+  lines = [f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), "
+           f"peak entry: {dev['peak_entry']}, jax {dev['jax_version']}"]
+  train = report.get("train")
+  if train:
+    mem = train["peak_memory_bytes"]
+    mfu = "n/a" if train["mfu"] is None else f"{100 * train['mfu']:.1f}%"
+    lines += [
+        "",
+        f"train  B={train['batch_size']} T={train['seq_len']} accum={train['grad_accum']} "
+        f"mesh={train['mesh']} dtype={train['model']['dtype']}",
+        f"  compile {train['compile_s']:.1f} s | step median {train['step_ms_median']:.2f} ms, "
+        f"p90 {train['step_ms_p90']:.2f} ms over {train['timed_steps']} steps",
+        f"  {train['tokens_per_sec']:,.0f} tokens/s | {train['tflops_per_sec']:.2f} TFLOP/s | "
+        f"MFU {mfu} | peak memory "
+        f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
+        f"  FLOPs/token {train['flops_per_token']:,} = {train['flops_formula']}",
+    ]
+  sample = report.get("sample")
+  if sample:
+    lines += ["", f"{'sample':<8}{'batch':>6}  {'mode':<18}{'tokens/s':>12}{'ms/step':>10}"
+              f"{'GB/s':>9}"]
+    for row in sample:
+      lines.append(f"{'':<8}{row['batch_size']:>6}  {row['mode']:<18}"
+                   f"{row['tokens_per_sec']:>12,.0f}{row['ms_per_token_step']:>10.3f}"
+                   f"{row['achieved_gb_per_sec']:>9.1f}")
+    lines.append(f"  (prompt {sample[0]['prompt_len']}, {sample[0]['new_tokens']} new tokens, "
+                 "timing includes the prefill; best of repeats)")
+  return "\n".join(lines)
