@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from model.config import get_config as model_preset
+from sharding.rules import rules_config
 from training.data import default_data_config
 
 # Filled in from other fields when None (see the module docstring).
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Logical axis -> mesh axes ("tensor", "data,fsdp", "none"); override single entries, e.g.
+  # --config.mesh.rules.embed=none turns FSDP off for weights (sharding/rules.py).
+  c.mesh.rules = ml_collections.ConfigDict(rules_config())
 
   c.data = default_data_config()
 

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sharding import DEFAULT_RULES, describe, make_mesh, shard_batch
+from sharding import describe, make_mesh, rules_from_config, shard_batch
 from training import flops
 from training.checkpoint import Checkpointer
 from training.data import prefetch
@@ -154,7 +154,7 @@ class _Trainer:
     c = run.config
     self.steps = c.train.steps
     self.mesh = make_mesh(*run.mesh_shape)
-    self.rules = DEFAULT_RULES
+    self.rules = rules_from_config(self.run_.config.mesh)
     self.tx = make_optimizer(c.optimizer, self.steps)
     self.schedule = schedule_from_config(c.optimizer, self.steps)
     self.batch_shape = (c.train.batch_size, run.seq_len + 1)

@@ -19,7 +19,7 @@ import ml_collections
 from etils import epath
 
 from model.config import ModelConfig
-from sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape
+from sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape, rules_from_config
 from training.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -186,6 +186,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   path = check_workdir(workdir)
   check_values(config)
   mesh_shape = check_mesh(config)
+  try:
+    rules_from_config(config.mesh)
+  except ValueError as e:
+    raise UserError(f"config.mesh.rules: {e}") from None
   check_batch(config, mesh_shape)
   block_size = config.model.get("block_size")
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
