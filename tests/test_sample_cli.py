@@ -1,0 +1,271 @@
+"""python -m launch.sample end to end (subprocesses) from a launch.train checkpoint and from a
+Hugging Face checkpoint, its one-sentence errors, and the helpers of model/sample_cli.py."""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from model import sample_cli
+from model.pretrained import load_hf_gpt2
+from model.sample_cli import StreamPrinter, TextStream, format_sample
+from model.sampling import generate
+from model.tokenizer import GPT2_BPE_ENV, CharTokenizer, get_tokenizer, tokenizer_from_dict
+from training.checkpoint import load_for_inference
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HF_DIR = REPO / "tests" / "fixtures" / "hf_gpt2_tiny"  # vocab 96: GPT-2 ids 0..95, block 32
+RECORD_KEYS = {"prompt_index", "sample_index", "prompt", "completion", "token_ids",
+               "num_tokens", "stop_reason", "seconds", "tokens_per_sec"}
+HF_PROMPTS = ("Q@Z", "(x)")  # GPT-2 BPE ids below 96
+
+
+@pytest.fixture(scope="module")
+def env(shared_data, tmp_path_factory):
+  if not (shared_data / "tinyshakespeare.txt").exists():
+    pytest.skip("tiny shakespeare not found (set FLAXGPT_DATA_DIR)")
+  e = dict(os.environ)  # keeps conftest's XLA_FLAGS and FLAXGPT_GPT2_BPE
+  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", FLAXGPT_DATA_DIR=str(shared_data),
+           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1",
+           HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
+  return e
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+  if not os.environ.get(GPT2_BPE_ENV):
+    pytest.skip(f"{GPT2_BPE_ENV} is not set (offline GPT-2 BPE file)")
+  return get_tokenizer("gpt2")
+
+
+def _run(args, env, timeout=120):
+  return subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(env, tmp_path_factory):
+  """A two-step launch.train run of configs/tiny.py (a character model, block 64)."""
+  path = tmp_path_factory.mktemp("run")
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir",
+       str(path), "--config.train.steps=2", "--config.eval.every=0", "--quiet"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert out.returncode == 0, out.stderr
+  return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+  path.write_text("ROMEO:\n---\nJULIET:\nO\n")
+  return path
+
+
+def _records(out):
+  assert out.returncode == 0, out.stderr
+  return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _check_against_generate(records, params, cfg, tokenizer, prompts, num_samples,
+                            **settings):
+  """The CLI's samples equal model.sampling.generate's with the same settings, prompt-major."""
+  rows = [tokenizer.encode(p) for p in prompts for _ in range(num_samples)]
+  expected = generate(params, cfg, rows, max_new_tokens=records[0]["num_tokens"], **settings)
+  assert [r["token_ids"] for r in records] == expected.tokens
+  for b, r in enumerate(records):
+    assert set(r) == RECORD_KEYS
+    assert (r["prompt_index"], r["sample_index"]) == divmod(b, num_samples)
+    assert r["prompt"] == prompts[b // num_samples]
+    assert r["completion"] == tokenizer.decode(r["token_ids"])
+    assert r["num_tokens"] == len(r["token_ids"]) and r["tokens_per_sec"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_help(env):
+  out = _run(["--help"], env)
+  assert out.returncode == 0
+  for text in ("--workdir", "--init_from", "gpt2-xl", "--prompt_file", "FILE:path", "---",
+               "--num_samples", "--top_p", "--stream", "--json", "--dtype", "Examples:"):
+    assert text in out.stdout, text
+
+
+def test_workdir_json_and_text_match_generate(env, workdir, prompt_file):
+  """Seeded sampling (a 2-step model's greedy output is one repeated character)."""
+  args = ["--workdir", str(workdir), "--prompt_file", str(prompt_file), "--num_samples", "2",
+          "--max_new_tokens", "12", "--temperature", "1.0", "--top_k", "20", "--seed", "3"]
+  records = _records(_run(args + ["--json"], env))
+  cfg, params, saved, _ = load_for_inference(workdir)
+  tokenizer = tokenizer_from_dict(saved)
+  assert tokenizer.name == "char"
+  _check_against_generate(records, params, cfg, tokenizer, ["ROMEO:", "JULIET:\nO"], 2,
+                          temperature=1.0, top_k=20, seed=3)
+  assert {r["stop_reason"] for r in records} == {"max_new_tokens"}
+  text = _run(args, env)
+  assert text.returncode == 0, text.stderr
+  assert text.stdout == "".join(format_sample(r["prompt"], r["completion"]) for r in records)
+  assert "compilation included" in text.stderr
+
+
+def test_hugging_face_greedy_json_matches_generate(env, gpt2, tmp_path):
+  (tmp_path / "p.txt").write_text(HF_PROMPTS[1])
+  records = _records(_run(["--init_from", str(HF_DIR), "--prompt", HF_PROMPTS[0], "--prompt",
+                           f"FILE:{tmp_path / 'p.txt'}", "--max_new_tokens", "10",
+                           "--temperature", "0", "--json", "--quiet"], env))
+  cfg, params = load_hf_gpt2(HF_DIR)
+  # GPT-2 BPE; <|endoftext|> (50256) is outside this model's vocabulary, so nothing stops.
+  _check_against_generate(records, params, cfg, gpt2, HF_PROMPTS, 1, temperature=0.0)
+
+
+def test_stream_prints_the_same_text(env, gpt2):
+  args = ["--init_from", str(HF_DIR), "--prompt", HF_PROMPTS[0], "--prompt", HF_PROMPTS[1],
+          "--num_samples", "2", "--max_new_tokens", "20", "--temperature", "1.0", "--top_k",
+          "40", "--top_p", "0.95", "--seed", "7", "--dtype", "bfloat16", "--quiet"]
+  plain, stream = _run(args, env), _run(args + ["--stream"], env)
+  assert plain.returncode == 0 and stream.returncode == 0, (plain.stderr, stream.stderr)
+  assert stream.stdout == plain.stdout
+  samples = plain.stdout.split(f"\n{sample_cli.SAMPLE_SEPARATOR}\n")
+  assert len(samples) == 5 and samples[-1] == ""  # 2 prompts x 2 samples
+  assert samples[0].startswith(HF_PROMPTS[0]) and samples[3].startswith(HF_PROMPTS[1])
+  assert samples[0] != samples[1]  # different rows draw different tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes: one `error:` line naming the bad value, exit status 2
+
+
+BAD_INPUTS = {
+    "top_p-zero": (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    "top_p-above-one": (["--top_p", "1.5"], "got 1.5"),
+    "negative-top_k": (["--top_k", "-3"], "--top_k must be >= 0 (0 means off), got -3"),
+    "negative-temperature": (["--temperature", "-0.5"], "--temperature must be"),
+    "zero-max_new_tokens": (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    "zero-num_samples": (["--num_samples", "0"], "--num_samples must be at least 1, got 0"),
+    "empty-prompt": (["--prompt", ""], "The prompt '' is empty"),
+    "too-long": (["--prompt", "ROMEO:", "--max_new_tokens", "60"],
+                 "is 6 tokens; with --max_new_tokens=60 that is 66, more than the model's "
+                 "block_size (64)"),
+    "unknown-char": (["--prompt", "caf\u00e9"], "Character '\u00e9' is not in the character"),
+    "step": (["--step", "5"], "No checkpoint of step 5"),
+    "both-sources": (["--init_from", "gpt2"], "--init_from: not allowed with argument "
+                                              "--workdir"),
+}
+BAD_SOURCES = {
+    "no-source": ([], "Give --workdir"),
+    "missing-workdir": (["--workdir", "{tmp}/nowhere"], "nowhere' does not exist"),
+    "no-checkpoints": (["--workdir", "{tmp}"], "has no checkpoints/ directory"),
+    "unknown-name": (["--init_from", "gpt3"], "Checkpoint directory 'gpt3' does not exist"),
+    "missing-prompt-file": (["--init_from", str(HF_DIR), "--prompt_file", "{tmp}/no.txt"],
+                            "--prompt_file: file"),
+    "prompt-outside-vocab": (["--init_from", str(HF_DIR), "--prompt", "Hello"],
+                             "The prompt 'Hello' encodes to token id 15496, outside the "
+                             "model's vocabulary of 96 tokens"),
+}
+
+
+def _assert_one_sentence(returncode, stdout, stderr, pattern):
+  assert returncode == 2, (returncode, stderr)
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert pattern in lines[0], lines[0]
+  assert stdout == ""
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS) + list(BAD_SOURCES))
+def test_bad_input_is_one_sentence(name, workdir, gpt2, tmp_path, capsys):
+  """launch.sample.main in-process (what the subprocess runs, without a process per case):
+  each mistake is caught before anything is compiled."""
+  from launch import sample
+  from model import sampling
+  compiled = sampling._prefill._cache_size()  # pylint: disable=protected-access
+  if name in BAD_INPUTS:
+    args, pattern = BAD_INPUTS[name]
+    args = ["--workdir", str(workdir), *args]
+  else:
+    args, pattern = BAD_SOURCES[name]
+    args = [a.format(tmp=tmp_path) for a in args]
+  with pytest.raises(SystemExit) as exit_info:
+    sample.main(args)
+  out = capsys.readouterr()
+  _assert_one_sentence(exit_info.value.code, out.out, out.err, pattern)
+  assert sampling._prefill._cache_size() == compiled  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("args, pattern", [
+    BAD_INPUTS["top_p-above-one"],
+    BAD_INPUTS["unknown-char"],
+    # Offline (HF_HUB_OFFLINE=1, an empty HF_HOME): "Could not download 'gpt2-xl' ..." (or,
+    # without huggingface_hub installed, "Loading 'gpt2-xl' by name needs huggingface_hub").
+    (["--init_from", "gpt2-xl"], "'gpt2-xl'"),
+], ids=["top_p-above-one", "unknown-char", "offline-hub-name"])
+def test_bad_input_is_one_sentence_in_a_subprocess(args, pattern, env, workdir, gpt2):
+  if not args[0].startswith("--init_from"):
+    args = ["--workdir", str(workdir), *args]
+  out = _run(args, env)
+  _assert_one_sentence(out.returncode, out.stdout, out.stderr, pattern)
+  assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (in-process)
+
+
+def test_prompt_file_and_file_prefix(tmp_path):
+  assert sample_cli.split_prompt_file("a\nb\n---\nc\n") == ["a\nb", "c"]
+  assert sample_cli.split_prompt_file("one prompt\n") == ["one prompt"]
+  assert sample_cli.split_prompt_file("x\n---\n\n---\ny") == ["x", "", "y"]
+  (tmp_path / "whole.txt").write_text("kept as is\n---\n")
+  (tmp_path / "many.txt").write_text("p1\r\n---\r\np2\n")
+  prompts = sample_cli.read_prompts([f"FILE:{tmp_path / 'whole.txt'}", "plain"],
+                                    str(tmp_path / "many.txt"))
+  assert prompts == ["kept as is\n---\n", "plain", "p1", "p2"]  # universal newlines
+  assert sample_cli.read_prompts(None, None) is None
+
+
+def test_default_prompt_and_stop_token(gpt2):
+  char = CharTokenizer("\nab")
+  assert sample_cli.default_prompt(gpt2) == "<|endoftext|>"
+  assert sample_cli.default_prompt(char) == "\n"
+  assert sample_cli.stop_token(gpt2, 50257) == 50256
+  assert sample_cli.stop_token(gpt2, 50257, stop=False) is None
+  assert sample_cli.stop_token(gpt2, 96) is None  # eot outside the model's vocabulary
+  assert sample_cli.stop_token(char, 3) is None
+  assert sample_cli.default_max_new_tokens([[1] * 10, [1] * 3], 64) == 54
+  assert sample_cli.default_max_new_tokens([[1]], 1024) == sample_cli.DEFAULT_MAX_NEW_TOKENS
+
+
+def test_text_stream_holds_back_split_characters(gpt2):
+  tokenizer = gpt2
+  ids = tokenizer.encode("\U0001F642 ok \u65e5\u672c\u8a9e!")  # characters split across tokens
+  stream = TextStream(tokenizer)
+  pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+  assert "".join(pieces) == tokenizer.decode(ids)
+  assert all(sample_cli.REPLACEMENT_CHAR not in p for p in pieces)
+
+
+def test_stream_printer_output_equals_text_mode():
+  tokenizer = CharTokenizer("\nabcdX")
+  eot = tokenizer.encode("X")[0]
+  enc = tokenizer.encode
+  # Row 1 ends first (eot in chunk 2) while row 0 is still being printed; row 2 never stops.
+  chunks = [[enc("ab"), enc("c"), enc("d")], [enc("a"), enc("bX"), enc("")],
+            [enc("cX"), [], enc("aa")]]
+  out = io.StringIO()
+  printer = StreamPrinter(tokenizer, ["p0:", "p1:", "p2:"], eot, out)
+  seen = []
+  for chunk in chunks:
+    printer.push(chunk)
+    seen.append(out.getvalue())
+  tokens, stopped = printer.finish()
+  assert seen[0] == "p0:ab" and seen[1] == "p0:aba"  # row 0 streams; the others wait
+  assert stopped == [True, True, False]
+  assert [tokenizer.decode(t) for t in tokens] == ["abac", "cb", "daa"]
+  assert out.getvalue() == (format_sample("p0:", "abac") + format_sample("p1:", "cb") +
+                            format_sample("p2:", "daa"))
