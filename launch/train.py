@@ -4,6 +4,11 @@
 Rerunning the same command on the same --workdir resumes from its latest checkpoint. Writes
 DIR/metrics.jsonl, TensorBoard events, DIR/config.json and orbax checkpoints in
 DIR/checkpoints/. Mistakes in the inputs print one `error:` line and exit with status 2.
+
+Several processes (GPU hosts, or CPU processes in tests) run the same command, each with
+--coordinator_address HOST:PORT --num_processes N --process_id I; on a multi-host TPU slice
+the distributed runtime starts by itself. Process 0 writes the metrics, events and config;
+all processes save and restore the checkpoints together.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config "
                     "(a run there is resumed).")
 flags.DEFINE_bool("quiet", False, "No console output except errors.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0's "
+                    "coordinator (the same on every process). Not needed on TPU VMs.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, "
+                     "0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -57,11 +67,24 @@ def _load_config():
     fail(f"Could not load --config {config_arg(sys.argv)}: {root}")
 
 
+def _start_distributed() -> None:
+  from training import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except distributed.DistributedError as e:
+    fail(str(e))
+  except RuntimeError as e:  # e.g. the coordinator cannot be reached
+    where = (f" at --coordinator_address {FLAGS.coordinator_address}"
+             if FLAGS.coordinator_address else "")
+    fail(f"Could not start the distributed runtime{where}: {str(e).splitlines()[0]}", status=1)
+
+
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
   config = _load_config()
+  _start_distributed()
   from training.loop import train  # pylint: disable=import-outside-toplevel  (imports jax)
   try:
     train(config, FLAGS.workdir, quiet=FLAGS.quiet)

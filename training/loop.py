@@ -6,7 +6,9 @@ checkpoint or created sharded, and the loop runs. The host never waits for the s
 dispatched: metrics are read in groups at logged steps, after the next step is dispatched (and
 all of them before an evaluation or a checkpoint). Every step's loss and gradient norm are
 checked, so a NaN/Inf stops the run before anything diverged is saved. SIGTERM (preemption)
-finishes the current step, saves a checkpoint and returns normally.
+finishes the current step, saves a checkpoint and returns normally; on several processes, a
+notice reaching any of them makes all save the same step (jax's preemption sync point).
+Process 0 alone writes metrics, events and config.json; every process saves and restores.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sharding import describe, make_mesh, rules_from_config, shard_batch
-from training import flops
+from sharding import describe, make_mesh, process_batch_indices, rules_from_config, shard_batch
+from training import distributed, flops
 from training.checkpoint import Checkpointer
 from training.data import prefetch
 from training.errors import TrainingDiverged, UserError
@@ -35,7 +37,10 @@ from training.step import compile_eval_step, compile_train_step
 
 
 class StopRequest:
-  """Set by SIGTERM (installed only in the main thread); the loop checks it after each step."""
+  """Set by SIGTERM (installed only in the main thread); the loop polls it after each step.
+
+  On several processes jax's preemption service takes the signal instead (a Python handler
+  would replace its own) and `poll` answers True on every process at the same step."""
 
   def __init__(self):
     self.requested = False
@@ -43,7 +48,8 @@ class StopRequest:
 
   @contextlib.contextmanager
   def installed(self):
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+        or distributed.multi_process()):
       yield self
       return
     def handler(signum, frame):  # pylint: disable=unused-argument
@@ -53,6 +59,12 @@ class StopRequest:
       yield self
     finally:
       signal.signal(signal.SIGTERM, previous)
+
+  def poll(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call once per step, on every process)."""
+    if not self.requested and distributed.preemption_sync_point(step):
+      self.requested, self.signal_name = True, "a preemption notice"
+    return self.requested
 
 
 def _every(step: int, every: int) -> bool:
@@ -138,12 +150,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
                        f"{ckpt.directory}")
     if jax.process_index() == 0:
       run.workdir.mkdir(parents=True, exist_ok=True)
-      (run.workdir / CONFIG_NAME).write_text(config_json(run.config))
+      _write_atomically(run.workdir / CONFIG_NAME, config_json(run.config))
     with StopRequest().installed() as stop:
       return _Trainer(run, ckpt, console, t_start).run(latest, stop)
   finally:
     ckpt.wait()
     ckpt.close()
+
+
+def _write_atomically(path, text: str) -> None:
+  """Other processes may read the file meanwhile (prepare's check of a resumed workdir)."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 class _Trainer:
@@ -162,6 +181,20 @@ class _Trainer:
     self.device_kind = jax.devices()[0].device_kind
     self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
     self.is_main = jax.process_index() == 0
+    self._check_process_rows()
+
+  def _check_process_rows(self) -> None:
+    """The data source gives each process a contiguous block of every global batch; the mesh
+    must put exactly those rows on the process's devices."""
+    src, c = self.run_.source, self.run_.config
+    rows = process_batch_indices(c.train.batch_size, self.mesh, self.rules)
+    lo = src.process_index * src.local_batch_size
+    if not np.array_equal(rows, np.arange(lo, lo + src.local_batch_size)):
+      raise UserError(
+          f"config.mesh {describe(self.mesh)} puts {len(rows)} rows of each batch on "
+          f"process {src.process_index}'s devices, not its {src.local_batch_size} rows "
+          f"{lo}..{lo + src.local_batch_size - 1}; split the processes over mesh.data or "
+          f"mesh.fsdp, not mesh.tensor.")
 
   # --- set-up -----------------------------------------------------------------------------
 
@@ -254,7 +287,8 @@ class _Trainer:
         pending.append((step, metrics))
         do_eval = self.eval_step is not None and eval_every > 0 and (
             step % eval_every == 0 or step == self.steps)
-        do_ckpt = _every(step, ckpt_every) or step == self.steps or stop.requested
+        stopping = stop.poll(step)
+        do_ckpt = _every(step, ckpt_every) or step == self.steps or stopping
         if do_eval or do_ckpt:
           # A boundary: every step up to here is read and checked before it is evaluated or
           # saved, so a checkpoint never holds a diverged state.
@@ -267,7 +301,7 @@ class _Trainer:
             if writer is not None:
               writer.flush()
           reader.restart_clock(step)
-          if stop.requested:
+          if stopping:
             break
         elif len(pending) > 1 and (reader.is_log_step(pending[-2][0])
                                    or len(pending) > _MAX_PENDING):
