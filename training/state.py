@@ -48,8 +48,9 @@ def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mes
   allocated: the target for restoring a checkpoint onto `mesh`."""
   from sharding import activate, logical_to_shardings
   init = init_state_fn(cfg, tx)
+  key = jax.random.key(0)  # outside the mesh context: the mesh may be of compile-only devices
   with activate(mesh, rules):
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    boxed = jax.eval_shape(init, key)
     shardings = logical_to_shardings(boxed, mesh, rules)
   shapes = jax.tree_util.tree_map(
       lambda x: x.value if hasattr(x, "unbox") else x, boxed,

@@ -1,0 +1,304 @@
+"""python -m launch.aot: slice names -> TPU topologies, the implied-step-time arithmetic, the
+report, and (where libtpu is at hand) a real ahead-of-time compile of GPT-2 for a v5p-8.
+
+The compile needs `jax[tpu]` (libtpu), which the CPU test environment does not have: it runs with
+this interpreter if libtpu imports here, else with the python that $FLAXGPT_TPU_PYTHON names
+(e.g. a second virtual environment with `pip install -e . "jax[tpu]==<jax version>"`), else it is
+skipped.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from model.config import ModelConfig
+from training import aot
+from training import tpu_topology as tt
+from training import tpu_commands as tc
+from training.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GIB = tt.GIB
+
+# ---------------------------------------------------------------------------------------------
+# slice names
+
+
+@pytest.mark.parametrize("name,topology_name,chips,hosts", [
+    ("v5p-8", "v5p:2x2x1", 4, 1), ("v5p-16", "v5p:2x2x2", 8, 2), ("v5p-32", "v5p:2x2x4", 16, 4),
+    ("v5p-64", "v5p:2x4x4", 32, 8), ("v5p-128", "v5p:4x4x4", 64, 16),
+    ("v5p-256", "v5p:4x4x8", 128, 32), ("v5p-384", "v5p:4x4x12", 192, 48),
+    ("v5p-512", "v5p:4x8x8", 256, 64), ("v5p-640", "v5p:4x4x20", 320, 80),
+    ("v5p-768", "v5p:4x8x12", 384, 96), ("v5p-1024", "v5p:8x8x8", 512, 128),
+    ("v5p-1152", "v5p:4x12x12", 576, 144), ("v5p-2048", "v5p:8x8x16", 1024, 256),
+    ("v5p-2560", "v5p:8x8x20", 1280, 320), ("v5p-3072", "v5p:8x12x16", 1536, 384),
+    ("v4-8", "v4:2x2x1", 4, 1), ("v4-32", "v4:2x2x4", 16, 4), ("v4-4096", "v4:8x16x16", 2048, 512),
+    ("v5e-1", "v5e:1x1", 1, 1), ("v5e-4", "v5e:2x2", 4, 1), ("v5e-8", "v5e:2x4", 8, 1),
+    ("v5e-16", "v5e:4x4", 16, 4), ("v5litepod-128", "v5e:8x16", 128, 32),
+    ("v5e-256", "v5e:16x16", 256, 64), ("v6e-8", "v6e:2x4", 8, 1), ("v6e-64", "v6e:8x8", 64, 16),
+    ("v6e-256", "v6e:16x16", 256, 64), ("v5p:4x4x12", "v5p:4x4x12", 192, 48),
+    ("v5litepod:4x8", "v5e:4x8", 32, 8),
+])
+def test_slice_names_map_to_topologies(name, topology_name, chips, hosts):
+  topo = tt.parse_topology(name)
+  assert (topo.topology_name, topo.chips, topo.hosts) == (topology_name, chips, hosts)
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v4-64", "v5p-8", "v5p-64", "v5p-512", "v5e-1",
+                                  "v5e-8", "v5e-16", "v5e-256", "v6e-4", "v6e-32"])
+def test_chips_and_hosts_agree_with_the_tpu_launcher(name):
+  gcloud_name = name.replace("v5e-", "v5litepod-")
+  shape = tc.parse_accelerator_type(gcloud_name)
+  topo = tt.parse_topology(name)
+  assert (topo.chips, topo.hosts, topo.accelerator_type) == (shape.chips, shape.hosts,
+                                                             gcloud_name)
+
+
+def test_wraparound_and_host_bounds():
+  assert tt.parse_topology("v5p-64").wrap == (False, False, False)
+  assert tt.parse_topology("v5p-128").wrap == (True, True, True)
+  assert tt.parse_topology("v5e-128").wrap == (False, True, False)
+  assert tt.parse_topology("v6e-256").wrap == (True, True, False)
+  assert tt.parse_topology("v5e-8").chips_per_host_bounds == (2, 4, 1)
+  assert tt.parse_topology("v5e-16").chips_per_host_bounds == (2, 2, 1)
+  assert tt.parse_topology("v4-8").chips_per_host_bounds == (2, 2, 1)
+
+
+def test_chip_properties_come_from_the_tables():
+  v5p, v5e = tt.parse_topology("v5p-8"), tt.parse_topology("v5e-4")
+  assert v5p.hbm_bytes == 95 * GIB and v5e.hbm_bytes == 16 * GIB
+  assert v5p.peak_flops_per_chip == 459e12 and v5e.peak_flops_per_chip == 197e12
+  assert tt.parse_topology("v4-8").peak_flops_per_chip == 275e12
+  assert tt.parse_topology("v6e-4").peak_flops_per_chip == 918e12
+
+
+@pytest.mark.parametrize("name,words", [
+    ("v5p-7", "TensorCores"), ("v5p-24", "TensorCores"), ("v5p-96", "multiple of 128"),
+    ("v5e-2", "chips"), ("v6e-512", "chips"), ("v3-8", "Unknown --topology"),
+    ("", "Unknown --topology"), ("v5p:4x4", "3 positive sizes"), ("tpu", "Unknown --topology"),
+])
+def test_bad_slice_names_are_one_sentence(name, words):
+  with pytest.raises(UserError, match=words) as e:
+    tt.parse_topology(name)
+  assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic and the report
+
+
+def test_implied_step_time():
+  # 6e15 FLOPs on 32 chips of 459 TFLOP/s at 50%: 6e15 / 7.344e15 s.
+  assert aot.implied_step_seconds(6e15, 32, 459e12, 0.5) == pytest.approx(0.81699, rel=1e-4)
+  assert aot.implied_step_seconds(6e15, 32, 459e12, 1.0) == pytest.approx(0.40850, rel=1e-4)
+
+
+def test_memory_total_counts_donated_outputs_once():
+  m = aot.Memory(arguments=10, outputs=9, aliased=8, temporaries=100, generated_code=3)
+  assert m.total == 10 + 1 + 100 + 3
+
+
+def _report(**changes) -> aot.AotReport:
+  fields = dict(
+      config_name="gpt2_xl", topology="v5p-64", topology_name="v5p:2x4x4", chips=32, hosts=8,
+      num_slices=1, device_kind="TPU v5", mesh={"data": 1, "fsdp": 32, "tensor": 1},
+      params=1_557_611_200,
+      model=dict(num_layers=48, d_model=1600, num_heads=25, block_size=1024,
+                 padded_vocab_size=50304, dtype="bfloat16", scan_layers=True, remat="full"),
+      batch_size=512, grad_accum=1, seq_len=1024, state_bytes=int(17.4 * GIB),
+      state_bytes_per_chip=int(0.6 * GIB), unsplit=[],
+      hbm_bytes_per_chip=95 * GIB, compile_seconds=12.3,
+      memory=aot.Memory(int(0.6 * GIB), int(0.6 * GIB), int(0.6 * GIB), 20 * GIB, 10 ** 8),
+      compiler_error=None, flops_per_token=9_000_000_000, xla_flops_per_chip=1.0e13,
+      xla_counts_loops_once=True, mfu=0.5, peak_flops_per_chip=459e12)
+  fields.update(changes)
+  return aot.AotReport(**fields)
+
+
+def test_report_step_time_and_tokens_per_second():
+  r = _report()
+  assert r.tokens_per_step == 512 * 1024
+  assert r.flops_per_step == 9e9 * 512 * 1024
+  assert r.step_seconds == pytest.approx(9e9 * 512 * 1024 / (0.5 * 32 * 459e12))
+  # tokens/s = MFU x slice peak / FLOPs per token, whatever the batch.
+  assert r.tokens_per_sec == pytest.approx(0.5 * 32 * 459e12 / 9e9)
+  assert _report(num_slices=2).step_seconds == pytest.approx(r.step_seconds / 2)
+
+
+def test_report_text_and_json_when_it_fits():
+  r = _report()
+  assert r.fits
+  text = aot.format_report(r)
+  for words in ("v5p-64 = 32 chips", "8 hosts", "data=1 x fsdp=32 x tensor=1",
+                "temporaries", "fits", "6N+12LTD", "XLA cost_analysis", "an undercount",
+                "at 50% MFU (459 TFLOP/s", "compile: 12.3 s", "step time"):
+    assert words in text, words
+  assert "DOES NOT FIT" not in text
+  d = json.loads(json.dumps(r.to_dict()))
+  assert d["fits"] and d["memory"]["total"] == r.memory.total
+  assert d["step_seconds"] == pytest.approx(r.step_seconds)
+
+
+def test_report_when_it_does_not_fit():
+  over = _report(memory=aot.Memory(GIB, GIB, GIB, 100 * GIB, 0))
+  assert not over.fits
+  assert "DOES NOT FIT" in aot.format_report(over)
+  oom = _report(memory=None, xla_flops_per_chip=None,
+                compiler_error="RESOURCE_EXHAUSTED: Ran out of memory on HBM",
+                suggestions=["recompute activations"])
+  text = aot.format_report(oom)
+  assert not oom.fits
+  assert "DOES NOT FIT" in text and "RESOURCE_EXHAUSTED" in text
+  assert "to make it fit:\n  - recompute activations" in text
+
+
+def test_suggestions():
+  cfg = ModelConfig(remat="none")
+  r = _report(state_bytes_per_chip=60 * GIB, batch_size=4096, grad_accum=2,
+              mesh={"data": 4, "fsdp": 8, "tensor": 1})
+  tips = aot.suggestions(r, cfg)
+  assert "60.00 GiB" in tips[0] and "--config.mesh.fsdp=-1" in tips[0]
+  assert "--config.model.remat=full" in tips[1]
+  assert "64 sequences per chip" in tips[2] and "--config.train.grad_accum=4" in tips[2]
+  assert aot.suggestions(_report(batch_size=32), ModelConfig(remat="full")) == []
+  # The state already over all chips: only a larger slice helps it.
+  (tip,) = aot.suggestions(_report(state_bytes_per_chip=61 * GIB, batch_size=32),
+                           ModelConfig(remat="full"))
+  assert "split over all 32 chips already: use a larger slice" in tip
+
+
+def test_grad_accum_suggestion_keeps_the_micro_batch_divisible():
+  # 1536 sequences on 64 chips in 8 micro-batches (3 per chip): 9, 10, 11 do not divide 1536
+  # into multiples of 64; 12 gives 2 per chip.
+  r = _report(batch_size=1536, grad_accum=8, chips=64, mesh={"data": 1, "fsdp": 64, "tensor": 1})
+  (tip,) = aot.suggestions(r, ModelConfig(remat="full"))
+  assert "3 sequences per chip" in tip and "--config.train.grad_accum=12 " in tip
+
+
+def test_unsplit_parameters_are_listed_and_suggested():
+  from sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  # Width 60, head dim 12 and 101 tokens on fsdp=8: no dimension of the attention kernels, of
+  # the width-60 biases or of the embedding is divisible by 8 (the MLP's 240 and the 64
+  # positions are).
+  cfg = ModelConfig(vocab_size=101, block_size=64, num_layers=2, num_heads=5, d_model=60)
+  mesh = make_mesh(1, 8, 1)
+  rows = aot._unsplit(cfg, mesh, aot.rules_from_config({}))  # pylint: disable=protected-access
+  assert rows == ["h_*/attn/c_attn/kernel [60, 3, 5, 12] (fsdp)",
+                  "h_*/attn/c_proj/bias [60] (fsdp)",
+                  "h_*/attn/c_proj/kernel [5, 12, 60] (fsdp)",
+                  "h_*/mlp/c_proj/bias [60] (fsdp)",
+                  "wte/embedding [101, 60] (fsdp)"], rows
+  r = _report(unsplit=rows, state_bytes_per_chip=int(6.5 * GIB))
+  assert "5 parameter(s) are stored whole" in aot.suggestions(r, ModelConfig(remat="full"))[0]
+  assert "not split (the mesh axis does not divide" in aot.format_report(r)
+
+
+def test_compiler_oom_message_is_recognised():
+  e = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                   "for HLO temporaries (910.39G) exceeds available HBM (95.74G).\nmore")
+  oom = aot._compiler_oom  # pylint: disable=protected-access
+  assert oom(e).endswith("(95.74G).")
+  assert oom(ValueError("shapes do not match")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the program
+
+
+def _env() -> dict:
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)  # the tests' CPU flags (fake devices, no LLVM optimisation)
+  return env
+
+
+def _aot(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([python, "-m", "launch.aot", *args], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_topology_is_one_error_line():
+  result = _aot(sys.executable, "--config", "configs/gpt2.py", "--topology", "v5p-7")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: --topology 'v5p-7' is not a v5p slice size: v5p-N counts TensorCores, 8, 16, 32, "
+      "64 or a multiple of 128 (v5p-128, v5p-256, ...)."]
+
+
+@pytest.mark.skipif(tt.libtpu_available(), reason="libtpu is installed here")
+def test_without_libtpu_says_how_to_install_it():
+  result = _aot(sys.executable, "--config", "configs/gpt2.py", "--topology", "v5p-8")
+  assert result.returncode == 2, result.stderr
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: Compiling for a TPU slice needs libtpu") and "jax[tpu]==" in line
+
+
+def _tpu_python() -> str:
+  """A python with jax[tpu]: this one, else $FLAXGPT_TPU_PYTHON, else the test is skipped."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return sys.executable
+  python = os.environ.get("FLAXGPT_TPU_PYTHON")
+  if not python:
+    pytest.skip("libtpu is not installed here and FLAXGPT_TPU_PYTHON is not set")
+  check = subprocess.run([python, "-c", "import libtpu, jax, flax"], capture_output=True,
+                         text=True, timeout=120)
+  assert check.returncode == 0, f"FLAXGPT_TPU_PYTHON={python} cannot import libtpu: {check.stderr}"
+  return python
+
+
+GPT2_SMALL_BATCH = ("--config", "configs/gpt2.py", "--config.train.grad_accum=1",
+                    "--config.model.scan_layers=True")
+
+
+def test_gpt2_compiles_for_a_v5p_8_and_fits(tmp_path):
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), *GPT2_SMALL_BATCH, "--config.train.batch_size=4",
+                "--topology", "v5p-8", "--json", str(out))
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "v5p-8 = 4 chips (TPU v5, v5p:2x2x1, 1 host)" in result.stdout
+  assert "memory per chip (XLA memory_analysis)" in result.stdout
+  assert "fits" in result.stdout and "DOES NOT FIT" not in result.stdout
+  r = json.loads(out.read_text())
+  assert (r["chips"], r["device_kind"], r["mesh"]) == (4, "TPU v5",
+                                                      {"data": 4, "fsdp": 1, "tensor": 1})
+  mem = r["memory"]
+  # Parameters + 2 AdamW moments in float32, replicated over data=4: ~1.39 GiB on every chip.
+  assert mem["arguments"] >= r["state_bytes_per_chip"] > 12 * 124e6
+  assert mem["aliased"] >= r["state_bytes_per_chip"]  # the donated state is updated in place
+  assert 0 < mem["temporaries"] and r["state_bytes_per_chip"] < mem["total"] < 95 * GIB
+  assert r["fits"] and r["compile_seconds"] > 0
+  # XLA counts per chip and the scanned layers once: between one layer's and all layers' share.
+  formula_per_chip = r["flops_per_step"] / 4
+  assert 0.1 * formula_per_chip < r["xla_flops_per_chip"] < 1.1 * formula_per_chip
+  assert r["step_seconds"] == pytest.approx(r["flops_per_step"] / (0.5 * 4 * 459e12))
+
+
+def test_a_batch_too_big_for_the_chips_does_not_fit(tmp_path):
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), *GPT2_SMALL_BATCH, "--config.train.batch_size=2048",
+                "--topology", "v5p-8", "--json", str(out))
+  assert result.returncode == 3, result.stdout + result.stderr
+  assert "DOES NOT FIT" in result.stdout and "to make it fit:" in result.stdout
+  assert "--config.model.remat=full" in result.stdout
+  assert "--config.train.grad_accum=2" in result.stdout
+  r = json.loads(out.read_text())
+  assert not r["fits"] and r["memory"] is None and "HBM" in r["compiler_error"]
+
+
+def test_the_gpt3_175b_config_is_gpt3():
+  from configs.gpt3_175b import get_config  # pylint: disable=import-outside-toplevel
+  from model.transformer import count_params  # pylint: disable=import-outside-toplevel
+  from training.setup import check_values, model_config  # pylint: disable=import-outside-toplevel
+  c = get_config()
+  check_values(c)
+  cfg = model_config(c, 50257)
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.block_size) == (
+      96, 12288, 96, 128, 2048)
+  assert 174e9 < count_params(cfg) < 176e9
+  assert c.train.batch_size * cfg.block_size == 3_145_728 and c.optimizer.lr == 6e-5
+  assert dataclasses.asdict(cfg)["remat"] == "full" and cfg.scan_layers

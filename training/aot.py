@@ -1,0 +1,392 @@
+"""Ahead-of-time compilation of the training step for a TPU slice, on a machine without TPUs.
+
+    topo = parse_topology("v5p-64")             # training/tpu_topology.py: 32 chips, v5p:2x4x4
+    report = compile_for_topology(config, topo)  # minutes for big models
+    print(format_report(report)); sys.exit(0 if report.fits else 3)
+
+The mesh of the config is laid over the slice's compile-only devices (from libtpu; see
+training/tpu_topology.py) and the same sharded train step that `launch.train` runs
+(training/step.py: compile_train_step) is lowered from abstract shapes and compiled by the TPU
+compiler here. That gives the memory each chip needs (compiled.memory_analysis()) and XLA's
+FLOP count before renting the slice.
+
+Numbers to read with care:
+- Memory "total" is arguments + outputs - outputs aliased to the donated arguments +
+  temporaries + generated code, per chip; the verdict compares it with the chip's nominal HBM
+  (v4 32 GiB, v5e 16, v5p 95, v6e 32). XLA's own peak estimate is shown too (it is lower).
+  A compile whose temporaries alone exceed the HBM fails in the compiler; that is reported as
+  "does not fit" with the compiler's numbers.
+- XLA's cost analysis counts FLOPs per chip (an unscanned GPT-2 gives the formula's per-chip
+  value within 1%), but counts the body of a loop once: with scan_layers or grad_accum > 1 it
+  misses the repeated layers / micro-batches. The step time at a given MFU comes from the
+  6N + 12LTD formula (training/flops.py) and the chips' dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from model.config import ModelConfig
+from sharding import (abstract_model_params, abstract_sharded, describe, make_mesh, placements,
+                      resolve_mesh_shape, rules_from_config)
+from training import flops
+from training.errors import UserError
+from training.optimizer import make_optimizer, schedule_from_config
+from training.setup import check_batch, check_values, model_config
+from training.state import init_state_fn
+from training.step import compile_train_step
+from training.tpu_topology import GIB, Topology, check_libtpu, topology_devices
+
+GPT2_VOCAB = 50257
+
+
+# --- what a compile tells ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Bytes per chip from compiled.memory_analysis(). Outputs aliased to donated arguments (the
+  new training state) take no extra space."""
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  generated_code: int
+  peak: int | None = None  # XLA's own peak estimate, where the runtime reports one
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+  @classmethod
+  def from_compiled(cls, compiled) -> "Memory":
+    m = compiled.memory_analysis()
+    return cls(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+               aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+               generated_code=m.generated_code_size_in_bytes,
+               peak=getattr(m, "peak_memory_in_bytes", None))
+
+
+def implied_step_seconds(flops_per_step: float, chips: int, peak_per_chip: float,
+                         mfu: float) -> float:
+  """Seconds per step if the slice reaches `mfu` of its dense bf16 peak."""
+  return flops_per_step / (mfu * chips * peak_per_chip)
+
+
+def xla_flops_per_chip(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  value = (cost or {}).get("flops")
+  return float(value) if value is not None and value >= 0 else None
+
+
+@dataclasses.dataclass
+class AotReport:
+  """Everything `launch.aot` prints (and writes with --json)."""
+  config_name: str
+  topology: str
+  topology_name: str
+  chips: int
+  hosts: int
+  num_slices: int
+  device_kind: str
+  mesh: dict[str, int]
+  params: int
+  model: dict[str, Any]
+  batch_size: int
+  grad_accum: int
+  seq_len: int
+  state_bytes: int  # parameters + optimizer state, all chips together
+  state_bytes_per_chip: int  # the largest shard of it, from shapes
+  unsplit: list[str]  # parameters a mesh axis could not split ("path [shape] (axes)")
+  hbm_bytes_per_chip: int
+  compile_seconds: float
+  memory: Memory | None  # None when the compiler ran out of memory
+  compiler_error: str | None
+  flops_per_token: int  # 6N + 12LTD
+  xla_flops_per_chip: float | None
+  xla_counts_loops_once: bool
+  mfu: float
+  peak_flops_per_chip: float
+  suggestions: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def total_chips(self) -> int:
+    return self.chips * self.num_slices
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
+
+  @property
+  def flops_per_step(self) -> float:
+    return float(self.flops_per_token) * self.tokens_per_step
+
+  @property
+  def step_seconds(self) -> float:
+    return implied_step_seconds(self.flops_per_step, self.total_chips, self.peak_flops_per_chip,
+                                self.mfu)
+
+  @property
+  def tokens_per_sec(self) -> float:
+    return self.tokens_per_step / self.step_seconds
+
+  @property
+  def fits(self) -> bool:
+    return self.memory is not None and self.memory.total <= self.hbm_bytes_per_chip
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    if self.memory is not None:
+      out["memory"]["total"] = self.memory.total
+    for name in ("total_chips", "tokens_per_step", "flops_per_step", "step_seconds",
+                 "tokens_per_sec", "fits"):
+      out[name] = getattr(self, name)
+    return out
+
+
+def _vocab_size(config: ml_collections.ConfigDict) -> int:
+  """config.model.vocab_size, or what the data would give without reading it."""
+  vocab = config.model.get("vocab_size")
+  if vocab is not None:
+    return vocab
+  if config.data.get("source") == "synthetic":
+    return config.data.vocab_size
+  if config.data.get("tokenizer") == "gpt2":
+    return GPT2_VOCAB
+  raise UserError("config.model.vocab_size is unset (it follows the data, which AOT compilation "
+                  "does not read); set it, e.g. --config.model.vocab_size=65.")
+
+
+def _state_bytes(abstract_state) -> tuple[int, int]:
+  """(bytes in all, bytes per chip) of a pytree of ShapeDtypeStructs with shardings."""
+  leaves = jax.tree_util.tree_leaves(abstract_state)
+  total = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+  return total, sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                    for x in leaves)
+
+
+def _unsplit(cfg: ModelConfig, mesh, rules) -> list[str]:
+  """Parameters (and so their AdamW moments) that a mesh axis of their rule does not divide:
+  they are stored whole on that axis, e.g. GPT-2 XL's attention kernels on fsdp=256."""
+  rows = {}
+  for r in placements(abstract_model_params(cfg), mesh, rules):
+    if r.unused_axes:
+      path = re.sub(r"h_\d+", "h_*", r.path)
+      rows.setdefault(f"{path} [{', '.join(map(str, r.shape))}] ({', '.join(r.unused_axes)})")
+  return list(rows)
+
+
+def _compiler_oom(error: Exception) -> str | None:
+  """The compiler's one-line message if `error` says the program needs more HBM than a chip
+  has, else None."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" in text or re.search(r"(?i)out of memory", text):
+    return text.strip().splitlines()[0]
+  return None
+
+
+def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
+  """What to change when a config does not fit, most effective first."""
+  out = []
+  mesh, chips = report.mesh, report.total_chips
+  if report.unsplit and report.state_bytes_per_chip > 2 * report.state_bytes / chips:
+    out.append(f"{len(report.unsplit)} parameter(s) are stored whole on some chips (see \"not "
+               f"split\"): choose mesh sizes that divide their dimensions (e.g. fewer fsdp and "
+               f"more data devices) or pad them (model.padded_vocab_size)")
+  if report.state_bytes_per_chip > 0.5 * report.hbm_bytes_per_chip:
+    where = ("shard it over all chips: --config.mesh.data=1 --config.mesh.fsdp=-1"
+             if mesh["data"] > 1 else f"it is split over all {chips} chips already: use a "
+             f"larger slice (or --num_slices)")
+    out.append(f"the parameters and AdamW state alone take {_gib(report.state_bytes_per_chip)} "
+               f"per chip; {where}")
+  if cfg.remat == "none":
+    out.append("recompute activations in the backward pass: --config.model.remat=full")
+  B, k, dp = report.batch_size, report.grad_accum, mesh["data"] * mesh["fsdp"]
+  if B // k // dp > 1:
+    more = [n for n in range(k + 1, B // dp + 1) if B % n == 0 and (B // n) % dp == 0]
+    accum = f"--config.train.grad_accum={more[0]} (same batch) or " if more else ""
+    shard = "chip" if mesh["tensor"] == 1 else f"{mesh['tensor']} tensor-parallel chips"
+    out.append(f"a smaller micro-batch ({B // k // dp} sequences per {shard} now): {accum}a "
+               f"smaller --config.train.batch_size")
+  elif mesh["data"] > 1 and len(out) == 0:
+    out.append("more FSDP: --config.mesh.data=1 --config.mesh.fsdp=-1")
+  return out
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topo: Topology, *,
+                         mfu: float = 0.5, num_slices: int = 1, config_name: str = "",
+                         log=print) -> AotReport:
+  """Validate `config` for `topo`, compile its train step for it, and report. Raises UserError
+  for bad inputs (before compiling); a compile that runs out of HBM is a report that does not
+  fit, not an error."""
+  if not 0 < mfu <= 1:
+    raise UserError(f"--mfu must be in (0, 1], got {mfu}.")
+  if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+    raise UserError(f"--num_slices must be a positive integer, got {num_slices!r}.")
+  check_libtpu()
+  check_values(config)
+  cfg = model_config(config, _vocab_size(config))
+  devices = topology_devices(topo, num_slices)
+  m = config.mesh
+  try:
+    mesh_shape = resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=len(devices))
+  except ValueError as e:
+    raise UserError(f"config.mesh on {topo.name}: {e}") from None
+  check_batch(config, mesh_shape)
+  try:
+    rules = rules_from_config(m)
+  except ValueError as e:
+    raise UserError(f"config.mesh.rules: {e}") from None
+
+  mesh = make_mesh(*mesh_shape, devices=devices)
+  steps = config.train.steps
+  tx = make_optimizer(config.optimizer, steps)
+  schedule = schedule_from_config(config.optimizer, steps)
+  # The key is made outside the mesh: the topology's devices can compile but not run anything.
+  abstract = abstract_sharded(init_state_fn(cfg, tx), mesh, rules, jax.random.key(0))
+  state_bytes, state_per_chip = _state_bytes(abstract)
+  seq_len = cfg.block_size
+  batch_shape = (config.train.batch_size, seq_len + 1)
+
+  log(f"compiling the train step for {topo.name} ({describe(mesh)}); this can take minutes")
+  t = time.perf_counter()
+  memory, error, xla_flops = None, None, None
+  try:
+    compiled = compile_train_step(cfg, tx, schedule, mesh, abstract, batch_shape,
+                                  config.train.grad_accum, rules)
+    memory, xla_flops = Memory.from_compiled(compiled), xla_flops_per_chip(compiled)
+  except Exception as e:  # pylint: disable=broad-except  (only HBM exhaustion is a result)
+    error = _compiler_oom(e)
+    if error is None:
+      raise
+  seconds = time.perf_counter() - t
+
+  report = AotReport(
+      config_name=config_name, topology=topo.name, topology_name=topo.topology_name,
+      chips=topo.chips, hosts=topo.hosts, num_slices=num_slices,
+      device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+      params=sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params)),
+      model={k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
+                                          "padded_vocab_size", "dtype", "scan_layers",
+                                          "remat")},
+      batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, seq_len=seq_len,
+      state_bytes=state_bytes, state_bytes_per_chip=state_per_chip,
+      unsplit=_unsplit(cfg, mesh, rules), hbm_bytes_per_chip=topo.hbm_bytes,
+      compile_seconds=seconds, memory=memory, compiler_error=error,
+      flops_per_token=flops.flops_per_token(cfg, seq_len), xla_flops_per_chip=xla_flops,
+      xla_counts_loops_once=cfg.scan_layers or config.train.grad_accum > 1, mfu=mfu,
+      peak_flops_per_chip=topo.peak_flops_per_chip)
+  if not report.fits:
+    report.suggestions = suggestions(report, cfg)
+  return report
+
+
+# --- text --------------------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f} GiB"
+
+
+def _flop(n: float) -> str:
+  for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.3g} FLOP"
+
+
+def _count(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.1f}{unit}"
+  return f"{n:.0f}"
+
+
+def _plural(n: int, word: str) -> str:
+  return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 1:
+    return f"{seconds * 1e3:.1f} ms"
+  return f"{seconds:.2f} s"
+
+
+def _verdict(total: int, hbm: int) -> str:
+  if total > hbm:
+    return "DOES NOT FIT"
+  return "fits, with less than 10% to spare" if total > 0.9 * hbm else "fits"
+
+
+def format_report(r: AotReport) -> str:
+  m = r.model
+  slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  accum = f" in {r.grad_accum} micro-batches" if r.grad_accum > 1 else ""
+  lines = [
+      f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
+      f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads, "
+      f"context {m['block_size']}, vocab {m['padded_vocab_size']}), {m['dtype']} compute, "
+      f"scan_layers={m['scan_layers']}, remat={m['remat']}",
+      f"slice: {r.topology}{slices} = {r.total_chips} chips ({r.device_kind}, "
+      f"{r.topology_name}, {_plural(r.hosts * r.num_slices, 'host')}), mesh {mesh}",
+      f"batch: {r.batch_size} x {r.seq_len} = {r.tokens_per_step:,} tokens per step{accum}",
+      f"compile: {r.compile_seconds:.1f} s",
+      "",
+      "memory per chip (XLA memory_analysis):",
+  ]
+  hbm = r.hbm_bytes_per_chip
+  if r.memory is not None:
+    mem = r.memory
+    lines += [
+        f"  arguments        {_gib(mem.arguments):>12}  (training state + batch)",
+        f"  outputs          {_gib(mem.outputs):>12}  ({_gib(mem.aliased)} of it in the donated "
+        f"arguments' buffers)",
+        f"  temporaries      {_gib(mem.temporaries):>12}",
+        f"  generated code   {_gib(mem.generated_code):>12}",
+        f"  total            {_gib(mem.total):>12}  of {_gib(hbm)} HBM "
+        f"({100 * mem.total / hbm:.0f}%): {_verdict(mem.total, hbm)}",
+    ]
+    if mem.peak:
+      lines.append(f"  XLA peak estimate {_gib(mem.peak):>11}")
+  else:
+    lines.append(f"  DOES NOT FIT in {_gib(hbm)} HBM; the compiler says: {r.compiler_error}")
+  lines.append(f"  training state   {_gib(r.state_bytes_per_chip):>12}  per chip, from shapes "
+               f"({_gib(r.state_bytes)} in all; {_gib(r.state_bytes / r.total_chips)} if split "
+               f"evenly)")
+  if r.unsplit:
+    more = f", and {len(r.unsplit) - 3} more" if len(r.unsplit) > 3 else ""
+    lines.append(f"  not split (the mesh axis does not divide any of their dimensions): "
+                 f"{'; '.join(r.unsplit[:3])}{more}")
+  per_chip = r.flops_per_step / r.total_chips
+  lines += [
+      "",
+      "FLOPs per step:",
+      f"  6N+12LTD formula  {_flop(r.flops_per_step)} in all ({_count(r.flops_per_token)} FLOPs "
+      f"per token x {r.tokens_per_step:,} tokens) = {_flop(per_chip)} per chip",
+  ]
+  if r.xla_flops_per_chip is not None:
+    note = (" (counts the scanned layers / micro-batch loop body once: an undercount)"
+            if r.xla_counts_loops_once else "")
+    ratio = r.xla_flops_per_chip / per_chip
+    ratio_text = f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.1e}"
+    lines.append(f"  XLA cost_analysis {_flop(r.xla_flops_per_chip)} per chip "
+                 f"({ratio_text}x the formula){note}")
+  peak = r.peak_flops_per_chip
+  lines += [
+      "",
+      f"at {100 * r.mfu:.0f}% MFU ({peak / 1e12:.0f} TFLOP/s bf16 peak per chip x "
+      f"{r.total_chips} chips = {_flop(peak * r.total_chips)}/s):",
+      f"  step time {_duration(r.step_seconds)}, {_count(r.tokens_per_sec)} tokens/s "
+      f"({_count(r.tokens_per_sec / r.total_chips)} per chip)",
+  ]
+  if not r.fits:
+    lines += ["", "to make it fit:"] + [f"  - {s}" for s in r.suggestions]
+  return "\n".join(lines)
