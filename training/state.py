@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.transformer import init_params
-from sharding import DEFAULT_RULES, create_sharded
+from sharding import DEFAULT_RULES, abstract_sharded, create_sharded
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -45,16 +45,6 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh:
 def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                          rules=DEFAULT_RULES) -> tuple[TrainState, TrainState]:
   """(ShapeDtypeStructs carrying their shardings, shardings) of the TrainState, nothing
-  allocated: the target for restoring a checkpoint onto `mesh`."""
-  from sharding import activate, logical_to_shardings
-  init = init_state_fn(cfg, tx)
-  key = jax.random.key(0)  # outside the mesh context: the mesh may be of compile-only devices
-  with activate(mesh, rules):
-    boxed = jax.eval_shape(init, key)
-    shardings = logical_to_shardings(boxed, mesh, rules)
-  shapes = jax.tree_util.tree_map(
-      lambda x: x.value if hasattr(x, "unbox") else x, boxed,
-      is_leaf=lambda x: hasattr(x, "unbox"))
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  return abstract, shardings
+  allocated: the target for restoring a checkpoint onto `mesh` or for AOT lowering."""
+  abstract = abstract_sharded(init_state_fn(cfg, tx), mesh, rules, jax.random.key(0))
+  return abstract, jax.tree_util.tree_map(lambda x: x.sharding, abstract)
