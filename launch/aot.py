@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from training.cli_errors import config_arg, explain_flag_error  # noqa: E402
+from training.cli_errors import config_arg, fail, load_config, parse_flags  # noqa: E402
 from training.errors import UserError  # noqa: E402
 
 config_flags.DEFINE_config_file(
@@ -42,35 +42,6 @@ FLAGS = flags.FLAGS
 EXIT_DOES_NOT_FIT = 3
 
 
-def fail(message: str, status: int = 2):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  spec = config_arg(argv)
-  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
-    fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
-  try:
-    return FLAGS(argv)
-  except SystemExit:  # absl's --help exits with status 1 after printing the usage
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(explain_flag_error(e, argv))
-
-
-def _load_config():
-  try:
-    return FLAGS.config
-  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
-    root = e
-    while root.__cause__ is not None or root.__context__ is not None:
-      root = root.__cause__ or root.__context__
-    fail(f"Could not load --config {config_arg(sys.argv)}: {root}")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
@@ -79,7 +50,7 @@ def main(argv: list[str]) -> None:
   from training.tpu_topology import parse_topology
   try:
     topo = parse_topology(FLAGS.topology)
-    config = _load_config()
+    config = load_config(FLAGS)
     name = os.path.splitext(os.path.basename(config_arg(sys.argv).partition(":")[0]))[0]
     report = aot.compile_for_topology(
         config, topo, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices, config_name=name,
@@ -94,4 +65,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_flags(FLAGS, argv))

@@ -13,13 +13,12 @@ all processes save and restore the checkpoints together.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from training.cli_errors import config_arg, explain_flag_error
+from training.cli_errors import fail, load_config, parse_flags
 from training.errors import TrainingDiverged, UserError
 
 config_flags.DEFINE_config_file(
@@ -38,35 +37,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def fail(message: str, status: int = 2):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  spec = config_arg(argv)
-  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
-    fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
-  try:
-    return FLAGS(argv)
-  except SystemExit as e:  # absl's --help exits with status 1 after printing the usage
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(explain_flag_error(e, argv))
-
-
-def _load_config():
-  try:
-    return FLAGS.config
-  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
-    root = e
-    while root.__cause__ is not None or root.__context__ is not None:
-      root = root.__cause__ or root.__context__
-    fail(f"Could not load --config {config_arg(sys.argv)}: {root}")
-
-
 def _start_distributed() -> None:
   from training import distributed  # pylint: disable=import-outside-toplevel
   try:
@@ -83,7 +53,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
-  config = _load_config()
+  config = load_config(FLAGS)
   _start_distributed()
   from training.loop import train  # pylint: disable=import-outside-toplevel  (imports jax)
   try:
@@ -95,4 +65,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_flags(FLAGS, argv))

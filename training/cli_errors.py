@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
+import sys
+
+from absl import flags
 
 
 def config_arg(argv: list[str]) -> str | None:
@@ -90,3 +94,39 @@ def explain_flag_error(e: Exception, argv: list[str]) -> str:
     return message.split(": ", 1)[-1].replace("must have a value other than None.",
                                               "is required.")
   return message.rstrip(".") + "."
+
+
+_HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+
+def fail(message: str, status: int = 2):
+  """Print one `error:` line and exit (status 2: a mistake in the input)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(flag_values, argv: list[str]) -> list[str]:
+  """absl flag parsing for entry points with a --config file: a missing config file or a bad
+  --config.* override becomes one `error:` line; --help exits 0."""
+  spec = config_arg(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
+  try:
+    return flag_values(argv)
+  except SystemExit:  # absl's --help exits with status 1 after printing the usage
+    if any(a in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(explain_flag_error(e, argv))
+
+
+def load_config(flag_values):
+  """The --config ConfigDict, or one `error:` line with the config file's own error."""
+  try:
+    return flag_values.config
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+      root = root.__cause__ or root.__context__
+    fail(f"Could not load --config {config_arg(sys.argv)}: {root}")
