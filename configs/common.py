@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # CPU-only hosts: split the CPU into this many JAX devices, data parallel over the cores
+  # (-1: one per core, as many as divide train.batch_size; 0: JAX's default, one device).
+  c.mesh.cpu_devices = 0
   # Logical axis -> mesh axes ("tensor", "data,fsdp", "none"); override single entries, e.g.
   # --config.mesh.rules.embed=none turns FSDP off for weights (sharding/rules.py).
   c.mesh.rules = ml_collections.ConfigDict(rules_config())

@@ -53,4 +53,5 @@ def get_config(variant: str = ""):
     c.train.batch_size = 12
     c.eval.batches = 20
     c.checkpoint.every = 500
+    c.mesh.cpu_devices = -1  # one JAX device per core, each on its share of the batch
   return c

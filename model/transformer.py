@@ -57,6 +57,12 @@ def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+# Tables with at most this many rows are read with a one-hot matmul instead of a gather: the
+# values are the same, and the gradient is a small matmul instead of a scatter-add, which
+# XLA:CPU runs slowly (a quarter of the quick start's step on 2 cores; docs/performance.md).
+ONE_HOT_LOOKUP_ROWS = 1024
+
+
 def _lookup(table: nn.Embed, ids_BT, rows_axis: str | None):
   """table(ids_BT), with the table constrained to whole rows first (only its rows may stay split,
   over `rows_axis`). Under FSDP the embed axis of the table is split over the same mesh axis as
@@ -64,14 +70,41 @@ def _lookup(table: nn.Embed, ids_BT, rows_axis: str | None):
   an "involuntary full rematerialization"); gathering the table's embed axis first is the usual
   just-in-time FSDP all-gather. The values are exactly those of table(ids_BT)."""
   table_RD = _constrain(table.embedding, (rows_axis, "act_embed")).astype(table.dtype)
+  R = table_RD.shape[0]
+  if R <= ONE_HOT_LOOKUP_ROWS:
+    one_hot_BTR = jax.nn.one_hot(ids_BT, R, dtype=table_RD.dtype)
+    return jnp.einsum("BTR,RD->BTD", one_hot_BTR, table_RD,
+                      precision=jax.lax.Precision.HIGHEST)
   return jnp.take(table_RD, ids_BT, axis=0)
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias,
-                      use_fast_variance=False, dtype=cfg.compute_dtype,
-                      param_dtype=cfg.params_dtype, scale_init=_ones(("norm",)),
-                      bias_init=_zeros(("norm",)), name=name)
+class LayerNorm(nn.Module):
+  """(x - mean) / sqrt(var + eps) * scale (+ bias) over the last axis, statistics in float32.
+
+  The same function and parameters ("scale", "bias") as nn.LayerNorm(use_fast_variance=False),
+  Written out because nn.LayerNorm's backward compiles to slower code on XLA:CPU: the quick
+  start's training step took ~15% less time on one core with this (docs/performance.md).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    D = x_BTD.shape[-1]
+    scale_D = self.param("scale", _ones(("norm",)), (D,), cfg.params_dtype)
+    x_BTD = x_BTD.astype(jnp.float32)
+    centred_BTD = x_BTD - jnp.mean(x_BTD, axis=-1, keepdims=True)
+    var_BT1 = jnp.mean(centred_BTD * centred_BTD, axis=-1, keepdims=True)
+    y_BTD = centred_BTD * jax.lax.rsqrt(var_BT1 + cfg.layer_norm_epsilon)
+    y_BTD = y_BTD * scale_D.astype(jnp.float32)
+    if cfg.use_bias:
+      bias_D = self.param("bias", _zeros(("norm",)), (D,), cfg.params_dtype)
+      y_BTD = y_BTD + bias_D.astype(jnp.float32)
+    return y_BTD.astype(cfg.compute_dtype)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> LayerNorm:
+  return LayerNorm(cfg, name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -250,7 +283,8 @@ class GPT(nn.Module):
                deterministic: bool = True, return_hidden: bool = False):
     cfg = self.cfg
     B, T = tokens_BT.shape
-    if positions_BT is None:
+    default_positions = positions_BT is None
+    if default_positions:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     wte = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                    param_dtype=cfg.params_dtype,
@@ -260,7 +294,11 @@ class GPT(nn.Module):
       wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype,
                      embedding_init=_normal(0.02, ("position", "embed")), name="wpe")
-      x_BTD = x_BTD + _lookup(wpe, positions_BT, None)
+      if default_positions:  # rows 0..T-1 for every sequence: a slice, no lookup
+        wpe_TD = _constrain(wpe.embedding, (None, "act_embed"))[:T].astype(wpe.dtype)
+        x_BTD = x_BTD + wpe_TD[None]
+      else:
+        x_BTD = x_BTD + _lookup(wpe, positions_BT, None)
     else:
       x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)

@@ -355,3 +355,40 @@ def test_config_replace_and_presets():
   cfg = base_config().replace(d_model=32)
   assert cfg.d_mlp == 128 and cfg.head_dim == 8
   assert hash(cfg) == hash(base_config(d_model=32))
+
+
+def test_layer_norm_equals_flax_layer_norm():
+  """model.transformer.LayerNorm is nn.LayerNorm(use_fast_variance=False), values and grads."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from model.transformer import LayerNorm  # pylint: disable=import-outside-toplevel
+  cfg = get_config("tiny")
+  x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model)) * 3.0 + 1.0
+  params = {"scale": jax.random.normal(jax.random.key(2), (cfg.d_model,)),
+            "bias": jax.random.normal(jax.random.key(3), (cfg.d_model,))}
+  ours = lambda p, x: LayerNorm(cfg).apply({"params": p}, x)
+  ref = lambda p, x: nn.LayerNorm(epsilon=cfg.layer_norm_epsilon,
+                                  use_fast_variance=False).apply({"params": p}, x)
+  assert rel_err(ours(params, x), ref(params, x)) < TOL
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  for g_ours, g_ref in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                           jax.tree_util.tree_leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+    assert rel_err(g_ours, g_ref) < TOL
+
+
+@pytest.mark.parametrize("rows", [65, 2048])  # one-hot matmul / gather
+def test_embedding_lookup_values_and_gradient(rows):
+  """Both lookup paths return exactly the table's rows; the gradient is the per-row sum."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from model.transformer import ONE_HOT_LOOKUP_ROWS, _lookup  # pylint: disable=import-outside-toplevel
+  assert (rows <= ONE_HOT_LOOKUP_ROWS) == (rows == 65)
+  table = jax.random.normal(jax.random.key(0), (rows, 16))
+  ids = jax.random.randint(jax.random.key(1), (3, 7), 0, rows)
+  embed = nn.Embed(rows, 16)
+  lookup = lambda t: embed.apply({"params": {"embedding": t}}, ids,
+                                 method=lambda m, i: _lookup(m, i, None))
+  np.testing.assert_array_equal(lookup(table), table[ids])
+  w = jax.random.normal(jax.random.key(2), (3, 7, 16))
+  grad = jax.grad(lambda t: jnp.sum(lookup(t) * w))(table)
+  expected = np.zeros((rows, 16))
+  np.add.at(expected, np.asarray(ids), np.asarray(w, np.float64))
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)

@@ -152,13 +152,31 @@ def _assert_one_line_error(out, pattern):
     (["--config.train.batchsize=4"], 1, "did you mean 'train.batch_size'"),
     (["--config.train.steps=2.5"], 1, "--config.train.steps must be an integer"),
     (["--config.train.batch_size=12"], 8, "data-parallel size mesh.data x mesh.fsdp = 8"),
-], ids=["missing-data", "unknown-key", "float-for-int", "batch-vs-mesh"])
+    (["--config.mesh.cpu_devices=-2"], 1, "config.mesh.cpu_devices must be -1"),
+], ids=["missing-data", "unknown-key", "float-for-int", "batch-vs-mesh", "cpu-devices"])
 def test_bad_input_is_one_sentence(overrides, devices, pattern, env, tmp_path):
   e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   workdir = tmp_path / "run"
   out = _run(_cmd(workdir, *overrides), e)
   _assert_one_line_error(out, pattern)
   assert not workdir.exists()  # nothing written
+
+
+def test_cpu_devices_split_the_batch_over_cores(env, tmp_path):
+  """mesh.cpu_devices makes JAX's CPU backend that many devices and the mesh data-parallel."""
+  out = _run(_cmd(tmp_path / "run", "--config.mesh.cpu_devices=2", "--config.train.steps=4",
+                  "--config.eval.every=2", "--config.model.num_layers=1"), env)
+  assert out.returncode == 0, out.stderr
+  assert "mesh: data=2 x fsdp=1 x tensor=1 over 2 cpu device(s)" in out.stdout, out.stdout
+
+
+def test_cpu_device_count():
+  from training.setup import cpu_device_count  # pylint: disable=import-outside-toplevel
+  assert cpu_device_count(3, batch_size=12, cores=2) == 3  # as asked
+  assert cpu_device_count(-1, batch_size=12, cores=2) == 2  # one per core
+  assert cpu_device_count(-1, batch_size=12, cores=8) == 6  # ... dividing the batch
+  assert cpu_device_count(-1, batch_size=7, cores=4) == 1
+  assert cpu_device_count(-1, batch_size=4, cores=64) == 4
 
 
 def test_different_model_in_workdir_is_refused(env, e2e_workdir):

@@ -181,6 +181,11 @@ class _Trainer:
     self.device_kind = jax.devices()[0].device_kind
     self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
     self.is_main = jax.process_index() == 0
+    # Several CPU devices in one process: let each step finish before the next is dispatched.
+    # XLA:CPU can deadlock when two queued steps' collectives meet out of order (seen with 2
+    # devices on 2 cores within a few hundred steps); waiting costs about nothing there.
+    self.one_step_at_a_time = (self.mesh.devices.flat[0].platform == "cpu"
+                               and self.mesh.devices.size > 1)
     self._check_process_rows()
 
   def _check_process_rows(self) -> None:
@@ -283,6 +288,8 @@ class _Trainer:
     try:
       for s in range(start, self.steps):
         state, metrics = self.train_step(state, shard_batch(next(batches), self.mesh))
+        if self.one_step_at_a_time:
+          jax.block_until_ready(state)
         step = s + 1
         pending.append((step, metrics))
         do_eval = self.eval_step is not None and eval_every > 0 and (
@@ -312,7 +319,11 @@ class _Trainer:
       batches.close()
 
   def _evaluate(self, params) -> float:
-    losses = [self.eval_step(params, shard_batch(b, self.mesh)) for b in self.val_batches]
+    losses = []
+    for b in self.val_batches:
+      losses.append(self.eval_step(params, shard_batch(b, self.mesh)))
+      if self.one_step_at_a_time:
+        jax.block_until_ready(losses[-1])
     return float(np.mean(jax.device_get(losses)))
 
   def _save(self, state, step: int) -> None:

@@ -92,6 +92,34 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                     f"config.optimizer.warmup_steps ({opt.warmup_steps}).")
 
 
+def cpu_device_count(requested: int, batch_size: int, cores: int) -> int:
+  """The CPU devices mesh.cpu_devices asks for: requested > 0 as it is; -1 ("auto") the
+  largest divisor of the batch size that is at most `cores` (one device per core)."""
+  if requested > 0:
+    return requested
+  return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+
+
+def configure_cpu_devices(config) -> None:
+  """Apply config.mesh.cpu_devices: on a host without accelerators, JAX's CPU backend becomes
+  that many devices, so the mesh splits each batch over the cores (data parallel; each device
+  runs on its own thread). 0 keeps JAX's default (one device). Has no effect when
+  --xla_force_host_platform_device_count is in XLA_FLAGS (the user's choice) or when JAX's
+  backends are already running (e.g. a caller in the same process chose already)."""
+  requested = config.mesh.get("cpu_devices", 0)
+  if isinstance(requested, bool) or not isinstance(requested, int) or requested < -1:
+    raise UserError(f"config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) "
+                    f"or a positive device count, got {requested!r}.")
+  if requested == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  try:
+    jax.config.update("jax_num_cpu_devices",
+                      cpu_device_count(requested, config.train.batch_size, cores or 1))
+  except RuntimeError:  # the backends are already running: keep their devices
+    pass
+
+
 def check_mesh(config) -> tuple[int, int, int]:
   m = config.mesh
   try:
@@ -185,6 +213,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   from training.data import make_source  # pylint: disable=import-outside-toplevel
   path = check_workdir(workdir)
   check_values(config)
+  configure_cpu_devices(config)
   mesh_shape = check_mesh(config)
   try:
     rules_from_config(config.mesh)
