@@ -181,9 +181,9 @@ class _Trainer:
     self.device_kind = jax.devices()[0].device_kind
     self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
     self.is_main = jax.process_index() == 0
-    # Several CPU devices in one process: let each step finish before the next is dispatched.
-    # XLA:CPU can deadlock when two queued steps' collectives meet out of order (seen with 2
-    # devices on 2 cores within a few hundred steps); waiting costs about nothing there.
+    # Several CPU devices in one process: let each step finish before the next is dispatched
+    # (the next batch is prepared meanwhile). XLA:CPU can deadlock when two queued steps'
+    # collectives meet out of order (seen with 2 devices on 2 cores within a few hundred steps).
     self.one_step_at_a_time = (self.mesh.devices.flat[0].platform == "cpu"
                                and self.mesh.devices.size > 1)
     self._check_process_rows()
@@ -287,9 +287,10 @@ class _Trainer:
     pending = []  # (step, metrics still on the device), not yet read
     try:
       for s in range(start, self.steps):
-        state, metrics = self.train_step(state, shard_batch(next(batches), self.mesh))
+        batch = shard_batch(next(batches), self.mesh)  # while the previous step runs
         if self.one_step_at_a_time:
           jax.block_until_ready(state)
+        state, metrics = self.train_step(state, batch)
         step = s + 1
         pending.append((step, metrics))
         do_eval = self.eval_step is not None and eval_every > 0 and (
@@ -299,6 +300,8 @@ class _Trainer:
         if do_eval or do_ckpt:
           # A boundary: every step up to here is read and checked before it is evaluated or
           # saved, so a checkpoint never holds a diverged state.
+          if self.one_step_at_a_time:
+            jax.block_until_ready(state)
           reader.read(pending, hold_last=do_eval)
           pending = []
           if do_eval:
