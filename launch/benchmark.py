@@ -53,6 +53,12 @@ def main(argv):
   config = FLAGS.config
   config.data.source = "synthetic"
   from training import benchmark  # pylint: disable=import-outside-toplevel  (imports jax)
+  from training.errors import UserError  # pylint: disable=import-outside-toplevel
+  from training.setup import configure_cpu_devices  # pylint: disable=import-outside-toplevel
+  try:
+    configure_cpu_devices(config)  # before anything starts JAX's backends
+  except UserError as e:
+    fail(str(e))
   report = {"device": benchmark.device_info(), "command": " ".join(sys.argv)}
   try:
     if FLAGS.mode in ("train", "all"):

@@ -32,7 +32,6 @@ from model.transformer import init_params
 from sharding import make_mesh, rules_from_config, shard_batch
 from training import flops
 from training.optimizer import make_optimizer, schedule_from_config
-from training.setup import configure_cpu_devices
 from training.state import abstract_train_state, create_train_state
 from training.step import compile_train_step
 
@@ -83,7 +82,6 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def benchmark_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3,
                     profile_dir: str | None = None) -> dict[str, Any]:
-  configure_cpu_devices(config)
   cfg = model_config(config)
   mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
   rules = rules_from_config(config.mesh)
