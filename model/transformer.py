@@ -82,7 +82,7 @@ class LayerNorm(nn.Module):
   """(x - mean) / sqrt(var + eps) * scale (+ bias) over the last axis, statistics in float32.
 
   The same function and parameters ("scale", "bias") as nn.LayerNorm(use_fast_variance=False),
-  Written out because nn.LayerNorm's backward compiles to slower code on XLA:CPU: the quick
+  written out because nn.LayerNorm's backward compiles to slower code on XLA:CPU: the quick
   start's training step took ~15% less time on one core with this (docs/performance.md).
   """
   cfg: ModelConfig
@@ -101,10 +101,6 @@ class LayerNorm(nn.Module):
       bias_D = self.param("bias", _zeros(("norm",)), (D,), cfg.params_dtype)
       y_BTD = y_BTD + bias_D.astype(jnp.float32)
     return y_BTD.astype(cfg.compute_dtype)
-
-
-def _layer_norm(cfg: ModelConfig, name: str) -> LayerNorm:
-  return LayerNorm(cfg, name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -247,7 +243,7 @@ class Block(nn.Module):
     cfg = self.cfg
     attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
     mlp = MLP(cfg, self.deterministic, name="mlp")
-    ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+    ln_1, ln_2 = LayerNorm(cfg, name="ln_1"), LayerNorm(cfg, name="ln_2")
     if cfg.norm_placement == "pre":
       y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache)
       x_BTD = x_BTD + y_BTD
@@ -327,7 +323,7 @@ class GPT(nn.Module):
       if kv is not None:
         kv = (jnp.stack(new_k), jnp.stack(new_v))
     if cfg.norm_placement == "pre":
-      x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+      x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
 
     if return_hidden:
       out = x_BTD

@@ -10,7 +10,7 @@
 
 from sharding.batch import (batch_axes, batch_sharding, batch_size_multiple, process_batch_indices,
                             process_batch_size, shard_batch)
-from sharding.mesh import (describe, make_mesh, mesh_devices, mesh_from_config,
+from sharding.mesh import (describe, is_cpu, make_mesh, mesh_devices, mesh_from_config,
                            resolve_mesh_shape)
 from sharding.partition import (abstract_model_params, abstract_sharded, activate,
                                 create_sharded, fit_spec, init_params_and_opt_state_sharded,
@@ -23,7 +23,7 @@ from sharding.rules import (BATCH_AXES, DEFAULT_RULES, FSDP_AXES, MESH_AXES, for
 
 __all__ = [
     # mesh
-    "describe", "make_mesh", "mesh_devices", "mesh_from_config", "resolve_mesh_shape",
+    "describe", "is_cpu", "make_mesh", "mesh_devices", "mesh_from_config", "resolve_mesh_shape",
     # rules
     "BATCH_AXES", "DEFAULT_RULES", "FSDP_AXES", "MESH_AXES", "format_rules", "make_rules",
     "parse_mesh_axes", "rules_config", "rules_from_config",

@@ -106,6 +106,11 @@ def mesh_from_config(mesh_cfg: Any) -> Mesh:
                    tensor=_field(mesh_cfg, "tensor", 1))
 
 
+def is_cpu(mesh: Mesh) -> bool:
+  """Whether the mesh is made of CPU devices (where XLA:CPU-specific choices apply)."""
+  return mesh.devices.flat[0].platform == "cpu"
+
+
 def describe(mesh: Mesh) -> str:
   sizes = " x ".join(f"{name}={mesh.shape[name]}" for name in MESH_AXES)
   return f"{sizes} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)"

@@ -24,7 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sharding import describe, make_mesh, process_batch_indices, rules_from_config, shard_batch
+from sharding import (describe, is_cpu, make_mesh, process_batch_indices, rules_from_config,
+                      shard_batch)
 from training import distributed, flops
 from training.checkpoint import Checkpointer
 from training.data import prefetch
@@ -184,8 +185,7 @@ class _Trainer:
     # Several CPU devices in one process: let each step finish before the next is dispatched
     # (the next batch is prepared meanwhile). XLA:CPU can deadlock when two queued steps'
     # collectives meet out of order (seen with 2 devices on 2 cores within a few hundred steps).
-    self.one_step_at_a_time = (self.mesh.devices.flat[0].platform == "cpu"
-                               and self.mesh.devices.size > 1)
+    self.one_step_at_a_time = is_cpu(self.mesh) and self.mesh.devices.size > 1
     self._check_process_rows()
 
   def _check_process_rows(self) -> None:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.transformer import GPT
-from sharding import DEFAULT_RULES, activate, batch_sharding
+from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.state import TrainState
 
 ACT_BATCH = ("act_batch", None)
@@ -136,7 +136,7 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION
 def _compile(lowered, mesh: Mesh):
   """lowered.compile(), with _CPU_COMPILER_OPTIONS on a CPU mesh (skipped by an XLA that does
   not know them)."""
-  if mesh.devices.flat[0].platform == "cpu":
+  if is_cpu(mesh):
     try:
       return lowered.compile(_CPU_COMPILER_OPTIONS)
     except jax.errors.JaxRuntimeError as e:
