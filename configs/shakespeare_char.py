@@ -7,18 +7,19 @@ The default reproduces nanoGPT's GPU run (6 layers, 6 heads, width 384, block 25
 batch 64, 5000 steps, lr 1e-3 -> 1e-4, val loss ~1.47). ":cpu" is nanoGPT's CPU quick start
 (--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 --lr_decay_iters=2000 --dropout=0.0 --eval_iters=20; val loss ~1.89 after a few minutes).
-Data: tiny shakespeare from $FLAXGPT_DATA_DIR/tinyshakespeare.txt (or a one-time download).
+Data: tiny shakespeare, the copy in the package (or $FLAXGPT_DATA_DIR/tinyshakespeare.txt).
 """
 
 from configs.common import base_config, model_section
+from model.errors import UserError
 
 VARIANTS = ("", "cpu")
 
 
 def get_config(variant: str = ""):
   if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of shakespeare_char.py; use "
-                     f"configs/shakespeare_char.py or configs/shakespeare_char.py:cpu.")
+    raise UserError(f"Unknown variant {variant!r} of shakespeare_char.py; use "
+                    f"configs/shakespeare_char.py or configs/shakespeare_char.py:cpu.")
   c = base_config()
   # 6/6/384, block 256, dropout 0.2, no biases; vocab_size from the data (65 characters).
   c.model = model_section("shakespeare-char")

@@ -5,7 +5,8 @@ per-chip memory, FLOPs and the implied step time:
       [--num_slices 1] [--json FILE] [--config.<section>.<key>=value ...]
 
 --topology: v4-N, v5p-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N, v6e-N (N chips), or
-a chip grid such as v5p:4x4x12. Needs libtpu: pip install "jax[tpu]" (any machine).
+a chip grid such as v5p:4x4x12: the slice table of training/tpu/slices.py, which `launch.tpu`
+uses too. Needs libtpu: pip install "jax[tpu]" (any machine).
 Exit status: 0 it fits in the chips' HBM; 3 it compiled, or the compiler ran out of HBM, and it
 does not fit (the numbers and what to change are printed); 2 a mistake in the inputs (one
 `error:` line); 1 anything else.
@@ -21,48 +22,49 @@ import sys
 # default backend on the CPU (also where this runs on a TPU VM).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from training.cli_errors import config_arg, fail, load_config, parse_flags  # noqa: E402
-from training.errors import UserError  # noqa: E402
+from launch import cli  # noqa: E402
 
+FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/gpt2_xl.py; override any field with "
-    "--config.<section>.<key>=value.", lock_config=True)
+    "--config.<section>.<key>=value.", flag_values=FLAGS, lock_config=True)
 flags.DEFINE_string("topology", None, "TPU slice: v4-N, v5p-N, v5e-N (v5litepod-N), v6e-N, "
-                    "or a chip grid such as v5p:4x4x8.")
-flags.DEFINE_float("mfu", 0.5, "Model FLOPs utilisation for the implied step time, in (0, 1].")
+                    "or a chip grid such as v5p:4x4x8.", flag_values=FLAGS)
+flags.DEFINE_float("mfu", 0.5, "Model FLOPs utilisation for the implied step time, in (0, 1].",
+                   flag_values=FLAGS)
 flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice, data-centre network "
-                     "between them).")
-flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
-flags.mark_flags_as_required(["config", "topology"])
-FLAGS = flags.FLAGS
+                     "between them).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the report as JSON to this file.",
+                    flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)
 
 EXIT_DOES_NOT_FIT = 3
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
+def _main(args: list[str]) -> int:
+  cli.no_arguments(args)
   # pylint: disable=import-outside-toplevel  (they import jax)
-  from training import aot
-  from training.tpu_topology import parse_topology
-  try:
-    topo = parse_topology(FLAGS.topology)
-    config = load_config(FLAGS)
-    name = os.path.splitext(os.path.basename(config_arg(sys.argv).partition(":")[0]))[0]
-    report = aot.compile_for_topology(
-        config, topo, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices, config_name=name,
-        log=lambda line: print(line, file=sys.stderr, flush=True))
-  except UserError as e:
-    fail(str(e))
+  from training.perf import aot
+  from training.tpu.slices import parse_slice
+  tpu = parse_slice(FLAGS.topology)
+  config = cli.load_config(FLAGS)
+  report = aot.compile_for_topology(
+      config, tpu, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices,
+      config_name=cli.config_name(sys.argv),
+      log=lambda line: print(line, file=sys.stderr, flush=True))
   print(aot.format_report(report), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(report.to_dict(), f, indent=2)
-  sys.exit(0 if report.fits else EXIT_DOES_NOT_FIT)
+  return 0 if report.fits else EXIT_DOES_NOT_FIT
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: parse_flags(FLAGS, argv))
+  sys.exit(main())

@@ -4,64 +4,69 @@
   python -m launch.prepare --tfds=tiny_shakespeare --out_dir=data/shakespeare_tfds
   python -m launch.prepare --tfds=lm1b --split=train --val_split=test --out_dir=data/lm1b
 
-then train with --config.data.source=bin --config.data.path=<out_dir>.
+then train with --config.data.source=bin --config.data.path=<out_dir>. Give exactly one of
+--input (text files) and --tfds (a TFDS text dataset). Mistakes print one `error:` line and exit
+with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from training.data_prepare import prepare_text, resolve_text_paths
-from training.data_tfds import prepare_tfds
-from training.errors import UserError
+from absl import flags
+
+from launch import cli
+from model.errors import UserError
+from training.data import prepare_text, prepare_tfds, resolve_text_paths
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("input", None, "Text file(s): a path, comma-separated paths or a glob.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tfds", None, "A TFDS text dataset, read with tfds.data_source (needs "
+                    "tensorflow-datasets, not TensorFlow).", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", None, "Directory for train.bin, val.bin, meta.json (created; "
+                    "existing files there are replaced when done).", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "gpt2", "gpt2 (BPE) or char (vocabulary from the text).",
+                    flag_values=FLAGS)
+flags.DEFINE_float("val_fraction", 0.1, "--input: the last fraction of the characters is val.",
+                   flag_values=FLAGS)
+flags.DEFINE_string("split", "train", "--tfds: the train split; slicing works, e.g. "
+                    "'train[:99%]'.", flag_values=FLAGS)
+flags.DEFINE_string("val_split", "validation", "--tfds: the val split, e.g. 'train[99%:]'.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("text_key", "text", "--tfds: the text feature.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_data_dir", "", "--tfds: TFDS data_dir.", flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "No progress line.", flag_values=FLAGS)
+flags.mark_flags_as_required(["out_dir"], flag_values=FLAGS)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m launch.prepare", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--input", help="text file(s): a path, comma-separated paths or a glob")
-  source.add_argument("--tfds", metavar="NAME", help="a TFDS text dataset, read with "
-                      "tfds.data_source (needs tensorflow-datasets, not TensorFlow)")
-  parser.add_argument("--out_dir", required=True, help="directory for train.bin, val.bin, "
-                      "meta.json (created; existing files there are replaced when done)")
-  parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (BPE; offline: set "
-                      "FLAXGPT_GPT2_BPE) or char (vocabulary from the text) (default: gpt2)")
-  parser.add_argument("--val_fraction", type=float, default=0.1,
-                      help="--input: the last fraction of the characters is val (default: 0.1)")
-  parser.add_argument("--split", default="train", help="--tfds: the train split; slicing "
-                      "works, e.g. 'train[:99%%]' (default: train)")
-  parser.add_argument("--val_split", default="validation",
-                      help="--tfds: the val split, e.g. 'train[99%%:]' (default: validation)")
-  parser.add_argument("--text_key", default="text", help="--tfds: the text feature")
-  parser.add_argument("--tfds_data_dir", default="", help="--tfds: TFDS data_dir")
-  parser.add_argument("--quiet", action="store_true", help="no progress line")
-  return parser.parse_args(argv)
+def _prepare() -> dict:
+  if (FLAGS.input is None) == (FLAGS.tfds is None):
+    raise UserError("Give one of --input (text files) and --tfds (a TFDS dataset)"
+                    + (", not both." if FLAGS.input is not None else "."))
+  if FLAGS.input is not None:
+    return prepare_text(resolve_text_paths(FLAGS.input), FLAGS.tokenizer, FLAGS.out_dir,
+                        val_fraction=FLAGS.val_fraction, quiet=FLAGS.quiet)
+  return prepare_tfds(FLAGS.tfds, FLAGS.out_dir, train_split=FLAGS.split,
+                      val_split=FLAGS.val_split, tokenizer_name=FLAGS.tokenizer,
+                      text_key=FLAGS.text_key, data_dir=FLAGS.tfds_data_dir, quiet=FLAGS.quiet)
 
 
-def run(args: argparse.Namespace) -> dict:
-  if args.input is not None:
-    return prepare_text(resolve_text_paths(args.input), args.tokenizer, args.out_dir,
-                        val_fraction=args.val_fraction, quiet=args.quiet)
-  return prepare_tfds(args.tfds, args.out_dir, train_split=args.split,
-                      val_split=args.val_split, tokenizer_name=args.tokenizer,
-                      text_key=args.text_key, data_dir=args.tfds_data_dir, quiet=args.quiet)
-
-
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
+def _main(args: list[str]) -> int:
+  cli.no_arguments(args)
   try:
-    meta = run(args)
-  except (UserError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    meta = _prepare()
+  except OSError as e:  # e.g. a read-only or full disk
+    raise UserError(str(e)) from None
   total = meta["train_tokens"] + meta["val_tokens"]
-  print(f"wrote {args.out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
+  print(f"wrote {FLAGS.out_dir}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
         f"tokens ({meta['dtype']}), vocab {meta['vocab_size']:,} ({meta['tokenizer']['name']}), "
         f"{meta['seconds']:.1f}s, {total / max(meta['seconds'], 1e-9):,.0f} tokens/s")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":

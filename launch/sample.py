@@ -5,8 +5,8 @@
 
 --workdir samples the latest checkpoint of a `launch.train` run (or --step) with the run's
 tokenizer; --init_from a Hugging Face GPT-2 (a Hub name, downloaded once, or a local
-directory with config.json and model.safetensors) with GPT-2 BPE (offline: set
-FLAXGPT_GPT2_BPE to a gpt2.tiktoken file). All prompts x --num_samples run as one batch.
+directory with config.json and model.safetensors) with GPT-2 BPE (its ranks ship with the
+package). All prompts x --num_samples run as one batch.
 
 Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as one prompt),
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
@@ -29,130 +29,215 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence, TextIO
 
 import jax
+from absl import flags
 
+from launch import cli
 from model import pretrained
 from model.config import ModelConfig
-from model.sampling import generate, generate_stream
-from model.sample_cli import (DEFAULT_MAX_NEW_TOKENS, SampleInputError, StreamPrinter,
-                              check_settings, choose_tokenizer, default_max_new_tokens,
-                              default_prompt, encode_prompts, format_sample, read_prompts,
-                              sample_record, stop_token)
-from training.checkpoint import Checkpointer, checkpoint_dir, load_for_inference
-from training.errors import UserError
+from model.errors import UserError
+from model.sampling import check_prompt, check_settings, generate, generate_stream
+from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
+from training.checkpoint import load_for_inference, read_run_meta
 
 STREAM_CHUNK = 8  # decode steps between printed pieces with --stream
+PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prompt file
+FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the whole file as one prompt
+SAMPLE_SEPARATOR = "---------------"  # printed after each sample (nanoGPT's sample.py)
+STOP_EOT, STOP_LENGTH = "eot", "max_new_tokens"  # why a sample ended
+DEFAULT_MAX_NEW_TOKENS = 256  # when --max_new_tokens is not given (and the block has room)
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "A launch.train workdir: its latest checkpoint.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("init_from", None, "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or another Hub "
+                    "repo id, downloaded once) or a local Hugging Face GPT-2 checkpoint "
+                    "directory.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "--workdir: this checkpoint instead of the latest.",
+                     flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for several; FILE:path reads a "
+                          "file as one prompt.", flag_values=FLAGS)
+flags.DEFINE_string("prompt_file", None, "Prompts separated by lines holding only ---.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated per sample (default: "
+                     f"{DEFAULT_MAX_NEW_TOKENS}, or what fits in the block).", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.8, "0 is greedy (nanoGPT's default is 0.8).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 200, "Keep the k likeliest tokens; 0 is off (nanoGPT: 200).",
+                     flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling, in (0, 1]; 1 is off.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
+                  "checkpoint's; float32 for Hugging Face checkpoints).", flag_values=FLAGS)
+flags.DEFINE_bool("no_stop", False, "Do not stop a sample at <|endoftext|>.", flag_values=FLAGS)
+flags.DEFINE_bool("stream", False, "Print text as it is generated.", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "One JSON object per sample per line.", flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "No status lines on stderr.", flag_values=FLAGS)
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports a mistake as one `error:` line (exit status 2), like the rest."""
+def check_flags() -> None:
+  """The flags on their own, before any model is read."""
+  if FLAGS.workdir is not None and FLAGS.init_from is not None:
+    raise UserError("--init_from is not allowed with --workdir: give one of them.")
+  if FLAGS.workdir is None and FLAGS.init_from is None:
+    raise UserError("Give --workdir (a training run) or --init_from (a Hugging Face GPT-2).")
+  if FLAGS.step is not None and FLAGS.workdir is None:
+    raise UserError("--step needs --workdir.")
+  if FLAGS.stream and FLAGS.json:
+    raise UserError("--stream is not allowed with --json: give one of them.")
+  if FLAGS.num_samples < 1:
+    raise UserError(f"--num_samples must be at least 1, got {FLAGS.num_samples}.")
+  check_settings(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                 max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, prefix="--")
 
-  def error(self, message):
-    fail(message[0].upper() + message[1:].rstrip(".") + ".")
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
 
 
-def fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+def _read_text(path: str, flag: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise UserError(f"{flag}: file {path!r} does not exist.") from None
+  except IsADirectoryError:
+    raise UserError(f"{flag}: {path!r} is a directory, not a text file.") from None
+  except UnicodeDecodeError:
+    raise UserError(f"{flag}: file {path!r} is not UTF-8 text.") from None
+  except OSError as e:
+    raise UserError(f"{flag}: cannot read {path!r} ({e.strerror or e}).") from None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = _Parser(prog="python -m launch.sample", description=__doc__,
-              formatter_class=argparse.RawDescriptionHelpFormatter)
-  source = p.add_mutually_exclusive_group()
-  source.add_argument("--workdir", help="a launch.train workdir: its latest checkpoint")
-  source.add_argument("--init_from", metavar="NAME_OR_DIR", help="gpt2, gpt2-medium, "
-                      "gpt2-large, gpt2-xl (or another Hub repo id, downloaded once) or a "
-                      "local Hugging Face GPT-2 checkpoint directory")
-  p.add_argument("--step", type=int, help="--workdir: this checkpoint instead of the latest")
-  p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for "
-                 "several; FILE:path reads a file as one prompt")
-  p.add_argument("--prompt_file", metavar="PATH",
-                 help="prompts separated by lines holding only ---")
-  p.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default: 1)")
-  p.add_argument("--max_new_tokens", type=int, help="most tokens generated per sample "
-                 f"(default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the block)")
-  p.add_argument("--temperature", type=float, default=0.8,
-                 help="0 is greedy (default: 0.8, as nanoGPT)")
-  p.add_argument("--top_k", type=int, default=200, help="keep the k likeliest tokens; 0 is "
-                 "off (default: 200, as nanoGPT)")
-  p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 is "
-                 "off (default: 1.0)")
-  p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: "
-                 "the checkpoint's; float32 for Hugging Face checkpoints)")
-  p.add_argument("--no_stop", action="store_true",
-                 help="do not stop a sample at <|endoftext|>")
-  output = p.add_mutually_exclusive_group()
-  output.add_argument("--stream", action="store_true", help="print text as it is generated")
-  output.add_argument("--json", action="store_true", help="one JSON object per sample per line")
-  p.add_argument("--quiet", action="store_true", help="no status lines on stderr")
-  args = p.parse_args(argv)
-  if args.workdir is None and args.init_from is None:
-    p.error("give --workdir (a training run) or --init_from (a Hugging Face GPT-2)")
-  if args.step is not None and args.workdir is None:
-    p.error("--step needs --workdir")
-  return args
+def split_prompt_file(text: str) -> list[str]:
+  """The prompts of a prompt file: blocks separated by lines holding only `---`; each block
+  loses the newline that ends its last line ("a\\nb\\n---\\nc\\n" -> ["a\\nb", "c"])."""
+  blocks, lines = [], []
+  for line in text.splitlines(keepends=True):
+    if line.rstrip("\r\n") == PROMPT_SEPARATOR:
+      blocks.append(lines)
+      lines = []
+    else:
+      lines.append(line)
+  blocks.append(lines)
+  prompts = []
+  for block in blocks:
+    prompt = "".join(block)
+    prompts.append(prompt[:-1] if prompt.endswith("\n") else prompt)
+  return prompts
+
+
+def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str] | None:
+  """The --prompt values (FILE:path read whole) followed by --prompt_file's prompts; None when
+  neither flag was given (the caller picks the tokenizer's default prompt)."""
+  out = []
+  for prompt in prompts or ():
+    if prompt.startswith(FILE_PREFIX):
+      prompt = _read_text(prompt[len(FILE_PREFIX):], f"--prompt {prompt}")
+    out.append(prompt)
+  if prompt_file is not None:
+    out.extend(split_prompt_file(_read_text(prompt_file, "--prompt_file")))
+  return out if (prompts or prompt_file is not None) else None
+
+
+def default_prompt(tokenizer) -> str:
+  """"<|endoftext|>" for GPT-2 BPE (an unconditional sample), "\\n" for a character model."""
+  return "<|endoftext|>" if tokenizer.eot_id is not None else "\n"
+
+
+def _prompt_name(index: int, text: str, count: int) -> str:
+  shown = text if len(text) <= 40 else text[:37] + "..."
+  return f"The prompt {shown!r}" if count == 1 else f"Prompt {index + 1} ({shown!r})"
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int, block_size: int,
+                   max_new_tokens: int | None) -> list[list[int]]:
+  """Token ids of each prompt, with the checks `generate` makes (model.sampling.check_prompt),
+  naming the prompt by its text."""
+  if not texts:
+    raise UserError("--prompt_file holds no prompts.")
+  encoded = []
+  for i, text in enumerate(texts):
+    name = _prompt_name(i, text, len(texts))
+    try:
+      ids = tokenizer.encode(text)
+    except UserError as e:
+      raise UserError(f"{name} cannot be encoded: {e}") from None
+    check_prompt(ids, vocab_size=vocab_size, block_size=block_size,
+                 max_new_tokens=max_new_tokens, name=name, prefix="--")
+    encoded.append(ids)
+  return encoded
+
+
+def default_max_new_tokens(encoded: Sequence[Sequence[int]], block_size: int) -> int:
+  """Without --max_new_tokens: DEFAULT_MAX_NEW_TOKENS, or fewer if the longest prompt leaves
+  less room in the block."""
+  return min(DEFAULT_MAX_NEW_TOKENS, block_size - max(len(ids) for ids in encoded))
 
 
 # ---------------------------------------------------------------------------------------------
 # The model: its config and tokenizer first (to check the prompts), then the parameters.
 
 
-def _describe_workdir(workdir: str, step: int | None, dtype: str | None):
-  if "://" not in workdir and not os.path.exists(workdir):
-    raise UserError(f"--workdir {workdir!r} does not exist.")
-  if not checkpoint_dir(workdir).is_dir():
-    raise UserError(f"--workdir {workdir!r} has no checkpoints/ directory; train first with "
-                    f"python -m launch.train --workdir {workdir}.")
-  ckpt = Checkpointer(workdir, read_only=True)
+def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int):
+  """The tokenizer a checkpoint recorded (`to_dict()` form), or GPT-2 BPE when it recorded
+  none (a Hugging Face checkpoint, or a run on synthetic data); it must cover the model's
+  vocabulary."""
   try:
-    step = step if step is not None else ckpt.latest_step()
-    meta = ckpt.read_meta(step)  # UserError if there is no (such) checkpoint
-  finally:
-    ckpt.close()
-  cfg = ModelConfig(**meta["model"])
-  return (cfg.replace(dtype=dtype) if dtype else cfg), meta.get("tokenizer"), step
+    tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
+  except UserError:
+    raise
+  except OSError:  # tiktoken's download failed
+    raise UserError(
+        f"Could not download the GPT-2 BPE files (no network?); set {GPT2_BPE_ENV} to a "
+        f"tiktoken-format gpt2.tiktoken file.") from None
+  if tokenizer.vocab_size < vocab_size:
+    raise UserError(
+        f"The model's vocabulary ({vocab_size} tokens) is larger than its tokenizer's "
+        f"({tokenizer.name}, {tokenizer.vocab_size}), so its samples cannot be decoded.")
+  return tokenizer
 
 
-def describe_model(args):
+def stop_token(tokenizer, vocab_size: int, stop: bool = True) -> int | None:
+  """The id that ends a sample: the tokenizer's end-of-text, if it is in the model's
+  vocabulary and stopping is wanted; else None."""
+  eot = tokenizer.eot_id
+  return eot if stop and eot is not None and eot < vocab_size else None
+
+
+def describe_model():
   """(ModelConfig, tokenizer dict or None, step or None, label), without reading weights."""
-  if args.workdir is not None:
-    cfg, tokenizer, step = _describe_workdir(args.workdir, args.step, args.dtype)
-    return cfg, tokenizer, step, f"{args.workdir} step {step}"
-  directory = pretrained.resolve_checkpoint_dir(args.init_from)  # downloads a Hub name
+  if FLAGS.workdir is not None:
+    step, meta = read_run_meta(FLAGS.workdir, FLAGS.step)
+    cfg = ModelConfig(**meta["model"])
+    cfg = cfg.replace(dtype=FLAGS.dtype) if FLAGS.dtype else cfg
+    return cfg, meta.get("tokenizer"), step, f"{FLAGS.workdir} step {step}"
+  directory = pretrained.resolve_checkpoint_dir(FLAGS.init_from)  # downloads a Hub name
   cfg = pretrained.config_from_hf(pretrained.read_hf_config(directory),
-                                  dtype=args.dtype or "float32", source=directory)
-  return cfg, None, None, args.init_from
+                                  dtype=FLAGS.dtype or "float32", source=directory)
+  return cfg, None, None, FLAGS.init_from
 
 
-def load_params(args, cfg, step):
-  if args.workdir is not None:
-    params = load_for_inference(args.workdir, step=step)[1]
+def load_params(cfg, step):
+  if FLAGS.workdir is not None:
+    params = load_for_inference(FLAGS.workdir, step=step)[1]
   else:
-    params = pretrained.load_hf_gpt2(args.init_from, dtype=cfg.dtype)[1]
+    params = pretrained.load_hf_gpt2(FLAGS.init_from, dtype=cfg.dtype)[1]
   # Weights in the compute dtype: decoding reads every weight each step, so bf16 halves that.
   return jax.tree_util.tree_map(lambda x: x.astype(cfg.compute_dtype), params)
 
 
-# Mistakes that end in one `error:` line: ours, and the clear errors of checkpoint loading.
-USER_ERRORS = (UserError, SampleInputError, ValueError, OSError, ImportError)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation and output
-
-
 class Batch(NamedTuple):
-  """One generate call: every prompt x --num_samples, prompt-major."""
+  """One generate call: every prompt x --num_samples, prompt-major
+  (row = prompt_index * num_samples + sample_index)."""
   cfg: Any
   params: Any
   tokenizer: Any
@@ -160,61 +245,130 @@ class Batch(NamedTuple):
   row_prompts: list[str]
   eot_id: int | None
   label: str
+  max_new_tokens: int
 
 
-def prepare(args) -> Batch:
+def prepare() -> Batch:
   """Checks the flags and prompts against the model (before reading its weights), then loads
-  it. Exits with one `error:` line on a user mistake."""
-  try:
-    check_settings(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed)
-    prompts = read_prompts(args.prompt, args.prompt_file)
-  except SampleInputError as e:
-    fail(str(e))
+  it. Raises UserError on a mistake."""
+  check_flags()
+  prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about read-only directories
   try:
-    cfg, saved_tokenizer, step, label = describe_model(args)
+    cfg, saved_tokenizer, step, label = describe_model()
     tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size)
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
-                             block_size=cfg.block_size, max_new_tokens=args.max_new_tokens)
-    params = load_params(args, cfg, step)
-  except USER_ERRORS as e:
-    fail(str(e))
-  if args.max_new_tokens is None:
-    args.max_new_tokens = default_max_new_tokens(encoded, cfg.block_size)
-  n = args.num_samples
+                             block_size=cfg.block_size, max_new_tokens=FLAGS.max_new_tokens)
+    params = load_params(cfg, step)
+  except (ValueError, OSError) as e:  # ours, and the clear errors of checkpoint loading
+    raise UserError(str(e)) from None
+  max_new_tokens = FLAGS.max_new_tokens
+  if max_new_tokens is None:
+    max_new_tokens = default_max_new_tokens(encoded, cfg.block_size)
+  n = FLAGS.num_samples
   return Batch(cfg, params, tokenizer, rows=[ids for ids in encoded for _ in range(n)],
                row_prompts=[text for text in prompts for _ in range(n)],
-               eot_id=stop_token(tokenizer, cfg.vocab_size, stop=not args.no_stop), label=label)
+               eot_id=stop_token(tokenizer, cfg.vocab_size, stop=not FLAGS.no_stop),
+               label=label, max_new_tokens=max_new_tokens)
 
 
-def _sampling_kwargs(args, batch: Batch):
-  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eot_id=batch.eot_id)
+# ---------------------------------------------------------------------------------------------
+# Output
 
 
-def stream_batch(args, batch: Batch) -> tuple[int, float]:
+def format_sample(prompt: str, completion: str) -> str:
+  """Text mode: the prompt, its completion, then a separator line (as nanoGPT prints)."""
+  return f"{prompt}{completion}\n{SAMPLE_SEPARATOR}\n"
+
+
+def sample_record(*, row: int, num_samples: int, prompt: str, completion: str,
+                  tokens: Sequence[int], stopped: bool, seconds: float,
+                  batch_tokens: int) -> dict[str, Any]:
+  """One --json line. tokens_per_sec is the whole batch's new tokens over the generation's
+  wall time (compilation included; python -m launch.benchmark measures speed)."""
+  return {
+      "prompt_index": row // num_samples, "sample_index": row % num_samples,
+      "prompt": prompt, "completion": completion, "token_ids": [int(t) for t in tokens],
+      "num_tokens": len(tokens), "stop_reason": STOP_EOT if stopped else STOP_LENGTH,
+      "seconds": round(seconds, 6),
+      "tokens_per_sec": round(batch_tokens / seconds, 3) if seconds > 0 else None,
+  }
+
+
+class StreamPrinter:
+  """Prints `generate_stream` chunks (run with include_eot=True) in the order and format of
+  text mode: sample 0 appears as it is generated; the next sample is printed (what it has so
+  far, then live) once sample 0 has ended, and so on. `finish()` prints the rest."""
+
+  def __init__(self, tokenizer, row_prompts: Sequence[str], eot_id: int | None, out: TextIO):
+    self._rows = [TextStream(tokenizer) for _ in row_prompts]
+    self._prompts = list(row_prompts)
+    self._done = [False] * len(row_prompts)
+    self._eot_id = eot_id
+    self._out = out
+    self._current = 0
+    self._write(self._prompts[0])
+
+  def push(self, chunk: Sequence[Sequence[int]]) -> None:
+    for b, new in enumerate(chunk):
+      new = list(new)
+      if self._eot_id is not None and self._eot_id in new:
+        new, self._done[b] = new[:new.index(self._eot_id)], True
+      if b == self._current:
+        self._write(self._rows[b].push(new))
+      else:
+        self._rows[b].ids.extend(new)
+    self._advance()
+
+  def finish(self) -> tuple[list[list[int]], list[bool]]:
+    """Prints the remaining samples; returns each row's tokens and whether it hit eot."""
+    stopped = list(self._done)
+    self._done = [True] * len(self._rows)
+    self._advance()
+    return [row.ids for row in self._rows], stopped
+
+  def _advance(self) -> None:
+    while self._current < len(self._rows) and self._done[self._current]:
+      self._write(self._rows[self._current].flush() + f"\n{SAMPLE_SEPARATOR}\n")
+      self._current += 1
+      if self._current < len(self._rows):
+        row = self._rows[self._current]
+        pending, row.ids = row.ids, []
+        self._write(self._prompts[self._current] + row.push(pending))
+
+  def _write(self, text: str) -> None:
+    if text:
+      self._out.write(text)
+      self._out.flush()
+
+
+def _sampling_kwargs(batch: Batch):
+  return dict(max_new_tokens=batch.max_new_tokens, temperature=FLAGS.temperature,
+              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=batch.eot_id)
+
+
+def stream_batch(batch: Batch) -> tuple[int, float]:
   """--stream: prints as tokens arrive; returns (new tokens, seconds)."""
   start = time.perf_counter()
   printer = StreamPrinter(batch.tokenizer, batch.row_prompts, batch.eot_id, sys.stdout)
   for chunk in generate_stream(batch.params, batch.cfg, batch.rows, chunk_size=STREAM_CHUNK,
-                               include_eot=True, **_sampling_kwargs(args, batch)):
+                               include_eot=True, **_sampling_kwargs(batch)):
     printer.push(chunk)
   tokens, _ = printer.finish()
   return sum(map(len, tokens)), time.perf_counter() - start
 
 
-def print_batch(args, batch: Batch) -> tuple[int, float]:
+def print_batch(batch: Batch) -> tuple[int, float]:
   """Text or --json after the whole batch is generated; returns (new tokens, seconds)."""
-  result = generate(batch.params, batch.cfg, batch.rows, **_sampling_kwargs(args, batch))
+  result = generate(batch.params, batch.cfg, batch.rows, **_sampling_kwargs(batch))
   for b, (tokens, stopped) in enumerate(zip(result.tokens, result.stopped)):
     completion = batch.tokenizer.decode(tokens)
-    if args.json:
-      record = sample_record(row=b, num_samples=args.num_samples, prompt=batch.row_prompts[b],
-                             completion=completion, tokens=tokens, stopped=stopped,
-                             seconds=result.seconds, batch_tokens=result.num_tokens)
+    if FLAGS.json:
+      record = sample_record(row=b, num_samples=FLAGS.num_samples,
+                             prompt=batch.row_prompts[b], completion=completion, tokens=tokens,
+                             stopped=stopped, seconds=result.seconds,
+                             batch_tokens=result.num_tokens)
       sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     else:
       sys.stdout.write(format_sample(batch.row_prompts[b], completion))
@@ -222,27 +376,31 @@ def print_batch(args, batch: Batch) -> tuple[int, float]:
   return result.num_tokens, result.seconds
 
 
-def _status(args, text):
-  if not args.quiet:
+def _status(text: str) -> None:
+  if not FLAGS.quiet:
     print(text, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  batch = prepare(args)
-  _status(args, f"sampling {batch.label}: {len(batch.rows)} sample(s) of up to "
-                f"{args.max_new_tokens} tokens, {batch.tokenizer.name} tokenizer, "
-                f"{batch.cfg.dtype} compute")
+def _main(args: list[str]) -> int:
+  cli.no_arguments(args)
+  batch = prepare()
+  _status(f"sampling {batch.label}: {len(batch.rows)} sample(s) of up to "
+          f"{batch.max_new_tokens} tokens, {batch.tokenizer.name} tokenizer, "
+          f"{batch.cfg.dtype} compute")
   try:
-    num_tokens, seconds = (stream_batch if args.stream else print_batch)(args, batch)
+    num_tokens, seconds = (stream_batch if FLAGS.stream else print_batch)(batch)
   except BrokenPipeError:  # e.g. piped into `head`: stop quietly
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
   except KeyboardInterrupt:
     return 130
-  _status(args, f"{num_tokens} new tokens in {seconds:.2f}s ({num_tokens / seconds:,.0f} "
-                f"tokens/s, compilation included)")
+  _status(f"{num_tokens} new tokens in {seconds:.2f}s ({num_tokens / seconds:,.0f} "
+          f"tokens/s, compilation included)")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -15,54 +15,57 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from training.cli_errors import fail, load_config, parse_flags
-from training.errors import TrainingDiverged, UserError
+from launch import cli
 
+FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/shakespeare_char.py or "
     "configs/shakespeare_char.py:cpu; override any field with --config.<section>.<key>=value.",
-    lock_config=True)
+    flag_values=FLAGS, lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config "
-                    "(a run there is resumed).")
-flags.DEFINE_bool("quiet", False, "No console output except errors.")
+                    "(a run there is resumed).", flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "No console output except errors.", flag_values=FLAGS)
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0's "
-                    "coordinator (the same on every process). Not needed on TPU VMs.")
-flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+                    "coordinator (the same on every process). Not needed on TPU VMs.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, "
-                     "0 .. num_processes - 1.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+                     "0 .. num_processes - 1.", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def _start_distributed() -> None:
   from training import distributed  # pylint: disable=import-outside-toplevel
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except distributed.DistributedError as e:
-    fail(str(e))
   except RuntimeError as e:  # e.g. the coordinator cannot be reached
     where = (f" at --coordinator_address {FLAGS.coordinator_address}"
              if FLAGS.coordinator_address else "")
-    fail(f"Could not start the distributed runtime{where}: {str(e).splitlines()[0]}", status=1)
+    cli.fail(f"Could not start the distributed runtime{where}: {str(e).splitlines()[0]}",
+             status=1)
 
 
-def main(argv: list[str]) -> None:
+def _main(args: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if len(argv) > 1:
-    fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
-  config = load_config(FLAGS)
+  cli.no_arguments(args)
+  config = cli.load_config(FLAGS)
   _start_distributed()
-  from training.loop import train  # pylint: disable=import-outside-toplevel  (imports jax)
+  # pylint: disable=import-outside-toplevel  (they import jax)
+  from training.loop import TrainingDiverged, train
   try:
     train(config, FLAGS.workdir, quiet=FLAGS.quiet)
   except TrainingDiverged as e:
-    fail(str(e), status=1)
-  except UserError as e:
-    fail(str(e))
+    cli.fail(str(e), status=1)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: parse_flags(FLAGS, argv))
+  sys.exit(main())

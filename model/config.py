@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from model.errors import UserError
+
 POSITION_EMBEDDINGS = ("learned", "sinusoidal")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
@@ -63,24 +65,24 @@ class ModelConfig:
                  "d_model", "d_mlp"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        raise UserError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
     if self.padded_vocab_size < self.vocab_size:
-      raise ValueError(
+      raise UserError(
           f"ModelConfig.padded_vocab_size ({self.padded_vocab_size}) must be at least "
           f"vocab_size ({self.vocab_size}).")
     if self.d_model % self.num_heads:
-      raise ValueError(
+      raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
           f"({self.num_heads}).")
     if self.position_embedding == "sinusoidal" and self.d_model % 2:
-      raise ValueError(
+      raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be even for sinusoidal positions.")
     for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a number in [0, 1), got {value!r}.")
+        raise UserError(f"ModelConfig.{name} must be a number in [0, 1), got {value!r}.")
     if not isinstance(self.layer_norm_epsilon, (int, float)) or self.layer_norm_epsilon <= 0:
-      raise ValueError(
+      raise UserError(
           f"ModelConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
     for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
                           ("norm_placement", NORM_PLACEMENTS),
@@ -91,11 +93,11 @@ class ModelConfig:
                           ("remat", REMAT_POLICIES)):
       value = getattr(self, name)
       if value not in allowed:
-        raise ValueError(
+        raise UserError(
             f"ModelConfig.{name} must be one of {', '.join(allowed)}; got {value!r}.")
     for name in ("use_bias", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 
   @property
   def head_dim(self) -> int:
@@ -120,7 +122,7 @@ class ModelConfig:
       data["padded_vocab_size"] = None
     unknown = sorted(set(changes) - set(data))
     if unknown:
-      raise ValueError(
+      raise UserError(
           f"Unknown ModelConfig field {unknown[0]!r}; known fields: {', '.join(sorted(data))}.")
     data.update(changes)
     return ModelConfig(**data)
@@ -155,10 +157,10 @@ def preset_names() -> tuple[str, ...]:
 def get_config(name: str, **overrides) -> ModelConfig:
   """A named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, shakespeare-char, tiny)."""
   if name not in _PRESETS:
-    raise ValueError(f"Unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}.")
+    raise UserError(f"Unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}.")
   fields = set(field_names())
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(
+    raise UserError(
         f"Unknown ModelConfig field {unknown[0]!r}; known fields: {', '.join(sorted(fields))}.")
   return ModelConfig(**{**_PRESETS[name], **overrides})

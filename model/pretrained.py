@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
+from model.errors import NotFoundError, UserError
 from model.transformer import convert_layout, unstack_layers
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -74,13 +75,13 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> str:
   if os.path.isdir(path):
     return path
   if os.path.exists(path):
-    raise ValueError(f"Checkpoint path {path!r} is a file; pass the directory holding "
-                     f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
+    raise UserError(f"Checkpoint path {path!r} is a file; pass the directory holding "
+                    f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
   if path in HF_NAMES:
     return _download(f"{HF_ORG}/{path}", path)
   if _looks_like_repo_id(path):
     return _download(path, path)
-  raise FileNotFoundError(
+  raise NotFoundError(
       f"Checkpoint directory {path!r} does not exist; pass a directory holding {CONFIG_FILE} "
       f"and {WEIGHTS_FILE}, or one of {', '.join(HF_NAMES)}.")
 
@@ -95,18 +96,18 @@ def _download(repo_id: str, name: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
   except ImportError:
-    raise ImportError(f"Loading {name!r} by name needs huggingface_hub (pip install "
-                      f"'flaxgpt[hf]'); or pass a local checkpoint directory.") from None
+    raise UserError(f"Loading {name!r} by name needs huggingface_hub (pip install "
+                    f"'flaxgpt[hf]'); or pass a local checkpoint directory.") from None
   try:
     return snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
   except hf_errors.RepositoryNotFoundError:
-    raise ValueError(
+    raise UserError(
         f"Unknown checkpoint {name!r}: no such local directory, and the Hugging Face Hub has "
         f"no (public) repository {repo_id!r}; use one of {', '.join(HF_NAMES)} or a local "
         f"checkpoint directory.") from None
   except Exception as e:  # no network, offline mode, ...
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise OSError(
+    raise NotFoundError(
         f"Could not download {name!r} ({repo_id}) from the Hugging Face Hub, and it is no "
         f"local directory (no network? {reason}); download {CONFIG_FILE} and {WEIGHTS_FILE} "
         f"elsewhere and pass their local directory instead.") from None
@@ -115,15 +116,15 @@ def _download(repo_id: str, name: str) -> str:
 def read_hf_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: a Hugging Face GPT-2 checkpoint directory "
-                            f"needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    raise NotFoundError(f"{path} not found: a Hugging Face GPT-2 checkpoint directory "
+                        f"needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
   try:
     with open(path, encoding="utf-8") as f:
       hf_config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    raise UserError(f"{path} is not valid JSON ({e}).") from None
   if not isinstance(hf_config, dict):
-    raise ValueError(f"{path} must hold a JSON object, got {type(hf_config).__name__}.")
+    raise UserError(f"{path} must hold a JSON object, got {type(hf_config).__name__}.")
   return hf_config
 
 
@@ -132,22 +133,22 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
   """ModelConfig for a Hugging Face GPT2Config dict (plus overrides not fixed by weights)."""
   model_type = hf_config.get("model_type", "gpt2")
   if model_type != "gpt2":
-    raise ValueError(f"{source}: model_type {model_type!r} is not a GPT-2 checkpoint "
-                     f"(expected 'gpt2').")
+    raise UserError(f"{source}: model_type {model_type!r} is not a GPT-2 checkpoint "
+                    f"(expected 'gpt2').")
   for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                          ("add_cross_attention", False)):
     if hf_config.get(key, supported) != supported:
-      raise ValueError(f"{source}: {key}={hf_config[key]!r} is not supported (only "
-                       f"{supported}).")
+      raise UserError(f"{source}: {key}={hf_config[key]!r} is not supported (only "
+                      f"{supported}).")
   c = {**_HF_DEFAULTS, **{k: v for k, v in hf_config.items() if k in _HF_DEFAULTS}}
   activation = _ACTIVATIONS.get(c["activation_function"])
   if activation is None:
-    raise ValueError(f"{source}: activation_function {c['activation_function']!r} is not "
-                     f"supported; supported: {', '.join(_ACTIVATIONS)}.")
+    raise UserError(f"{source}: activation_function {c['activation_function']!r} is not "
+                    f"supported; supported: {', '.join(_ACTIVATIONS)}.")
   n_positions = c["n_positions"]
   if isinstance(overrides.get("block_size"), int) and overrides["block_size"] > n_positions:
-    raise ValueError(f"block_size {overrides['block_size']} exceeds the checkpoint's "
-                     f"n_positions {n_positions}; it can only be lowered.")
+    raise UserError(f"block_size {overrides['block_size']} exceeds the checkpoint's "
+                    f"n_positions {n_positions}; it can only be lowered.")
   fields = dict(vocab_size=c["vocab_size"], block_size=n_positions, num_layers=c["n_layer"],
                 num_heads=c["n_head"], d_model=c["n_embd"], d_mlp=c["n_inner"],
                 activation=activation, layer_norm_epsilon=c["layer_norm_epsilon"],
@@ -156,11 +157,11 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
   try:
     base = ModelConfig(**fields)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"{source}: {e}") from None
+    raise UserError(f"{source}: {e}") from None
   for name in _FIXED_FIELDS:
     if name in overrides and overrides[name] != getattr(base, name):
-      raise ValueError(f"Cannot override {name} ({overrides[name]!r}) when loading a checkpoint "
-                       f"whose weights fix it to {getattr(base, name)!r}.")
+      raise UserError(f"Cannot override {name} ({overrides[name]!r}) when loading a checkpoint "
+                      f"whose weights fix it to {getattr(base, name)!r}.")
   return base.replace(**overrides)
 
 
@@ -178,22 +179,22 @@ def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
       with open(index, encoding="utf-8") as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"{index} is not a valid safetensors index ({e!r}).") from None
+      raise UserError(f"{index} is not a valid safetensors index ({e!r}).") from None
     files = [os.path.join(directory, s) for s in shards]
   elif os.path.isfile(torch_file):
     return _read_torch_tensors(torch_file), torch_file
   else:
-    raise FileNotFoundError(f"{single} not found: a Hugging Face GPT-2 checkpoint directory "
-                            f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE}, "
-                            f"read with torch when it is installed).")
+    raise NotFoundError(f"{single} not found: a Hugging Face GPT-2 checkpoint directory "
+                        f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE}, "
+                        f"read with torch when it is installed).")
   tensors = {}
   for path in files:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} (listed in {index}) not found.")
+      raise NotFoundError(f"{path} (listed in {index}) not found.")
     try:
       tensors.update(load_file(path))
     except (SafetensorError, OSError, ValueError) as e:
-      raise ValueError(f"{path} is not a readable safetensors file ({e}).") from None
+      raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
   return tensors, files[0] if len(files) == 1 else index
 
 
@@ -201,14 +202,14 @@ def _read_torch_tensors(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"{path} is a PyTorch checkpoint and has no {WEIGHTS_FILE} next to it; install torch "
         f"to read it, or convert it with transformers "
         f"(save_pretrained(..., safe_serialization=True)).") from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # corrupt or not a state dict
-    raise ValueError(f"{path} is not a readable PyTorch state dict ({e}).") from None
+    raise UserError(f"{path} is not a readable PyTorch state dict ({e}).") from None
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in state.items()}
 
@@ -222,11 +223,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
 
   def get(key, shape):
     if key not in tensors:
-      raise ValueError(f"{source} has no tensor {key!r} (nor 'transformer.{key}').")
+      raise UserError(f"{source} has no tensor {key!r} (nor 'transformer.{key}').")
     x = tensors[key]
     if tuple(x.shape) != shape:
-      raise ValueError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but "
-                       f"{CONFIG_FILE} implies {shape}.")
+      raise UserError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but "
+                      f"{CONFIG_FILE} implies {shape}.")
     return np.asarray(x, dtype=np.float32)
 
   def ln(prefix):
@@ -286,8 +287,8 @@ def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> Non
   for field, needed in (("position_embedding", "learned"), ("norm_placement", "pre"),
                         ("use_bias", True)):
     if getattr(cfg, field) != needed:
-      raise ValueError(f"save_hf_gpt2 needs ModelConfig.{field}={needed!r} (Hugging Face "
-                       f"GPT-2 has no other), got {getattr(cfg, field)!r}.")
+      raise UserError(f"save_hf_gpt2 needs ModelConfig.{field}={needed!r} (Hugging Face "
+                      f"GPT-2 has no other), got {getattr(cfg, field)!r}.")
   D, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
   p = _map(lambda x: np.asarray(x, np.float32), unstack_layers(params, L))
   t = {"transformer.wte.weight": p["wte"]["embedding"][:V],

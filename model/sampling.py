@@ -20,13 +20,15 @@ traced and never recompile. `generate_stream` runs the same compiled decode loop
 Randomness: row b's token at step i is drawn with fold_in(fold_in(key(seed), b), i), so a row's
 samples depend on (seed, row index, step) and not on the bucket sizes.
 There is no sliding window: prompt + max_new_tokens must fit in cfg.block_size (crop the
-prompt yourself if needed).
+prompt yourself if needed). `check_settings` and `check_prompt` are the checks `generate` makes;
+`launch.sample` makes the same ones (with "--" before each name) before it loads any weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.transformer import GPT, Cache, convert_layout, init_cache, logits_from_hidden
 
 # Filtering modes of `filter_logits`, chosen from (temperature, top_k, top_p).
@@ -52,14 +55,63 @@ def _is_static(*values) -> bool:
   return all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
 
 
-def _check_static_args(temperature, top_k, top_p) -> None:
-  """Validates Python-number settings (traced ones cannot be checked here)."""
-  if _is_static(temperature) and not temperature >= 0:
-    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}.")
-  if _is_static(top_k) and (top_k < 0 or int(top_k) != top_k):
-    raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {top_k!r}.")
-  if _is_static(top_p) and not 0 < top_p <= 1:
-    raise ValueError(f"top_p must be in (0, 1] (1 means off), got {top_p!r}.")
+def _is_int(value) -> bool:
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
+      isinstance(value, (float, np.floating)) and math.isfinite(value) and int(value) == value)
+
+
+def check_settings(temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0, *,
+                   max_new_tokens: Any = None, seed: Any = None, prefix: str = "") -> None:
+  """Raises UserError naming the first setting outside what sampling accepts: temperature a
+  finite number >= 0, top_k an integer >= 0, top_p in (0, 1], max_new_tokens >= 1 and seed in
+  [0, 2**32) (the last two when given). `prefix` goes before each name ("--" on the command
+  line, which checks its flags with this before loading a model). Traced (jax) values cannot be
+  checked and are let through."""
+  def name(setting: str) -> str:
+    return prefix + setting
+
+  if max_new_tokens is not None:
+    if not _is_int(max_new_tokens):
+      raise UserError(f"{name('max_new_tokens')} must be an integer, got {max_new_tokens!r}.")
+    if max_new_tokens < 1:
+      raise UserError(f"{name('max_new_tokens')} must be at least 1, got {max_new_tokens}.")
+  if _is_static(temperature) and not (math.isfinite(temperature) and temperature >= 0):
+    raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 means greedy), "
+                    f"got {temperature}.")
+  if _is_static(top_k) and not _is_int(top_k):
+    raise UserError(f"{name('top_k')} must be an integer >= 0 (0 means off), got {top_k!r}.")
+  if _is_static(top_k) and top_k < 0:
+    raise UserError(f"{name('top_k')} must be >= 0 (0 means off), got {top_k}.")
+  if _is_static(top_p) and not 0 < top_p <= 1:  # also refuses NaN
+    raise UserError(f"{name('top_p')} must be in (0, 1] (1 means off), got {top_p}.")
+  if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
+    raise UserError(f"{name('seed')} must be an integer in [0, 2**32), got {seed!r}.")
+
+
+def _tokens(n: int) -> str:
+  return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+def check_prompt(ids: Sequence[int], *, vocab_size: int, block_size: int,
+                 max_new_tokens: int | None, name: str = "The prompt", prefix: str = "") -> None:
+  """Raises UserError if the token ids `ids` cannot be continued: empty, an id outside
+  [0, vocab_size), or prompt + max_new_tokens beyond block_size (with max_new_tokens None: no
+  room for one new token). `name` says which prompt ("Prompt 2", "The prompt 'ROMEO:'")."""
+  ids = np.asarray(ids)
+  if ids.size == 0:
+    raise UserError(f"{name} is empty; a prompt needs at least one token.")
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if bad.size:
+    raise UserError(f"{name} has token id {int(bad[0])}, outside [0, {vocab_size}), the "
+                    f"model's vocabulary.")
+  n = int(ids.size)
+  if max_new_tokens is None and n >= block_size:
+    raise UserError(f"{name} ({_tokens(n)}) leaves no room for new tokens in the model's "
+                    f"block_size ({block_size}).")
+  if max_new_tokens is not None and n + max_new_tokens > block_size:
+    raise UserError(f"{name} ({_tokens(n)}) plus {prefix}max_new_tokens ({max_new_tokens}) is "
+                    f"{n + max_new_tokens}, more than the model's block_size ({block_size}); "
+                    f"shorten the prompt or ask for fewer tokens (there is no sliding window).")
 
 
 def _static_mode(temperature, top_k, top_p) -> int | None:
@@ -150,7 +202,7 @@ def filter_logits(logits: jax.Array, temperature: Any = 1.0, top_k: Any = 0, top
   logit unscaled. Python-number settings are validated and pick the computation while
   tracing; traced scalars select it with `lax.switch` (no recompilation when they change).
   """
-  _check_static_args(temperature, top_k, top_p)
+  check_settings(temperature, top_k, top_p)
   return _filter_jit(logits, temperature, top_k, top_p,
                      mode=_static_mode(temperature, top_k, top_p), vocab_size=vocab_size)
 
@@ -160,7 +212,7 @@ def sample_token(rng: jax.Array, logits: jax.Array, temperature: Any = 1.0, top_
   """int32 token ids [...] drawn from `filter_logits(logits, ...)` [..., V] with one key for
   the whole array (jax.random.categorical). Greedy settings take the argmax and draw no
   random numbers."""
-  _check_static_args(temperature, top_k, top_p)
+  check_settings(temperature, top_k, top_p)
   return _sample_jit(rng, logits, temperature, top_k, top_p,
                      mode=_static_mode(temperature, top_k, top_p), vocab_size=vocab_size)
 
@@ -280,36 +332,24 @@ class GenerateResult:
 
 def _validate(cfg: ModelConfig, prompts, max_new_tokens, eot_id, temperature, top_k, top_p,
               seed):
+  for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+    if not _is_static(value):
+      raise UserError(f"{name} must be a Python number, got {value!r}.")
+  check_settings(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
   if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or not len(prompts):
-    raise ValueError("prompts must be a non-empty list of token-id lists.")
+    raise UserError("prompts must be a non-empty list of token-id lists.")
   rows = []
   for b, prompt in enumerate(prompts):
     row = np.asarray(prompt)
-    if row.ndim != 1 or row.size == 0:
-      raise ValueError(f"Prompt {b} is empty or not a flat list of token ids; every prompt "
-                       "needs at least one token.")
-    if not np.issubdtype(row.dtype, np.integer):
-      raise ValueError(f"Prompt {b} must hold integer token ids, got dtype {row.dtype}.")
-    if row.min() < 0 or row.max() >= cfg.vocab_size:
-      raise ValueError(f"Prompt {b} holds token ids outside [0, {cfg.vocab_size}).")
+    if row.ndim != 1:
+      raise UserError(f"Prompt {b} is not a flat list of token ids.")
+    if row.size and not np.issubdtype(row.dtype, np.integer):
+      raise UserError(f"Prompt {b} must hold integer token ids, got dtype {row.dtype}.")
+    check_prompt(row, vocab_size=cfg.vocab_size, block_size=cfg.block_size,
+                 max_new_tokens=max_new_tokens, name=f"Prompt {b}")
     rows.append(row.astype(np.int32))
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-      or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-  longest = max(len(r) for r in rows)
-  if longest + max_new_tokens > cfg.block_size:
-    raise ValueError(
-        f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
-        f"{longest + max_new_tokens}, more than the model's block_size ({cfg.block_size}); "
-        "shorten the prompt or ask for fewer tokens (there is no sliding window).")
   if eot_id is not None and not 0 <= eot_id < cfg.vocab_size:
-    raise ValueError(f"eot_id must be a token id in [0, {cfg.vocab_size}), got {eot_id!r}.")
-  for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-    if not _is_static(value):
-      raise ValueError(f"{name} must be a Python number, got {value!r}.")
-  _check_static_args(temperature, top_k, top_p)
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    raise UserError(f"eot_id must be a token id in [0, {cfg.vocab_size}), got {eot_id!r}.")
   return rows
 
 
@@ -319,11 +359,11 @@ def _check_buckets(buckets: Buckets, cfg: ModelConfig, batch: int, longest: int,
   small = [f"{name} {have} < {need}" for name, have, need in zip(Buckets._fields, buckets, needed)
            if have < need]
   if small:
-    raise ValueError(f"buckets {tuple(buckets)} are too small for this request: "
-                     f"{', '.join(small)}.")
+    raise UserError(f"buckets {tuple(buckets)} are too small for this request: "
+                    f"{', '.join(small)}.")
   if buckets.cache_len > cfg.block_size or buckets.prompt_len > buckets.cache_len:
-    raise ValueError(f"buckets {tuple(buckets)} need prompt_len <= cache_len <= block_size "
-                     f"({cfg.block_size}).")
+    raise UserError(f"buckets {tuple(buckets)} need prompt_len <= cache_len <= block_size "
+                    f"({cfg.block_size}).")
 
 
 class _Run(NamedTuple):
@@ -411,7 +451,7 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
   `chunk_size` decode steps (one call each of the same compiled loop as `generate`). The
   concatenated chunks equal `generate`'s tokens for the same arguments."""
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
   params = convert_layout(params, cfg)
   # Validation and prefill happen here, before the first next().
   run = _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,

@@ -4,24 +4,36 @@ Both expose encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot_
 end-of-text id, or None), name, and to_dict() so that a checkpoint can record its tokenizer
 (`tokenizer_from_dict` restores it; a character vocabulary is saved in full).
 
-Offline use: set FLAXGPT_GPT2_BPE to a tiktoken-format GPT-2 rank file (`gpt2.tiktoken`);
-without it, tiktoken downloads GPT-2's files on first use.
+`TextStream` decodes a growing list of ids piece by piece (for printing samples as they are
+generated) without splitting a character whose UTF-8 bytes span two tokens.
+
+GPT-2's ranks ship with the package (model/assets/gpt2.tiktoken), so no download is needed;
+FLAXGPT_GPT2_BPE points elsewhere (another tiktoken-format `gpt2.tiktoken`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import pathlib
 from typing import Any, Iterable
 
 import tiktoken
 import tiktoken.load
 
+from model.errors import NotFoundError, UserError
+
 GPT2_BPE_ENV = "FLAXGPT_GPT2_BPE"
+# GPT-2's ranks in tiktoken's format (the copy openai-whisper ships), so that the tokenizer
+# needs no network; $FLAXGPT_GPT2_BPE overrides it.
+PACKAGED_GPT2_BPE = pathlib.Path(__file__).parent / "assets" / "gpt2.tiktoken"
 # GPT-2's pre-tokenisation regex (tiktoken_ext/openai_public.py).
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257  # 50,256 byte-pair tokens + <|endoftext|>
 TOKENIZER_NAMES = ("gpt2", "char")
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 
 
 class GPT2Tokenizer:
@@ -56,17 +68,25 @@ class GPT2Tokenizer:
 
 
 def gpt2_encoding(bpe_path: str | os.PathLike | None = None) -> tiktoken.Encoding:
-  """tiktoken's GPT-2 encoding, from `bpe_path`, else $FLAXGPT_GPT2_BPE, else the download."""
+  """tiktoken's GPT-2 encoding, from `bpe_path`, else $FLAXGPT_GPT2_BPE, else the rank file
+  shipped in model/assets/ (else, in an install without it, tiktoken's download)."""
   source = "bpe_path"
   if bpe_path is None:
     bpe_path, source = os.environ.get(GPT2_BPE_ENV) or None, f"${GPT2_BPE_ENV}"
   if bpe_path is None:
-    return tiktoken.get_encoding("gpt2")
+    if not PACKAGED_GPT2_BPE.is_file():
+      return tiktoken.get_encoding("gpt2")
+    bpe_path = PACKAGED_GPT2_BPE
   path = os.fspath(bpe_path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"GPT-2 BPE file {path!r} (from {source}) does not exist; point {GPT2_BPE_ENV} at a "
-        f"tiktoken-format gpt2.tiktoken file, or unset it to download the encoding.")
+        f"tiktoken-format gpt2.tiktoken file, or unset it to use the one in the package.")
+  return _load_encoding(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoding(path: str) -> tiktoken.Encoding:
   ranks = tiktoken.load.load_tiktoken_bpe(path)
   return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                            special_tokens={ENDOFTEXT: GPT2_EOT_ID})
@@ -82,9 +102,9 @@ class CharTokenizer:
   def __init__(self, chars: Iterable[str]):
     chars = list(chars)
     if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
-      raise ValueError("CharTokenizer needs a non-empty list of single characters.")
+      raise UserError("CharTokenizer needs a non-empty list of single characters.")
     if len(set(chars)) != len(chars):
-      raise ValueError("CharTokenizer characters must be distinct.")
+      raise UserError("CharTokenizer characters must be distinct.")
     self.chars: list[str] = chars
     self._stoi = {c: i for i, c in enumerate(chars)}
     self.vocab_size: int = len(chars)
@@ -92,14 +112,14 @@ class CharTokenizer:
   @classmethod
   def from_text(cls, text: str) -> "CharTokenizer":
     if not text:
-      raise ValueError("CharTokenizer.from_text needs a non-empty text.")
+      raise UserError("CharTokenizer.from_text needs a non-empty text.")
     return cls(sorted(set(text)))
 
   def encode(self, text: str) -> list[int]:
     try:
       return [self._stoi[c] for c in text]
     except KeyError as e:
-      raise ValueError(
+      raise UserError(
           f"Character {e.args[0]!r} is not in the character vocabulary "
           f"({self.vocab_size} symbols).") from None
 
@@ -111,8 +131,8 @@ class CharTokenizer:
     for i in ids:
       i = int(i)
       if not 0 <= i < self.vocab_size:
-        raise ValueError(f"Token id {i} is outside the character vocabulary "
-                         f"[0, {self.vocab_size}).")
+        raise UserError(f"Token id {i} is outside the character vocabulary "
+                        f"[0, {self.vocab_size}).")
       out.append(self.chars[i])
     return "".join(out)
 
@@ -128,14 +148,15 @@ Tokenizer = GPT2Tokenizer | CharTokenizer
 
 def get_tokenizer(name: str = "gpt2", *, text: str | None = None,
                   bpe_path: str | os.PathLike | None = None) -> Tokenizer:
-  """"gpt2" (BPE; `bpe_path` or $FLAXGPT_GPT2_BPE for offline use) or "char" (from `text`)."""
+  """"gpt2" (BPE; ranks from `bpe_path`, $FLAXGPT_GPT2_BPE or the package) or "char" (from
+  `text`)."""
   if name == "gpt2":
     return GPT2Tokenizer(gpt2_encoding(bpe_path))
   if name == "char":
     if text is None:
-      raise ValueError('get_tokenizer("char") needs text=... to build its vocabulary.')
+      raise UserError('get_tokenizer("char") needs text=... to build its vocabulary.')
     return CharTokenizer.from_text(text)
-  raise ValueError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")
+  raise UserError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
@@ -145,7 +166,31 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     return get_tokenizer("gpt2")
   if name == "char":
     if not isinstance(d.get("chars"), str):
-      raise ValueError("A saved char tokenizer needs its 'chars' string.")
+      raise UserError("A saved char tokenizer needs its 'chars' string.")
     return CharTokenizer(d["chars"])
-  raise ValueError(f"Unknown saved tokenizer {name!r}; expected a dict whose 'name' is one of "
-                   f"{', '.join(TOKENIZER_NAMES)}.")
+  raise UserError(f"Unknown saved tokenizer {name!r}; expected a dict whose 'name' is one of "
+                  f"{', '.join(TOKENIZER_NAMES)}.")
+
+
+class TextStream:
+  """Incremental decoding of one sample: `push` returns the text that is new and final.
+  A trailing replacement character (a UTF-8 sequence cut between tokens) is held back until
+  the next token completes it, so the pieces join to `decode(all tokens)`."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tokenizer = tokenizer
+    self.ids: list[int] = []
+    self._shown = ""
+
+  def push(self, ids: Iterable[int]) -> str:
+    self.ids.extend(int(i) for i in ids)
+    return self._advance(self._tokenizer.decode(self.ids).rstrip(REPLACEMENT_CHAR))
+
+  def flush(self) -> str:
+    return self._advance(self._tokenizer.decode(self.ids))
+
+  def _advance(self, text: str) -> str:
+    if not text.startswith(self._shown):  # cannot happen with UTF-8; never repeat text
+      return ""
+    new, self._shown = text[len(self._shown):], text
+    return new

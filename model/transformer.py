@@ -5,6 +5,8 @@ Shape letters used in names and einsums throughout the codebase:
   B  batch                 T  query length           S  key length (KV-cache slots)
   D  model width           H  attention heads        K  head dimension (D = H * K)
   F  MLP hidden width      V  (padded) vocabulary    L  layers
+  A  micro-batches of a step (gradient accumulation, training/step.py)
+  P  padded prompt length    M  sampled-token buffer length (both model/sampling.py)
 
 Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
 mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.errors import UserError
 
 Cache = dict[str, jax.Array]
 
@@ -363,11 +366,11 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
   """A zeroed KV cache {"k", "v"} of shape [L, B, max_len, H, K] in the compute dtype."""
   if max_len <= 0 or batch_size <= 0:
-    raise ValueError(f"KV cache needs positive batch_size and max_len, got {batch_size}, "
-                     f"{max_len}.")
+    raise UserError(f"KV cache needs positive batch_size and max_len, got {batch_size}, "
+                    f"{max_len}.")
   if cfg.position_embedding == "learned" and max_len > cfg.block_size:
-    raise ValueError(f"KV cache length {max_len} exceeds the model's block_size "
-                     f"{cfg.block_size} (learned positions stop there).")
+    raise UserError(f"KV cache length {max_len} exceeds the model's block_size "
+                    f"{cfg.block_size} (learned positions stop there).")
   shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

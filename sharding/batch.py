@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.errors import UserError
 from sharding.rules import DEFAULT_RULES, Rules
 
 
@@ -39,8 +40,8 @@ def _check_global_batch(global_batch_size: int, mesh: Mesh, rules: Rules) -> Non
   multiple = batch_size_multiple(mesh, rules)
   if global_batch_size <= 0 or global_batch_size % multiple:
     names = " x ".join(batch_axes(rules)) or "no axis"
-    raise ValueError(f"Global batch size {global_batch_size} must be a positive multiple of "
-                     f"{multiple} ({names}: the devices the batch is split over).")
+    raise UserError(f"Global batch size {global_batch_size} must be a positive multiple of "
+                    f"{multiple} ({names}: the devices the batch is split over).")
 
 
 def process_batch_indices(global_batch_size: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
@@ -66,13 +67,13 @@ def process_batch_size(global_batch_size: int, mesh: Mesh, rules: Rules = DEFAUL
 def _place(x: Any, mesh: Mesh, rules: Rules) -> jax.Array:
   x = np.asarray(x)
   if x.ndim == 0:
-    raise ValueError("shard_batch needs arrays with a leading batch axis, got a scalar.")
+    raise UserError("shard_batch needs arrays with a leading batch axis, got a scalar.")
   multiple = batch_size_multiple(mesh, rules)
   local_shards = process_batch_size(multiple, mesh, rules)  # this process's distinct shards
   if x.shape[0] % local_shards:
-    raise ValueError(f"This process's batch of {x.shape[0]} rows does not split evenly over "
-                     f"its {local_shards} batch shard(s) ({multiple} over "
-                     f"{jax.process_count()} process(es)).")
+    raise UserError(f"This process's batch of {x.shape[0]} rows does not split evenly over "
+                    f"its {local_shards} batch shard(s) ({multiple} over "
+                    f"{jax.process_count()} process(es)).")
   global_shape = (x.shape[0] // local_shards * multiple,) + x.shape[1:]
   return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x,
                                                 global_shape)

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from model.errors import UserError
 from sharding.rules import MESH_AXES
 
 
@@ -20,19 +21,19 @@ def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1,
   sizes = [data, fsdp, tensor]
   for name, size in zip(MESH_AXES, sizes):
     if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f"Mesh axis {name} must be a positive integer or -1, got {size!r}.")
+      raise UserError(f"Mesh axis {name} must be a positive integer or -1, got {size!r}.")
   if sizes.count(-1) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}, "
-                     f"tensor={tensor}.")
+    raise UserError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}, "
+                    f"tensor={tensor}.")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
-      raise ValueError(f"Mesh data={data} x fsdp={fsdp} x tensor={tensor}: the fixed axes "
-                       f"({known} devices) do not divide the {num_devices} available devices.")
+      raise UserError(f"Mesh data={data} x fsdp={fsdp} x tensor={tensor}: the fixed axes "
+                      f"({known} devices) do not divide the {num_devices} available devices.")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                     f"{math.prod(sizes)} devices, but {num_devices} are available.")
+    raise UserError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                    f"{math.prod(sizes)} devices, but {num_devices} are available.")
   return tuple(sizes)
 
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from model.errors import UserError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
@@ -76,14 +78,14 @@ def parse_mesh_axes(name: str, axes: Any) -> MeshAxes:
   if axes is None:
     return None
   if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
-    raise ValueError(f"Sharding rule for {name!r} must be a mesh axis name, a list of them or "
-                     f"None, got {axes!r}.")
+    raise UserError(f"Sharding rule for {name!r} must be a mesh axis name, a list of them or "
+                    f"None, got {axes!r}.")
   bad = [a for a in axes if a not in MESH_AXES]
   if bad:
-    raise ValueError(f"Sharding rule for {name!r} names unknown mesh axis {bad[0]!r}; mesh axes "
-                     f"are {', '.join(MESH_AXES)}.")
+    raise UserError(f"Sharding rule for {name!r} names unknown mesh axis {bad[0]!r}; mesh axes "
+                    f"are {', '.join(MESH_AXES)}.")
   if len(set(axes)) != len(axes):
-    raise ValueError(f"Sharding rule for {name!r} repeats a mesh axis: {tuple(axes)!r}.")
+    raise UserError(f"Sharding rule for {name!r} repeats a mesh axis: {tuple(axes)!r}.")
   return axes[0] if len(axes) == 1 else tuple(axes)
 
 
@@ -98,8 +100,8 @@ def make_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None =
   known = [name for name, _ in DEFAULT_RULES]
   unknown = sorted(set(overrides) - set(known))
   if unknown:
-    raise ValueError(f"Unknown logical axis {unknown[0]!r} in sharding rules; known: "
-                     f"{', '.join(sorted(known))}.")
+    raise UserError(f"Unknown logical axis {unknown[0]!r} in sharding rules; known: "
+                    f"{', '.join(sorted(known))}.")
   return tuple((name, parse_mesh_axes(name, overrides[name]) if name in overrides else axes)
                for name, axes in DEFAULT_RULES)
 
@@ -123,8 +125,8 @@ def _parse_overrides(text: str) -> dict[str, str]:
   for item in text.replace(";", " ").split():
     name, sep, axes = item.partition("=")
     if not sep:
-      raise ValueError(f"Sharding rule override {item!r} must look like name=axes, e.g. "
-                       f"embed=none or act_batch=data,fsdp.")
+      raise UserError(f"Sharding rule override {item!r} must look like name=axes, e.g. "
+                      f"embed=none or act_batch=data,fsdp.")
     overrides[name.strip()] = axes
   return overrides
 

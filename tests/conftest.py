@@ -1,7 +1,10 @@
-"""Test setup: 8 fake CPU devices (so every sharding path runs) and the offline data files."""
+"""Test setup: 8 fake CPU devices (so every sharding path runs), and what several test files
+share: the packaged data files, a tiny training run's pieces, and helpers."""
 
 import os
 import pathlib
+import subprocess
+import sys
 
 # 8 fake CPU devices; LLVM optimisation off makes XLA:CPU compiles ~3x faster (tiny models run
 # fast either way, and results do not depend on it).
@@ -10,26 +13,123 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("FLAXGPT_DATA_DIR", REPO.parent / "shared" / "data"))
-# Offline GPT-2 BPE for model/tokenizer.py (see README, "Offline use").
-if (SHARED_DATA / "gpt2.tiktoken").exists():
-  os.environ.setdefault("FLAXGPT_GPT2_BPE", str(SHARED_DATA / "gpt2.tiktoken"))
-
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from configs import tiny  # noqa: E402
+from configs.common import base_config  # noqa: E402
+from model.config import get_config  # noqa: E402
+from sharding import make_mesh, shard_batch  # noqa: E402
+from training.data.text import PACKAGED_SHAKESPEARE  # noqa: E402
+from training.optimizer import make_optimizer, schedule_from_config  # noqa: E402
+from training.state import abstract_train_state, create_train_state  # noqa: E402
+from training.step import compile_train_step  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# 8 heads and a 64-symbol vocabulary, so tensor=8 really splits heads, MLP and vocabulary.
+MESH_CFG = dict(num_layers=1, num_heads=8, d_model=64, vocab_size=64, block_size=16)
+
+
+def rel_err(a, b) -> float:
+  """||a - b|| / ||b|| (Frobenius; b the reference)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def exit_status(main, argv) -> int:
+  """What an entry point's main(argv) ends with: its return value or its sys.exit status."""
+  try:
+    return main(argv)
+  except SystemExit as e:
+    return e.code
+
+
+def subprocess_env(**changes) -> dict:
+  """The environment of a `python -m launch.*` subprocess run from the checkout."""
+  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **changes)
+
+
+def run_module(module: str, *args: str, env: dict, timeout: int = 240):
+  """`python -m <module> args...` in the checkout; the CompletedProcess (text output)."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+# Extra launch.train flags, with characters that two shells must both pass through (launch.tpu).
+TRAIN_OVERRIDES = ["--config.train.batch_size=32", "--config.run_name=it's a test; rm -rf /",
+                   '--config.data.path=$HOME/data "x"']
+
+
+def remote_script(command) -> str:
+  """The --command value of a gcloud ssh command (an argv list)."""
+  return command[command.index("--command") + 1]
+
+
+def optimizer_config(**changes):
+  opt = base_config().optimizer
+  opt.update(dict(lr=1e-3, min_lr=1e-4, warmup_steps=2), **changes)
+  return opt
+
+
+def random_batch(batch, seq_len, vocab, seed=0):
+  """int32 tokens [batch, seq_len + 1]."""
+  return np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+
+
+def two_step_losses(mesh, host_state=None):
+  """Two AdamW steps of the MESH_CFG model on `mesh`: (losses, the initial host state)."""
+  cfg = get_config("tiny", **MESH_CFG)
+  opt = optimizer_config()
+  tx, sched = make_optimizer(opt, 10), schedule_from_config(opt, 10)
+  abstract, shardings = abstract_train_state(cfg, tx, mesh)
+  if host_state is None:  # the single-device reference, created the normal (sharded) way
+    state, _ = create_train_state(cfg, tx, mesh, seed=0)
+  else:  # the same initial values, laid out on `mesh`
+    state = jax.device_put(host_state, shardings)
+  step = compile_train_step(cfg, tx, sched, mesh, abstract, (8, 17), grad_accum=1)
+  initial = jax.device_get(state)
+  losses = []
+  for i in range(2):
+    state, metrics = step(state, shard_batch(random_batch(8, 16, 64, seed=i), mesh))
+    losses.append(float(metrics["loss"]))
+  return losses, initial
+
+
+def tiny_run_config(shakespeare_path, **train):
+  """configs/tiny.py with one layer on `shakespeare_path`; section__key=value changes."""
+  c = tiny.get_config()
+  c.data.path = str(shakespeare_path)
+  c.model.num_layers = 1
+  for key, value in train.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def single_device_run():
+  """(losses of two steps, initial host TrainState) of the MESH_CFG model on one device."""
+  return two_step_losses(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-  return SHARED_DATA
+  """A directory holding tinyshakespeare.txt (the package's copy, or $FLAXGPT_DATA_DIR)."""
+  return pathlib.Path(os.environ.get("FLAXGPT_DATA_DIR", PACKAGED_SHAKESPEARE.parent))
 
 
 @pytest.fixture(scope="session")
 def shakespeare_path(shared_data) -> pathlib.Path:
-  path = shared_data / "tinyshakespeare.txt"
-  if not path.exists():
-    pytest.skip(f"{path} not found (set FLAXGPT_DATA_DIR)")
+  return shared_data / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def small_text(tmp_path) -> pathlib.Path:
+  """A 1.6k-character text file of Shakespeare-like lines."""
+  path = tmp_path / "small.txt"
+  path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+                  "All:\nSpeak, speak.\n" * 20)
   return path

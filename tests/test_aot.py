@@ -1,5 +1,6 @@
-"""python -m launch.aot: slice names -> TPU topologies, the implied-step-time arithmetic, the
-report, and (where libtpu is at hand) a real ahead-of-time compile of GPT-2 for a v5p-8.
+"""training/perf/aot.py and python -m launch.aot: the implied-step-time arithmetic, the report,
+and (where libtpu is at hand) a real ahead-of-time compile of GPT-2 for a v5p-8. (Slice names:
+test_tpu_slices.py.)
 
 The compile needs `jax[tpu]` (libtpu), which the CPU test environment does not have: it runs with
 this interpreter if libtpu imports here, else with the python that $FLAXGPT_TPU_PYTHON names
@@ -11,83 +12,20 @@ import dataclasses
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from configs.gpt3_175b import get_config as gpt3_config
+from conftest import REPO
 from model.config import ModelConfig
-from training import aot
-from training import tpu_topology as tt
-from training import tpu_commands as tc
-from training.errors import UserError
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GIB = tt.GIB
-
-# ---------------------------------------------------------------------------------------------
-# slice names
-
-
-@pytest.mark.parametrize("name,topology_name,chips,hosts", [
-    ("v5p-8", "v5p:2x2x1", 4, 1), ("v5p-16", "v5p:2x2x2", 8, 2), ("v5p-32", "v5p:2x2x4", 16, 4),
-    ("v5p-64", "v5p:2x4x4", 32, 8), ("v5p-128", "v5p:4x4x4", 64, 16),
-    ("v5p-256", "v5p:4x4x8", 128, 32), ("v5p-384", "v5p:4x4x12", 192, 48),
-    ("v5p-512", "v5p:4x8x8", 256, 64), ("v5p-640", "v5p:4x4x20", 320, 80),
-    ("v5p-768", "v5p:4x8x12", 384, 96), ("v5p-1024", "v5p:8x8x8", 512, 128),
-    ("v5p-1152", "v5p:4x12x12", 576, 144), ("v5p-2048", "v5p:8x8x16", 1024, 256),
-    ("v5p-2560", "v5p:8x8x20", 1280, 320), ("v5p-3072", "v5p:8x12x16", 1536, 384),
-    ("v4-8", "v4:2x2x1", 4, 1), ("v4-32", "v4:2x2x4", 16, 4), ("v4-4096", "v4:8x16x16", 2048, 512),
-    ("v5e-1", "v5e:1x1", 1, 1), ("v5e-4", "v5e:2x2", 4, 1), ("v5e-8", "v5e:2x4", 8, 1),
-    ("v5e-16", "v5e:4x4", 16, 4), ("v5litepod-128", "v5e:8x16", 128, 32),
-    ("v5e-256", "v5e:16x16", 256, 64), ("v6e-8", "v6e:2x4", 8, 1), ("v6e-64", "v6e:8x8", 64, 16),
-    ("v6e-256", "v6e:16x16", 256, 64), ("v5p:4x4x12", "v5p:4x4x12", 192, 48),
-    ("v5litepod:4x8", "v5e:4x8", 32, 8),
-])
-def test_slice_names_map_to_topologies(name, topology_name, chips, hosts):
-  topo = tt.parse_topology(name)
-  assert (topo.topology_name, topo.chips, topo.hosts) == (topology_name, chips, hosts)
-
-
-@pytest.mark.parametrize("name", ["v4-8", "v4-64", "v5p-8", "v5p-64", "v5p-512", "v5e-1",
-                                  "v5e-8", "v5e-16", "v5e-256", "v6e-4", "v6e-32"])
-def test_chips_and_hosts_agree_with_the_tpu_launcher(name):
-  gcloud_name = name.replace("v5e-", "v5litepod-")
-  shape = tc.parse_accelerator_type(gcloud_name)
-  topo = tt.parse_topology(name)
-  assert (topo.chips, topo.hosts, topo.accelerator_type) == (shape.chips, shape.hosts,
-                                                             gcloud_name)
-
-
-def test_wraparound_and_host_bounds():
-  assert tt.parse_topology("v5p-64").wrap == (False, False, False)
-  assert tt.parse_topology("v5p-128").wrap == (True, True, True)
-  assert tt.parse_topology("v5e-128").wrap == (False, True, False)
-  assert tt.parse_topology("v6e-256").wrap == (True, True, False)
-  assert tt.parse_topology("v5e-8").chips_per_host_bounds == (2, 4, 1)
-  assert tt.parse_topology("v5e-16").chips_per_host_bounds == (2, 2, 1)
-  assert tt.parse_topology("v4-8").chips_per_host_bounds == (2, 2, 1)
-
-
-def test_chip_properties_come_from_the_tables():
-  v5p, v5e = tt.parse_topology("v5p-8"), tt.parse_topology("v5e-4")
-  assert v5p.hbm_bytes == 95 * GIB and v5e.hbm_bytes == 16 * GIB
-  assert v5p.peak_flops_per_chip == 459e12 and v5e.peak_flops_per_chip == 197e12
-  assert tt.parse_topology("v4-8").peak_flops_per_chip == 275e12
-  assert tt.parse_topology("v6e-4").peak_flops_per_chip == 918e12
-
-
-@pytest.mark.parametrize("name,words", [
-    ("v5p-7", "TensorCores"), ("v5p-24", "TensorCores"), ("v5p-96", "multiple of 128"),
-    ("v5e-2", "chips"), ("v6e-512", "chips"), ("v3-8", "Unknown --topology"),
-    ("", "Unknown --topology"), ("v5p:4x4", "3 positive sizes"), ("tpu", "Unknown --topology"),
-])
-def test_bad_slice_names_are_one_sentence(name, words):
-  with pytest.raises(UserError, match=words) as e:
-    tt.parse_topology(name)
-  assert "\n" not in str(e.value)
-
+from model.transformer import count_params
+from sharding import make_mesh, rules_from_config
+from training.perf import aot
+from training.run import check_values, model_config
+from training.tpu import slices
+from training.tpu.slices import GIB, parse_slice
 
 # ---------------------------------------------------------------------------------------------
 # arithmetic and the report
@@ -182,13 +120,12 @@ def test_grad_accum_suggestion_keeps_the_micro_batch_divisible():
 
 
 def test_unsplit_parameters_are_listed_and_suggested():
-  from sharding import make_mesh  # pylint: disable=import-outside-toplevel
   # Width 60, head dim 12 and 101 tokens on fsdp=8: no dimension of the attention kernels, of
   # the width-60 biases or of the embedding is divisible by 8 (the MLP's 240 and the 64
   # positions are).
   cfg = ModelConfig(vocab_size=101, block_size=64, num_layers=2, num_heads=5, d_model=60)
   mesh = make_mesh(1, 8, 1)
-  rows = aot._unsplit(cfg, mesh, aot.rules_from_config({}))  # pylint: disable=protected-access
+  rows = aot._unsplit(cfg, mesh, rules_from_config({}))  # pylint: disable=protected-access
   assert rows == ["h_*/attn/c_attn/kernel [60, 3, 5, 12] (fsdp)",
                   "h_*/attn/c_proj/bias [60] (fsdp)",
                   "h_*/attn/c_proj/kernel [5, 12, 60] (fsdp)",
@@ -230,7 +167,7 @@ def test_bad_topology_is_one_error_line():
       "64 or a multiple of 128 (v5p-128, v5p-256, ...)."]
 
 
-@pytest.mark.skipif(tt.libtpu_available(), reason="libtpu is installed here")
+@pytest.mark.skipif(slices.libtpu_available(), reason="libtpu is installed here")
 def test_without_libtpu_says_how_to_install_it():
   result = _aot(sys.executable, "--config", "configs/gpt2.py", "--topology", "v5p-8")
   assert result.returncode == 2, result.stderr
@@ -261,6 +198,8 @@ def test_gpt2_compiles_for_a_v5p_8_and_fits(tmp_path):
                 "--topology", "v5p-8", "--json", str(out))
   assert result.returncode == 0, result.stdout + result.stderr
   assert "v5p-8 = 4 chips (TPU v5, v5p:2x2x1, 1 host)" in result.stdout
+  tpu = parse_slice("v5p-8")  # what `launch.tpu create --accelerator_type=v5p-8` plans
+  assert (tpu.chips, tpu.hosts) == (4, 1)
   assert "memory per chip (XLA memory_analysis)" in result.stdout
   assert "fits" in result.stdout and "DOES NOT FIT" not in result.stdout
   r = json.loads(out.read_text())
@@ -291,10 +230,7 @@ def test_a_batch_too_big_for_the_chips_does_not_fit(tmp_path):
 
 
 def test_the_gpt3_175b_config_is_gpt3():
-  from configs.gpt3_175b import get_config  # pylint: disable=import-outside-toplevel
-  from model.transformer import count_params  # pylint: disable=import-outside-toplevel
-  from training.setup import check_values, model_config  # pylint: disable=import-outside-toplevel
-  c = get_config()
+  c = gpt3_config()
   check_values(c)
   cfg = model_config(c, 50257)
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.block_size) == (

@@ -1,4 +1,5 @@
-"""launch.benchmark on the tiny config (CPU): both modes run and the JSON has every field."""
+"""training/perf/benchmark.py and launch.benchmark on the tiny config (CPU): both modes run, the
+JSON has every field, and the config is checked as training checks it."""
 
 import json
 import os
@@ -8,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_module, subprocess_env
 from model.config import get_config
-from training import benchmark, flops
+from training.perf import benchmark
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +55,19 @@ def test_sample_fields(report):
   assert "greedy" in stdout
 
 
-def test_mfu_hand_computed_h100():
-  # GPT-2 124M at T=1024: N = 123,653,376 -> 6N + 12*12*1024*768 = 855,166,976 FLOPs/token.
-  cfg = get_config("gpt2")
-  assert flops.flops_per_token(cfg, 1024) == 6 * 123_653_376 + 12 * 12 * 1024 * 768
-  # 500K tokens/s on one H100 (989 TFLOP/s) -> 427.58 TFLOP/s -> 43.23% MFU.
-  mfu = flops.mfu(500_000, flops.flops_per_token(cfg, 1024), "NVIDIA H100 80GB HBM3", 1)
-  assert mfu == pytest.approx(500_000 * 855_166_976 / 989e12)
-  assert mfu == pytest.approx(0.43234, abs=1e-4)
-  assert flops.peak_entry("TPU v5 lite") == "tpu v5e"
-  assert flops.peak_entry("cpu") is None
-
-
 def test_decode_bytes_counts_params_and_whole_cache():
   cfg = get_config("tiny")
   params = {"w": np.zeros((10, 10), np.float32)}
   expected = 400 + 2 * cfg.num_layers * 4 * 32 * cfg.d_model * 4
   assert benchmark._decode_bytes_per_step(cfg, params, 4, 32) == expected
+
+
+def test_a_config_training_rejects_is_rejected_in_one_sentence():
+  """The benchmark builds its run as training does (training/run.py), so it fails the same way:
+  one `error:` line before anything is compiled."""
+  out = run_module("launch.benchmark", "--config", "configs/tiny.py",
+                   "--config.train.batch_size=12", env=subprocess_env())  # 8 devices
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: The micro-batch config.train.batch_size / grad_accum = 12 must be divisible by "
+      "the data-parallel size mesh.data x mesh.fsdp = 8."]

@@ -1,21 +1,20 @@
-"""Data sources: deterministic windows by (seed, split, index), the same global batch on any
-number of processes, bin/text/tfds/synthetic sources, the prepare CLI, prefetch, errors."""
+"""training/data/: deterministic windows by (seed, split, index), the same global batch on any
+number of processes, bin/text/tfds/synthetic sources, the packaged tiny shakespeare, prefetch,
+errors. (launch.prepare's own flags and messages: test_prepare_cli.py.)"""
 
+import hashlib
 import json
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from launch import prepare as prepare_cli
+from conftest import run_module, subprocess_env
+from model.errors import NotFoundError, UserError
 from model.tokenizer import get_tokenizer
-from training import data, data_prepare
-from training.data_prepare import DataError, MissingDataError, prepare_text, split_text
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from training import data
+from training.data import text
+from training.data.text import prepare_text, split_text
 
 
 def make(cfg_updates, seq_len=8, batch=4, seed=0, process_index=0, process_count=1):
@@ -29,23 +28,12 @@ def make(cfg_updates, seq_len=8, batch=4, seed=0, process_index=0, process_count
 def shakespeare_bin(shakespeare_path, tmp_path_factory):
   """tiny shakespeare prepared with the char tokenizer by the CLI, in a subprocess."""
   out_dir = tmp_path_factory.mktemp("shakespeare_char")
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.prepare", f"--input={shakespeare_path}",
-       "--tokenizer=char", f"--out_dir={out_dir}"],
-      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-      timeout=120, check=False)
+  result = run_module("launch.prepare", f"--input={shakespeare_path}", "--tokenizer=char",
+                      f"--out_dir={out_dir}", env=subprocess_env(), timeout=120)
   assert result.returncode == 0, result.stderr
   assert "1,003,854 train + 111,540 val tokens" in result.stdout
   assert "tokens/s" in result.stdout
   return out_dir
-
-
-@pytest.fixture
-def small_text(tmp_path):
-  path = tmp_path / "small.txt"
-  path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-                  "All:\nSpeak, speak.\n" * 20)
-  return path
 
 
 def test_default_config_fields():
@@ -155,21 +143,6 @@ def test_tfds_source_under_mock_data(tmp_path):
   assert "tfds tiny_shakespeare" in source.describe()
 
 
-def test_prepare_cli_on_tfds_under_mock_data(tmp_path, capsys):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=10):
-    assert prepare_cli.main(["--tfds=tiny_shakespeare", "--tokenizer=char", "--val_split=test",
-                             f"--out_dir={tmp_path}", "--quiet"]) == 0
-    assert prepare_cli.main(["--tfds=tiny_shakespeare", "--text_key=body",
-                             f"--out_dir={tmp_path / 'other'}"]) == 2
-  out, err = capsys.readouterr()
-  meta = json.loads((tmp_path / "meta.json").read_text())
-  chars = meta["tokenizer"]["chars"]  # mock_data's text is random letters a-j and spaces
-  assert meta["source"] == "tfds:tiny_shakespeare" and set(chars) <= set(" abcdefghij")
-  assert f"vocab {len(chars)} (char)" in out and "tokens/s" in out
-  assert "no feature 'body' (they have 'text')" in err
-
-
 def test_synthetic_source():
   source = make({"source": "synthetic", "vocab_size": 50}, seq_len=32, batch=4, seed=3)
   batch = source.get_batch("train", 0)
@@ -212,59 +185,51 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
   assert source.tokenizer == {"name": "char", "chars": "".join(chars)}
 
 
-def test_tiny_shakespeare_is_downloaded_once_and_checked(shakespeare_path, tmp_path,
-                                                         monkeypatch):
+def test_tiny_shakespeare_ships_with_the_package(monkeypatch):
   monkeypatch.delenv("FLAXGPT_DATA_DIR", raising=False)
-  monkeypatch.setattr(data_prepare, "SHAKESPEARE_URL", shakespeare_path.as_uri())
-  path = data_prepare.tiny_shakespeare_path(str(tmp_path))
+  path = text.tiny_shakespeare_path()
+  assert path == str(text.PACKAGED_SHAKESPEARE)
+  with open(path, "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == text.SHAKESPEARE_SHA256
+
+
+def test_without_the_packaged_copy_tiny_shakespeare_is_downloaded_once_and_checked(
+    shakespeare_path, tmp_path, monkeypatch):
+  monkeypatch.delenv("FLAXGPT_DATA_DIR", raising=False)
+  monkeypatch.setattr(text, "PACKAGED_SHAKESPEARE", tmp_path / "not-installed.txt")
+  monkeypatch.setattr(text, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+  path = text.tiny_shakespeare_path(str(tmp_path))
   assert path == str(tmp_path / "tinyshakespeare.txt")
   assert open(path, "rb").read() == shakespeare_path.read_bytes()
-  monkeypatch.setattr(data_prepare, "SHAKESPEARE_SHA256", "0" * 64)
-  with pytest.raises(DataError, match="expected sha256"):
-    data_prepare.tiny_shakespeare_path(str(tmp_path / "other"))
+  monkeypatch.setattr(text, "SHAKESPEARE_SHA256", "0" * 64)
+  with pytest.raises(UserError, match="expected sha256"):
+    text.tiny_shakespeare_path(str(tmp_path / "other"))
 
 
 def test_missing_paths_are_named(tmp_path):
   missing = str(tmp_path / "nope.txt")
-  with pytest.raises(MissingDataError, match="nope.txt"):
+  with pytest.raises(NotFoundError, match="nope.txt"):
     make({"path": missing})
-  with pytest.raises(MissingDataError, match="nothing-here"):
+  with pytest.raises(NotFoundError, match="nothing-here"):
     make({"source": "bin", "path": str(tmp_path / "nothing-here")})
-  with pytest.raises(MissingDataError, match=r"\*\.zzz"):
+  with pytest.raises(NotFoundError, match=r"\*\.zzz"):
     make({"path": str(tmp_path / "*.zzz")})
-  with pytest.raises(DataError, match="Unknown data source 'csv'"):
+  with pytest.raises(UserError, match="Unknown data source 'csv'"):
     make({"source": "csv"})
 
 
 def test_batch_must_divide_by_process_count():
-  with pytest.raises(DataError, match="6 must be a positive multiple of the process count 4"):
+  with pytest.raises(UserError, match="6 must be a positive multiple of the process count 4"):
     make({"source": "synthetic"}, batch=6, process_count=4)
 
 
 def test_seq_len_too_long_for_data(small_text, tmp_path):
   cfg = {"path": str(small_text), "cache_dir": str(tmp_path)}
-  with pytest.raises(DataError, match=r"train\.bin' has 1,458 tokens, fewer than seq_len \+ 1 = "
+  with pytest.raises(UserError, match=r"train\.bin' has 1,458 tokens, fewer than seq_len \+ 1 = "
                                       r"2,049"):
     make(cfg, seq_len=2048)
-  with pytest.raises(DataError, match=r"val\.bin' has 162 tokens, fewer than seq_len \+ 1 = 201"):
+  with pytest.raises(UserError, match=r"val\.bin' has 162 tokens, fewer than seq_len \+ 1 = 201"):
     make(cfg, seq_len=200)
-
-
-def test_prepare_cli_rejects_bad_input(small_text, tmp_path, capsys):
-  a_file = tmp_path / "a_file"
-  a_file.write_text("x")
-  cases = [
-      ([f"--input={tmp_path / 'missing.txt'}"], "missing.txt' does not exist"),
-      ([f"--input={small_text}", "--tokenizer=bpe"], "Unknown tokenizer 'bpe'"),
-      ([f"--input={small_text}", f"--out_dir={a_file}"], "is an existing file"),
-  ]
-  for argv, message in cases:
-    argv = argv if any(a.startswith("--out_dir") for a in argv) else argv + [
-        f"--out_dir={tmp_path / 'out'}"]
-    assert prepare_cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-  assert not (tmp_path / "out").exists()
 
 
 def test_prepare_leaves_old_files_when_it_fails_half_way(small_text, tmp_path, monkeypatch):

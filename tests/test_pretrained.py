@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from model.errors import NotFoundError, UserError
 from model.pretrained import load_hf_gpt2, save_hf_gpt2
 from model.transformer import GPT, MASK_VALUE, abstract_params
 
@@ -112,11 +113,11 @@ def test_dtype_arguments():
 
 
 def test_bad_overrides():
-  with pytest.raises(ValueError, match="num_layers"):
+  with pytest.raises(UserError, match="num_layers"):
     load_hf_gpt2(HF_DIR, num_layers=3)
-  with pytest.raises(ValueError, match="block_size 64 .* n_positions 32"):
+  with pytest.raises(UserError, match="block_size 64 .* n_positions 32"):
     load_hf_gpt2(HF_DIR, block_size=64)
-  with pytest.raises(ValueError, match="'n_embd'"):
+  with pytest.raises(UserError, match="'n_embd'"):
     load_hf_gpt2(HF_DIR, n_embd=32)
 
 
@@ -154,14 +155,14 @@ def test_by_name_offline_and_unknown(monkeypatch):
     raise errors.LocalEntryNotFoundError("Cannot reach the Hub. Check your connection.")
 
   monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
-  with pytest.raises(OSError, match="'gpt2-medium'.*no network.*local directory"):
+  with pytest.raises(NotFoundError, match="'gpt2-medium'.*no network.*local directory"):
     load_hf_gpt2("gpt2-medium")
 
   def unknown(repo_id, allow_patterns):
     raise errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError, "404")
 
   monkeypatch.setattr("huggingface_hub.snapshot_download", unknown)
-  with pytest.raises(ValueError, match="Unknown checkpoint 'someone/gpt9'"):
+  with pytest.raises(UserError, match="Unknown checkpoint 'someone/gpt9'"):
     load_hf_gpt2("someone/gpt9")
 
 
@@ -170,29 +171,29 @@ def test_by_name_offline_and_unknown(monkeypatch):
 
 
 def test_missing_directory_and_file_path(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nowhere.*gpt2-medium"):
+  with pytest.raises(NotFoundError, match="nowhere.*gpt2-medium"):
     load_hf_gpt2(tmp_path / "nowhere")
-  with pytest.raises(ValueError, match="config.json.*is a file"):
+  with pytest.raises(UserError, match="config.json.*is a file"):
     load_hf_gpt2(HF_DIR / "config.json")
 
 
 def test_missing_config_or_weights(tmp_path):
   directory = copy_checkpoint(tmp_path)
   (directory / "model.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+  with pytest.raises(NotFoundError, match="model.safetensors"):
     load_hf_gpt2(directory)
   (directory / "config.json").unlink()
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(NotFoundError, match="config.json"):
     load_hf_gpt2(directory)
 
 
 def test_malformed_config(tmp_path):
   directory = copy_checkpoint(tmp_path)
   (directory / "config.json").write_text('{"n_embd": 16,')
-  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+  with pytest.raises(UserError, match="config.json is not valid JSON"):
     load_hf_gpt2(directory)
   (directory / "config.json").write_text("[1, 2]")
-  with pytest.raises(ValueError, match="config.json must hold a JSON object"):
+  with pytest.raises(UserError, match="config.json must hold a JSON object"):
     load_hf_gpt2(directory)
 
 
@@ -205,7 +206,7 @@ def test_malformed_config(tmp_path):
 def test_unsupported_config(tmp_path, changes, message):
   directory = copy_checkpoint(tmp_path)
   edit_config(directory, **changes)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     load_hf_gpt2(directory)
 
 
@@ -214,21 +215,21 @@ def test_missing_tensor_wrong_shape_and_corrupt_file(tmp_path):
   weights = directory / "model.safetensors"
   tensors = load_file(weights)
   save_file({k: v for k, v in tensors.items() if "h.1.mlp.c_fc.bias" not in k}, weights)
-  with pytest.raises(ValueError, match=r"model.safetensors has no tensor 'h.1.mlp.c_fc.bias'"):
+  with pytest.raises(UserError, match=r"model.safetensors has no tensor 'h.1.mlp.c_fc.bias'"):
     load_hf_gpt2(directory)
   tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((16, 8), np.float32)
   save_file(tensors, weights)
-  with pytest.raises(ValueError, match=r"model.safetensors.*'h.0.attn.c_proj.weight'.*\(16, 8\)"):
+  with pytest.raises(UserError, match=r"model.safetensors.*'h.0.attn.c_proj.weight'.*\(16, 8\)"):
     load_hf_gpt2(directory)
   weights.write_bytes(b"not a safetensors file")
-  with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+  with pytest.raises(UserError, match="model.safetensors is not a readable safetensors"):
     load_hf_gpt2(directory)
 
 
 def test_untied_config_without_lm_head(tmp_path):
   directory = copy_checkpoint(tmp_path)
   edit_config(directory, tie_word_embeddings=False)
-  with pytest.raises(ValueError, match="no tensor 'lm_head.weight'"):
+  with pytest.raises(UserError, match="no tensor 'lm_head.weight'"):
     load_hf_gpt2(directory)
 
 

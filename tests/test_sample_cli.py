@@ -1,5 +1,5 @@
 """python -m launch.sample end to end (subprocesses) from a launch.train checkpoint and from a
-Hugging Face checkpoint, its one-sentence errors, and the helpers of model/sample_cli.py."""
+Hugging Face checkpoint, its one-sentence errors, and its prompt and output helpers."""
 
 import io
 import json
@@ -10,11 +10,13 @@ import sys
 
 import pytest
 
-from model import sample_cli
+from conftest import exit_status
+from launch import sample as sample_cli
+from launch.sample import StreamPrinter, format_sample
+from model import sampling
 from model.pretrained import load_hf_gpt2
-from model.sample_cli import StreamPrinter, TextStream, format_sample
 from model.sampling import generate
-from model.tokenizer import GPT2_BPE_ENV, CharTokenizer, get_tokenizer, tokenizer_from_dict
+from model.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_dict
 from training.checkpoint import load_for_inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,11 +27,10 @@ HF_PROMPTS = ("Q@Z", "(x)")  # GPT-2 BPE ids below 96
 
 
 @pytest.fixture(scope="module")
-def env(shared_data, tmp_path_factory):
-  if not (shared_data / "tinyshakespeare.txt").exists():
-    pytest.skip("tiny shakespeare not found (set FLAXGPT_DATA_DIR)")
-  e = dict(os.environ)  # keeps conftest's XLA_FLAGS and FLAXGPT_GPT2_BPE
-  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", FLAXGPT_DATA_DIR=str(shared_data),
+def env(tmp_path_factory):
+  """No FLAXGPT_DATA_DIR / FLAXGPT_GPT2_BPE: the packaged data and BPE ranks are used."""
+  e = dict(os.environ)  # keeps conftest's XLA_FLAGS
+  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
            FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1",
            HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
   return e
@@ -37,8 +38,6 @@ def env(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2():
-  if not os.environ.get(GPT2_BPE_ENV):
-    pytest.skip(f"{GPT2_BPE_ENV} is not set (offline GPT-2 BPE file)")
   return get_tokenizer("gpt2")
 
 
@@ -150,12 +149,15 @@ BAD_INPUTS = {
     "zero-num_samples": (["--num_samples", "0"], "--num_samples must be at least 1, got 0"),
     "empty-prompt": (["--prompt", ""], "The prompt '' is empty"),
     "too-long": (["--prompt", "ROMEO:", "--max_new_tokens", "60"],
-                 "is 6 tokens; with --max_new_tokens=60 that is 66, more than the model's "
-                 "block_size (64)"),
+                 "The prompt 'ROMEO:' (6 tokens) plus --max_new_tokens (60) is 66, more than "
+                 "the model's block_size (64)"),
     "unknown-char": (["--prompt", "caf\u00e9"], "Character '\u00e9' is not in the character"),
     "step": (["--step", "5"], "No checkpoint of step 5"),
-    "both-sources": (["--init_from", "gpt2"], "--init_from: not allowed with argument "
-                                              "--workdir"),
+    "both-sources": (["--init_from", "gpt2"], "--init_from is not allowed with --workdir"),
+    "stream-and-json": (["--stream", "--json"], "--stream is not allowed with --json"),
+    "bad-dtype": (["--dtype", "float64"], "--dtype must be one of float32, bfloat16, got "
+                                          "'float64'"),
+    "not-a-number": (["--num_samples", "two"], "--num_samples must be an integer, got 'two'"),
 }
 BAD_SOURCES = {
     "no-source": ([], "Give --workdir"),
@@ -165,8 +167,8 @@ BAD_SOURCES = {
     "missing-prompt-file": (["--init_from", str(HF_DIR), "--prompt_file", "{tmp}/no.txt"],
                             "--prompt_file: file"),
     "prompt-outside-vocab": (["--init_from", str(HF_DIR), "--prompt", "Hello"],
-                             "The prompt 'Hello' encodes to token id 15496, outside the "
-                             "model's vocabulary of 96 tokens"),
+                             "The prompt 'Hello' has token id 15496, outside [0, 96), the "
+                             "model's vocabulary"),
 }
 
 
@@ -182,8 +184,6 @@ def _assert_one_sentence(returncode, stdout, stderr, pattern):
 def test_bad_input_is_one_sentence(name, workdir, gpt2, tmp_path, capsys):
   """launch.sample.main in-process (what the subprocess runs, without a process per case):
   each mistake is caught before anything is compiled."""
-  from launch import sample
-  from model import sampling
   compiled = sampling._prefill._cache_size()  # pylint: disable=protected-access
   if name in BAD_INPUTS:
     args, pattern = BAD_INPUTS[name]
@@ -191,10 +191,9 @@ def test_bad_input_is_one_sentence(name, workdir, gpt2, tmp_path, capsys):
   else:
     args, pattern = BAD_SOURCES[name]
     args = [a.format(tmp=tmp_path) for a in args]
-  with pytest.raises(SystemExit) as exit_info:
-    sample.main(args)
+  status = exit_status(sample_cli.main, args)
   out = capsys.readouterr()
-  _assert_one_sentence(exit_info.value.code, out.out, out.err, pattern)
+  _assert_one_sentence(status, out.out, out.err, pattern)
   assert sampling._prefill._cache_size() == compiled  # pylint: disable=protected-access
 
 
@@ -239,15 +238,6 @@ def test_default_prompt_and_stop_token(gpt2):
   assert sample_cli.stop_token(char, 3) is None
   assert sample_cli.default_max_new_tokens([[1] * 10, [1] * 3], 64) == 54
   assert sample_cli.default_max_new_tokens([[1]], 1024) == sample_cli.DEFAULT_MAX_NEW_TOKENS
-
-
-def test_text_stream_holds_back_split_characters(gpt2):
-  tokenizer = gpt2
-  ids = tokenizer.encode("\U0001F642 ok \u65e5\u672c\u8a9e!")  # characters split across tokens
-  stream = TextStream(tokenizer)
-  pieces = [stream.push([i]) for i in ids] + [stream.flush()]
-  assert "".join(pieces) == tokenizer.decode(ids)
-  assert all(sample_cli.REPLACEMENT_CHAR not in p for p in pieces)
 
 
 def test_stream_printer_output_equals_text_mode():

@@ -11,6 +11,7 @@ import pytest
 
 import model
 from model import sampling
+from model.errors import UserError
 from model.sampling import (Buckets, choose_buckets, filter_logits, generate, generate_stream,
                             sample_token)
 from model.pretrained import load_hf_gpt2
@@ -140,7 +141,7 @@ def test_traced_settings_match_python_settings_without_recompiling():
 def test_invalid_python_settings_raise():
   for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_k=1.5), dict(top_p=0.0),
               dict(top_p=1.5)):
-    with pytest.raises(ValueError, match=next(iter(bad))):
+    with pytest.raises(UserError, match=next(iter(bad))):
       filter_logits(jnp.zeros(4), **bad)
 
 
@@ -254,21 +255,21 @@ def test_rows_stop_independently_on_eot_and_the_loop_ends_early(cfg, params):
 
 
 def test_invalid_requests_raise_clear_errors(cfg, params):
-  with pytest.raises(ValueError, match=r"\(60 tokens\).*\(10\).*70.*block_size \(64\)"):
+  with pytest.raises(UserError, match=r"\(60 tokens\).*\(10\).*70.*block_size \(64\)"):
     generate(params, cfg, [[1] * 60, [2]], max_new_tokens=10)
-  with pytest.raises(ValueError, match="Prompt 1 is empty"):
+  with pytest.raises(UserError, match="Prompt 1 is empty"):
     generate(params, cfg, [[1, 2], []], max_new_tokens=4)
-  with pytest.raises(ValueError, match="non-empty list"):
+  with pytest.raises(UserError, match="non-empty list"):
     generate(params, cfg, [], max_new_tokens=4)
-  with pytest.raises(ValueError, match=r"outside \[0, 128\)"):
+  with pytest.raises(UserError, match=r"outside \[0, 128\)"):
     generate(params, cfg, [[1, 128]], max_new_tokens=4)
-  with pytest.raises(ValueError, match="max_new_tokens"):
+  with pytest.raises(UserError, match="max_new_tokens"):
     generate(params, cfg, [[1]], max_new_tokens=0)
-  with pytest.raises(ValueError, match="top_p"):
+  with pytest.raises(UserError, match="top_p"):
     generate(params, cfg, [[1]], max_new_tokens=4, top_p=0.0)
-  with pytest.raises(ValueError, match="cache_len 32 < 40"):
+  with pytest.raises(UserError, match="cache_len 32 < 40"):
     generate(params, cfg, [[1] * 20], max_new_tokens=20, buckets=BUCKETS)
-  with pytest.raises(ValueError, match="Prompt 0 is empty"):
+  with pytest.raises(UserError, match="Prompt 0 is empty"):
     generate_stream(params, cfg, [[]], max_new_tokens=4)  # raised before the first next()
 
 

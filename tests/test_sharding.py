@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding as S
 from model import GPT, get_config, init_params
+from model.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Heads (8), width (64), MLP width (256) and vocabulary (128) divide by 8: tensor=8 splits all.
@@ -90,9 +91,9 @@ def test_mesh_shapes_and_minus_one():
 
 
 def test_mesh_wrong_device_count_names_both_numbers():
-  with pytest.raises(ValueError, match=r"needs 16 devices, but 8 are available"):
+  with pytest.raises(UserError, match=r"needs 16 devices, but 8 are available"):
     S.make_mesh(2, 4, 2)
-  with pytest.raises(ValueError, match=r"\b3\b.*\b8\b"):
+  with pytest.raises(UserError, match=r"\b3\b.*\b8\b"):
     S.make_mesh(data=3, fsdp=-1)
 
 
@@ -103,7 +104,7 @@ def test_mesh_wrong_device_count_names_both_numbers():
     ((-1, -1, 1), "At most one mesh axis may be -1"),
 ])
 def test_mesh_bad_axis_values(sizes, match):
-  with pytest.raises(ValueError, match=re.escape(match)):
+  with pytest.raises(UserError, match=re.escape(match)):
     S.make_mesh(*sizes)
 
 
@@ -118,7 +119,7 @@ def test_mesh_and_rules_from_config():
   # the whole table in a config, every entry overridable; or a one-line string of overrides
   assert S.make_rules(S.rules_config()) == S.DEFAULT_RULES
   assert dict(S.rules_from_config({"rules": "embed=none; act_batch=data"}))["act_batch"] == "data"
-  with pytest.raises(ValueError, match="must look like name=axes"):
+  with pytest.raises(UserError, match="must look like name=axes"):
     S.rules_from_config({"rules": "embed"})
 
 
@@ -155,9 +156,9 @@ def test_rules_override():
   assert table["embed"] is None and table["vocab"] is None
   assert table["act_batch"] == ("data", "fsdp") and table["mlp"] == "tensor"
   assert S.make_rules(ml_collections.ConfigDict({"heads": ["tensor"]})) == S.DEFAULT_RULES
-  with pytest.raises(ValueError, match="Unknown logical axis 'embd'"):
+  with pytest.raises(UserError, match="Unknown logical axis 'embd'"):
     S.make_rules({"embd": None})
-  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+  with pytest.raises(UserError, match="unknown mesh axis 'model'"):
     S.make_rules({"mlp": "model"})
 
 
@@ -302,9 +303,9 @@ def test_shard_batch_places_rows_on_the_right_devices():
 
 def test_shard_batch_rejects_rows_that_do_not_split():
   mesh = S.make_mesh(2, 2, 2)
-  with pytest.raises(ValueError, match="batch of 6 rows does not split evenly over its 4"):
+  with pytest.raises(UserError, match="batch of 6 rows does not split evenly over its 4"):
     S.shard_batch(TOKENS_BT[:6], mesh)
-  with pytest.raises(ValueError, match="Global batch size 6 must be a positive multiple of 4"):
+  with pytest.raises(UserError, match="Global batch size 6 must be a positive multiple of 4"):
     S.process_batch_size(6, mesh)
 
 

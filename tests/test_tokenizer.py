@@ -1,11 +1,13 @@
-"""Tokenizers: GPT-2 BPE from the offline rank file, and the character vocabulary."""
+"""model/tokenizer.py: GPT-2 BPE from the packaged rank file, the character vocabulary, and
+incremental decoding."""
 
+import hashlib
 import json
-import os
 
 import pytest
 
 from model import tokenizer as tok
+from model.errors import NotFoundError, UserError
 
 # Emoji (incl. a ZWJ sequence), CJK, Hangul, combining marks, control whitespace.
 UNICODE_TEXT = ("Héllo, wörld! 😀🚀👩‍👩‍👧 日本語のテキスト 한국어 e\u0301 n\u0303 Ω≈ç√\n\n"
@@ -14,14 +16,21 @@ UNICODE_TEXT = ("Héllo, wörld! 😀🚀👩‍👩‍👧 日本語のテキ�
 
 @pytest.fixture(scope="module")
 def gpt2():
-  if not os.environ.get(tok.GPT2_BPE_ENV):
-    pytest.skip(f"{tok.GPT2_BPE_ENV} is not set (offline GPT-2 BPE file)")
   return tok.get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
 def shakespeare_text(shakespeare_path):
   return shakespeare_path.read_text(encoding="utf-8")
+
+
+def test_gpt2_ranks_ship_with_the_package(monkeypatch):
+  monkeypatch.delenv(tok.GPT2_BPE_ENV, raising=False)
+  with open(tok.PACKAGED_GPT2_BPE, "rb") as f:  # whisper's gpt2.tiktoken
+    assert hashlib.sha256(f.read()).hexdigest() == (
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
+  gpt2 = tok.get_tokenizer("gpt2")
+  assert gpt2.encode("Hello world") == [15496, 995] and gpt2.vocab_size == 50257
 
 
 def test_gpt2_known_ids(gpt2):
@@ -53,9 +62,9 @@ def test_gpt2_encode_batch_and_dict(gpt2):
 def test_missing_bpe_file_names_file_and_variable(monkeypatch, tmp_path):
   missing = tmp_path / "nope.tiktoken"
   monkeypatch.setenv(tok.GPT2_BPE_ENV, str(missing))
-  with pytest.raises(FileNotFoundError, match=f"nope.tiktoken.*{tok.GPT2_BPE_ENV}"):
+  with pytest.raises(NotFoundError, match=f"nope.tiktoken.*{tok.GPT2_BPE_ENV}"):
     tok.get_tokenizer("gpt2")
-  with pytest.raises(FileNotFoundError, match="nope.tiktoken"):
+  with pytest.raises(NotFoundError, match="nope.tiktoken"):
     tok.get_tokenizer("gpt2", bpe_path=missing)
 
 
@@ -85,13 +94,22 @@ def test_char_tokenizer_unicode_round_trip():
 
 def test_char_tokenizer_errors():
   char = tok.CharTokenizer.from_text("abc")
-  with pytest.raises(ValueError, match="'z'"):
+  with pytest.raises(UserError, match="'z'"):
     char.encode("abz")
-  with pytest.raises(ValueError, match="3"):
+  with pytest.raises(UserError, match="3"):
     char.decode([0, 3])
-  with pytest.raises(ValueError, match="text"):
+  with pytest.raises(UserError, match="text"):
     tok.get_tokenizer("char")
-  with pytest.raises(ValueError, match="'sentencepiece'"):
+  with pytest.raises(UserError, match="'sentencepiece'"):
     tok.get_tokenizer("sentencepiece")
-  with pytest.raises(ValueError, match="'bogus'"):
+  with pytest.raises(UserError, match="'bogus'"):
     tok.tokenizer_from_dict({"name": "bogus"})
+
+
+def test_text_stream_holds_back_split_characters(gpt2):
+  tokenizer = gpt2
+  ids = tokenizer.encode("\U0001F642 ok \u65e5\u672c\u8a9e!")  # characters split across tokens
+  stream = tok.TextStream(tokenizer)
+  pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+  assert "".join(pieces) == tokenizer.decode(ids)
+  assert all(tok.REPLACEMENT_CHAR not in p for p in pieces)

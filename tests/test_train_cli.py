@@ -9,8 +9,13 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from model.tokenizer import tokenizer_from_dict
+from model.transformer import GPT
+from training.checkpoint import load_for_inference
 from training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,13 +27,12 @@ RESUME_ARGS = ("--config.train.steps=300", "--config.log.every=1", "--config.eva
 
 
 @pytest.fixture(scope="module")
-def env(shared_data, tmp_path_factory):
+def env(tmp_path_factory):
+  """No FLAXGPT_DATA_DIR: the text source's default is the packaged tiny shakespeare."""
   e = dict(os.environ)
+  e.pop("FLAXGPT_DATA_DIR", None)
   e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
-           FLAXGPT_DATA_DIR=str(shared_data),
            FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-  if not (shared_data / "tinyshakespeare.txt").exists():
-    pytest.skip("tiny shakespeare not found (set FLAXGPT_DATA_DIR)")
   return e
 
 
@@ -77,11 +81,6 @@ def test_end_to_end_outputs(e2e_workdir):
 
 
 def test_load_for_inference(e2e_workdir):
-  import jax
-  import jax.numpy as jnp
-  from model.tokenizer import tokenizer_from_dict
-  from model.transformer import GPT
-  from training.checkpoint import load_for_inference
   workdir, _ = e2e_workdir
   cfg, params, tokenizer, step = load_for_inference(workdir)
   assert step == 20 and cfg.vocab_size == 65 and cfg.num_layers == 2
@@ -168,15 +167,6 @@ def test_cpu_devices_split_the_batch_over_cores(env, tmp_path):
                   "--config.eval.every=2", "--config.model.num_layers=1"), env)
   assert out.returncode == 0, out.stderr
   assert "mesh: data=2 x fsdp=1 x tensor=1 over 2 cpu device(s)" in out.stdout, out.stdout
-
-
-def test_cpu_device_count():
-  from training.setup import cpu_device_count  # pylint: disable=import-outside-toplevel
-  assert cpu_device_count(3, batch_size=12, cores=2) == 3  # as asked
-  assert cpu_device_count(-1, batch_size=12, cores=2) == 2  # one per core
-  assert cpu_device_count(-1, batch_size=12, cores=8) == 6  # ... dividing the batch
-  assert cpu_device_count(-1, batch_size=7, cores=4) == 1
-  assert cpu_device_count(-1, batch_size=4, cores=64) == 4
 
 
 def test_different_model_in_workdir_is_refused(env, e2e_workdir):

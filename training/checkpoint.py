@@ -7,6 +7,7 @@ A checkpoint <workdir>/checkpoints/<step>/ holds
 Orbax writes into a temporary directory and renames it when complete, and only complete
 checkpoints are listed, so a checkpoint half-written by a killed process is never loaded.
 
+    read_run_meta(workdir) -> (step, meta)   # no arrays read
     load_for_inference(workdir) -> (ModelConfig, params, tokenizer_dict | None, step)
 """
 
@@ -21,9 +22,9 @@ from etils import epath
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.transformer import abstract_params
 from sharding import DEFAULT_RULES, make_mesh, param_shardings
-from training.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -102,6 +103,22 @@ class Checkpointer:
     self._manager.close()
 
 
+def read_run_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta) of a training workdir's latest (or given) checkpoint, without reading any
+  arrays: the model config, the tokenizer, the resolved config. UserError if there is none."""
+  if "://" not in os.fspath(workdir) and not os.path.exists(workdir):
+    raise UserError(f"--workdir {os.fspath(workdir)!r} does not exist.")
+  if not checkpoint_dir(workdir).is_dir():
+    raise UserError(f"--workdir {os.fspath(workdir)!r} has no {CHECKPOINT_DIR}/ directory; "
+                    f"train first with python -m launch.train --workdir {workdir}.")
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt._step(step)  # pylint: disable=protected-access
+    return step, ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+
+
 def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
                        mesh: Mesh | None = None, rules=DEFAULT_RULES
                        ) -> tuple[ModelConfig, Any, dict | None, int]:
@@ -109,20 +126,16 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
   given) checkpoint. Parameters only; placed on `mesh` (default: the first device) with the
   model's logical shardings. `model.tokenizer.tokenizer_from_dict` turns the dict back into a
   tokenizer."""
-  if not checkpoint_dir(workdir).is_dir():
-    raise UserError(f"{str(workdir)!r} has no {CHECKPOINT_DIR}/ directory; train first with "
-                    f"python -m launch.train --workdir {workdir}.")
+  step, meta = read_run_meta(workdir, step)
+  cfg = ModelConfig(**meta["model"])
+  if mesh is None:
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  shardings = param_shardings(cfg, mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_params(cfg), shardings)
   ckpt = Checkpointer(workdir, read_only=True)
   try:
-    step = ckpt._step(step)  # pylint: disable=protected-access
-    meta = ckpt.read_meta(step)
-    cfg = ModelConfig(**meta["model"])
-    if mesh is None:
-      mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shardings = param_shardings(cfg, mesh, rules)
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_params(cfg), shardings)
     params = ckpt.restore_params(abstract, step)
   finally:
     ckpt.close()

@@ -16,33 +16,31 @@ from __future__ import annotations
 
 import os
 
+from model.errors import UserError
+
 _TPU_HOSTS_ENV = "TPU_WORKER_HOSTNAMES"
 _MEGASCALE_ENV = "MEGASCALE_NUM_SLICES"
 _initialized = False
 
 
-class DistributedError(ValueError):
-  """Inconsistent multi-process arguments (one sentence naming the bad value)."""
-
-
 def check_args(coordinator_address: str | None, num_processes: int | None,
                process_id: int | None) -> bool:
-  """Whether the arguments ask for an explicit multi-process run; raises DistributedError
-  when only some are given or a value is out of range."""
+  """Whether the arguments ask for an explicit multi-process run; raises UserError when only
+  some are given or a value is out of range."""
   given = [x is not None for x in (coordinator_address, num_processes, process_id)]
   if not any(given):
     return False
   if not all(given):
-    raise DistributedError("--coordinator_address, --num_processes and --process_id go "
-                           "together; give all three or none.")
+    raise UserError("--coordinator_address, --num_processes and --process_id go "
+                    "together; give all three or none.")
   host, _, port = coordinator_address.rpartition(":")
   if not host or not port.isdigit():
-    raise DistributedError(f"--coordinator_address must be host:port, got "
-                           f"{coordinator_address!r}.")
+    raise UserError(f"--coordinator_address must be host:port, got "
+                    f"{coordinator_address!r}.")
   if num_processes < 1:
-    raise DistributedError(f"--num_processes must be positive, got {num_processes}.")
+    raise UserError(f"--num_processes must be positive, got {num_processes}.")
   if not 0 <= process_id < num_processes:
-    raise DistributedError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
+    raise UserError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
   return True
 
 

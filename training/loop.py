@@ -1,7 +1,7 @@
 """The training loop: python -m launch.train calls `train(config, workdir)`.
 
-Everything that can be wrong with the inputs is checked first (training/setup.py); then the
-train and eval steps are compiled once, the state is restored from the workdir's latest
+Everything that can be wrong with the inputs is checked first (training/run.py: build_run);
+then the train and eval steps are compiled once, the state is restored from the workdir's latest
 checkpoint or created sharded, and the loop runs. The host never waits for the step it just
 dispatched: metrics are read in groups at logged steps, after the next step is dispatched (and
 all of them before an evaluation or a checkpoint). Every step's loss and gradient norm are
@@ -24,17 +24,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from sharding import (describe, is_cpu, make_mesh, process_batch_indices, rules_from_config,
-                      shard_batch)
-from training import distributed, flops
+from model.errors import UserError
+from model.transformer import count_params
+from sharding import describe, is_cpu, process_batch_indices, shard_batch
+from training import distributed
 from training.checkpoint import Checkpointer
 from training.data import prefetch
-from training.errors import TrainingDiverged, UserError
 from training.metrics import Console, MetricsWriter, format_count, format_duration
-from training.optimizer import make_optimizer, schedule_from_config
-from training.setup import CONFIG_NAME, Run, check_same_model, config_json, prepare
-from training.state import abstract_train_state, create_train_state
-from training.step import compile_eval_step, compile_train_step
+from training.perf import flops
+from training.run import CONFIG_NAME, Run, build_run, check_same_model, config_json
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became NaN or Inf; the last good checkpoint is kept."""
 
 
 class StopRequest:
@@ -140,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   val_loss, train_seconds, wall_seconds, preempted. Raises UserError for bad inputs and
   TrainingDiverged when the loss becomes NaN/Inf."""
   t_start = time.perf_counter()
-  run = prepare(config, workdir)
+  run = build_run(config, workdir=workdir)
   console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
   ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
   try:
@@ -160,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
 
 
 def _write_atomically(path, text: str) -> None:
-  """Other processes may read the file meanwhile (prepare's check of a resumed workdir)."""
+  """Other processes may read the file meanwhile (build_run's check of a resumed workdir)."""
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
@@ -173,11 +175,7 @@ class _Trainer:
     self.run_, self.ckpt, self.console, self.t_start = run, ckpt, console, t_start
     c = run.config
     self.steps = c.train.steps
-    self.mesh = make_mesh(*run.mesh_shape)
-    self.rules = rules_from_config(self.run_.config.mesh)
-    self.tx = make_optimizer(c.optimizer, self.steps)
-    self.schedule = schedule_from_config(c.optimizer, self.steps)
-    self.batch_shape = (c.train.batch_size, run.seq_len + 1)
+    self.mesh = run.mesh
     self.flops_per_token = flops.flops_per_token(run.model, run.seq_len)
     self.device_kind = jax.devices()[0].device_kind
     self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
@@ -192,7 +190,7 @@ class _Trainer:
     """The data source gives each process a contiguous block of every global batch; the mesh
     must put exactly those rows on the process's devices."""
     src, c = self.run_.source, self.run_.config
-    rows = process_batch_indices(c.train.batch_size, self.mesh, self.rules)
+    rows = process_batch_indices(c.train.batch_size, self.mesh, self.run_.rules)
     lo = src.process_index * src.local_batch_size
     if not np.array_equal(rows, np.arange(lo, lo + src.local_batch_size)):
       raise UserError(
@@ -205,7 +203,7 @@ class _Trainer:
 
   def _describe(self) -> None:
     run, info = self.run_, self.console.info
-    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(self.abstract.params))
+    n_params = count_params(run.model)
     m = run.model
     info(f"model: {format_count(n_params)} parameters ({m.num_layers} layers, {m.num_heads} "
          f"heads, width {m.d_model}, block {m.block_size}, vocab {m.vocab_size}), "
@@ -216,24 +214,12 @@ class _Trainer:
     accum = f" in {c.grad_accum} micro-batches" if c.grad_accum > 1 else ""
     info(f"train: {self.steps} steps of {c.batch_size} x {run.seq_len} tokens{accum}")
 
-  def _compile_train(self):
-    return compile_train_step(self.run_.model, self.tx, self.schedule, self.mesh, self.abstract,
-                              self.batch_shape, self.run_.config.train.grad_accum, self.rules)
-
-  def _compile_eval(self):
-    if not self.val_batches:
-      return None
-    return compile_eval_step(self.run_.model, self.mesh, self.abstract.params, self.batch_shape,
-                             self.run_.config.train.grad_accum, self.rules)
-
   def _initial_state(self, latest: int | None):
     if latest is None:
       self.console.info(f"new run in {self.run_.workdir}")
-      state, _ = create_train_state(self.run_.model, self.tx, self.mesh,
-                                    self.run_.config.train.seed, self.rules)
-      return state, 0
+      return self.run_.create_state(), 0
     try:
-      state, meta = self.ckpt.restore(self.abstract, latest)
+      state, meta = self.ckpt.restore(self.run_.abstract_state, latest)
     except ValueError as e:  # the saved tree does not fit this config's TrainState
       raise UserError(
           f"The checkpoint of step {latest} in {self.ckpt.directory} does not fit this "
@@ -246,7 +232,6 @@ class _Trainer:
   # --- the loop -----------------------------------------------------------------------------
 
   def run(self, latest: int | None, stop: StopRequest) -> dict[str, Any]:
-    self.abstract, _ = abstract_train_state(self.run_.model, self.tx, self.mesh, self.rules)
     self._describe()
     if latest is not None and latest >= self.steps:
       self.console.info(f"nothing to do: the run is at step {latest} of {self.steps}")
@@ -254,7 +239,8 @@ class _Trainer:
               "preempted": False, "wall_seconds": time.perf_counter() - self.t_start}
     state, start = self._initial_state(latest)
     t = time.perf_counter()
-    self.train_step, self.eval_step = self._compile_train(), self._compile_eval()
+    self.train_step = self.run_.compile_train_step()
+    self.eval_step = self.run_.compile_eval_step() if self.val_batches else None
     self.console.info(f"compiled the train and eval steps in {time.perf_counter() - t:.1f}s")
     summary = {"step": start, "loss": None, "val_loss": None, "train_seconds": 0.0,
                "preempted": False}

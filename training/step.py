@@ -1,11 +1,11 @@
 """Pure train and eval steps, jitted once with explicit shardings.
 
-    train_step = compile_train_step(cfg, tx, schedule, mesh, rules, state_shardings, grad_accum,
-                                    batch_shape)
+    train_step = compile_train_step(cfg, tx, schedule, mesh, abstract_state, batch_shape,
+                                    grad_accum, rules)   # or Run.compile_train_step()
     state, metrics = train_step(state, batch_BT1)   # state donated; metrics: loss, grad_norm, lr
 
-A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With grad_accum = k
-the batch is split into k micro-batches of B / k rows (row r goes to micro-batch r mod k, so each
+A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With grad_accum = A
+the batch is split into A micro-batches of B / A rows (row r goes to micro-batch r mod A, so each
 micro-batch stays split over all data-parallel devices) that a lax.scan runs one after another,
 summing float32 gradients; loss and gradients are means over all B * T tokens, the same as one
 step on the whole batch.
@@ -54,10 +54,10 @@ def loss_fn(params: Any, cfg: ModelConfig, tokens_BT1: jax.Array, key: jax.Array
   return cross_entropy(logits_BTV, targets_BT)
 
 
-def split_micro_batches(tokens_BT1: jax.Array, k: int) -> jax.Array:
-  """[B, T+1] -> [k, B/k, T+1]; micro-batch j holds rows j, j + k, j + 2k, ..."""
+def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
+  """[B, T+1] -> [A, B/A, T+1] (A = grad_accum); micro-batch j holds rows j, j + A, j + 2A, ..."""
   B = tokens_BT1.shape[0]
-  return jnp.swapaxes(tokens_BT1.reshape(B // k, k, -1), 0, 1)
+  return jnp.swapaxes(tokens_BT1.reshape(B // grad_accum, grad_accum, -1), 0, 1)
 
 
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
@@ -75,7 +75,7 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     loss, grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
     grads = to_f32(grads)
   else:
-    micro_KBT1 = split_micro_batches(tokens_BT1, grad_accum)
+    micro_ABT1 = split_micro_batches(tokens_BT1, grad_accum)
 
     def micro_step(grads_sum, xs):
       i, tokens = xs
@@ -89,9 +89,9 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     if param_shardings is not None:
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-    grads, losses_K = jax.lax.scan(micro_step, zeros, (jnp.arange(grad_accum), micro_KBT1))
+    grads, losses_A = jax.lax.scan(micro_step, zeros, (jnp.arange(grad_accum), micro_ABT1))
     grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
-    loss = jnp.mean(losses_K)
+    loss = jnp.mean(losses_A)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,8 +110,8 @@ def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accu
   def micro(_, tokens):
     return None, loss_fn(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH), None, False)
 
-  _, losses_K = jax.lax.scan(micro, None, split_micro_batches(tokens_BT1, grad_accum))
-  return jnp.mean(losses_K)
+  _, losses_A = jax.lax.scan(micro, None, split_micro_batches(tokens_BT1, grad_accum))
+  return jnp.mean(losses_A)
 
 
 def abstract_like(tree: Any) -> Any:

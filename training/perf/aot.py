@@ -1,14 +1,14 @@
 """Ahead-of-time compilation of the training step for a TPU slice, on a machine without TPUs.
 
-    topo = parse_topology("v5p-64")             # training/tpu_topology.py: 32 chips, v5p:2x4x4
-    report = compile_for_topology(config, topo)  # minutes for big models
+    tpu = parse_slice("v5p-64")                  # training/tpu/slices.py: 32 chips, v5p:2x4x4
+    report = compile_for_topology(config, tpu)   # minutes for big models
     print(format_report(report)); sys.exit(0 if report.fits else 3)
 
-The mesh of the config is laid over the slice's compile-only devices (from libtpu; see
-training/tpu_topology.py) and the same sharded train step that `launch.train` runs
-(training/step.py: compile_train_step) is lowered from abstract shapes and compiled by the TPU
-compiler here. That gives the memory each chip needs (compiled.memory_analysis()) and XLA's
-FLOP count before renting the slice.
+The config is built into a Run (training/run.py, the same checks as `launch.train`) whose mesh
+is laid over the slice's compile-only devices (from libtpu; see training/tpu/slices.py), and the
+same sharded train step that `launch.train` runs (Run.compile_train_step) is lowered from
+abstract shapes and compiled by the TPU compiler here. That gives the memory each chip needs
+(compiled.memory_analysis()) and XLA's FLOP count before renting the slice.
 
 Numbers to read with care:
 - Memory "total" is arguments + outputs - outputs aliased to the donated arguments +
@@ -19,7 +19,7 @@ Numbers to read with care:
 - XLA's cost analysis counts FLOPs per chip (an unscanned GPT-2 gives the formula's per-chip
   value within 1%), but counts the body of a loop once: with scan_layers or grad_accum > 1 it
   misses the repeated layers / micro-batches. The step time at a given MFU comes from the
-  6N + 12LTD formula (training/flops.py) and the chips' dense bf16 peak.
+  6N + 12LTD formula (training/perf/flops.py) and the chips' dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -34,17 +34,12 @@ import jax
 import ml_collections
 
 from model.config import ModelConfig
-from sharding import (abstract_model_params, abstract_sharded, describe, make_mesh, placements,
-                      resolve_mesh_shape, rules_from_config)
-from training import flops
-from training.errors import UserError
-from training.optimizer import make_optimizer, schedule_from_config
-from training.setup import check_batch, check_values, model_config
-from training.state import init_state_fn
-from training.step import compile_train_step
-from training.tpu_topology import GIB, Topology, check_libtpu, topology_devices
-
-GPT2_VOCAB = 50257
+from model.errors import UserError
+from model.transformer import count_params
+from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
+from training.perf import flops
+from training.run import build_run
+from training.tpu.slices import GIB, TpuSlice, check_libtpu, topology_devices
 
 
 # --- what a compile tells ----------------------------------------------------------------------
@@ -152,19 +147,6 @@ class AotReport:
     return out
 
 
-def _vocab_size(config: ml_collections.ConfigDict) -> int:
-  """config.model.vocab_size, or what the data would give without reading it."""
-  vocab = config.model.get("vocab_size")
-  if vocab is not None:
-    return vocab
-  if config.data.get("source") == "synthetic":
-    return config.data.vocab_size
-  if config.data.get("tokenizer") == "gpt2":
-    return GPT2_VOCAB
-  raise UserError("config.model.vocab_size is unset (it follows the data, which AOT compilation "
-                  "does not read); set it, e.g. --config.model.vocab_size=65.")
-
-
 def _state_bytes(abstract_state) -> tuple[int, int]:
   """(bytes in all, bytes per chip) of a pytree of ShapeDtypeStructs with shardings."""
   leaves = jax.tree_util.tree_leaves(abstract_state)
@@ -196,35 +178,37 @@ def _compiler_oom(error: Exception) -> str | None:
 def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
   """What to change when a config does not fit, most effective first."""
   out = []
-  mesh, chips = report.mesh, report.total_chips
+  data, _, tensor = (report.mesh[name] for name in MESH_AXES)
+  chips = report.total_chips
   if report.unsplit and report.state_bytes_per_chip > 2 * report.state_bytes / chips:
     out.append(f"{len(report.unsplit)} parameter(s) are stored whole on some chips (see \"not "
                f"split\"): choose mesh sizes that divide their dimensions (e.g. fewer fsdp and "
                f"more data devices) or pad them (model.padded_vocab_size)")
   if report.state_bytes_per_chip > 0.5 * report.hbm_bytes_per_chip:
     where = ("shard it over all chips: --config.mesh.data=1 --config.mesh.fsdp=-1"
-             if mesh["data"] > 1 else f"it is split over all {chips} chips already: use a "
+             if data > 1 else f"it is split over all {chips} chips already: use a "
              f"larger slice (or --num_slices)")
     out.append(f"the parameters and AdamW state alone take {_gib(report.state_bytes_per_chip)} "
                f"per chip; {where}")
   if cfg.remat == "none":
     out.append("recompute activations in the backward pass: --config.model.remat=full")
-  B, k, dp = report.batch_size, report.grad_accum, mesh["data"] * mesh["fsdp"]
+  B, k = report.batch_size, report.grad_accum
+  dp = math.prod(report.mesh[name] for name in BATCH_AXES)
   if B // k // dp > 1:
     more = [n for n in range(k + 1, B // dp + 1) if B % n == 0 and (B // n) % dp == 0]
     accum = f"--config.train.grad_accum={more[0]} (same batch) or " if more else ""
-    shard = "chip" if mesh["tensor"] == 1 else f"{mesh['tensor']} tensor-parallel chips"
+    shard = "chip" if tensor == 1 else f"{tensor} tensor-parallel chips"
     out.append(f"a smaller micro-batch ({B // k // dp} sequences per {shard} now): {accum}a "
                f"smaller --config.train.batch_size")
-  elif mesh["data"] > 1 and len(out) == 0:
+  elif data > 1 and len(out) == 0:
     out.append("more FSDP: --config.mesh.data=1 --config.mesh.fsdp=-1")
   return out
 
 
-def compile_for_topology(config: ml_collections.ConfigDict, topo: Topology, *,
+def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
                          mfu: float = 0.5, num_slices: int = 1, config_name: str = "",
                          log=print) -> AotReport:
-  """Validate `config` for `topo`, compile its train step for it, and report. Raises UserError
+  """Validate `config` for `tpu`, compile its train step for it, and report. Raises UserError
   for bad inputs (before compiling); a compile that runs out of HBM is a report that does not
   fit, not an error."""
   if not 0 < mfu <= 1:
@@ -232,36 +216,18 @@ def compile_for_topology(config: ml_collections.ConfigDict, topo: Topology, *,
   if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
     raise UserError(f"--num_slices must be a positive integer, got {num_slices!r}.")
   check_libtpu()
-  check_values(config)
-  cfg = model_config(config, _vocab_size(config))
-  devices = topology_devices(topo, num_slices)
-  m = config.mesh
-  try:
-    mesh_shape = resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=len(devices))
-  except ValueError as e:
-    raise UserError(f"config.mesh on {topo.name}: {e}") from None
-  check_batch(config, mesh_shape)
-  try:
-    rules = rules_from_config(m)
-  except ValueError as e:
-    raise UserError(f"config.mesh.rules: {e}") from None
-
-  mesh = make_mesh(*mesh_shape, devices=devices)
-  steps = config.train.steps
-  tx = make_optimizer(config.optimizer, steps)
-  schedule = schedule_from_config(config.optimizer, steps)
-  # The key is made outside the mesh: the topology's devices can compile but not run anything.
-  abstract = abstract_sharded(init_state_fn(cfg, tx), mesh, rules, jax.random.key(0))
+  # The data is not read (it may only exist on the pod); the vocabulary must be known.
+  run = build_run(config, devices=topology_devices(tpu, num_slices), read_data=False)
+  cfg, mesh = run.model, run.mesh
+  abstract = run.abstract_state  # shapes only: the topology's devices cannot run anything
   state_bytes, state_per_chip = _state_bytes(abstract)
-  seq_len = cfg.block_size
-  batch_shape = (config.train.batch_size, seq_len + 1)
+  grad_accum = run.config.train.grad_accum
 
-  log(f"compiling the train step for {topo.name} ({describe(mesh)}); this can take minutes")
+  log(f"compiling the train step for {tpu.name} ({describe(mesh)}); this can take minutes")
   t = time.perf_counter()
   memory, error, xla_flops = None, None, None
   try:
-    compiled = compile_train_step(cfg, tx, schedule, mesh, abstract, batch_shape,
-                                  config.train.grad_accum, rules)
+    compiled = run.compile_train_step()
     memory, xla_flops = Memory.from_compiled(compiled), xla_flops_per_chip(compiled)
   except Exception as e:  # pylint: disable=broad-except  (only HBM exhaustion is a result)
     error = _compiler_oom(e)
@@ -270,20 +236,20 @@ def compile_for_topology(config: ml_collections.ConfigDict, topo: Topology, *,
   seconds = time.perf_counter() - t
 
   report = AotReport(
-      config_name=config_name, topology=topo.name, topology_name=topo.topology_name,
-      chips=topo.chips, hosts=topo.hosts, num_slices=num_slices,
-      device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-      params=sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params)),
+      config_name=config_name, topology=tpu.name, topology_name=tpu.topology_name,
+      chips=tpu.chips, hosts=tpu.hosts, num_slices=num_slices,
+      device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
+      params=count_params(cfg),
       model={k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
                                           "padded_vocab_size", "dtype", "scan_layers",
                                           "remat")},
-      batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, seq_len=seq_len,
+      batch_size=run.config.train.batch_size, grad_accum=grad_accum, seq_len=run.seq_len,
       state_bytes=state_bytes, state_bytes_per_chip=state_per_chip,
-      unsplit=_unsplit(cfg, mesh, rules), hbm_bytes_per_chip=topo.hbm_bytes,
+      unsplit=_unsplit(cfg, mesh, run.rules), hbm_bytes_per_chip=tpu.hbm_bytes,
       compile_seconds=seconds, memory=memory, compiler_error=error,
-      flops_per_token=flops.flops_per_token(cfg, seq_len), xla_flops_per_chip=xla_flops,
-      xla_counts_loops_once=cfg.scan_layers or config.train.grad_accum > 1, mfu=mfu,
-      peak_flops_per_chip=topo.peak_flops_per_chip)
+      flops_per_token=flops.flops_per_token(cfg, run.seq_len), xla_flops_per_chip=xla_flops,
+      xla_counts_loops_once=cfg.scan_layers or grad_accum > 1, mfu=mfu,
+      peak_flops_per_chip=tpu.peak_flops_per_chip)
   if not report.fits:
     report.suggestions = suggestions(report, cfg)
   return report

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 from model.config import ModelConfig
 from model.transformer import count_params
+from training.tpu.slices import GENERATIONS
 
-# Dense (no sparsity) bf16 peak, TFLOP/s per device (per chip for TPUs), from vendor datasheets.
+# Dense (no sparsity) bf16 peak, TFLOP/s per device, from vendor datasheets; TPUs (per chip)
+# from the slice table of training/tpu/slices.py.
 PEAK_BF16_TFLOPS = {
     "h100 sxm": 989.0,
     "h100 pcie": 756.0,
     "h200": 989.0,
     "a100": 312.0,
-    "tpu v4": 275.0,
-    "tpu v5e": 197.0,
-    "tpu v5p": 459.0,
-    "tpu v6e": 918.0,
+    **{f"tpu {g.name}": g.peak_bf16_tflops for g in GENERATIONS.values()},
 }
 
 # jax's device_kind strings -> table keys.

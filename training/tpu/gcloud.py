@@ -16,14 +16,9 @@ Command syntax follows these gcloud reference pages:
     https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/ssh
   gcloud compute tpus tpu-vm scp SRC TPU:DEST --zone --worker=all [--recurse]
     https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/scp
-Runtime (software) versions for JAX, from https://cloud.google.com/tpu/docs/runtimes:
-  v6e: v2-alpha-tpuv6e, v5p: v2-alpha-tpuv5, v5e: v2-alpha-tpuv5-lite, v4: tpu-ubuntu2204-base.
-Hosts (TPU VMs, i.e. gcloud "workers") per slice:
-  v4 and v5p names count TensorCores, 2 per chip, 4 chips per VM: v5p-8 = 4 chips = 1 VM,
-    v5p-16 = 2 VMs, v4-32 = 4 VMs (table in https://cloud.google.com/tpu/docs/v5p; v4 alike).
-  v5e (v5litepod-N) and v6e names count chips: slices of 1, 4 or 8 chips are one VM; larger
-    slices use 4-chip VMs, so v6e-16 = 4 VMs, v6e-256 = 64 (https://cloud.google.com/tpu/docs/v6e,
-    .../docs/v5e: "each TPU VM in a v5e slice contains 1, 4 or 8 chips").
+Slice names, chips, hosts and the default runtime version come from training/tpu/slices.py (the
+same table `launch.aot` compiles for); the accelerator type passed to gcloud is its spelling
+(`TpuSlice.accelerator_type`: v5e-16 becomes v5litepod-16).
 
 A slice made with --queued has a node of the same name (`--node-id=NAME`), so setup, train and
 ssh address it exactly like a slice made with `tpu-vm create`.
@@ -39,7 +34,8 @@ import subprocess
 import sys
 from typing import Sequence
 
-from training.errors import UserError
+from model.errors import UserError
+from training.tpu.slices import TpuSlice, parse_slice
 
 Command = list[str]
 
@@ -53,63 +49,14 @@ REMOTE_TARBALL = "flaxgpt.tar.gz"  # scp destination, relative to the remote hom
 TRAIN_LOG = "~/flaxgpt-train.log"
 TRAIN_PID = "~/flaxgpt-train.pid"
 TAR_EXCLUDES = (".git", "__pycache__", "*.egg-info", ".venv", ".pytest_cache")
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  prefix: str           # as in the accelerator type: "v5p" in "v5p-64"
-  counts_cores: bool    # the number counts TensorCores (2 per chip), not chips
-  runtime: str          # default --version / --runtime-version
-  sizes: str            # human description of the valid numbers, for error messages
-
-
-GENERATIONS = {
-    "v4": Generation("v4", True, "tpu-ubuntu2204-base", "a multiple of 8 (v4-8, v4-32, ...)"),
-    "v5p": Generation("v5p", True, "v2-alpha-tpuv5", "a multiple of 8 (v5p-8, v5p-64, ...)"),
-    "v5litepod": Generation("v5litepod", False, "v2-alpha-tpuv5-lite",
-                            "1, 4, 8, 16, 32, 64, 128 or 256"),
-    "v6e": Generation("v6e", False, "v2-alpha-tpuv6e", "1, 4, 8, 16, 32, 64, 128 or 256"),
-}
-_CHIP_COUNTS = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e / v6e slice sizes
-_ACCELERATOR_RE = re.compile(r"^(v4|v5p|v5litepod|v6e)-(\d+)$")
 _WORKER_RE = re.compile(r"^(all|\d+(-\d+)?(,\d+(-\d+)?)*)$")  # gcloud's --worker forms
 
 
-@dataclasses.dataclass(frozen=True)
-class SliceShape:
-  accelerator_type: str
-  generation: Generation
-  chips: int
-  hosts: int
-
-
-def parse_accelerator_type(accelerator_type: str) -> SliceShape:
-  """'v5p-64' -> SliceShape(chips=32, hosts=8); raises UserError for an unknown type."""
+def parse_accelerator_type(accelerator_type: str) -> TpuSlice:
+  """'v5p-64' -> TpuSlice(chips=32, hosts=8); raises UserError for an unknown type."""
   if not accelerator_type:
     raise UserError("--accelerator_type is required, e.g. --accelerator_type=v5p-64.")
-  match = _ACCELERATOR_RE.match(accelerator_type)
-  if not match:
-    hint = ""
-    if accelerator_type.startswith("v5e-"):
-      hint = f" (v5e slices are named v5litepod-N, e.g. v5litepod-{accelerator_type[4:]})"
-    raise UserError(
-        f"unknown --accelerator_type {accelerator_type!r}{hint}: expected v4-N, v5p-N, "
-        "v5litepod-N or v6e-N, e.g. v5p-64.")
-  gen = GENERATIONS[match.group(1)]
-  n = int(match.group(2))
-  if gen.counts_cores:
-    if n <= 0 or n % 8:
-      raise UserError(f"--accelerator_type {accelerator_type!r} has an invalid size: "
-                      f"{gen.prefix} takes {gen.sizes}.")
-    chips = n // 2
-    hosts = chips // 4
-  else:
-    if n not in _CHIP_COUNTS:
-      raise UserError(f"--accelerator_type {accelerator_type!r} has an invalid size: "
-                      f"{gen.prefix} takes {gen.sizes}.")
-    chips = n
-    hosts = 1 if n <= 8 else n // 4
-  return SliceShape(accelerator_type, gen, chips, hosts)
+  return parse_slice(accelerator_type, flag="--accelerator_type")
 
 
 def hosts_per_slice(accelerator_type: str) -> int:
@@ -149,18 +96,18 @@ def create_commands(target: Target, accelerator_type: str, runtime_version: str 
                     spot: bool = False, preemptible: bool = False,
                     queued: bool = False) -> list[Command]:
   """The command that asks for the slice (queued: a queued resource with a same-named node)."""
-  shape = parse_accelerator_type(accelerator_type)  # validates the type
-  runtime = runtime_version or shape.generation.runtime
+  tpu = parse_accelerator_type(accelerator_type)
+  runtime = runtime_version or tpu.generation.runtime
   if spot and preemptible:
     raise UserError("--spot and --preemptible are exclusive: pick one (spot is the newer kind).")
   if queued and preemptible:
     raise UserError("queued resources take --spot, not --preemptible.")
   if queued:
     cmd = QUEUED + ["create", target.name, f"--node-id={target.name}", *target.flags(),
-                    f"--accelerator-type={accelerator_type}", f"--runtime-version={runtime}"]
+                    f"--accelerator-type={tpu.accelerator_type}", f"--runtime-version={runtime}"]
   else:
     cmd = TPU + ["create", target.name, *target.flags(),
-                 f"--accelerator-type={accelerator_type}", f"--version={runtime}"]
+                 f"--accelerator-type={tpu.accelerator_type}", f"--version={runtime}"]
   if spot:
     cmd.append("--spot")
   if preemptible:

@@ -1,5 +1,5 @@
 """TFDS text datasets through `tfds.data_source` (array_record, random access, no TensorFlow),
-tokenized once into a prepared bin directory (see training/data_prepare.py).
+tokenized once into a prepared directory (see training/data/bin.py).
 
 With GPT-2 BPE every document is followed by <|endoftext|>; with the char tokenizer (vocabulary
 from all documents) documents are simply concatenated. tensorflow-datasets is imported only
@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from model.errors import UserError
 from model.tokenizer import get_tokenizer
-from training.data_prepare import (BinWriter, DataError, Progress, build_cached, cache_key,
-                                   cache_root, check_out_dir, check_tokenizer, write_prepared)
+from training.data.bin import (BinWriter, Progress, build_cached, cache_key, cache_root,
+                               check_out_dir, check_tokenizer, write_prepared)
 
 TFDS_GROUP = 256  # documents read and encoded together
 
@@ -41,7 +42,7 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise DataError("The tfds data source needs tensorflow-datasets: "
+    raise UserError("The tfds data source needs tensorflow-datasets: "
                     "pip install 'flaxgpt[tfds]'.") from None
   return tfds
 
@@ -54,7 +55,7 @@ def _tfds_sources(name: str, splits: dict[str, str], data_dir: str = "") -> dict
       sources[split] = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None)
     except Exception as e:  # tfds raises many types; the message is what matters
       first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise DataError(f"tfds.data_source({name!r}, split={tfds_split!r}) failed: {first_line} "
+      raise UserError(f"tfds.data_source({name!r}, split={tfds_split!r}) failed: {first_line} "
                       f"(without TensorFlow the dataset must already be prepared as array_record "
                       f"under data_dir, e.g. by `tfds build {name} --file_format=array_record` "
                       f"where TensorFlow is installed).") from e
@@ -82,7 +83,7 @@ def _document_text(record: dict[str, Any], text_key: str) -> str:
   try:
     text = record[text_key]
   except KeyError:
-    raise DataError(f"TFDS examples have no feature {text_key!r} (they have "
+    raise UserError(f"TFDS examples have no feature {text_key!r} (they have "
                     f"{', '.join(map(repr, record))}); set data.tfds_text_key.") from None
   if isinstance(text, np.ndarray):
     text = text.item()
@@ -110,7 +111,7 @@ def _prepare_tfds_sources(sources: dict[str, Any], out_dir, *, name: str, text_k
       for docs in _documents(source, text_key):
         chars.update(*map(set, docs))
     if not chars:
-      raise DataError(f"TFDS dataset {name!r} has no text to build a character vocabulary from.")
+      raise UserError(f"TFDS dataset {name!r} has no text to build a character vocabulary from.")
     tokenizer = get_tokenizer("char", text="".join(sorted(chars)))
   else:
     tokenizer = get_tokenizer(tokenizer_name)

@@ -1,6 +1,6 @@
 """Data sources: fixed-length token windows, a pure function of (seed, split, index).
 
-    source = make_source(cfg.data, seq_len=1024, global_batch_size=512, seed=0)
+    source = make_source(config.data, seq_len=1024, global_batch_size=512, seed=0)
     tokens = source.get_batch("train", step)   # int32 [local_batch, seq_len + 1]
     for tokens in prefetch(source, "train", start_step):   # the same batches, from a thread
       ...
@@ -11,10 +11,11 @@ a uniformly random i); each process returns (and reads from disk) only its own c
 [process_index * local, (process_index + 1) * local). So a resumed run, or the same run on any
 number of hosts, sees exactly the same global batches. "val" batches 0..n-1 are a fixed eval set.
 
-Sources: "bin" (nanoGPT train.bin/val.bin via np.memmap), "text" (local files, tokenized once
-into a cached bin directory), "tfds" (tfds.data_source documents joined with <|endoftext|>,
-tokenized once into the cache; for big datasets run `python -m launch.prepare` once and use
-"bin"), "synthetic" (uniform random tokens, no disk).
+Sources: "bin" (a prepared directory's train.bin/val.bin via np.memmap; training/data/bin.py),
+"text" (local files, tokenized once into a cached prepared directory; training/data/text.py),
+"tfds" (tfds.data_source documents joined with <|endoftext|>, tokenized once into the cache;
+training/data/tfds.py; for big datasets run `python -m launch.prepare` once and use "bin"),
+"synthetic" (uniform random tokens, no disk).
 """
 
 from __future__ import annotations
@@ -29,23 +30,21 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
-from training.data_prepare import (BIN_NAMES, DataError, MissingDataError, cached_text_dir,
-                                   read_meta, resolve_text_paths, tiny_shakespeare_path)
-from training.data_tfds import cached_tfds_dir
+from model.errors import NotFoundError, UserError
+from training.data.bin import BIN_NAMES, read_meta
+from training.data.text import cached_text_dir, resolve_text_paths, tiny_shakespeare_path
+from training.data.tfds import cached_tfds_dir
 
 SOURCES = ("text", "bin", "tfds", "synthetic")
 SPLIT_IDS = {"train": 0, "val": 1}
-
-__all__ = ["DataError", "MissingDataError", "DataSource", "TokenFileSource", "SyntheticSource",
-           "default_data_config", "make_source", "prefetch", "SOURCES"]
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` part of an experiment config (see the module docstring for the sources)."""
   cfg = ml_collections.ConfigDict()
   cfg.source = "text"  # text | bin | tfds | synthetic
-  # text: a file, comma-separated files or a glob; "" = tiny shakespeare ($FLAXGPT_DATA_DIR or
-  # a one-time download into the cache). bin: a directory with train.bin, val.bin, meta.json.
+  # text: a file, comma-separated files or a glob; "" = tiny shakespeare (the package's copy, or
+  # $FLAXGPT_DATA_DIR's). bin: a directory with train.bin, val.bin, meta.json.
   cfg.path = ""
   cfg.tokenizer = "char"  # char | gpt2 (text and tfds sources; bin reads it from meta.json)
   cfg.tfds_name = "tiny_shakespeare"
@@ -80,7 +79,7 @@ class DataSource:
     """int32 [local_batch_size, seq_len + 1]: this process's rows of global batch `index`."""
     split_id = _split_id(split)
     if index < 0:
-      raise ValueError(f"Batch index must be >= 0, got {index}.")
+      raise UserError(f"Batch index must be >= 0, got {index}.")
     lo = self.process_index * self.local_batch_size
     return self._rows(split, split_id, int(index), lo, lo + self.local_batch_size)
 
@@ -107,8 +106,8 @@ class TokenFileSource(DataSource):
   def __init__(self, data_dir: str | os.PathLike, *, name: str, **kwargs):
     data_dir = pathlib.Path(data_dir)
     if not data_dir.is_dir():
-      raise MissingDataError(f"Data directory {str(data_dir)!r} does not exist (it should hold "
-                             f"train.bin and val.bin, e.g. from `python -m launch.prepare`).")
+      raise NotFoundError(f"Data directory {str(data_dir)!r} does not exist (it should hold "
+                          f"train.bin and val.bin, e.g. from `python -m launch.prepare`).")
     meta = read_meta(data_dir)
     super().__init__(name=name, vocab_size=meta["vocab_size"], tokenizer=meta.get("tokenizer"),
                      **kwargs)
@@ -152,23 +151,23 @@ def _split_id(split: str) -> int:
   try:
     return SPLIT_IDS[split]
   except KeyError:
-    raise ValueError(f"Unknown split {split!r}; use 'train' or 'val'.") from None
+    raise UserError(f"Unknown split {split!r}; use 'train' or 'val'.") from None
 
 
 def _open_tokens(path: pathlib.Path, dtype: np.dtype, seq_len: int,
                  expected: int | None) -> np.ndarray:
   if not path.is_file():
-    raise MissingDataError(f"Token file {str(path)!r} does not exist.")
+    raise NotFoundError(f"Token file {str(path)!r} does not exist.")
   size = path.stat().st_size
   if size % dtype.itemsize:
-    raise DataError(f"Token file {str(path)!r} has {size} bytes, not a whole number of "
+    raise UserError(f"Token file {str(path)!r} has {size} bytes, not a whole number of "
                     f"{dtype.name} tokens.")
   n = size // dtype.itemsize
   if expected is not None and n != expected:
-    raise DataError(f"Token file {str(path)!r} holds {n:,} tokens but meta.json says "
+    raise UserError(f"Token file {str(path)!r} holds {n:,} tokens but meta.json says "
                     f"{expected:,}; prepare it again.")
   if n < seq_len + 1:
-    raise DataError(f"Token file {str(path)!r} has {n:,} tokens, fewer than seq_len + 1 = "
+    raise UserError(f"Token file {str(path)!r} has {n:,} tokens, fewer than seq_len + 1 = "
                     f"{seq_len + 1:,}; use a shorter seq_len or more data.")
   return np.memmap(path, dtype=dtype, mode="r")
 
@@ -180,10 +179,10 @@ def _process_layout(global_batch_size: int, process_index: int | None,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise DataError(f"process_index {process_index} is outside [0, {process_count}).")
+    raise UserError(f"process_index {process_index} is outside [0, {process_count}).")
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise DataError(f"Global batch size {global_batch_size} must be a positive multiple of "
-                     f"the process count {process_count}.")
+    raise UserError(f"Global batch size {global_batch_size} must be a positive multiple of "
+                    f"the process count {process_count}.")
   return process_index, process_count
 
 
@@ -192,7 +191,7 @@ def _data_dir(data_cfg, quiet: bool) -> tuple[pathlib.Path, str]:
   source = data_cfg.source
   if source == "bin":
     if not data_cfg.path:
-      raise DataError("data.path must name a directory holding train.bin and val.bin.")
+      raise UserError("data.path must name a directory holding train.bin and val.bin.")
     return pathlib.Path(os.path.expanduser(data_cfg.path)), "bin"
   if source == "text":
     paths = (resolve_text_paths(data_cfg.path) if data_cfg.path
@@ -212,12 +211,12 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, seq_len: int, global_bat
   """The configured source for this process (jax.process_index/count unless given). text and
   tfds sources tokenize into the cache on first use (with a progress line) and reuse it."""
   if data_cfg.source not in SOURCES:
-    raise DataError(f"Unknown data source {data_cfg.source!r}; choose one of "
+    raise UserError(f"Unknown data source {data_cfg.source!r}; choose one of "
                     f"{', '.join(SOURCES)}.")
   if seq_len <= 0:
-    raise DataError(f"seq_len must be positive, got {seq_len}.")
+    raise UserError(f"seq_len must be positive, got {seq_len}.")
   if seed < 0:
-    raise DataError(f"The data seed must be >= 0, got {seed}.")
+    raise UserError(f"The data seed must be >= 0, got {seed}.")
   process_index, process_count = _process_layout(global_batch_size, process_index,
                                                  process_count)
   common = dict(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
@@ -225,7 +224,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, seq_len: int, global_bat
   if data_cfg.source == "synthetic":
     vocab_size = data_cfg.get("vocab_size", 50257)
     if vocab_size <= 0:
-      raise DataError(f"data.vocab_size must be positive, got {vocab_size}.")
+      raise UserError(f"data.vocab_size must be positive, got {vocab_size}.")
     return SyntheticSource(name="synthetic", vocab_size=vocab_size, tokenizer=None, **common)
   data_dir, name = _data_dir(data_cfg, quiet=process_index != 0)
   return TokenFileSource(data_dir, name=name, **common)

@@ -1,10 +1,14 @@
 """Throughput measurements behind `python -m launch.benchmark`: a training step and generation.
 
-Train: the real sharded train step (training/step.py) on random tokens, compiled once (timed),
-a few warm-up steps, then `steps` timed steps each synchronised with block_until_ready; step
-time median and p90, tokens/s, model TFLOP/s with FLOPs/token = 6N + 12 L T D (training/flops.py
-states N), MFU against the device's dense bf16 peak, and peak device memory where the backend
-reports it.
+    run = build_run(config)   # training/run.py: checked like a training run (synthetic data)
+    report = {"device": device_info(), "train": benchmark_train(run),
+              "sample": benchmark_sample(run)}
+
+Train: the real sharded train step (training/step.py) of the run on random tokens, compiled
+once (timed), a few warm-up steps, then `steps` timed steps each synchronised with
+block_until_ready; step time median and p90, tokens/s, model TFLOP/s with FLOPs/token =
+6N + 12 L T D (training/perf/flops.py states N), MFU against the device's dense bf16 peak, and
+peak device memory where the backend reports it.
 
 Sample: `model.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
 to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
@@ -23,17 +27,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.sampling import choose_buckets, generate
 from model.transformer import init_params
-from sharding import make_mesh, rules_from_config, shard_batch
-from training import flops
-from training.optimizer import make_optimizer, schedule_from_config
-from training.state import abstract_train_state, create_train_state
-from training.step import compile_train_step
+from sharding import shard_batch
+from training.perf import flops
+from training.run import Run
 
 
 def device_info() -> dict[str, Any]:
@@ -50,7 +52,7 @@ def device_info() -> dict[str, Any]:
 
 
 def _peak_entry(device_kind: str) -> str:
-  """The row of training/flops.py's peak table used for this device, or "unknown"."""
+  """The row of training/perf/flops.py's peak table used for this device, or "unknown"."""
   key = flops.peak_entry(device_kind)
   return "unknown" if key is None else f"{key} ({flops.PEAK_BF16_TFLOPS[key]:g} TFLOP/s)"
 
@@ -73,27 +75,15 @@ def _percentile(values: list[float], q: float) -> float:
   return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The config's model with placeholders resolved for random data (vocab 50257 if unset)."""
-  fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
-  fields.setdefault("vocab_size", int(config.data.get("vocab_size", 50257) or 50257))
-  return ModelConfig(**fields)
-
-
-def benchmark_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3,
+def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
                     profile_dir: str | None = None) -> dict[str, Any]:
-  cfg = model_config(config)
-  mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
-  rules = rules_from_config(config.mesh)
-  B, T, k = int(config.train.batch_size), cfg.block_size, int(config.train.grad_accum)
-  tx = make_optimizer(config.optimizer, total_steps=int(config.train.steps))
-  schedule = schedule_from_config(config.optimizer, int(config.train.steps))
+  cfg, mesh = run.model, run.mesh
+  B, T, k = run.config.train.batch_size, cfg.block_size, run.config.train.grad_accum
 
   start = time.perf_counter()
-  abstract, _ = abstract_train_state(cfg, tx, mesh, rules)
-  step_fn = compile_train_step(cfg, tx, schedule, mesh, abstract, (B, T + 1), k, rules)
+  step_fn = run.compile_train_step()
   compile_s = time.perf_counter() - start
-  state, _ = create_train_state(cfg, tx, mesh, int(config.train.seed), rules)
+  state = run.create_state()
 
   rng = np.random.default_rng(0)
   batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32), mesh)
@@ -159,15 +149,14 @@ class SampleCase:
 SAMPLE_CASES = (SampleCase("greedy", 0.0, 0, 1.0), SampleCase("top_k40_top_p0.9", 1.0, 40, 0.9))
 
 
-def benchmark_sample(config: ml_collections.ConfigDict, *, batch_sizes=(1, 8, 64),
-                     prompt_len: int = 16, new_tokens: int = 256, repeats: int = 3
-                     ) -> list[dict[str, Any]]:
-  cfg = model_config(config)
+def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
+                     new_tokens: int = 256, repeats: int = 3) -> list[dict[str, Any]]:
+  cfg = run.model
   new_tokens = min(new_tokens, cfg.block_size - prompt_len)
   if new_tokens < 1:
-    raise ValueError(f"prompt_len {prompt_len} leaves no room to generate within block_size "
-                     f"{cfg.block_size}.")
-  params = init_params(cfg, jax.random.key(int(config.train.seed)))
+    raise UserError(f"--prompt_len {prompt_len} leaves no room to generate within block_size "
+                    f"{cfg.block_size}.")
+  params = init_params(cfg, jax.random.key(run.config.train.seed))
   params = jax.tree_util.tree_map(lambda x: x.astype(cfg.compute_dtype), params)
   rng = np.random.default_rng(0)
   rows = []

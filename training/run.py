@@ -1,26 +1,44 @@
-"""From a config and a workdir to a validated Run, before anything is compiled.
+"""From a config to a validated Run: the one place a config becomes a model, a mesh and steps.
 
-Checks, each failing with one UserError sentence naming the bad value: numeric ranges of the
-train / optimizer / eval / checkpoint / log sections, the mesh against the device count, the
-batch against grad_accum and the data-parallel size, the data (path, vocabulary), the model
-fields, and a --workdir that already holds a run of a different model.
+    run = build_run(config, workdir="runs/x")   # launch.train: reads the data, checks the workdir
+    run = build_run(config)                     # launch.benchmark (config.data: synthetic)
+    run = build_run(config, devices=tpu_devices, read_data=False)   # launch.aot
+    state = run.create_state()                  # born sharded over run.mesh
+    train_step = run.compile_train_step()       # (state, batch) -> (state, metrics)
+
+Every check happens in `build_run`, before anything is compiled, and fails with one UserError
+sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
+sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
+against grad_accum, the data-parallel size and the process count, the block size, the data
+(path, vocabulary), the model fields, and a --workdir that already holds a run of another model.
+The same config is therefore checked and built the same way by training, the benchmark and the
+ahead-of-time TPU compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+import optax
 from etils import epath
+from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape, rules_from_config
-from training.errors import UserError
+from model.errors import UserError
+from model.tokenizer import GPT2_VOCAB_SIZE
+from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
+from training.checkpoint import resolve_workdir
+from training.data import DataSource, make_source
+from training.optimizer import make_optimizer, schedule_from_config
+from training.state import TrainState, abstract_train_state, create_train_state
+from training.step import compile_eval_step, compile_train_step
 
 CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
@@ -39,20 +57,53 @@ _NON_NEGATIVE = ("train.seed", "optimizer.lr", "optimizer.min_lr", "optimizer.wa
 
 @dataclasses.dataclass
 class Run:
-  """Everything a training run derives from its config, validated, nothing compiled yet."""
-  config: ml_collections.ConfigDict  # resolved: no placeholders left
+  """Everything a run derives from its config, validated; steps compile on request."""
+  config: ml_collections.ConfigDict  # resolved: no placeholders or -1 left
   model: ModelConfig
-  mesh_shape: tuple[int, int, int]
-  source: Any  # training.data.DataSource
-  workdir: epath.Path
+  mesh: Mesh
+  rules: Any  # sharding rules (sharding/rules.py)
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], jax.Array]  # step -> learning rate
+  source: DataSource | None  # None when built with read_data=False
+  workdir: epath.Path | None
+
+  @property
+  def mesh_shape(self) -> tuple[int, int, int]:
+    return tuple(self.mesh.shape[name] for name in MESH_AXES)
 
   @property
   def seq_len(self) -> int:
     return self.model.block_size
 
   @property
+  def batch_shape(self) -> tuple[int, int]:
+    """The token batch of one step: [B, T + 1] (inputs [:, :-1], targets [:, 1:])."""
+    return (self.config.train.batch_size, self.seq_len + 1)
+
+  @property
   def tokens_per_step(self) -> int:
     return self.config.train.batch_size * self.seq_len
+
+  @functools.cached_property
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated."""
+    return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
+
+  def create_state(self) -> TrainState:
+    """A fresh TrainState from config.train.seed, created directly with its shardings."""
+    return create_train_state(self.model, self.tx, self.mesh, self.config.train.seed,
+                              self.rules)[0]
+
+  def compile_train_step(self):
+    """(state, batch [B, T + 1]) -> (state, metrics), state donated (training/step.py)."""
+    return compile_train_step(self.model, self.tx, self.schedule, self.mesh,
+                              self.abstract_state, self.batch_shape,
+                              self.config.train.grad_accum, self.rules)
+
+  def compile_eval_step(self):
+    """(params, batch [B, T + 1]) -> mean loss."""
+    return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
+                             self.batch_shape, self.config.train.grad_accum, self.rules)
 
 
 def _get(config, dotted: str):
@@ -120,12 +171,20 @@ def configure_cpu_devices(config) -> None:
     pass
 
 
-def check_mesh(config) -> tuple[int, int, int]:
+def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes over `num_devices` (default: all devices), -1 resolved."""
   m = config.mesh
   try:
-    return resolve_mesh_shape(m.data, m.fsdp, m.tensor)
-  except ValueError as e:
+    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices)
+  except UserError as e:
     raise UserError(f"config.mesh: {e}") from None
+
+
+def check_rules(config):
+  try:
+    return rules_from_config(config.mesh)
+  except UserError as e:
+    raise UserError(f"config.mesh.rules: {e}") from None
 
 
 def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
@@ -159,6 +218,20 @@ def model_config(config, data_vocab_size: int) -> ModelConfig:
     return ModelConfig(**fields)
   except (TypeError, ValueError) as e:
     raise UserError(str(e).replace("ModelConfig.", "config.model.")) from None
+
+
+def vocab_size_without_data(config) -> int:
+  """config.model.vocab_size, or what the data would give without reading it (the synthetic
+  source's data.vocab_size; GPT-2 BPE's 50,257)."""
+  vocab = config.model.get("vocab_size")
+  if vocab is not None:
+    return vocab
+  if config.data.get("source") == "synthetic":
+    return config.data.vocab_size
+  if config.data.get("tokenizer") == "gpt2":
+    return GPT2_VOCAB_SIZE
+  raise UserError("config.model.vocab_size is unset (it follows the data, which is not read "
+                  "here); set it, e.g. --config.model.vocab_size=65.")
 
 
 def resolved_config(config, cfg: ModelConfig, mesh_shape) -> ml_collections.ConfigDict:
@@ -199,7 +272,6 @@ def check_same_model(saved: dict, cfg: ModelConfig, where: str) -> None:
 
 
 def check_workdir(workdir: str | os.PathLike) -> epath.Path:
-  from training.checkpoint import resolve_workdir  # pylint: disable=import-outside-toplevel
   if not os.fspath(workdir):
     raise UserError("--workdir must name a directory.")
   path = resolve_workdir(workdir)
@@ -208,26 +280,39 @@ def check_workdir(workdir: str | os.PathLike) -> epath.Path:
   return path
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
-  """Validate everything and build the data source; raises UserError on a bad input."""
-  from training.data import make_source  # pylint: disable=import-outside-toplevel
-  path = check_workdir(workdir)
+def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike | None = None,
+              devices: Sequence[Any] | None = None, read_data: bool = True) -> Run:
+  """Validate `config` and build its Run; raises UserError on a bad input, before compiling.
+
+  workdir: the run's directory, checked (it must not hold a run of another model).
+  devices: the mesh's devices (default: all of them; e.g. a TPU slice's compile-only devices);
+    with the default, config.mesh.cpu_devices is applied first.
+  read_data: build the data source (tokenizing text into the cache on first use); without it
+    the vocabulary must be known from the config (`vocab_size_without_data`).
+  """
+  path = check_workdir(workdir) if workdir is not None else None
   check_values(config)
-  configure_cpu_devices(config)
-  mesh_shape = check_mesh(config)
-  try:
-    rules_from_config(config.mesh)
-  except ValueError as e:
-    raise UserError(f"config.mesh.rules: {e}") from None
+  if devices is None:
+    configure_cpu_devices(config)
+  mesh_shape = check_mesh(config, None if devices is None else len(devices))
+  rules = check_rules(config)
   check_batch(config, mesh_shape)
   block_size = config.model.get("block_size")
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
     raise UserError(f"config.model.block_size must be a positive integer, got {block_size!r}.")
-  source = make_source(config.data, seq_len=block_size,
-                       global_batch_size=config.train.batch_size, seed=config.train.seed)
-  cfg = model_config(config, source.vocab_size)
-  saved = saved_model_fields(path)
-  if saved is not None:
-    check_same_model(saved, cfg, f"--workdir {str(path)!r}")
-  return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg, mesh_shape=mesh_shape,
-             source=source, workdir=path)
+  source = None
+  if read_data:
+    source = make_source(config.data, seq_len=block_size,
+                         global_batch_size=config.train.batch_size, seed=config.train.seed)
+  cfg = model_config(config, vocab_size_without_data(config) if source is None
+                     else source.vocab_size)
+  if path is not None:
+    saved = saved_model_fields(path)
+    if saved is not None:
+      check_same_model(saved, cfg, f"--workdir {str(path)!r}")
+  steps = config.train.steps
+  return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg,
+             mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
+             tx=make_optimizer(config.optimizer, steps),
+             schedule=schedule_from_config(config.optimizer, steps), source=source,
+             workdir=path)

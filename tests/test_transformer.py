@@ -1,4 +1,5 @@
-"""GPT module: presets, causality, KV cache, layouts, variants, init statistics, validation.
+"""model/transformer.py: the GPT module's presets, causality, KV cache, layouts, variants, init
+statistics, LayerNorm and embedding lookups.
 
 Relative error throughout: rel(a, b) = max|a - b| / max|b| (b the reference).
 Most of this file's time is XLA compiling, so tests share jitted functions (one compile per
@@ -8,15 +9,17 @@ config and shape) and build variant parameters from the base ones instead of re-
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model.config import ModelConfig, get_config
-from model.transformer import (GPT, MASK_VALUE, abstract_params, count_params, init_cache,
-                               init_params, logits_from_hidden, sinusoidal_positions,
-                               stack_layers, unstack_layers)
+from model.transformer import (GPT, MASK_VALUE, ONE_HOT_LOOKUP_ROWS, LayerNorm, _lookup,
+                               abstract_params, count_params, init_cache, init_params,
+                               logits_from_hidden, sinusoidal_positions, stack_layers,
+                               unstack_layers)
 
 TOL = 1e-5  # float32, same weights, different computation order
 # LLVM optimisation level 0 halves CPU compile time; XLA's graph passes (and numerics) are
@@ -321,46 +324,11 @@ def test_init_statistics():
 
 
 # ---------------------------------------------------------------------------------------------
-# Config validation
-
-
-@pytest.mark.parametrize("overrides, field", [
-    (dict(d_model=30, num_heads=4), "d_model"),
-    (dict(num_layers=0), "num_layers"),
-    (dict(num_heads=-1), "num_heads"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(block_size=2.5), "block_size"),
-    (dict(d_mlp=0), "d_mlp"),
-    (dict(padded_vocab_size=100), "padded_vocab_size"),
-    (dict(activation="swish"), "activation"),
-    (dict(position_embedding="rope"), "position_embedding"),
-    (dict(norm_placement="middle"), "norm_placement"),
-    (dict(attention="flash"), "attention"),
-    (dict(dtype="float64"), "dtype"),
-    (dict(remat="everything"), "remat"),
-    (dict(attn_dropout=1.0), "attn_dropout"),
-    (dict(scan_layers="yes"), "scan_layers"),
-    (dict(num_experts=8), "num_experts"),
-])
-def test_config_validation_names_field(overrides, field):
-  with pytest.raises(ValueError, match=field):
-    get_config("tiny", **overrides)
-
-
-def test_config_replace_and_presets():
-  with pytest.raises(ValueError, match="'gpt5'"):
-    get_config("gpt5")
-  with pytest.raises(ValueError, match="'n_embd'"):
-    base_config().replace(n_embd=32)
-  cfg = base_config().replace(d_model=32)
-  assert cfg.d_mlp == 128 and cfg.head_dim == 8
-  assert hash(cfg) == hash(base_config(d_model=32))
+# Layers
 
 
 def test_layer_norm_equals_flax_layer_norm():
   """model.transformer.LayerNorm is nn.LayerNorm(use_fast_variance=False), values and grads."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from model.transformer import LayerNorm  # pylint: disable=import-outside-toplevel
   cfg = get_config("tiny")
   x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model)) * 3.0 + 1.0
   params = {"scale": jax.random.normal(jax.random.key(2), (cfg.d_model,)),
@@ -378,8 +346,6 @@ def test_layer_norm_equals_flax_layer_norm():
 @pytest.mark.parametrize("rows", [65, 2048])  # one-hot matmul / gather
 def test_embedding_lookup_values_and_gradient(rows):
   """Both lookup paths return exactly the table's rows; the gradient is the per-row sum."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from model.transformer import ONE_HOT_LOOKUP_ROWS, _lookup  # pylint: disable=import-outside-toplevel
   assert (rows <= ONE_HOT_LOOKUP_ROWS) == (rows == 65)
   table = jax.random.normal(jax.random.key(0), (rows, 16))
   ids = jax.random.randint(jax.random.key(1), (3, 7), 0, rows)

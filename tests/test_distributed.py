@@ -1,5 +1,5 @@
-"""Multi-process training: 2 CPU processes x 4 devices train exactly like 1 process x 8, and a
-checkpoint they wrote resumes on one process. Plus the flag checks of training/distributed.py."""
+"""training/distributed.py: 2 CPU processes x 4 devices train exactly like 1 process x 8, and a
+checkpoint they wrote resumes on one process; the multi-process flags are checked."""
 
 import os
 import pathlib
@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from model.errors import UserError
 from training import distributed
 from training.metrics import read_metrics
 
@@ -23,11 +24,9 @@ ARGS = ("--config", "configs/tiny.py", "--config.mesh.data=2", "--config.mesh.fs
 
 
 @pytest.fixture(scope="module")
-def env(shared_data, tmp_path_factory):
-  if not (shared_data / "tinyshakespeare.txt").exists():
-    pytest.skip("tiny shakespeare not found (set FLAXGPT_DATA_DIR)")
+def env(tmp_path_factory):
   e = dict(os.environ)
-  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", FLAXGPT_DATA_DIR=str(shared_data),
+  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
            FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
   return e
 
@@ -168,7 +167,7 @@ def test_tpu_hosts_from_the_environment():
     (("localhost:1234", 2, 2), r"--process_id must be in \[0, 2\), got 2"),
 ])
 def test_bad_distributed_arguments_are_named(args, message):
-  with pytest.raises(distributed.DistributedError, match=message):
+  with pytest.raises(UserError, match=message):
     distributed.check_args(*args)
 
 

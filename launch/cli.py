@@ -1,0 +1,213 @@
+"""What every entry point in launch/ shares: one flag framework and one way to fail.
+
+Flags are absl flags, each entry point's on a FlagValues of its own (so that the modules can be
+imported side by side, as the tests do); experiment configs are ml_collections config files
+(`--config path[:variant]`, any field overridable as `--config.<section>.<key>=value`). A
+mistake in the input ends the program with one `error: <sentence>` line naming the bad value
+and exit status 2: a bad flag or config override (explained here, where absl and ml_collections
+would print tracebacks or several lines), or a UserError raised by the library.
+
+    FLAGS = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Where the run lives.", flag_values=FLAGS)
+
+    def main(argv: list[str] | None = None) -> int:
+      return cli.run(_main, FLAGS, __doc__, argv)   # --help, flag errors, UserError -> status 2
+
+    def _main(args: list[str]) -> int:   # args: the positional arguments
+      ...
+
+    if __name__ == "__main__":
+      sys.exit(main())
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from absl import flags
+
+from model.errors import UserError
+
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
+_FLAG_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+                    "string": "a string", "multi_string": "a string"}
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+  """Print one `error:` line and exit (status 2: a mistake in the input)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def run(body: Callable[[list[str]], int | None], flag_values: flags.FlagValues, doc: str,
+        argv: Sequence[str] | None = None) -> int:
+  """Parse `argv` (default sys.argv[1:]) into `flag_values`, then return body(positional
+  arguments) (None counts as 0). --help prints `doc` and the flags and exits 0; a bad flag or a
+  UserError from `body` is one `error:` line and exit status 2."""
+  args = parse(flag_values, doc, argv)
+  try:
+    status = body(args)
+  except UserError as e:
+    fail(str(e))
+  return 0 if status is None else status
+
+
+def no_arguments(args: Sequence[str]) -> None:
+  if args:
+    raise UserError(f"Unexpected arguments: {' '.join(args)}.")
+
+
+def parse(flag_values: flags.FlagValues, doc: str, argv: Sequence[str] | None = None
+          ) -> list[str]:
+  """absl parsing of `argv` (without the program name): returns the positional arguments.
+  --help prints `doc` and the flags (exit 0); a missing config file, a bad --config.* override
+  or a bad flag becomes one `error:` line (exit 2)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(arg in HELP_FLAGS for arg in argv):
+    print(doc.rstrip() + "\n\nflags:\n" + _flags_help(flag_values))
+    sys.exit(0)
+  spec = config_arg(argv) if _takes_config_file(flag_values) else None
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
+  flag_values.unparse_flags()  # a second call in one process starts from the defaults again
+  try:
+    return flag_values([sys.argv[0] if sys.argv else "flaxgpt", *argv])[1:]
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(explain_flag_error(e, argv, flag_values))
+
+
+def load_config(flag_values: flags.FlagValues, argv: Sequence[str] | None = None):
+  """The --config ConfigDict, or one `error:` line with the config file's own error."""
+  try:
+    return flag_values.config
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+      root = root.__cause__ or root.__context__
+    fail(f"Could not load --config {config_arg(sys.argv if argv is None else argv)}: {root}")
+
+
+def _takes_config_file(flag_values: flags.FlagValues) -> bool:
+  """Whether --config is an ml_collections config file (config_flags.DEFINE_config_file)."""
+  return "config" in flag_values and flag_values["config"].flag_type() == "config object"
+
+
+def config_name(argv: Sequence[str]) -> str:
+  """The config file's name without directory and extension: "gpt2_xl" for configs/gpt2_xl.py."""
+  spec = config_arg(argv) or ""
+  return os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
+
+
+def _flags_help(flag_values: flags.FlagValues) -> str:
+  """The entry point's own flags (not absl's --flagfile / --undefok)."""
+  lines = []
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if module.startswith("absl."):
+      continue
+    for flag in sorted(module_flags, key=lambda f: f.name):
+      default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+      lines.append(f"  --{flag.name}: {flag.help}{default}")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# One sentence for a flag error
+
+
+def config_arg(argv: Sequence[str]) -> str | None:
+  """The value of --config in argv, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _config_from_file(spec: str | None):
+  """(ConfigDict, None) of a --config value "path[:variant]", or (None, the exception)."""
+  if not spec:
+    return None, None
+  path, _, variant = spec.partition(":")
+  try:
+    loader = importlib.util.spec_from_file_location("_flaxgpt_config", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return (module.get_config(variant) if variant else module.get_config()), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, e
+
+
+def _lookup(config, dotted: str):
+  """(value, None) of config.<dotted>, or (None, a sentence naming the unknown key)."""
+  path = dotted.split(".")
+  node = config
+  for i, part in enumerate(path):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = f" (did you mean {'.'.join(path[:i] + close + path[i + 1:])!r}?)" if close else ""
+      return None, f"Unknown config key {dotted!r} in --config.{dotted}{hint}."
+    node = node[part]
+  return node, None
+
+
+def _type_words(config, dotted: str) -> str:
+  parent, _, name = dotted.rpartition(".")
+  node = _lookup(config, parent)[0] if parent else config
+  try:
+    kind = node.get_type(name)
+  except Exception:  # pylint: disable=broad-except
+    kind = None
+  return _TYPE_WORDS.get(kind, f"a {getattr(kind, '__name__', 'valid value')}")
+
+
+def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+  out = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      key, _, value = arg[len("--config."):].partition("=")
+      out.append((key, value))
+  return out
+
+
+def _flag_words(flag) -> str:
+  choices = getattr(flag.parser, "enum_values", None)
+  if choices:
+    return f"one of {', '.join(choices)}"
+  return _FLAG_TYPE_WORDS.get(flag.flag_type(), "valid")
+
+
+def explain_flag_error(e: Exception, argv: Sequence[str],
+                       flag_values: flags.FlagValues | None = None) -> str:
+  """One sentence for a flag parsing error."""
+  spec = config_arg(argv) if flag_values is None or _takes_config_file(flag_values) else None
+  config, load_error = _config_from_file(spec)
+  if load_error is not None:
+    return f"Could not load --config {spec}: {load_error}".rstrip(".") + "."
+  if config is not None:
+    for key, raw in _overrides(argv):
+      value, unknown = _lookup(config, key)
+      if unknown:
+        return unknown
+      if f"--config.{key}=" in str(e):
+        return (f"--config.{key} must be {_type_words(config, key)} (it is {value!r} in "
+                f"{spec}); got {raw!r}.")
+  message = str(e).splitlines()[0] if str(e) else type(e).__name__
+  if "must have a value other than None" in message:
+    return message.split(": ", 1)[-1].replace("must have a value other than None.",
+                                              "is required.")
+  unknown = re.match(r"Unknown command line flag '([^']+)'", message)
+  if unknown:
+    return f"Unknown flag --{unknown.group(1)}; see --help."
+  bad_value = re.match(r"flag --(\w+)=(.*?): ", message)
+  if flag_values is not None and bad_value and bad_value.group(1) in flag_values:
+    name, raw = bad_value.groups()
+    return f"--{name} must be {_flag_words(flag_values[name])}, got {raw!r}."
+  return message.rstrip(".") + "."

@@ -1,0 +1,117 @@
+"""training/run.py: a config becomes a validated Run; every mistake is one UserError sentence
+before anything is compiled, and the shipped configs are valid."""
+
+import pathlib
+
+import jax
+import pytest
+
+from configs import gpt2, gpt2_xl, shakespeare_char, tiny
+from conftest import tiny_run_config
+from model.config import field_names
+from model.errors import UserError
+from training.run import (build_run, check_values, cpu_device_count, model_config,
+                          vocab_size_without_data)
+
+CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl}
+
+
+def load_config(name, variant=None):
+  module = CONFIGS[name]
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def test_user_errors_before_compiling(tmp_path, shakespeare_path):
+  c = tiny_run_config(shakespeare_path, train__batch_size=12, train__grad_accum=1)
+  with pytest.raises(UserError, match="divisible by the data-parallel size"):
+    build_run(c, workdir=tmp_path)  # mesh data=-1 is 8 devices here
+  c = tiny_run_config(pathlib.Path("/no/such/file.txt"))
+  with pytest.raises(UserError, match="does not exist"):
+    build_run(c, workdir=tmp_path)
+  c = tiny_run_config(shakespeare_path, mesh__data=3)
+  with pytest.raises(UserError, match="mesh"):
+    build_run(c, workdir=tmp_path)
+  c = tiny_run_config(shakespeare_path)
+  c.model.vocab_size = 10
+  with pytest.raises(UserError, match="smaller than the data's vocabulary"):
+    build_run(c, workdir=tmp_path)
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, variant", [("tiny", None), ("shakespeare_char", None),
+                                           ("shakespeare_char", "cpu"), ("gpt2", None),
+                                           ("gpt2_xl", None)])
+def test_configs_are_valid(name, variant):
+  c = load_config(name, variant)
+  check_values(c)
+  assert set(c.model.keys()) == set(field_names())  # every ModelConfig field is a config key
+  cfg = model_config(c, data_vocab_size=65 if c.data.tokenizer == "char" else 50257)
+  assert c.train.batch_size % c.train.grad_accum == 0
+  if name == "gpt2":  # nanoGPT's ~0.5M tokens per step: 12 x 1024 x 40
+    assert (c.train.batch_size // c.train.grad_accum, cfg.block_size, c.train.grad_accum) == (
+        12, 1024, 40)
+    assert cfg.padded_vocab_size == 50304 and cfg.dtype == "bfloat16"
+    assert (c.optimizer.lr, c.optimizer.min_lr, c.optimizer.warmup_steps, c.train.steps) == (
+        6e-4, 6e-5, 2000, 600_000)
+  if name == "gpt2_xl":
+    assert cfg.scan_layers and cfg.remat != "none" and c.mesh.fsdp == -1
+  if (name, variant) == ("shakespeare_char", None):
+    assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.block_size) == (6, 6, 384, 256)
+    assert cfg.resid_dropout == 0.2 and not cfg.use_bias and c.eval.batches == 200
+  if variant == "cpu":  # nanoGPT's CPU quick start
+    assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.block_size) == (4, 4, 128, 64)
+    assert (c.train.batch_size, c.train.steps, c.eval.batches, cfg.resid_dropout) == (
+        12, 2000, 20, 0.0)
+
+
+def test_unknown_variant_is_a_clear_error():
+  with pytest.raises(ValueError, match="Unknown variant 'gpu'"):
+    load_config("shakespeare_char", "gpu")
+
+
+def test_cpu_device_count():
+  assert cpu_device_count(3, batch_size=12, cores=2) == 3  # as asked
+  assert cpu_device_count(-1, batch_size=12, cores=2) == 2  # one per core
+  assert cpu_device_count(-1, batch_size=12, cores=8) == 6  # ... dividing the batch
+  assert cpu_device_count(-1, batch_size=7, cores=4) == 1
+  assert cpu_device_count(-1, batch_size=4, cores=64) == 4
+
+
+def test_vocabulary_without_reading_the_data():
+  c = tiny.get_config()
+  with pytest.raises(UserError, match="config.model.vocab_size is unset"):
+    vocab_size_without_data(c)  # characters: only the text knows them
+  c.data.tokenizer = "gpt2"
+  assert vocab_size_without_data(c) == 50257
+  c.data.source, c.data.vocab_size = "synthetic", 300
+  assert vocab_size_without_data(c) == 300
+  c.model.vocab_size = 500
+  assert vocab_size_without_data(c) == 500
+
+
+def test_training_benchmark_and_aot_paths_reject_the_same_config(tmp_path):
+  """read_data=False / explicit devices (the benchmark's and launch.aot's way) check the config
+  exactly as training does."""
+  c = tiny.get_config()
+  c.data.source = "synthetic"
+  c.train.batch_size = 12  # not divisible by the 8 data-parallel devices
+  for kwargs in (dict(workdir=tmp_path / "run"), dict(), dict(read_data=False),
+                 dict(devices=jax.devices(), read_data=False)):
+    with pytest.raises(UserError, match="divisible by the data-parallel size mesh.data x "
+                                        "mesh.fsdp = 8"):
+      build_run(c, **kwargs)
+  assert not (tmp_path / "run").exists()
+
+
+def test_run_on_given_devices_resolves_the_config():
+  c = tiny.get_config()
+  c.data.source = "synthetic"
+  c.mesh.data, c.mesh.fsdp = 2, -1
+  run = build_run(c, devices=jax.devices()[:4], read_data=False)
+  assert run.mesh_shape == (2, 2, 1) and run.mesh.devices.size == 4
+  assert (run.config.mesh.data, run.config.mesh.fsdp) == (2, 2)  # -1 resolved
+  assert run.config.optimizer.decay_steps == c.train.steps and run.source is None
+  assert run.model.vocab_size == c.data.vocab_size == 50257
+  assert run.batch_shape == (8, 65) and run.tokens_per_step == 8 * 64
+  embedding = run.abstract_state.params["wte"]["embedding"]
+  assert embedding.sharding.mesh.shape == run.mesh.shape  # laid out on this run's mesh

@@ -1,0 +1,201 @@
+"""The prepared-data format: nanoGPT-style token files, written once and cached.
+
+A prepared directory holds `train.bin` and `val.bin` (flat little-endian uint16 token ids, or
+uint32 for vocabularies above 65,536) and `meta.json` (vocab_size, dtype, token counts and the
+tokenizer's `to_dict()`, which for a character tokenizer is the whole vocabulary). `meta.json`
+is written last, so a directory that has one is complete. Text files (training/data/text.py)
+and TFDS datasets (training/data/tfds.py) are written with `write_prepared`; the `text` and
+`tfds` sources prepare into the cache directory (`build_cached`) on first use and reuse it.
+`read_meta` reads one back (and nanoGPT's own directories, which have no meta.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import shutil
+import sys
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+from model.errors import UserError
+from model.tokenizer import TOKENIZER_NAMES
+
+META_NAME = "meta.json"
+BIN_NAMES = {"train": "train.bin", "val": "val.bin"}
+FORMAT_VERSION = 1
+CACHE_ENV = "FLAXGPT_CACHE_DIR"
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache of prepared directories.
+
+
+def cache_root(cache_dir: str = "") -> pathlib.Path:
+  """`cache_dir`, else $FLAXGPT_CACHE_DIR, else ~/.cache/flaxgpt."""
+  root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "flaxgpt")
+  return pathlib.Path(root).expanduser()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+  blob = json.dumps({"version": FORMAT_VERSION, **parts}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_cached(out_dir: pathlib.Path, build) -> pathlib.Path:
+  """Return `out_dir` if it is complete; otherwise build into a private staging directory and
+  rename it into place (concurrent builders are harmless: the first rename wins)."""
+  if (out_dir / META_NAME).exists():
+    return out_dir
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    build(staging)
+    try:
+      os.rename(staging, out_dir)
+    except OSError:  # another process finished first
+      if not (out_dir / META_NAME).exists():
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a prepared directory.
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+  """meta.json; else nanoGPT's meta.pkl (a char vocabulary); else GPT-2 BPE in uint16, which is
+  what nanoGPT's openwebtext/shakespeare preparation writes without any meta file."""
+  data_dir = pathlib.Path(data_dir)
+  if (data_dir / META_NAME).exists():
+    try:
+      return json.loads((data_dir / META_NAME).read_text())
+    except (OSError, ValueError) as e:
+      raise UserError(f"Could not read {data_dir / META_NAME}: {e}") from None
+  if (data_dir / "meta.pkl").exists():
+    with open(data_dir / "meta.pkl", "rb") as f:
+      pkl = pickle.load(f)
+    chars = "".join(pkl["itos"][i] for i in range(pkl["vocab_size"]))
+    return {"vocab_size": pkl["vocab_size"], "dtype": "uint16",
+            "tokenizer": {"name": "char", "chars": chars}}
+  return {"vocab_size": 50257, "dtype": "uint16", "tokenizer": {"name": "gpt2"}}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a prepared directory.
+
+
+class Progress:
+  """A one-line progress report on stderr: percent, tokens, tokens/s and ETA."""
+
+  def __init__(self, label: str, total: int, unit: str, quiet: bool = False):
+    self.label, self.total, self.unit, self.quiet = label, max(total, 1), unit, quiet
+    self.done = self.tokens = 0
+    self.start = self._last = time.perf_counter()
+    self._tty = sys.stderr.isatty()
+
+  def update(self, done: int, tokens: int) -> None:
+    self.done += done
+    self.tokens += tokens
+    now = time.perf_counter()
+    if now - self._last >= (0.5 if self._tty else 10.0):
+      self._last = now
+      self._print(end="\r" if self._tty else "\n")
+
+  def close(self) -> None:
+    self._print(end="\n")
+
+  def _print(self, end: str) -> None:
+    if self.quiet:
+      return
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    frac = min(self.done / self.total, 1.0)
+    eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
+    print(f"{self.label}: {100 * frac:5.1f}% of {self.total:,} {self.unit}, "
+          f"{self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s",
+          end=end, file=sys.stderr, flush=True)
+
+
+class BinWriter:
+  """Appends token chunks to `<split>.bin.tmp` files in `out_dir`; `commit` renames them into
+  place and writes meta.json last, so nothing half-written ever carries a final name."""
+
+  def __init__(self, out_dir: pathlib.Path, dtype: np.dtype):
+    self.out_dir, self.dtype = out_dir, dtype
+    self.counts = {split: 0 for split in BIN_NAMES}
+    self._tmp = {s: out_dir / f"{n}.tmp-{os.getpid()}" for s, n in BIN_NAMES.items()}
+    self._files = {s: open(p, "wb") for s, p in self._tmp.items()}
+
+  def write(self, split: str, ids: Iterable[int] | np.ndarray) -> None:
+    arr = np.asarray(ids, dtype=self.dtype)
+    self._files[split].write(arr.tobytes())
+    self.counts[split] += arr.size
+
+  def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+    for f in self._files.values():
+      f.close()
+    for split, count in self.counts.items():
+      if count == 0:
+        self.abort()
+        raise UserError(f"The {split} split of {meta['source']} has no tokens; give more text "
+                        f"or another val_fraction / split.")
+    for split, tmp in self._tmp.items():
+      os.replace(tmp, self.out_dir / BIN_NAMES[split])
+    meta = {"format": "flaxgpt-bin", "version": FORMAT_VERSION, "dtype": self.dtype.name,
+            **meta, "train_tokens": self.counts["train"], "val_tokens": self.counts["val"]}
+    tmp_meta = self.out_dir / f"{META_NAME}.tmp-{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp_meta, self.out_dir / META_NAME)
+    return meta
+
+  def abort(self) -> None:
+    for split, f in self._files.items():
+      f.close()
+      self._tmp[split].unlink(missing_ok=True)
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> pathlib.Path:
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise UserError(f"Output directory {str(out_dir)!r} is an existing file.")
+  return out_dir
+
+
+def _make_out_dir(out_dir: str | os.PathLike) -> pathlib.Path:
+  out_dir = check_out_dir(out_dir)
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"Cannot create output directory {str(out_dir)!r}: {e.strerror}.") from None
+  return out_dir
+
+
+def write_prepared(out_dir, tokenizer, meta: dict[str, Any], pieces) -> dict[str, Any]:
+  """Runs `pieces(writer)` (which writes the splits), then commits; returns meta with counts."""
+  writer = BinWriter(_make_out_dir(out_dir), token_dtype(tokenizer.vocab_size))
+  start = time.perf_counter()
+  try:
+    pieces(writer)
+  except BaseException:
+    writer.abort()
+    raise
+  meta = writer.commit({"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.to_dict(),
+                        **meta})
+  return {**meta, "seconds": time.perf_counter() - start}
+
+
+def check_tokenizer(name: str) -> None:
+  if name not in TOKENIZER_NAMES:
+    raise UserError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")
