@@ -53,7 +53,7 @@ def _main(args: list[str]) -> int:
   config = cli.load_config(FLAGS)
   report = aot.compile_for_topology(
       config, tpu, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices,
-      config_name=cli.config_name(sys.argv),
+      config_name=cli.config_name(FLAGS),
       log=lambda line: print(line, file=sys.stderr, flush=True))
   print(aot.format_report(report), flush=True)
   if FLAGS.json:

@@ -29,6 +29,7 @@ import re
 import sys
 from typing import Callable, NoReturn, Sequence
 
+import ml_collections
 from absl import flags
 
 from model.errors import UserError
@@ -78,19 +79,24 @@ def parse(flag_values: flags.FlagValues, doc: str, argv: Sequence[str] | None = 
   flag_values.unparse_flags()  # a second call in one process starts from the defaults again
   try:
     return flag_values([sys.argv[0] if sys.argv else "flaxgpt", *argv])[1:]
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (a bad flag, or the config file's error)
     fail(explain_flag_error(e, argv, flag_values))
 
 
-def load_config(flag_values: flags.FlagValues, argv: Sequence[str] | None = None):
+def load_config(flag_values: flags.FlagValues):
   """The --config ConfigDict, or one `error:` line with the config file's own error."""
+  name = flag_values["config"].config_filename
   try:
-    return flag_values.config
+    config = flag_values.config
   except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
     root = e
     while root.__cause__ is not None or root.__context__ is not None:
       root = root.__cause__ or root.__context__
-    fail(f"Could not load --config {config_arg(sys.argv if argv is None else argv)}: {root}")
+    fail(f"Could not load --config {name}: {root}")
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(f"--config {name}: get_config() returned {type(config).__name__}, not an "
+         f"ml_collections.ConfigDict (start from configs/common.py:base_config()).")
+  return config
 
 
 def _takes_config_file(flag_values: flags.FlagValues) -> bool:
@@ -98,10 +104,11 @@ def _takes_config_file(flag_values: flags.FlagValues) -> bool:
   return "config" in flag_values and flag_values["config"].flag_type() == "config object"
 
 
-def config_name(argv: Sequence[str]) -> str:
-  """The config file's name without directory and extension: "gpt2_xl" for configs/gpt2_xl.py."""
-  spec = config_arg(argv) or ""
-  return os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
+def config_name(flag_values: flags.FlagValues) -> str:
+  """The --config file's name without directory and extension: "gpt2_xl" for
+  configs/gpt2_xl.py."""
+  path = flag_values["config"].config_filename or ""
+  return os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
 
 
 def _flags_help(flag_values: flags.FlagValues) -> str:

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import exit_status
+from launch import train as train_cli
 from model.tokenizer import tokenizer_from_dict
 from model.transformer import GPT
 from training.checkpoint import load_for_inference
@@ -183,3 +185,19 @@ def test_help():
   out = subprocess.run([sys.executable, "-m", "launch.train", "--help"], cwd=REPO,
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert out.returncode == 0 and "--workdir" in out.stdout and "--config" in out.stdout
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ('def get_config():\n  raise RuntimeError("boom")\n', "Could not load --config {path}: boom."),
+    ("x = (\n", "Could not load --config {path}: '(' was never closed"),
+    ("def get_config():\n  return 3\n", "--config {path}: get_config() returned int, not an "
+                                        "ml_collections.ConfigDict"),
+], ids=["raises", "syntax-error", "not-a-config"])
+def test_a_broken_config_file_is_one_sentence(body, pattern, tmp_path, capsys):
+  path = tmp_path / "broken.py"
+  path.write_text(body)
+  assert exit_status(train_cli.main, ["--config", str(path), "--workdir",
+                                      str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: " + pattern.format(path=path)) and err.count("\n") == 1, err
+  assert not (tmp_path / "run").exists()
