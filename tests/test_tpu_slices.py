@@ -5,7 +5,7 @@ sentence."""
 import pytest
 
 from model.errors import UserError
-from training.tpu import gcloud, slices
+from training.tpu import gcloud
 from training.tpu.slices import GIB, parse_slice
 
 
