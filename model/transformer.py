@@ -176,7 +176,6 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x_BTD, positions_BT, kv_cache):
     cfg = self.cfg
     H, K = cfg.num_heads, cfg.head_dim
-    D, dt = cfg.d_model, cfg.compute_dtype
     qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
                             ("embed", "qkv", "heads", "kv"), 0.02, name="c_attn")(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
