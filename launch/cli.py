@@ -191,10 +191,9 @@ def _flag_words(flag) -> str:
   return _FLAG_TYPE_WORDS.get(flag.flag_type(), "valid")
 
 
-def explain_flag_error(e: Exception, argv: Sequence[str],
-                       flag_values: flags.FlagValues | None = None) -> str:
+def explain_flag_error(e: Exception, argv: Sequence[str], flag_values: flags.FlagValues) -> str:
   """One sentence for a flag parsing error."""
-  spec = config_arg(argv) if flag_values is None or _takes_config_file(flag_values) else None
+  spec = config_arg(argv) if _takes_config_file(flag_values) else None
   config, load_error = _config_from_file(spec)
   if load_error is not None:
     return f"Could not load --config {spec}: {load_error}".rstrip(".") + "."
@@ -214,7 +213,7 @@ def explain_flag_error(e: Exception, argv: Sequence[str],
   if unknown:
     return f"Unknown flag --{unknown.group(1)}; see --help."
   bad_value = re.match(r"flag --(\w+)=(.*?): ", message)
-  if flag_values is not None and bad_value and bad_value.group(1) in flag_values:
+  if bad_value and bad_value.group(1) in flag_values:
     name, raw = bad_value.groups()
     return f"--{name} must be {_flag_words(flag_values[name])}, got {raw!r}."
   return message.rstrip(".") + "."

@@ -390,11 +390,16 @@ def abstract_params(cfg: ModelConfig, *, unbox: bool = True):
   return jax.eval_shape(lambda rng: init_params(cfg, rng, unbox=unbox), jax.random.key(0))
 
 
+def num_params(params: Any) -> int:
+  """Number of parameters in a tree of arrays or ShapeDtypeStructs (e.g. TrainState.params)."""
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
 def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
   """Number of parameters (from abstract shapes). non_embedding drops wpe and, when the head
   is untied, wte (the convention of nanoGPT's get_num_params subtracts wpe only)."""
   shapes = abstract_params(cfg)
-  total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+  total = num_params(shapes)
   if non_embedding:
     if "wpe" in shapes:
       total -= math.prod(shapes["wpe"]["embedding"].shape)

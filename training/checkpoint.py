@@ -103,15 +103,20 @@ class Checkpointer:
     self._manager.close()
 
 
-def read_run_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
-  """(step, meta) of a training workdir's latest (or given) checkpoint, without reading any
-  arrays: the model config, the tokenizer, the resolved config. UserError if there is none."""
+def _open_run(workdir: str | os.PathLike) -> Checkpointer:
+  """A read-only Checkpointer of a training workdir; UserError if it has no checkpoints."""
   if "://" not in os.fspath(workdir) and not os.path.exists(workdir):
     raise UserError(f"--workdir {os.fspath(workdir)!r} does not exist.")
   if not checkpoint_dir(workdir).is_dir():
     raise UserError(f"--workdir {os.fspath(workdir)!r} has no {CHECKPOINT_DIR}/ directory; "
                     f"train first with python -m launch.train --workdir {workdir}.")
-  ckpt = Checkpointer(workdir, read_only=True)
+  return Checkpointer(workdir, read_only=True)
+
+
+def read_run_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta) of a training workdir's latest (or given) checkpoint, without reading any
+  arrays: the model config, the tokenizer, the resolved config. UserError if there is none."""
+  ckpt = _open_run(workdir)
   try:
     step = ckpt._step(step)  # pylint: disable=protected-access
     return step, ckpt.read_meta(step)
@@ -126,16 +131,17 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
   given) checkpoint. Parameters only; placed on `mesh` (default: the first device) with the
   model's logical shardings. `model.tokenizer.tokenizer_from_dict` turns the dict back into a
   tokenizer."""
-  step, meta = read_run_meta(workdir, step)
-  cfg = ModelConfig(**meta["model"])
-  if mesh is None:
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  shardings = param_shardings(cfg, mesh, rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_params(cfg), shardings)
-  ckpt = Checkpointer(workdir, read_only=True)
+  ckpt = _open_run(workdir)
   try:
+    step = ckpt._step(step)  # pylint: disable=protected-access
+    meta = ckpt.read_meta(step)
+    cfg = ModelConfig(**meta["model"])
+    if mesh is None:
+      mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shardings = param_shardings(cfg, mesh, rules)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_params(cfg), shardings)
     params = ckpt.restore_params(abstract, step)
   finally:
     ckpt.close()

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from model.errors import UserError
-from model.transformer import count_params
+from model.transformer import num_params
 from sharding import describe, is_cpu, process_batch_indices, shard_batch
 from training import distributed
 from training.checkpoint import Checkpointer
@@ -203,7 +203,7 @@ class _Trainer:
 
   def _describe(self) -> None:
     run, info = self.run_, self.console.info
-    n_params = count_params(run.model)
+    n_params = num_params(run.abstract_state.params)  # needed for restore / compile anyway
     m = run.model
     info(f"model: {format_count(n_params)} parameters ({m.num_layers} layers, {m.num_heads} "
          f"heads, width {m.d_model}, block {m.block_size}, vocab {m.vocab_size}), "

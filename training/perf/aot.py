@@ -35,7 +35,7 @@ import ml_collections
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import count_params
+from model.transformer import num_params
 from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
 from training.perf import flops
 from training.run import build_run
@@ -239,7 +239,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       config_name=config_name, topology=tpu.name, topology_name=tpu.topology_name,
       chips=tpu.chips, hosts=tpu.hosts, num_slices=num_slices,
       device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
-      params=count_params(cfg),
+      params=num_params(abstract.params),
       model={k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
                                           "padded_vocab_size", "dtype", "scan_layers",
                                           "remat")},
