@@ -22,11 +22,13 @@ would print tracebacks or several lines), or a UserError raised by the library.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
 import re
 import sys
+import traceback
 from typing import Callable, NoReturn, Sequence
 
 import ml_collections
@@ -73,14 +75,36 @@ def parse(flag_values: flags.FlagValues, doc: str, argv: Sequence[str] | None = 
   if any(arg in HELP_FLAGS for arg in argv):
     print(doc.rstrip() + "\n\nflags:\n" + _flags_help(flag_values))
     sys.exit(0)
-  spec = config_arg(argv) if _takes_config_file(flag_values) else None
+  takes_config = _takes_config_file(flag_values)
+  spec = config_arg(argv) if takes_config else None
   if spec is not None and not os.path.isfile(spec.partition(":")[0]):
     fail(f"Config file {spec.partition(':')[0]!r} does not exist.")
   flag_values.unparse_flags()  # a second call in one process starts from the defaults again
+  full_argv = [sys.argv[0] if sys.argv else "flaxgpt", *argv]
+  if takes_config:
+    # ml_collections defines one flag per --config.<key> override when --config is parsed; a
+    # second call in one process must not find the last call's ones.
+    for name in [n for n in flag_values if n.startswith("config.")]:
+      delattr(flag_values, name)
   try:
-    return flag_values([sys.argv[0] if sys.argv else "flaxgpt", *argv])[1:]
-  except Exception as e:  # pylint: disable=broad-except  (a bad flag, or the config file's error)
-    fail(explain_flag_error(e, argv, flag_values))
+    # ml_collections finds the overrides in sys.argv, not in the list being parsed, so `argv`
+    # is sys.argv while absl parses it (for callers that pass their own, e.g. tests).
+    with _as_sys_argv(full_argv if takes_config else None):
+      return flag_values(full_argv)[1:]
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except  (a bad flag, or the
+    fail(explain_flag_error(e, argv, flag_values))  # config file's own error)
+
+
+@contextlib.contextmanager
+def _as_sys_argv(argv: list[str] | None):
+  if argv is None:
+    yield
+    return
+  saved, sys.argv = sys.argv, list(argv)
+  try:
+    yield
+  finally:
+    sys.argv = saved
 
 
 def load_config(flag_values: flags.FlagValues):
@@ -88,11 +112,8 @@ def load_config(flag_values: flags.FlagValues):
   name = flag_values["config"].config_filename
   try:
     config = flag_values.config
-  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
-    root = e
-    while root.__cause__ is not None or root.__context__ is not None:
-      root = root.__cause__ or root.__context__
-    fail(f"Could not load --config {name}: {root}")
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except  (the file's own error)
+    fail(config_error(name, e))
   if not isinstance(config, ml_collections.ConfigDict):
     fail(f"--config {name}: get_config() returned {type(config).__name__}, not an "
          f"ml_collections.ConfigDict (start from configs/common.py:base_config()).")
@@ -137,6 +158,28 @@ def config_arg(argv: Sequence[str]) -> str | None:
   return None
 
 
+def config_error(spec: str, e: BaseException) -> str:
+  """One sentence for an exception raised while loading the config file `spec`
+  ("path[:variant]"): the file, the line of it that raised, the error's type and message."""
+  root = e
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  path = os.path.abspath(spec.partition(":")[0])
+  line = getattr(root, "lineno", None) if isinstance(root, SyntaxError) else None
+  for frame, lineno in traceback.walk_tb(root.__traceback__):
+    if os.path.abspath(frame.f_code.co_filename) == path:
+      line = lineno  # the innermost line of the config file itself
+  where = f" (line {line})" if line else ""
+  if isinstance(root, SystemExit):
+    what = f"it called sys.exit({root.code!r})"
+  elif isinstance(root, SyntaxError):
+    what = f"SyntaxError: {root.msg}"
+  else:
+    message = str(root).splitlines()[0] if str(root) else ""
+    what = type(root).__name__ + (f": {message}" if message else "")
+  return f"Could not load --config {spec}{where}: {what}".rstrip(".") + "."
+
+
 def _config_from_file(spec: str | None):
   """(ConfigDict, None) of a --config value "path[:variant]", or (None, the exception)."""
   if not spec:
@@ -147,7 +190,7 @@ def _config_from_file(spec: str | None):
     module = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(module)
     return (module.get_config(variant) if variant else module.get_config()), None
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     return None, e
 
 
@@ -191,18 +234,21 @@ def _flag_words(flag) -> str:
   return _FLAG_TYPE_WORDS.get(flag.flag_type(), "valid")
 
 
-def explain_flag_error(e: Exception, argv: Sequence[str], flag_values: flags.FlagValues) -> str:
+def explain_flag_error(e: BaseException, argv: Sequence[str], flag_values: flags.FlagValues) -> str:
   """One sentence for a flag parsing error."""
   spec = config_arg(argv) if _takes_config_file(flag_values) else None
   config, load_error = _config_from_file(spec)
   if load_error is not None:
-    return f"Could not load --config {spec}: {load_error}".rstrip(".") + "."
+    return config_error(spec, load_error)
   if config is not None:
     for key, raw in _overrides(argv):
       value, unknown = _lookup(config, key)
       if unknown:
         return unknown
-      if f"--config.{key}=" in str(e):
+    for key, raw in _overrides(argv):
+      # absl names the value it could not parse; a key given twice names the bad one.
+      if f"--config.{key}={raw}: " in str(e):
+        value = _lookup(config, key)[0]
         return (f"--config.{key} must be {_type_words(config, key)} (it is {value!r} in "
                 f"{spec}); got {raw!r}.")
   message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -212,8 +258,11 @@ def explain_flag_error(e: Exception, argv: Sequence[str], flag_values: flags.Fla
   unknown = re.match(r"Unknown command line flag '([^']+)'", message)
   if unknown:
     return f"Unknown flag --{unknown.group(1)}; see --help."
-  bad_value = re.match(r"flag --(\w+)=(.*?): ", message)
+  bad_value = re.match(r"flag --(\w+)=(.*?): (.*)", message)
   if bad_value and bad_value.group(1) in flag_values:
-    name, raw = bad_value.groups()
-    return f"--{name} must be {_flag_words(flag_values[name])}, got {raw!r}."
+    name, raw, why = bad_value.groups()
+    # absl's bound checks: "0 is not a positive integer", "-1 is not a non-negative integer"
+    bound = re.fullmatch(r".* is not (an? .*?)\.?", why)
+    words = bound.group(1) if bound else _flag_words(flag_values[name])
+    return f"--{name} must be {words}, got {raw!r}."
   return message.rstrip(".") + "."

@@ -5,8 +5,9 @@
   python -m launch.prepare --tfds=lm1b --split=train --val_split=test --out_dir=data/lm1b
 
 then train with --config.data.source=bin --config.data.path=<out_dir>. Give exactly one of
---input (text files) and --tfds (a TFDS text dataset). Mistakes print one `error:` line and exit
-with status 2.
+--input (text files) and --tfds (a TFDS text dataset). --out_dir must be new or empty
+(--force replaces the prepared files of a non-empty one). Mistakes print one `error:` line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ flags.DEFINE_string("input", None, "Text file(s): a path, comma-separated paths 
 flags.DEFINE_string("tfds", None, "A TFDS text dataset, read with tfds.data_source (needs "
                     "tensorflow-datasets, not TensorFlow).", flag_values=FLAGS)
 flags.DEFINE_string("out_dir", None, "Directory for train.bin, val.bin, meta.json (created; "
-                    "existing files there are replaced when done).", flag_values=FLAGS)
+                    "it must be empty unless --force).", flag_values=FLAGS)
+flags.DEFINE_bool("force", False, "Write into a non-empty --out_dir: its train.bin, val.bin "
+                  "and meta.json are replaced when the new ones are complete.", flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", "gpt2", "gpt2 (BPE) or char (vocabulary from the text).",
                     flag_values=FLAGS)
 flags.DEFINE_float("val_fraction", 0.1, "--input: the last fraction of the characters is val.",
@@ -46,10 +49,11 @@ def _prepare() -> dict:
                     + (", not both." if FLAGS.input is not None else "."))
   if FLAGS.input is not None:
     return prepare_text(resolve_text_paths(FLAGS.input), FLAGS.tokenizer, FLAGS.out_dir,
-                        val_fraction=FLAGS.val_fraction, quiet=FLAGS.quiet)
+                        val_fraction=FLAGS.val_fraction, quiet=FLAGS.quiet, force=FLAGS.force)
   return prepare_tfds(FLAGS.tfds, FLAGS.out_dir, train_split=FLAGS.split,
                       val_split=FLAGS.val_split, tokenizer_name=FLAGS.tokenizer,
-                      text_key=FLAGS.text_key, data_dir=FLAGS.tfds_data_dir, quiet=FLAGS.quiet)
+                      text_key=FLAGS.text_key, data_dir=FLAGS.tfds_data_dir, quiet=FLAGS.quiet,
+                      force=FLAGS.force)
 
 
 def _main(args: list[str]) -> int:

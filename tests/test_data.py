@@ -5,11 +5,13 @@ errors. (launch.prepare's own flags and messages: test_prepare_cli.py.)"""
 import hashlib
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
 
-from conftest import run_module, subprocess_env
+from conftest import exit_status, run_module, subprocess_env
+from launch import train as train_cli
 from model.errors import NotFoundError, UserError
 from model.tokenizer import get_tokenizer
 from training import data
@@ -247,5 +249,125 @@ def test_prepare_leaves_old_files_when_it_fails_half_way(small_text, tmp_path, m
   monkeypatch.setattr("model.tokenizer.CharTokenizer.encode_batch",
                       lambda self, texts: fail_on_second_piece(texts))
   with pytest.raises(KeyboardInterrupt):
-    prepare_text([str(small_text)], "char", out_dir, quiet=True)
+    prepare_text([str(small_text)], "char", out_dir, quiet=True, force=True)
   assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+def test_prepare_refuses_a_non_empty_directory_without_force(small_text, tmp_path):
+  out_dir = tmp_path / "out"
+  prepare_text([str(small_text)], "char", out_dir, quiet=True)
+  (out_dir / "notes.txt").write_text("mine")
+  before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+  with pytest.raises(UserError, match=r"'.*out' is not empty \(it holds meta.json, notes.txt, "
+                                      r"train.bin and 1 more\); .* or pass --force"):
+    prepare_text([str(small_text)], "gpt2", out_dir, quiet=True)
+  assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+  meta = prepare_text([str(small_text)], "gpt2", out_dir, quiet=True, force=True)
+  assert meta["tokenizer"] == {"name": "gpt2"} and (out_dir / "notes.txt").read_text() == "mine"
+  prepare_text([str(small_text)], "char", tmp_path / "empty-is-fine", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# meta.json and the token files are checked when a bin directory is opened
+
+
+@pytest.fixture
+def small_bin(small_text, tmp_path):
+  """small_text prepared with the char tokenizer (1,458 train + 162 val tokens)."""
+  out_dir = tmp_path / "small_bin"
+  prepare_text([str(small_text)], "char", out_dir, quiet=True)
+  return out_dir
+
+
+def test_prepare_records_the_largest_token_id(small_bin):
+  meta = json.loads((small_bin / "meta.json").read_text())
+  ids = np.concatenate([np.fromfile(small_bin / f"{s}.bin", np.uint16) for s in ("train", "val")])
+  assert meta["max_token_id"] == int(ids.max()) == meta["vocab_size"] - 1
+  source = make({"source": "bin", "path": str(small_bin)})
+  assert source.max_token_id == meta["max_token_id"]
+
+
+def _edit_meta(data_dir, change):
+  path = data_dir / "meta.json"
+  meta = json.loads(path.read_text())
+  change(meta)
+  path.write_text(json.dumps(meta))
+  return path
+
+
+def _drop(*keys):
+  return lambda m: [m.pop(k) for k in keys]
+
+
+def _set(**values):
+  return lambda m: m.update(values)
+
+
+def _then(*changes):
+  return lambda m: [c(m) for c in changes]
+
+
+# The issue's cases: a wrong dtype with the counts removed (trains on ids up to 4 million),
+# dtype bogus, vocab_size missing or too small for the ids, and a few more ways to be wrong.
+BAD_META = [
+    ("uint32", _then(_set(dtype="uint32"), _drop("train_tokens", "val_tokens")),
+     r"train.bin' holds id [\d,]{9}, beyond the data's max_token_id \d+ in meta.json; its dtype "
+     r"\(uint32\) or vocabulary is wrong"),
+    ("uint32-no-max", _then(_set(dtype="uint32"), _drop("train_tokens", "val_tokens",
+                                                        "max_token_id")),
+     r"train.bin' holds id [\d,]{9}, beyond the data's vocab_size \d+; its dtype \(uint32\)"),
+    ("uint8", _then(_set(dtype="uint8"), _drop("train_tokens", "val_tokens")),
+     r"meta.json has dtype 'uint8'; token files are uint16 or uint32"),
+    ("float32", _then(_set(dtype="float32"), _drop("train_tokens", "val_tokens")),
+     r"meta.json has dtype 'float32'; token files are uint16 or uint32"),
+    ("bogus", _set(dtype="bogus"), r"meta.json has dtype 'bogus'; token files are uint16 or "),
+    ("no-vocab", _drop("vocab_size"), r"meta.json has no vocab_size; it must give the vocabulary "
+                                      r"size as a positive integer"),
+    ("vocab-0", _set(vocab_size=0), r"meta.json has vocab_size 0; it must be a positive integer"),
+    ("vocab-str", _set(vocab_size="65"), r"meta.json has vocab_size '65'; it must be a positive"),
+    ("vocab-10", _set(vocab_size=10), r"meta.json has max_token_id \d+ but vocab_size 10; every "
+                                      r"token id must be below vocab_size"),
+    ("vocab-10-old", _then(_set(vocab_size=10), _drop("max_token_id")),
+     r"meta.json has a character tokenizer of \d+ characters but vocab_size 10"),
+    ("vocab-10-no-table", _then(_set(vocab_size=10, tokenizer={"name": "gpt2"}),
+                                _drop("max_token_id")),
+     r"train.bin' holds id \d+, beyond the data's vocab_size 10"),
+    ("count", _set(train_tokens=5), r"train.bin' holds 1,458 tokens but meta.json says 5"),
+    ("uint16-vocab-too-big", _set(dtype="uint16", vocab_size=70000, tokenizer={"name": "gpt2"}),
+     r"has dtype uint16 for vocab_size 70,000, which needs ids up to 69,999; use uint32"),
+]
+
+
+@pytest.mark.parametrize("change, pattern", [c[1:] for c in BAD_META],
+                         ids=[c[0] for c in BAD_META])
+def test_bad_meta_json_is_one_sentence_exit_2(change, pattern, small_bin, tmp_path, capsys):
+  """launch.train on the directory: one `error:` line naming the file, status 2, nothing run."""
+  _edit_meta(small_bin, change)
+  workdir = tmp_path / "run"
+  status = exit_status(train_cli.main, [
+      "--config", "configs/tiny.py", "--workdir", str(workdir), "--config.data.source=bin",
+      f"--config.data.path={small_bin}", f"--config.data.cache_dir={tmp_path / 'cache'}"])
+  err = capsys.readouterr().err
+  assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+  assert str(small_bin) in err and re.search(pattern, err), err
+  assert not workdir.exists()
+
+
+def test_without_max_token_id_the_ids_are_scanned_once(small_bin, tmp_path, monkeypatch):
+  _edit_meta(small_bin, _drop("max_token_id"))
+  cfg = {"source": "bin", "path": str(small_bin), "cache_dir": str(tmp_path / "cache")}
+  assert make(cfg).max_token_id == json.loads((small_bin / "meta.json").read_text())[
+      "vocab_size"] - 1
+  cached = list((tmp_path / "cache" / "max_token_id").glob("*.json"))
+  assert len(cached) == 2  # train.bin and val.bin
+  monkeypatch.setattr(np.memmap, "max", lambda *a, **k: pytest.fail("scanned again"))
+  assert make(cfg).max_token_id > 0
+
+
+def test_model_vocabulary_must_hold_the_data_ids(small_bin, tmp_path, capsys):
+  status = exit_status(train_cli.main, [
+      "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
+      "--config.data.source=bin", f"--config.data.path={small_bin}",
+      "--config.model.vocab_size=10"])
+  err = capsys.readouterr().err
+  assert status == 2 and "config.model.vocab_size (10) is smaller than the data's vocabulary" in err

@@ -188,8 +188,9 @@ def test_help():
 
 
 @pytest.mark.parametrize("body, pattern", [
-    ('def get_config():\n  raise RuntimeError("boom")\n', "Could not load --config {path}: boom."),
-    ("x = (\n", "Could not load --config {path}: '(' was never closed"),
+    ('def get_config():\n  raise RuntimeError("boom")\n',
+     "Could not load --config {path} (line 2): RuntimeError: boom."),
+    ("x = (\n", "Could not load --config {path} (line 1): SyntaxError: '(' was never closed"),
     ("def get_config():\n  return 3\n", "--config {path}: get_config() returned int, not an "
                                         "ml_collections.ConfigDict"),
 ], ids=["raises", "syntax-error", "not-a-config"])

@@ -32,7 +32,8 @@ from training.checkpoint import Checkpointer
 from training.data import prefetch
 from training.metrics import Console, MetricsWriter, format_count, format_duration
 from training.perf import flops
-from training.run import CONFIG_NAME, Run, build_run, check_same_model, config_json
+from training.run import (CONFIG_NAME, Run, build_run, check_same_model,
+                          check_same_tokenizer, config_json)
 
 
 class TrainingDiverged(RuntimeError):
@@ -151,6 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     if meta is not None:
       check_same_model(meta["model"], run.model, f"The checkpoint of step {latest} in "
                        f"{ckpt.directory}")
+      check_same_tokenizer(meta.get("tokenizer"), run.source.tokenizer,
+                           f"The checkpoint of step {latest} in {ckpt.directory}")
     if jax.process_index() == 0:
       run.workdir.mkdir(parents=True, exist_ok=True)
       _write_atomically(run.workdir / CONFIG_NAME, config_json(run.config))

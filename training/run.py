@@ -113,11 +113,25 @@ def _get(config, dotted: str):
   return node
 
 
+def _numbers(node, prefix: str = ""):
+  """(dotted key, value) of every float in a config (ints are always finite)."""
+  for name, value in node.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _numbers(value, f"{prefix}{name}.")
+    elif isinstance(value, float):
+      yield f"{prefix}{name}", value
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
+  """The numeric fields: every float finite (no nan / inf anywhere), the counts positive or
+  non-negative, Adam's betas in [0, 1), min_lr <= lr, decay_steps >= warmup_steps."""
   missing = [s for s in _SECTIONS if s not in config]
   if missing:
     raise UserError(f"The config has no {missing[0]!r} section; start from "
                     f"configs/common.py:base_config().")
+  for key, value in _numbers(config):
+    if not math.isfinite(value):
+      raise UserError(f"config.{key} must be a finite number, got {value!r}.")
   for key in _POSITIVE + _NON_NEGATIVE:
     try:
       value = _get(config, key)
@@ -269,6 +283,31 @@ def check_same_model(saved: dict, cfg: ModelConfig, where: str) -> None:
     if saved.get(name) != value:
       raise UserError(f"{where} holds a run of a different model (model.{name} is "
                       f"{saved.get(name)!r} there, {value!r} here); use another --workdir.")
+
+
+def check_same_tokenizer(saved: dict | None, current: dict | None, where: str) -> None:
+  """A resumed run's data must use the tokenizer its checkpoint was trained with: the same
+  kind, and for characters the same table (a table of the same size with other characters
+  would silently give the ids other meanings)."""
+  if saved is None or current is None or saved == current:
+    return
+  name, other = saved.get("name"), current.get("name")
+  if name != other:
+    raise UserError(f"{where} was trained on {name} tokens, but the data here is {other} "
+                    f"tokens; use the same data.tokenizer or another --workdir.")
+  if name == "char":
+    old, new = saved.get("chars", ""), current.get("chars", "")
+    diff = [f"id {i}: {a!r} there, {b!r} here" for i, (a, b) in enumerate(zip(old, new))
+            if a != b]
+    gone = "".join(sorted(set(old) - set(new)))
+    added = "".join(sorted(set(new) - set(old)))
+    parts = ([f"{len(old)} characters there, {len(new)} here"] if len(old) != len(new) else [])
+    parts += [f"only there: {gone!r}"] * bool(gone) + [f"only here: {added!r}"] * bool(added)
+    parts += diff[:3] + ([f"{len(diff) - 3} more ids differ"] if len(diff) > 3 else [])
+    raise UserError(f"{where} was trained on another character table than the data here has "
+                    f"({'; '.join(parts)}); resume on the same text or use another --workdir.")
+  raise UserError(f"{where} was trained with the tokenizer {saved!r}, the data here has "
+                  f"{current!r}; use the same data or another --workdir.")
 
 
 def check_workdir(workdir: str | os.PathLike) -> epath.Path:

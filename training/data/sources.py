@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from model.errors import NotFoundError, UserError
-from training.data.bin import BIN_NAMES, read_meta
+from training.data.bin import BIN_NAMES, read_meta, sampled_max, scanned_max
 from training.data.text import cached_text_dir, resolve_text_paths, tiny_shakespeare_path
 from training.data.tfds import cached_tfds_dir
 
@@ -67,6 +67,7 @@ class DataSource:
                process_count: int):
     self.name = name
     self.vocab_size = int(vocab_size)
+    self.max_token_id = self.vocab_size - 1  # the largest id in the data (< vocab_size)
     self.tokenizer = tokenizer
     self.seq_len = seq_len
     self.global_batch_size = global_batch_size
@@ -103,7 +104,7 @@ class DataSource:
 class TokenFileSource(DataSource):
   """Random windows of a prepared directory's train.bin / val.bin, read through np.memmap."""
 
-  def __init__(self, data_dir: str | os.PathLike, *, name: str, **kwargs):
+  def __init__(self, data_dir: str | os.PathLike, *, name: str, cache_dir: str = "", **kwargs):
     data_dir = pathlib.Path(data_dir)
     if not data_dir.is_dir():
       raise NotFoundError(f"Data directory {str(data_dir)!r} does not exist (it should hold "
@@ -116,6 +117,22 @@ class TokenFileSource(DataSource):
     self.tokens = {split: _open_tokens(data_dir / BIN_NAMES[split], dtype, self.seq_len,
                                        meta.get(f"{split}_tokens"))
                    for split in SPLIT_IDS}
+    self.max_token_id = max(self._check_ids(split, meta, cache_dir) for split in SPLIT_IDS)
+
+  def _check_ids(self, split: str, meta: dict[str, Any], cache_dir: str) -> int:
+    """The largest id of a split, which must be below the vocabulary: meta.json's max_token_id
+    (recorded by launch.prepare) checked against a sample of the file, which catches a wrong
+    dtype; without one (nanoGPT's directories), a scan of the whole file, cached."""
+    path, tokens = self.data_dir / BIN_NAMES[split], self.tokens[split]
+    recorded = meta.get("max_token_id")
+    found = sampled_max(tokens) if recorded is not None else scanned_max(path, tokens, cache_dir)
+    limit, what = ((recorded, f"max_token_id {recorded:,} in meta.json") if recorded is not None
+                   else (self.vocab_size - 1, f"vocab_size {self.vocab_size:,}"))
+    if found > limit:
+      dtype = tokens.dtype.name
+      raise UserError(f"Token file {str(path)!r} holds id {found:,}, beyond the data's "
+                      f"{what}; its dtype ({dtype}) or vocabulary is wrong: prepare it again.")
+    return found if recorded is None else recorded
 
   def offsets(self, split: str, index: int) -> np.ndarray:
     """Start offsets of all global_batch_size windows of batch `index` (every process)."""
@@ -227,7 +244,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, seq_len: int, global_bat
       raise UserError(f"data.vocab_size must be positive, got {vocab_size}.")
     return SyntheticSource(name="synthetic", vocab_size=vocab_size, tokenizer=None, **common)
   data_dir, name = _data_dir(data_cfg, quiet=process_index != 0)
-  return TokenFileSource(data_dir, name=name, **common)
+  return TokenFileSource(data_dir, name=name, cache_dir=data_cfg.cache_dir, **common)
 
 
 _END = object()

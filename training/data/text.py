@@ -153,11 +153,13 @@ def _text_segments(texts: list[str], val_fraction: float, eot_id: int | None):
 
 
 def prepare_text(paths: list[str], tokenizer_name: str, out_dir: str | os.PathLike, *,
-                 val_fraction: float = 0.1, quiet: bool = False) -> dict[str, Any]:
-  """Tokenize text files into out_dir/{train,val}.bin + meta.json; returns meta + seconds."""
+                 val_fraction: float = 0.1, quiet: bool = False, force: bool = False
+                 ) -> dict[str, Any]:
+  """Tokenize text files into out_dir/{train,val}.bin + meta.json; returns meta + seconds.
+  out_dir must be new or empty unless `force` (then its prepared files are replaced)."""
   check_tokenizer(tokenizer_name)
   _check_val_fraction(val_fraction)
-  check_out_dir(out_dir)
+  check_out_dir(out_dir, force)
   texts = [_read_text(p) for p in paths]
   charset = "".join(sorted(set().union(*map(set, texts))))
   if not charset:

@@ -92,10 +92,12 @@ def _document_text(record: dict[str, Any], text_key: str) -> str:
 
 def prepare_tfds(name: str, out_dir: str | os.PathLike, *, train_split: str = "train",
                  val_split: str = "validation", tokenizer_name: str = "gpt2",
-                 text_key: str = "text", data_dir: str = "", quiet: bool = False) -> dict:
-  """Tokenize a TFDS text dataset (via tfds.data_source, no TensorFlow) into out_dir."""
+                 text_key: str = "text", data_dir: str = "", quiet: bool = False,
+                 force: bool = False) -> dict:
+  """Tokenize a TFDS text dataset (via tfds.data_source, no TensorFlow) into out_dir (new or
+  empty, unless `force`: then its prepared files are replaced)."""
   check_tokenizer(tokenizer_name)
-  check_out_dir(out_dir)
+  check_out_dir(out_dir, force)
   sources = _tfds_sources(name, {"train": train_split, "val": val_split}, data_dir)
   return _prepare_tfds_sources(sources, out_dir, name=name, text_key=text_key,
                                tokenizer_name=tokenizer_name, quiet=quiet)
