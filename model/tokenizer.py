@@ -87,7 +87,16 @@ def gpt2_encoding(bpe_path: str | os.PathLike | None = None) -> tiktoken.Encodin
 
 @functools.lru_cache(maxsize=4)
 def _load_encoding(path: str) -> tiktoken.Encoding:
-  ranks = tiktoken.load.load_tiktoken_bpe(path)
+  try:
+    ranks = tiktoken.load.load_tiktoken_bpe(path)
+  except (OSError, ValueError) as e:  # unreadable, or a line that is not "<base64> <rank>"
+    raise UserError(f"GPT-2 BPE file {path!r} is not a tiktoken rank file ("
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); point "
+                    f"{GPT2_BPE_ENV} at GPT-2's gpt2.tiktoken, or unset it.") from None
+  if len(ranks) != GPT2_EOT_ID:
+    raise UserError(f"GPT-2 BPE file {path!r} holds {len(ranks):,} ranks, not GPT-2's "
+                    f"{GPT2_EOT_ID:,}; point {GPT2_BPE_ENV} at GPT-2's gpt2.tiktoken, or unset "
+                    f"it.")
   return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                            special_tokens={ENDOFTEXT: GPT2_EOT_ID})
 

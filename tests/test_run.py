@@ -10,8 +10,8 @@ from configs import gpt2, gpt2_xl, shakespeare_char, tiny
 from conftest import tiny_run_config
 from model.config import field_names
 from model.errors import UserError
-from training.run import (build_run, check_values, cpu_device_count, model_config,
-                          vocab_size_without_data)
+from training.run import (build_run, check_same_tokenizer, check_values, cpu_device_count,
+                          model_config, vocab_size_without_data)
 
 CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl}
 
@@ -115,3 +115,34 @@ def test_run_on_given_devices_resolves_the_config():
   assert run.batch_shape == (8, 65) and run.tokens_per_step == 8 * 64
   embedding = run.abstract_state.params["wte"]["embedding"]
   assert embedding.sharding.mesh.shape == run.mesh.shape  # laid out on this run's mesh
+
+
+# (int fields such as warmup_steps cannot hold nan: ConfigDict keeps their type.)
+@pytest.mark.parametrize("key", ["optimizer.lr", "optimizer.eps", "optimizer.clip",
+                                 "optimizer.weight_decay", "optimizer.min_lr", "optimizer.b1",
+                                 "model.resid_dropout", "data.val_fraction"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused(key, value):
+  c = tiny.get_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(UserError, match=rf"^config\.{key} must be a finite number, got "
+                                      rf"{value!r}\.$"):
+    check_values(c)
+
+
+def test_resume_needs_the_same_tokenizer():
+  where = "The checkpoint of step 5 in /w/checkpoints"
+  char = {"name": "char", "chars": "abc"}
+  check_same_tokenizer(char, dict(char), where)
+  check_same_tokenizer(None, char, where)  # checkpoints from before tokenizers were saved
+  with pytest.raises(UserError, match=rf"^{where} was trained on char tokens, but the data here "
+                                      r"is gpt2 tokens; use the same data.tokenizer"):
+    check_same_tokenizer(char, {"name": "gpt2"}, where)
+  with pytest.raises(UserError, match=r"another character table than the data here has \(3 "
+                                      r"characters there, 4 here; only here: 'd'\)"):
+    check_same_tokenizer(char, {"name": "char", "chars": "abcd"}, where)
+  with pytest.raises(UserError, match=r"\(only there: 'ab'; only here: 'xy'; id 0: 'a' there, "
+                                      r"'c' here; id 1: 'b' there, 'x' here; id 2: 'c' there, "
+                                      r"'y' here\)"):
+    check_same_tokenizer(char, {"name": "char", "chars": "cxy"}, where)

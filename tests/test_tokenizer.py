@@ -113,3 +113,16 @@ def test_text_stream_holds_back_split_characters(gpt2):
   pieces = [stream.push([i]) for i in ids] + [stream.flush()]
   assert "".join(pieces) == tokenizer.decode(ids)
   assert all(tok.REPLACEMENT_CHAR not in p for p in pieces)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage\n", r"is not a tiktoken rank file \(Error parsing line b'garbage'"),
+    (b"IQ== 0\nIg== 1\n", r"holds 2 ranks, not GPT-2's 50,256"),
+], ids=["not-ranks", "too-few"])
+def test_a_bad_bpe_file_is_one_sentence(content, message, monkeypatch, tmp_path):
+  path = tmp_path / "bad.tiktoken"
+  path.write_bytes(content)
+  monkeypatch.setenv(tok.GPT2_BPE_ENV, str(path))
+  with pytest.raises(UserError, match=rf"^GPT-2 BPE file '{path}' {message}.*"
+                                      rf"{tok.GPT2_BPE_ENV}"):
+    tok.get_tokenizer("gpt2")

@@ -202,3 +202,27 @@ def test_a_broken_config_file_is_one_sentence(body, pattern, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("error: " + pattern.format(path=path)) and err.count("\n") == 1, err
   assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_another_character_table_is_refused(small_text, tmp_path, capsys):
+  """Same-size character tables with different characters would silently remap the ids."""
+  other = tmp_path / "other.txt"
+  other.write_text(small_text.read_text().replace("F", "Q"))  # 'Q' is not in small_text
+  workdir = tmp_path / "run"
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir), "--quiet",
+          "--config.model.num_layers=1", "--config.eval.every=0",
+          f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  assert exit_status(train_cli.main, [*args, "--config.train.steps=1",
+                                      f"--config.data.path={small_text}"]) == 0
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert exit_status(train_cli.main, [*args, "--config.train.steps=2",
+                                      f"--config.data.path={other}"]) == 2
+  # (stderr also has the text cache's progress line for other.txt: data preparation does not
+  # follow --quiet)
+  errors = [line for line in capsys.readouterr().err.splitlines() if "tokenizing" not in line]
+  assert len(errors) == 1 and errors[0].startswith("error: The checkpoint of step 1 in "), errors
+  assert errors[0].endswith(
+      "was trained on another character table than the data here has (only there: 'F'; only "
+      "here: 'Q'; id 8: 'F' there, 'Q' here); resume on the same text or use another "
+      "--workdir."), errors
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
