@@ -33,6 +33,7 @@ from typing import Callable, NoReturn, Sequence
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from model.errors import UserError
 
@@ -118,6 +119,16 @@ def load_config(flag_values: flags.FlagValues):
     fail(f"--config {name}: get_config() returned {type(config).__name__}, not an "
          f"ml_collections.ConfigDict (start from configs/common.py:base_config()).")
   return config
+
+
+def check_config(spec: str, overrides: Sequence[str]):
+  """The ConfigDict that `--config spec` with the `--config.<key>=value` overrides gives, read
+  exactly as launch.train reads them (for launchers that hand them on, e.g. launch.tpu): a
+  missing file, an unknown key or a bad value is one `error:` line (exit 2)."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  parse(flag_values, "", ["--config", spec, *overrides])
+  return load_config(flag_values)
 
 
 def _takes_config_file(flag_values: flags.FlagValues) -> bool:

@@ -6,6 +6,7 @@
       [--source_dir=DIR | --git_url=URL [--git_ref=REF]] [--exclude=PATTERN ...]
   python -m launch.tpu train  --name=NAME --zone=ZONE --config=configs/gpt2.py
       --workdir=gs://BUCKET/runs/RUN [--accelerator_type=T] [--no_follow] [--config.x=y ...]
+      (the config and its overrides are read here first, as launch.train reads them)
   python -m launch.tpu logs   --name=NAME --zone=ZONE [--worker=0] [--lines=100]
   python -m launch.tpu stop   --name=NAME --zone=ZONE
   python -m launch.tpu ssh    --name=NAME --zone=ZONE [--command=CMD] [--worker=all]
@@ -152,9 +153,24 @@ def build_commands(sub: str, overrides: list[str]) -> list[gcloud.Command]:
   return gcloud.delete_commands(target, queued=FLAGS.queued, yes=FLAGS.yes)
 
 
+def _check_train_config(overrides: list[str]) -> None:
+  """The workers run `launch.train --config FLAGS.config <overrides>` in their copy of this
+  checkout: read the config and the overrides here the same way first, so that a missing file,
+  an unknown key or a bad value is one `error:` line now, not in a log on every worker."""
+  spec = FLAGS.config
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):  # relative to the checkout's root, as on the workers
+    in_checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    if os.path.isfile(in_checkout):
+      spec = in_checkout + spec[len(path):]
+  cli.check_config(spec, overrides)
+
+
 def _run(args: list[str], overrides: list[str]) -> int:
   sub = _check_subcommand(args, overrides)
   commands = build_commands(sub, overrides)
+  if sub == "train":
+    _check_train_config(overrides)
   if FLAGS.dry_run:
     if sub == "create":
       print(gcloud.parse_accelerator_type(FLAGS.accelerator_type).describe(), file=sys.stderr)

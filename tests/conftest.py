@@ -59,7 +59,7 @@ def run_module(module: str, *args: str, env: dict, timeout: int = 240):
 
 
 # Extra launch.train flags, with characters that two shells must both pass through (launch.tpu).
-TRAIN_OVERRIDES = ["--config.train.batch_size=32", "--config.run_name=it's a test; rm -rf /",
+TRAIN_OVERRIDES = ["--config.train.batch_size=32", "--config.data.tfds_name=it's a test; rm -rf /",
                    '--config.data.path=$HOME/data "x"']
 
 

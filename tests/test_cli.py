@@ -14,6 +14,7 @@ from launch import benchmark as benchmark_cli
 from launch import cli
 from launch import prepare as prepare_cli
 from launch import sample as sample_cli
+from launch import tpu as tpu_cli
 from launch import train as train_cli
 
 TINY = "configs/tiny.py"
@@ -27,13 +28,25 @@ def _one_error(capsys, main, argv) -> str:
   return lines[0][len("error: "):]
 
 
+def _tpu_train(argv):
+  """launch.tpu train hands --config and its overrides to launch.train on the workers; it
+  reads them here first, the same way."""
+  argv = list(argv)
+  if "--config" in argv:  # launch.tpu's --config is a plain string flag: --config=PATH
+    i = argv.index("--config")
+    argv[i:i + 2] = [f"--config={argv[i + 1]}"]
+  return tpu_cli.main(["train", "--name=n", "--zone=z", "--workdir=gs://b/r", "--dry_run",
+                       *argv])
+
+
 def _entry_points(tmp_path):
   """(main, the arguments it needs besides --config)."""
   return {"train": (train_cli.main, ["--workdir", str(tmp_path / "run")]),
-          "benchmark": (benchmark_cli.main, []), "aot": (aot_cli.main, [])}
+          "benchmark": (benchmark_cli.main, []), "aot": (aot_cli.main, []),
+          "tpu-train": (_tpu_train, [])}
 
 
-@pytest.mark.parametrize("entry", ["train", "benchmark", "aot"])
+@pytest.mark.parametrize("entry", ["train", "benchmark", "aot", "tpu-train"])
 @pytest.mark.parametrize("argv, message", [
     (["--config", "/no/such/config.py"], "Config file '/no/such/config.py' does not exist."),
     (["--config", TINY, "--config.train.batchsize=4"],
@@ -51,6 +64,8 @@ def _entry_points(tmp_path):
         "no-config"])
 def test_config_flag_errors_are_the_same_everywhere(entry, argv, message, tmp_path, capsys):
   main, extra = _entry_points(tmp_path)[entry]
+  if entry == "tpu-train" and not argv:
+    message = "--config is required, e.g. --config=configs/gpt2.py."
   assert _one_error(capsys, main, argv + extra) == message
   assert not (tmp_path / "run").exists()
 
@@ -63,7 +78,7 @@ def test_config_flag_errors_are_the_same_everywhere(entry, argv, message, tmp_pa
     ("import no_such_module_here\n", "(line 1): ModuleNotFoundError: No module named "
                                      "'no_such_module_here'."),
 ], ids=["RuntimeError", "KeyError", "sys.exit", "SyntaxError", "ImportError"])
-@pytest.mark.parametrize("entry", ["train", "benchmark", "aot"])
+@pytest.mark.parametrize("entry", ["train", "benchmark", "aot", "tpu-train"])
 def test_a_config_file_raising_anything_is_one_sentence(entry, body, message, tmp_path, capsys):
   path = tmp_path / "broken.py"
   path.write_text(body)
