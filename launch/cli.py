@@ -83,10 +83,12 @@ def parse(flag_values: flags.FlagValues, doc: str, argv: Sequence[str] | None = 
   flag_values.unparse_flags()  # a second call in one process starts from the defaults again
   full_argv = [sys.argv[0] if sys.argv else "flaxgpt", *argv]
   if takes_config:
-    # ml_collections defines one flag per --config.<key> override when --config is parsed; a
-    # second call in one process must not find the last call's ones.
+    # ml_collections defines one flag per --config.<key> override when --config is parsed, and
+    # executes the file into the module sys.modules["config_config"] (re-used if present): a
+    # second call in one process must find neither the last call's flags nor its module.
     for name in [n for n in flag_values if n.startswith("config.")]:
       delattr(flag_values, name)
+    sys.modules.pop("config_config", None)
   try:
     # ml_collections finds the overrides in sys.argv, not in the list being parsed, so `argv`
     # is sys.argv while absl parses it (for callers that pass their own, e.g. tests).
@@ -183,6 +185,8 @@ def config_error(spec: str, e: BaseException) -> str:
   where = f" (line {line})" if line else ""
   if isinstance(root, SystemExit):
     what = f"it called sys.exit({root.code!r})"
+  elif isinstance(root, AttributeError) and getattr(root, "name", None) == "get_config":
+    what, where = "it defines no get_config() function", ""
   elif isinstance(root, SyntaxError):
     what = f"SyntaxError: {root.msg}"
   else:

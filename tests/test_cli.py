@@ -77,14 +77,15 @@ def test_config_flag_errors_are_the_same_everywhere(entry, argv, message, tmp_pa
     ("x = (\n", "(line 1): SyntaxError: '(' was never closed."),
     ("import no_such_module_here\n", "(line 1): ModuleNotFoundError: No module named "
                                      "'no_such_module_here'."),
-], ids=["RuntimeError", "KeyError", "sys.exit", "SyntaxError", "ImportError"])
+    ("x = 1\n", ": it defines no get_config() function."),
+], ids=["RuntimeError", "KeyError", "sys.exit", "SyntaxError", "ImportError", "no-get_config"])
 @pytest.mark.parametrize("entry", ["train", "benchmark", "aot", "tpu-train"])
 def test_a_config_file_raising_anything_is_one_sentence(entry, body, message, tmp_path, capsys):
   path = tmp_path / "broken.py"
   path.write_text(body)
   main, extra = _entry_points(tmp_path)[entry]
   assert _one_error(capsys, main, ["--config", str(path), *extra]) == (
-      f"Could not load --config {path} {message}")
+      f"Could not load --config {path}{'' if message[0] == ':' else ' '}{message}")
 
 
 @pytest.mark.parametrize("override", [
