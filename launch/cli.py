@@ -174,14 +174,21 @@ def config_arg(argv: Sequence[str]) -> str | None:
 def config_error(spec: str, e: BaseException) -> str:
   """One sentence for an exception raised while loading the config file `spec`
   ("path[:variant]"): the file, the line of it that raised, the error's type and message."""
-  root = e
-  while root.__cause__ is not None or root.__context__ is not None:
-    root = root.__cause__ or root.__context__
   path = os.path.abspath(spec.partition(":")[0])
-  line = getattr(root, "lineno", None) if isinstance(root, SyntaxError) else None
-  for frame, lineno in traceback.walk_tb(root.__traceback__):
-    if os.path.abspath(frame.f_code.co_filename) == path:
-      line = lineno  # the innermost line of the config file itself
+  chain = [e]  # e, what it was raised from or while handling, ...
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+
+  def file_lines(x):
+    return [n for f, n in traceback.walk_tb(x.__traceback__)
+            if os.path.abspath(f.f_code.co_filename) == path]
+
+  # The file's own error: the outermost one raised in the file (ml_collections may wrap it),
+  # else a SyntaxError (compiling raises it outside the file), else the innermost.
+  root = next((x for x in chain if file_lines(x)),
+              next((x for x in chain if isinstance(x, SyntaxError)), chain[-1]))
+  lines = file_lines(root)
+  line = lines[-1] if lines else (root.lineno if isinstance(root, SyntaxError) else None)
   where = f" (line {line})" if line else ""
   if isinstance(root, SystemExit):
     what = f"it called sys.exit({root.code!r})"

@@ -78,7 +78,10 @@ def test_config_flag_errors_are_the_same_everywhere(entry, argv, message, tmp_pa
     ("import no_such_module_here\n", "(line 1): ModuleNotFoundError: No module named "
                                      "'no_such_module_here'."),
     ("x = 1\n", ": it defines no get_config() function."),
-], ids=["RuntimeError", "KeyError", "sys.exit", "SyntaxError", "ImportError", "no-get_config"])
+    ("def get_config():\n  try:\n    import no_such_module_here\n  except ImportError:\n"
+     "    raise RuntimeError('install it')\n", "(line 5): RuntimeError: install it."),
+], ids=["RuntimeError", "KeyError", "sys.exit", "SyntaxError", "ImportError", "no-get_config",
+        "raised-while-handling"])
 @pytest.mark.parametrize("entry", ["train", "benchmark", "aot", "tpu-train"])
 def test_a_config_file_raising_anything_is_one_sentence(entry, body, message, tmp_path, capsys):
   path = tmp_path / "broken.py"
