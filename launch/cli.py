@@ -241,10 +241,13 @@ def _type_words(config, dotted: str) -> str:
 
 
 def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """(key, raw value) of each --config.<key>=value or --config.<key> value, in order."""
   out = []
-  for arg in argv:
+  for i, arg in enumerate(argv):
     if arg.startswith("--config."):
-      key, _, value = arg[len("--config."):].partition("=")
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        value = argv[i + 1]
       out.append((key, value))
   return out
 
