@@ -24,6 +24,7 @@ step): CheckpointWriteFailed, one sentence, and the failed step's temporary dire
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +49,17 @@ SAVE_TIMEOUT_SECONDS = 1200
 
 class CheckpointWriteFailed(RuntimeError):
   """An asynchronous save failed; the run stops, the last good checkpoint is kept."""
+
+
+class _QuietFailedSaves(logging.Filter):
+  """Drops orbax's ERROR records (tracebacks of a failed background save, several per failure):
+  the failure reaches the caller as one CheckpointWriteFailed sentence instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_QUIET = _QuietFailedSaves()
 
 
 class _Damaged(Exception):
@@ -118,6 +130,8 @@ class Checkpointer:
                                        create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: tuple[int, int] | None = None  # (step, state bytes) of the save in flight
+    if not read_only:
+      logging.getLogger("absl").addFilter(_QUIET)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -130,7 +144,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Start saving; returns once the arrays are copied off the accelerators. The arrays'
     fingerprints are added to `meta`. CheckpointWriteFailed if the previous save failed."""
-    self.wait()
+    self.wait(step)
     meta = dict(meta, fingerprints=fingerprint.fingerprints(state))
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     self._pending = (step, nbytes)
@@ -138,27 +152,28 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # pylint: disable=broad-except  (e.g. the directory cannot be made)
-      self._failed(e)
+      self._failed(e, step)
 
-  def check_save(self) -> None:
-    """Without blocking: CheckpointWriteFailed if the save in flight has failed."""
+  def check_save(self, at_step: int | None = None) -> None:
+    """Without blocking: CheckpointWriteFailed if the save in flight has failed (the run is at
+    `at_step`, for the message)."""
     if self._pending is not None and not self._manager.is_saving_in_progress():
-      self.wait()
+      self.wait(at_step)
 
-  def wait(self) -> None:
+  def wait(self, at_step: int | None = None) -> None:
     """Block until the pending asynchronous save is complete (orbax bounds it by
     save_timeout); CheckpointWriteFailed if it failed."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self._failed(e)
+      self._failed(e, at_step)
     if self._pending is not None:
       step = self._pending[0]
       if not (self.directory / str(step)).exists():  # orbax logged and skipped finalizing
-        self._failed(None)
+        self._failed(None, at_step)
       self._pending = None
 
-  def _failed(self, error: BaseException | None) -> None:
+  def _failed(self, error: BaseException | None, at_step: int | None = None) -> None:
     step, nbytes = self._pending if self._pending is not None else (None, 0)
     self._pending = None
     cause = error
@@ -174,6 +189,7 @@ class Checkpointer:
       reason = _first_line(cause, 120)
     else:
       reason = "orbax did not finalize it (see the log above)"
+    removed = self._remove_tmp(step)
     space = ""
     if "://" not in str(self.directory):
       try:
@@ -182,11 +198,11 @@ class Checkpointer:
                  f"free there")
       except OSError:
         pass
-    removed = self._remove_tmp(step)
     last = self._last_complete()
+    stopped = f"the run stopped at step {at_step}" if at_step is not None else "the run stopped"
     raise CheckpointWriteFailed(
         f"Saving the checkpoint of step {step} in {self.directory} failed ({reason}{space}); "
-        f"the run stopped{removed}, and the last good checkpoint "
+        f"{stopped}{removed}, and the last good checkpoint "
         f"({'step ' + str(last) if last is not None else 'none'}) is kept.") from None
 
   def _remove_tmp(self, step: int | None) -> str:
@@ -293,6 +309,8 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+    if not self.read_only:
+      logging.getLogger("absl").removeFilter(_QUIET)
 
 
 def _check_content(tree: Any, meta: dict) -> None:

@@ -301,7 +301,7 @@ class _Trainer:
           jax.block_until_ready(state)
         state, metrics = self.train_step(state, batch)
         step = s + 1
-        self.ckpt.check_save()  # a failed background save stops the run here
+        self.ckpt.check_save(step)  # a failed background save stops the run here
         pending.append((step, metrics))
         do_eval = self.eval_step is not None and eval_every > 0 and (
             step % eval_every == 0 or step == self.steps)
