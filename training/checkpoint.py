@@ -183,6 +183,10 @@ class Checkpointer:
     if "RESOURCE_EXHAUSTED" in text or "No space left" in text or (
         isinstance(cause, OSError) and cause.errno == 28):
       reason = "no space left on the device"
+    elif "Read-only file system" in text or (isinstance(cause, OSError) and cause.errno == 30):
+      reason = "read-only file system"
+    elif "PERMISSION_DENIED" in text or "Permission denied" in text:
+      reason = "permission denied"
     elif isinstance(cause, OSError):
       reason = cause.strerror or type(cause).__name__
     elif cause is not None:
@@ -212,7 +216,10 @@ class Checkpointer:
     junk = [p for p in self.directory.iterdir()
             if p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
     for p in junk:
-      shutil.rmtree(os.fspath(p), ignore_errors=True) if "://" not in str(p) else p.rmtree()
+      try:
+        shutil.rmtree(os.fspath(p)) if "://" not in str(p) else p.rmtree()
+      except OSError as e:
+        return f"; its temporary {p.name} could not be removed ({e.strerror})"
     return f" and {junk[0].name} was removed" if junk else ""
 
   def _last_complete(self) -> int | None:
