@@ -15,6 +15,7 @@ all processes save and restore the checkpoints together.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags, logging
@@ -66,6 +67,10 @@ def _main(args: list[str]) -> int:
     train(config, FLAGS.workdir, quiet=FLAGS.quiet, force=FLAGS.force)
   except (TrainingDiverged, CheckpointWriteFailed) as e:
     cli.fail(str(e), status=1)
+  except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): exit now
+    print("error: interrupted; exiting at once without saving.", file=sys.stderr,
+          flush=True)
+    os._exit(130)  # pylint: disable=protected-access
   return 0
 
 

@@ -218,7 +218,7 @@ def test_second_ctrl_c_exits_at_once(env, tmp_path):
   proc.send_signal(signal.SIGINT)  # while the first one's step and save are still under way
   _, stderr = proc.communicate(timeout=60)
   assert proc.returncode == 130, stderr
-  assert "error: interrupted again; exiting at once without saving." in stderr
+  assert "error: interrupted; exiting at once without saving." in stderr
 
 
 def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(env, tmp_path,

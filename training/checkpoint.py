@@ -23,12 +23,9 @@ step): CheckpointWriteFailed, one sentence, and the failed step's temporary dire
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
-import sys
 from typing import Any, Callable
 
 import jax
@@ -41,35 +38,15 @@ from model.errors import UserError
 from model.transformer import abstract_params
 from sharding import DEFAULT_RULES, make_mesh, param_shardings
 from training import fingerprint
+from training.checkpoint_errors import (QUIET_FAILED_SAVES, CheckpointWriteFailed, Damaged,
+                                        damage_reason, first_line, is_tree_mismatch, warn,
+                                        write_failure_reason)
 
 CHECKPOINT_DIR = "checkpoints"
 # The longest an asynchronous save may take in the background before it counts as failed.
 SAVE_TIMEOUT_SECONDS = 1200
-
-
-class CheckpointWriteFailed(RuntimeError):
-  """An asynchronous save failed; the run stops, the last good checkpoint is kept."""
-
-
-class _QuietFailedSaves(logging.Filter):
-  """Drops orbax's ERROR records (tracebacks of a failed background save, several per failure):
-  the failure reaches the caller as one CheckpointWriteFailed sentence instead."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-
-_QUIET = _QuietFailedSaves()
-
-
-class _Damaged(Exception):
-  """A checkpoint that cannot be restored; str() says why, as a clause."""
-
-
-def warn(message: str) -> None:
-  """One `warning:` line on stderr (process 0 only)."""
-  if jax.process_index() == 0:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+__all__ = ["CHECKPOINT_DIR", "CheckpointWriteFailed", "Checkpointer", "checkpoint_dir",
+           "load_for_inference", "read_run_meta", "resolve_workdir", "warn"]
 
 
 def resolve_workdir(workdir: str | os.PathLike) -> epath.Path:
@@ -82,34 +59,6 @@ def resolve_workdir(workdir: str | os.PathLike) -> epath.Path:
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return resolve_workdir(workdir) / CHECKPOINT_DIR
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
-def damage_reason(e: BaseException) -> str:
-  """Why reading a checkpoint failed, as a short clause."""
-  text = str(e)
-  if isinstance(e, json.JSONDecodeError):
-    return f"its meta/metadata is not valid JSON ({e.msg} at character {e.pos})"
-  missing = re.search(r'Item "(\w+)" was not found', text)
-  if missing:
-    return f"its {missing.group(1)}/ item is missing"
-  if "error while reading array" in text:
-    paths = [p for p in re.findall(r"'path': '([^']*)'", text) if not p.startswith("/")]
-    name = paths[-1].rstrip("/") if paths else "an array"
-    return f"array {name} could not be read"
-  if isinstance(e, OSError) and e.filename:
-    return f"{e.filename}: {e.strerror or type(e).__name__}"
-  return f"{type(e).__name__}: {_first_line(e)}"
-
-
-def _is_tree_mismatch(e: BaseException) -> bool:
-  """A restore target that does not fit the saved tree (a user's config change, not damage)."""
-  return (isinstance(e, (ValueError, TypeError)) and not isinstance(e, json.JSONDecodeError)
-          and "error while reading array" not in str(e))
 
 
 class Checkpointer:
@@ -131,7 +80,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: tuple[int, int] | None = None  # (step, state bytes) of the save in flight
     if not read_only:
-      logging.getLogger("absl").addFilter(_QUIET)
+      logging.getLogger("absl").addFilter(QUIET_FAILED_SAVES)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -176,23 +125,7 @@ class Checkpointer:
   def _failed(self, error: BaseException | None, at_step: int | None = None) -> None:
     step, nbytes = self._pending if self._pending is not None else (None, 0)
     self._pending = None
-    cause = error
-    while cause is not None and cause.__cause__ is not None and not isinstance(cause, OSError):
-      cause = cause.__cause__
-    text = str(cause) if cause is not None else ""
-    if "RESOURCE_EXHAUSTED" in text or "No space left" in text or (
-        isinstance(cause, OSError) and cause.errno == 28):
-      reason = "no space left on the device"
-    elif "Read-only file system" in text or (isinstance(cause, OSError) and cause.errno == 30):
-      reason = "read-only file system"
-    elif "PERMISSION_DENIED" in text or "Permission denied" in text:
-      reason = "permission denied"
-    elif isinstance(cause, OSError):
-      reason = cause.strerror or type(cause).__name__
-    elif cause is not None:
-      reason = _first_line(cause, 120)
-    else:
-      reason = "orbax did not finalize it (see the log above)"
+    reason = write_failure_reason(error)
     removed = self._remove_tmp(step)
     space = ""
     if "://" not in str(self.directory):
@@ -271,12 +204,12 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if _is_tree_mismatch(e):
+        if is_tree_mismatch(e):
           raise UserError(
               f"The checkpoint of step {step} in {self.directory} does not fit this config's "
-              f"training state ({_first_line(e)}); resume with the settings it was saved with "
+              f"training state ({first_line(e)}); resume with the settings it was saved with "
               f"or use another --workdir.") from None
-        reason = str(e) if isinstance(e, _Damaged) else damage_reason(e)
+        reason = str(e) if isinstance(e, Damaged) else damage_reason(e)
         damaged.append((step, reason))
         where = ""
         if move_aside and not self.read_only:
@@ -317,7 +250,7 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
     if not self.read_only:
-      logging.getLogger("absl").removeFilter(_QUIET)
+      logging.getLogger("absl").removeFilter(QUIET_FAILED_SAVES)
 
 
 def _check_content(tree: Any, meta: dict) -> None:
@@ -327,7 +260,7 @@ def _check_content(tree: Any, meta: dict) -> None:
   bad = fingerprint.mismatches(tree, expected)
   if bad:
     more = f" and {len(bad) - 1} more array(s)" if len(bad) > 1 else ""
-    raise _Damaged(f"the content of {bad[0]}{more} differs from the fingerprint saved with it")
+    raise Damaged(f"the content of {bad[0]}{more} differs from the fingerprint saved with it")
 
 
 def _open_run(workdir: str | os.PathLike) -> Checkpointer:
@@ -344,9 +277,9 @@ def _read_checked_meta(ckpt: Checkpointer, step: int) -> dict:
   """The meta of `step`, after checking that its state item is there (no arrays read)."""
   meta = ckpt.read_meta(step)
   if not (ckpt.directory / str(step) / "state" / "_METADATA").exists():
-    raise _Damaged("its state/ item is missing")
+    raise Damaged("its state/ item is missing")
   if not isinstance(meta, dict) or "model" not in meta:
-    raise _Damaged("its meta/metadata has no model config")
+    raise Damaged("its meta/metadata has no model config")
   return meta
 
 
@@ -362,7 +295,7 @@ def _newest_or_given(ckpt: Checkpointer, step: int | None, attempt: Callable[[in
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    reason = str(e) if isinstance(e, _Damaged) else damage_reason(e)
+    reason = str(e) if isinstance(e, Damaged) else damage_reason(e)
     others = [s for s in ckpt.all_steps() if s != step]
     raise UserError(f"The checkpoint of step {step} in {ckpt.directory} is damaged ({reason}); "
                     f"choose another step ({', '.join(map(str, others)) or 'there is none'})."

@@ -7,7 +7,7 @@ dispatched: metrics are read in groups at logged steps, after the next step is d
 all of them before an evaluation or a checkpoint). Every step's loss and gradient norm are
 checked, so a NaN/Inf stops the run before anything diverged is saved. SIGTERM (preemption)
 and SIGINT (Ctrl-C) finish the current step, save a checkpoint and return normally (a second
-Ctrl-C exits at once, without saving); on several processes, a notice reaching any of them
+Ctrl-C raises KeyboardInterrupt at once, without saving); on several processes, a notice reaching any of them
 makes all save the same step (jax's preemption sync point). A checkpoint save that fails in the
 background stops the run at the next step (CheckpointWriteFailed). A damaged newest checkpoint
 is moved aside with a warning and the run resumes from the newest one that restores. Process 0
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -50,7 +49,8 @@ class TrainingDiverged(RuntimeError):
 
 class StopRequest:
   """Set by SIGTERM or SIGINT (installed only in the main thread); the loop polls it after each
-  step. A second SIGINT ends the process at once (status 130), without saving.
+  step. A second SIGINT raises KeyboardInterrupt, which leaves `train` at once, without
+  saving or waiting for a save (launch.train then exits with status 130).
 
   On several processes jax's preemption service takes SIGTERM instead (a Python handler would
   replace its own) and `poll` answers True on every process at the same step."""
@@ -67,9 +67,7 @@ class StopRequest:
       return
     def handler(signum, frame):  # pylint: disable=unused-argument
       if signum == signal.SIGINT and self.requested:
-        print("error: interrupted again; exiting at once without saving.", file=sys.stderr,
-              flush=True)
-        os._exit(130)  # pylint: disable=protected-access
+        raise KeyboardInterrupt  # `train` returns at once, without waiting for saves
       self.requested, self.signal_name = True, signal.Signals(signum).name
       if signum == signal.SIGINT:
         print("\nstopping after this step to save a checkpoint (Ctrl-C again to exit at once)",
@@ -170,13 +168,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     try:
       with StopRequest().installed() as stop:
         return _Trainer(run, ckpt, console, t_start).run(stop)
-    except CheckpointWriteFailed:
+    except (CheckpointWriteFailed, KeyboardInterrupt):
       failed = True
       raise
     finally:
       if not failed:
         ckpt.wait()
-      ckpt.close()
+        ckpt.close()
 
 
 def _write_atomically(path, text: str) -> None:
