@@ -105,8 +105,11 @@ class Checkpointer:
 
   def check_save(self, at_step: int | None = None) -> None:
     """Without blocking: CheckpointWriteFailed if the save in flight has failed (the run is at
-    `at_step`, for the message)."""
-    if self._pending is not None and not self._manager.is_saving_in_progress():
+    `at_step`, for the message). On several processes only the next save (which all of them
+    reach at the same step) checks: each would notice the failure at a step of its own, and one
+    stopping alone would leave the others waiting in the next collective."""
+    if (self._pending is not None and jax.process_count() == 1
+        and not self._manager.is_saving_in_progress()):
       self.wait(at_step)
 
   def wait(self, at_step: int | None = None) -> None:
