@@ -1,7 +1,9 @@
 """Train a GPT: python -m launch.train --config configs/<name>.py --workdir DIR [--quiet]
 [--config.<section>.<key>=value ...]
 
-Rerunning the same command on the same --workdir resumes from its latest checkpoint. Writes
+Rerunning the same command on the same --workdir resumes from its latest checkpoint (a damaged
+one is moved aside with a warning, and the newest that restores is used); one run at a time
+holds a workdir (DIR/run.lock; see --force). Ctrl-C or SIGTERM saves and exits. Writes
 DIR/metrics.jsonl, TensorBoard events, DIR/config.json and orbax checkpoints in
 DIR/checkpoints/. Mistakes in the inputs print one `error:` line and exit with status 2.
 
@@ -13,6 +15,7 @@ all processes save and restore the checkpoints together.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags, logging
@@ -28,6 +31,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config "
                     "(a run there is resumed).", flag_values=FLAGS)
 flags.DEFINE_bool("quiet", False, "No console output except errors.", flag_values=FLAGS)
+flags.DEFINE_bool("force", False, "Run even if the workdir's lock (run.lock) names another run "
+                  "that may still be running: a lock left on another host or in a gs:// "
+                  "workdir by a killed run. Two live runs on one workdir destroy each other.",
+                  flag_values=FLAGS)
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0's "
                     "coordinator (the same on every process). Not needed on TPU VMs.",
                     flag_values=FLAGS)
@@ -55,11 +62,15 @@ def _main(args: list[str]) -> int:
   config = cli.load_config(FLAGS)
   _start_distributed()
   # pylint: disable=import-outside-toplevel  (they import jax)
-  from training.loop import TrainingDiverged, train
+  from training.loop import CheckpointWriteFailed, TrainingDiverged, train
   try:
-    train(config, FLAGS.workdir, quiet=FLAGS.quiet)
-  except TrainingDiverged as e:
+    train(config, FLAGS.workdir, quiet=FLAGS.quiet, force=FLAGS.force)
+  except (TrainingDiverged, CheckpointWriteFailed) as e:
     cli.fail(str(e), status=1)
+  except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): exit now
+    print("error: interrupted; exiting at once without saving.", file=sys.stderr,
+          flush=True)
+    os._exit(130)  # pylint: disable=protected-access
   return 0
 
 

@@ -1,5 +1,6 @@
-"""python -m launch.train end to end, in subprocesses: outputs, exact resume after SIGKILL and
-SIGTERM, and one-sentence errors for bad inputs."""
+"""python -m launch.train end to end, in subprocesses: outputs, exact resume after SIGKILL,
+SIGTERM and Ctrl-C (SIGINT), one run per workdir, and one-sentence errors for bad inputs and
+workdirs that cannot be written."""
 
 import json
 import os
@@ -120,14 +121,15 @@ def _interrupt_after_first_checkpoint(workdir, env, sig):
   return proc.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_exact_resume_after_interruption(sig, env, tmp_path, reference_losses):
   rc, stdout, stderr = _interrupt_after_first_checkpoint(tmp_path, env, sig)
   if sig == signal.SIGKILL:
     assert rc == -signal.SIGKILL, f"the run ended (rc {rc}) before it could be killed"
   else:
-    assert rc == 0, stderr  # preemption: save and exit cleanly
-    assert "stopped by SIGTERM" in stdout
+    assert rc == 0, stderr  # preemption or Ctrl-C: save and exit cleanly
+    assert f"stopped by {signal.Signals(sig).name}" in stdout
     assert _checkpoints(tmp_path)[-1] == max(_losses(tmp_path))  # saved where it stopped
   saved = _checkpoints(tmp_path)
   assert saved and saved[-1] < 300
@@ -226,3 +228,76 @@ def test_resume_on_another_character_table_is_refused(small_text, tmp_path, caps
       "here: 'Q'; id 8: 'F' there, 'Q' here); resume on the same text or use another "
       "--workdir."), errors
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_second_ctrl_c_exits_at_once(env, tmp_path):
+  proc = _start(_cmd(tmp_path, *RESUME_ARGS), env)
+  deadline = time.time() + 180
+  while not _checkpoints(tmp_path) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  lines = []  # other progress lines may come first
+  while not any("Ctrl-C again" in line for line in lines) and len(lines) < 20:
+    lines.append(proc.stderr.readline())
+  assert "Ctrl-C again to exit at once" in "".join(lines), lines
+  proc.send_signal(signal.SIGINT)  # while the first one's step and save are still under way
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 130, stderr
+  assert "error: interrupted; exiting at once without saving." in stderr
+
+
+def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(env, tmp_path,
+                                                                     reference_losses):
+  first = _start(_cmd(tmp_path, *RESUME_ARGS, "--quiet"), env)
+  deadline = time.time() + 180
+  while not (tmp_path / "run.lock").exists() and first.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  second = _run(_cmd(tmp_path, *RESUME_ARGS), env)
+  _, stderr = first.communicate(timeout=240)
+  assert first.returncode == 0, stderr
+  _assert_one_line_error(second, f"--workdir '{tmp_path}' is in use by the run of pid "
+                                 f"{first.pid} on host ")
+  losses = _losses(tmp_path)  # the first run, unharmed
+  assert losses == reference_losses and _checkpoints(tmp_path)[-1] == 300
+  assert not (tmp_path / "run.lock").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """An empty read-only tmpfs mount (chmod does not stop root); skipped where mounting is not
+  allowed."""
+  path = tmp_path / "ro"
+  path.mkdir()
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    pytest.skip(f"cannot mount a read-only tmpfs here: {out.stderr.strip()}")
+  yield path
+  subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("parent-is-a-file", "cannot be created: '{base}/file' is a file, not a directory."),
+    ("checkpoints-is-a-file", "cannot hold checkpoints: '{base}/run/checkpoints' is a file"),
+    ("read-only-checkpoints", "is not writable: cannot write in '{base}/run/checkpoints' "
+                              "(Read-only file system)."),
+], ids=["parent-is-a-file", "checkpoints-is-a-file", "read-only-checkpoints"])
+def test_unwritable_workdir_is_one_sentence(case, pattern, tmp_path, capsys, request):
+  workdir = tmp_path / "run"
+  if case == "parent-is-a-file":
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "run"
+  elif case == "checkpoints-is-a-file":
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("")
+  else:
+    ro = request.getfixturevalue("read_only_dir")
+    workdir.mkdir()
+    (workdir / "checkpoints").symlink_to(ro)
+  argv = ["--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir)]
+  t = time.perf_counter()
+  assert exit_status(train_cli.main, argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: --workdir "), err
+  assert pattern.format(base=tmp_path) in err, err
+  assert time.perf_counter() - t < 30  # before anything is compiled

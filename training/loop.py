@@ -6,9 +6,13 @@ checkpoint or created sharded, and the loop runs. The host never waits for the s
 dispatched: metrics are read in groups at logged steps, after the next step is dispatched (and
 all of them before an evaluation or a checkpoint). Every step's loss and gradient norm are
 checked, so a NaN/Inf stops the run before anything diverged is saved. SIGTERM (preemption)
-finishes the current step, saves a checkpoint and returns normally; on several processes, a
-notice reaching any of them makes all save the same step (jax's preemption sync point).
-Process 0 alone writes metrics, events and config.json; every process saves and restores.
+and SIGINT (Ctrl-C) finish the current step, save a checkpoint and return normally (a second
+Ctrl-C raises KeyboardInterrupt at once, without saving); on several processes, a notice reaching any of them
+makes all save the same step (jax's preemption sync point). A checkpoint save that fails in the
+background stops the run at the next step (CheckpointWriteFailed). A damaged newest checkpoint
+is moved aside with a warning and the run resumes from the newest one that restores. Process 0
+holds the workdir's lock (training/lock.py) for the whole run and alone writes metrics, events
+and config.json; every process saves and restores.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -28,12 +33,15 @@ from model.errors import UserError
 from model.transformer import num_params
 from sharding import describe, is_cpu, process_batch_indices, shard_batch
 from training import distributed
-from training.checkpoint import Checkpointer
+from training.checkpoint import Checkpointer, CheckpointWriteFailed
 from training.data import prefetch
 from training.metrics import Console, MetricsWriter, format_count, format_duration
 from training.perf import flops
+from training.lock import workdir_lock
 from training.run import (CONFIG_NAME, Run, build_run, check_same_model,
                           check_same_tokenizer, config_json)
+
+__all__ = ["CheckpointWriteFailed", "TrainingDiverged", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,10 +49,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopRequest:
-  """Set by SIGTERM (installed only in the main thread); the loop polls it after each step.
+  """Set by SIGTERM or SIGINT (installed only in the main thread); the loop polls it after each
+  step. A second SIGINT raises KeyboardInterrupt, which leaves `train` at once, without
+  saving or waiting for a save (launch.train then exits with status 130).
 
-  On several processes jax's preemption service takes the signal instead (a Python handler
-  would replace its own) and `poll` answers True on every process at the same step."""
+  On several processes jax's preemption service takes SIGTERM instead (a Python handler would
+  replace its own) and `poll` answers True on every process at the same step."""
 
   def __init__(self):
     self.requested = False
@@ -57,12 +67,18 @@ class StopRequest:
       yield self
       return
     def handler(signum, frame):  # pylint: disable=unused-argument
+      if signum == signal.SIGINT and self.requested:
+        raise KeyboardInterrupt  # `train` returns at once, without waiting for saves
       self.requested, self.signal_name = True, signal.Signals(signum).name
-    previous = signal.signal(signal.SIGTERM, handler)
+      if signum == signal.SIGINT:
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to exit at once)",
+              file=sys.stderr, flush=True)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
       yield self
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for sig, old in previous.items():
+        signal.signal(sig, old)
 
   def poll(self, step: int) -> bool:
     """Whether to save and stop after `step` (call once per step, on every process)."""
@@ -137,31 +153,29 @@ class _MetricsReader:
     self.t.console.row(row, self.train_seconds)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False
-          ) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
+          force: bool = False) -> dict[str, Any]:
   """Train (or resume) the run of `config` in `workdir`. Returns a summary: step, loss,
-  val_loss, train_seconds, wall_seconds, preempted. Raises UserError for bad inputs and
-  TrainingDiverged when the loss becomes NaN/Inf."""
+  val_loss, train_seconds, wall_seconds, preempted. Raises UserError for bad inputs (and when
+  another run holds the workdir's lock, unless `force`), TrainingDiverged when the loss becomes
+  NaN/Inf and CheckpointWriteFailed when a checkpoint cannot be written."""
   t_start = time.perf_counter()
   run = build_run(config, workdir=workdir)
   console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
-  ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
-  try:
-    latest = ckpt.latest_step()
-    meta = ckpt.read_meta(latest) if latest is not None else None
-    if meta is not None:
-      check_same_model(meta["model"], run.model, f"The checkpoint of step {latest} in "
-                       f"{ckpt.directory}")
-      check_same_tokenizer(meta.get("tokenizer"), run.source.tokenizer,
-                           f"The checkpoint of step {latest} in {ckpt.directory}")
-    if jax.process_index() == 0:
-      run.workdir.mkdir(parents=True, exist_ok=True)
-      _write_atomically(run.workdir / CONFIG_NAME, config_json(run.config))
-    with StopRequest().installed() as stop:
-      return _Trainer(run, ckpt, console, t_start).run(latest, stop)
-  finally:
-    ckpt.wait()
-    ckpt.close()
+  # The lock comes first: opening the Checkpointer removes unfinished saves' directories.
+  with workdir_lock(run.workdir, force=force):
+    ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
+    failed = False
+    try:
+      with StopRequest().installed() as stop:
+        return _Trainer(run, ckpt, console, t_start).run(stop)
+    except (CheckpointWriteFailed, KeyboardInterrupt):
+      failed = True
+      raise
+    finally:
+      if not failed:
+        ckpt.wait()
+        ckpt.close()
 
 
 def _write_atomically(path, text: str) -> None:
@@ -217,30 +231,36 @@ class _Trainer:
     accum = f" in {c.grad_accum} micro-batches" if c.grad_accum > 1 else ""
     info(f"train: {self.steps} steps of {c.batch_size} x {run.seq_len} tokens{accum}")
 
-  def _initial_state(self, latest: int | None):
-    if latest is None:
+  def _restore(self, step: int):
+    """(state, meta) of `step`: the model checked first (a different model is a UserError,
+    not damage), then the arrays restored and checked against their fingerprints."""
+    meta = self.ckpt.read_meta(step)
+    where = f"The checkpoint of step {step} in {self.ckpt.directory}"
+    check_same_model(meta["model"], self.run_.model, where)
+    check_same_tokenizer(meta.get("tokenizer"), self.run_.source.tokenizer, where)
+    return self.ckpt.restore(self.run_.abstract_state, step)
+
+  def _initial_state(self):
+    """(state, start step): restored from the newest checkpoint that restores, else new."""
+    found = self.ckpt.restore_newest(self._restore, move_aside=True)
+    if found is None:
       self.console.info(f"new run in {self.run_.workdir}")
       return self.run_.create_state(), 0
-    try:
-      state, meta = self.ckpt.restore(self.run_.abstract_state, latest)
-    except ValueError as e:  # the saved tree does not fit this config's TrainState
-      raise UserError(
-          f"The checkpoint of step {latest} in {self.ckpt.directory} does not fit this "
-          f"config's training state ({str(e).splitlines()[0]}); resume with the settings it "
-          f"was saved with or use another --workdir.") from None
-    start = int(meta["data_position"])
-    self.console.info(f"resumed from the checkpoint of step {latest} in {self.ckpt.directory}")
-    return state, start
+    step, (state, meta) = found
+    self.console.info(f"resumed from the checkpoint of step {step} in {self.ckpt.directory}")
+    return state, int(meta["data_position"])
 
   # --- the loop -----------------------------------------------------------------------------
 
-  def run(self, latest: int | None, stop: StopRequest) -> dict[str, Any]:
+  def run(self, stop: StopRequest) -> dict[str, Any]:
     self._describe()
-    if latest is not None and latest >= self.steps:
-      self.console.info(f"nothing to do: the run is at step {latest} of {self.steps}")
-      return {"step": latest, "loss": None, "val_loss": None, "train_seconds": 0.0,
+    state, start = self._initial_state()
+    if start >= self.steps:
+      self.console.info(f"nothing to do: the run is at step {start} of {self.steps}")
+      return {"step": start, "loss": None, "val_loss": None, "train_seconds": 0.0,
               "preempted": False, "wall_seconds": time.perf_counter() - self.t_start}
-    state, start = self._initial_state(latest)
+    if self.is_main:
+      _write_atomically(self.run_.workdir / CONFIG_NAME, config_json(self.run_.config))
     t = time.perf_counter()
     self.train_step = self.run_.compile_train_step()
     self.eval_step = self.run_.compile_eval_step() if self.val_batches else None
@@ -281,6 +301,7 @@ class _Trainer:
           jax.block_until_ready(state)
         state, metrics = self.train_step(state, batch)
         step = s + 1
+        self.ckpt.check_save(step)  # a failed background save stops the run here
         pending.append((step, metrics))
         do_eval = self.eval_step is not None and eval_every > 0 and (
             step % eval_every == 0 or step == self.steps)

@@ -10,7 +10,8 @@ Every check happens in `build_run`, before anything is compiled, and fails with 
 sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
 sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
 against grad_accum, the data-parallel size and the process count, the block size, the data
-(path, vocabulary), the model fields, and a --workdir that already holds a run of another model.
+(path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
+a workdir (and its checkpoints/) that cannot be created or written.
 The same config is therefore checked and built the same way by training, the benchmark and the
 ahead-of-time TPU compile.
 """
@@ -22,6 +23,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -34,7 +36,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.tokenizer import GPT2_VOCAB_SIZE
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
-from training.checkpoint import resolve_workdir
+from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource, make_source
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import TrainState, abstract_train_state, create_train_state
@@ -311,12 +313,43 @@ def check_same_tokenizer(saved: dict | None, current: dict | None, where: str) -
 
 
 def check_workdir(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir's path; UserError if it, or a folder above it, is not a directory."""
   if not os.fspath(workdir):
     raise UserError("--workdir must name a directory.")
   path = resolve_workdir(workdir)
   if path.exists() and not path.is_dir():
     raise UserError(f"--workdir {str(path)!r} exists and is not a directory.")
+  if "://" not in str(path):
+    for parent in pathlib.Path(str(path)).parents:
+      if parent.exists():
+        if not parent.is_dir():
+          raise UserError(f"--workdir {str(path)!r} cannot be created: {str(parent)!r} is a "
+                          f"file, not a directory.")
+        break
   return path
+
+
+def check_writable(path: epath.Path) -> None:
+  """Create the workdir and its checkpoints/ and write a file in each (a local workdir; a
+  remote one is written by orbax and fails at the first save); UserError naming what fails."""
+  if "://" in str(path):
+    return
+  ckpt = pathlib.Path(str(path)) / CHECKPOINT_DIR
+  if ckpt.exists() and not ckpt.is_dir():
+    raise UserError(f"--workdir {str(path)!r} cannot hold checkpoints: {str(ckpt)!r} is a file, "
+                    f"not a directory.")
+  for folder in (ckpt.parent, ckpt):
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      with open(probe, "wb") as f:
+        f.write(b"x")
+        f.flush()
+        os.fsync(f.fileno())
+      probe.unlink()
+    except OSError as e:
+      raise UserError(f"--workdir {str(path)!r} is not writable: cannot write in "
+                      f"{str(folder)!r} ({e.strerror or type(e).__name__}).") from None
 
 
 def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike | None = None,
@@ -349,6 +382,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     saved = saved_model_fields(path)
     if saved is not None:
       check_same_model(saved, cfg, f"--workdir {str(path)!r}")
+    if jax.process_index() == 0:
+      check_writable(path)
   steps = config.train.steps
   return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg,
              mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
