@@ -5,9 +5,9 @@
     state, metrics = train_step(state, batch_BT1)   # state donated; metrics: loss, grad_norm, lr
 
 A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With loss_chunk = C
-(0 < C < T) the loss never holds the [B, T, V] float32 logits: it is computed from the final
-hidden states over chunks of C positions, each chunk's logits recomputed in the backward pass
-(see chunked_cross_entropy). With grad_accum = A
+(0 < C < T, C dividing T) the loss never holds the [B, T, V] float32 logits: it is computed from
+the final hidden states over chunks of C positions, each chunk's logits recomputed in the
+backward pass (see chunked_cross_entropy). With grad_accum = A
 the batch is split into A micro-batches of B / A rows (row r goes to micro-batch r mod A, so each
 micro-batch stays split over all data-parallel devices) that a lax.scan runs one after another,
 summing float32 gradients; loss and gradients are means over all B * T tokens, the same as one
@@ -64,20 +64,29 @@ def check_loss_chunk(loss_chunk: Any) -> None:
 def chunked_cross_entropy(params: Any, cfg: ModelConfig, x_BTD: jax.Array,
                           targets_BT: jax.Array, chunk: int) -> jax.Array:
   """cross_entropy(logits_from_hidden(params, cfg, x_BTD), targets_BT) without the [B, T, V]
-  logits: over chunks of `chunk` positions (the last one may be shorter), each under
-  jax.checkpoint, so the forward pass keeps only each chunk's summed loss and the backward pass
-  recomputes one chunk's logits at a time. The chunks are a Python loop (T / chunk of them,
-  unrolled), so XLA's cost analysis counts every one. Costs one more LM-head matmul per token
-  (the recomputation) and saves the float32 logits and their gradient."""
-  B, T, _ = x_BTD.shape
+  logits: a lax.scan over the T / chunk chunks of `chunk` positions, each under jax.checkpoint,
+  so the forward pass keeps only the running loss and the backward pass recomputes one chunk's
+  logits at a time. Costs one more LM-head matmul per token (the recomputation) and saves the
+  float32 logits and their gradient. (A Python loop over the chunks instead lets XLA schedule
+  them side by side: more temporaries than the full logits on a v5e, docs/performance.md.)
+  XLA's cost analysis counts the scan's body once (see training/perf/aot.py)."""
+  B, T, D = x_BTD.shape
+  if T % chunk:
+    raise UserError(f"config.train.loss_chunk ({chunk}) must divide the sequence length {T} "
+                    f"(or be 0: the full logits).")
   head = {name: params[name] for name in ("wte", "lm_head") if name in params}
 
-  @functools.partial(jax.checkpoint, prevent_cse=True)
-  def chunk_loss(head, x_BCD, targets_BC):
-    return jnp.sum(token_cross_entropy(logits_from_hidden(head, cfg, x_BCD), targets_BC))
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan: no CSE across iterations
+  def chunk_loss(total, xs):
+    x_BCD, targets_BC = xs
+    x_BCD = nn.with_logical_constraint(x_BCD, ("act_batch", "act_length", "act_embed"))
+    loss_BC = token_cross_entropy(logits_from_hidden(head, cfg, x_BCD), targets_BC)
+    return total + jnp.sum(loss_BC), None
 
-  total = sum(chunk_loss(head, x_BTD[:, t:t + chunk], targets_BT[:, t:t + chunk])
-              for t in range(0, T, chunk))
+  n = T // chunk
+  x_NBCD = jnp.moveaxis(x_BTD.reshape(B, n, chunk, D), 1, 0)
+  targets_NBC = jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)
+  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (x_NBCD, targets_NBC))
   return total / (B * T)
 
 

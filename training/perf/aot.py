@@ -23,9 +23,10 @@ Numbers to read with care:
   bf16 peak.
 - XLA's "bytes accessed" (bytes_accessed_per_step) counts loop bodies once too, and overcounts
   in-place updates: compare programs with each other, never with HBM bandwidth.
-- A Pallas kernel (splash attention, model/attention.py) is a custom call that XLA's cost
-  analysis counts as 0 FLOPs and 0 bytes (splash passes no cost estimate to pallas_call), so with
-  it the XLA numbers leave the attention's own work out (docs/performance.md).
+- A Pallas kernel (splash attention, model/attention.py) is a custom call: XLA's cost analysis
+  counts 0 FLOPs for it (splash passes no cost estimate to pallas_call) and only its operands'
+  and results' bytes, not its re-reads of key/value blocks; with it, XLA's FLOPs leave the
+  attention's own work out (docs/performance.md).
 """
 
 from __future__ import annotations
