@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 8  # global batch (sequences per update, all micro-batches together)
   c.train.grad_accum = 1  # micro-batches per update; batch_size / grad_accum run at once
   c.train.seed = 0  # parameters, dropout and data order
+  # Cross-entropy over chunks of this many positions from the final hidden states, each chunk's
+  # logits recomputed in the backward pass, so the [B, T, V] float32 logits never exist at once
+  # (training/step.py); 0: the full logits. Worth it for large vocabularies (docs/performance.md).
+  c.train.loss_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 6e-4  # peak learning rate, after warmup_steps of linear warmup

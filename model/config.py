@@ -18,8 +18,11 @@ NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 # "xla": the reference einsum attention written out in model/transformer.py.
 # "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), the cuDNN flash kernel (GPU only).
-# "auto": jax.nn.dot_product_attention, with the cuDNN kernel where it applies (GPU, bf16/fp16).
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+# "splash": the Pallas splash-attention kernel (TPU; Pallas interpret mode on the CPU), for
+#   sequence lengths that are multiples of 128.
+# "auto": splash on TPU, cuDNN on GPU in bf16/fp16, else jax.nn.dot_product_attention (XLA).
+# The choice is made in model/attention.py; cached decoding always uses the einsum attention.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 # Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -95,6 +98,9 @@ class ModelConfig:
       if value not in allowed:
         raise UserError(
             f"ModelConfig.{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    if self.attention == "splash" and self.block_size % 128:
+      raise UserError(f"ModelConfig.attention='splash' needs block_size to be a multiple of 128, "
+                      f"got {self.block_size}; use attention='auto' or 'xla'.")
     for name in ("use_bias", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")

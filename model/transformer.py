@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import attention
 from model.config import ModelConfig
 from model.errors import UserError
 
@@ -136,13 +137,6 @@ def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_B1TS, dropout: nn.Dropout |
   return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS.astype(v_BSHK.dtype), v_BSHK)
 
 
-def _use_cudnn(cfg: ModelConfig) -> bool:
-  if cfg.attention == "cudnn":
-    return True
-  return (cfg.attention == "auto" and jax.default_backend() == "gpu"
-          and cfg.dtype in ("bfloat16", "float16"))
-
-
 class EinsumDense(nn.Module):
   """y = einsum(spec, x, kernel) + bias, where the bias covers the kernel's output axes (those
   after the input axes that the spec contracts). Kernel and bias carry logical axis names."""
@@ -187,13 +181,17 @@ class CausalSelfAttention(nn.Module):
     dropout = nn.Dropout(cfg.attn_dropout, deterministic=False) if attn_dropout else None
     if kv_cache is None:
       T = x_BTD.shape[1]
-      if cfg.attention == "xla" or attn_dropout:
+      # model/attention.py; init only needs shapes (and traces a short dummy sequence)
+      impl = "xla" if self.is_initializing() else attention.implementation(cfg, T, attn_dropout)
+      if impl == "xla":
         mask_B1TS = causal_mask(jnp.arange(T)[None, :], T)
         out_BTHK = reference_attention(q_BTHK, k_BTHK, v_BTHK, mask_B1TS, dropout)
+      elif impl == "splash":
+        out_BTHK = attention.splash_attention(q_BTHK, k_BTHK, v_BTHK)
       else:
         out_BTHK = jax.nn.dot_product_attention(
             q_BTHK, k_BTHK, v_BTHK, is_causal=True,
-            implementation="cudnn" if _use_cudnn(cfg) else None)
+            implementation="cudnn" if impl == "cudnn" else None)
     else:
       k_BSHK, v_BSHK = kv_cache
       start_B = positions_BT[:, 0]

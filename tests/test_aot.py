@@ -81,6 +81,12 @@ def test_report_text_and_json_when_it_fits():
   d = json.loads(json.dumps(r.to_dict()))
   assert d["fits"] and d["memory"]["total"] == r.memory.total
   assert d["step_seconds"] == pytest.approx(r.step_seconds)
+  assert d["xla_flops_per_step"] == pytest.approx(1.0e13 * 32)
+  assert d["bytes_accessed_per_step"] is None and "bytes accessed" not in text
+  with_bytes = _report(xla_bytes_accessed_per_chip=2.5e9)
+  assert with_bytes.to_dict()["bytes_accessed_per_step"] == pytest.approx(2.5e9 * 32)
+  assert "XLA bytes accessed 2.5 GB per chip per step (loop bodies counted once)" in (
+      aot.format_report(with_bytes))
 
 
 def test_report_when_it_does_not_fit():
@@ -238,3 +244,34 @@ def test_the_gpt3_175b_config_is_gpt3():
   assert 174e9 < count_params(cfg) < 176e9
   assert c.train.batch_size * cfg.block_size == 3_145_728 and c.optimizer.lr == 6e-5
   assert dataclasses.asdict(cfg)["remat"] == "full" and cfg.scan_layers
+
+
+# GPT-2's head dim (64), 4 heads, 2 layers, T = 256 (splash blocks of 256), a 512-token vocabulary
+# in loss chunks of 128 positions: small enough to compile in seconds.
+SPLASH_SMALL = ("--config", "configs/tiny.py", "--config.model.vocab_size=512",
+                "--config.model.d_model=256", "--config.model.block_size=256",
+                "--config.train.batch_size=8", "--config.train.loss_chunk=128")
+
+
+@pytest.mark.parametrize("topology,attention", [("v5litepod-4", "splash"), ("v5p-8", "auto")])
+def test_splash_attention_and_chunked_loss_compile_for_tpu(tmp_path, topology, attention):
+  """The Pallas splash kernel (under shard_map over the 4 chips' batch split) and the chunked
+  loss compile for a v5e and a v5p slice; `auto` picks splash on TPU."""
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), *SPLASH_SMALL, f"--config.model.attention={attention}",
+                "--topology", topology, "--json", str(out))
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "attention splash, loss in chunks of 128" in result.stdout
+  r = json.loads(out.read_text())
+  assert r["model"]["attention"] == "splash" and r["model"]["loss_chunk"] == 128
+  assert r["mesh"]["data"] == 4 and r["fits"]
+  assert r["bytes_accessed_per_step"] > 0 and r["xla_counts_loops_once"]
+
+
+def test_forced_splash_with_a_bad_length_is_one_error_line():
+  result = _aot(_tpu_python(), "--config", "configs/tiny.py", "--config.model.vocab_size=65",
+                "--config.model.attention=splash", "--topology", "v5litepod-1")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.model.attention='splash' needs block_size to be a multiple of 128, got 64; "
+      "use attention='auto' or 'xla'.")

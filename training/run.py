@@ -40,7 +40,7 @@ from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource, make_source
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import TrainState, abstract_train_state, create_train_state
-from training.step import compile_eval_step, compile_train_step
+from training.step import check_loss_chunk, compile_eval_step, compile_train_step
 
 CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
@@ -96,16 +96,22 @@ class Run:
     return create_train_state(self.model, self.tx, self.mesh, self.config.train.seed,
                               self.rules)[0]
 
+  @property
+  def loss_chunk(self) -> int:
+    """Positions per loss chunk (training/step.py; 0: the full logits)."""
+    return self.config.train.get("loss_chunk", 0)
+
   def compile_train_step(self):
     """(state, batch [B, T + 1]) -> (state, metrics), state donated (training/step.py)."""
     return compile_train_step(self.model, self.tx, self.schedule, self.mesh,
                               self.abstract_state, self.batch_shape,
-                              self.config.train.grad_accum, self.rules)
+                              self.config.train.grad_accum, self.rules, self.loss_chunk)
 
   def compile_eval_step(self):
     """(params, batch [B, T + 1]) -> mean loss."""
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
-                             self.batch_shape, self.config.train.grad_accum, self.rules)
+                             self.batch_shape, self.config.train.grad_accum, self.rules,
+                             self.loss_chunk)
 
 
 def _get(config, dotted: str):
@@ -145,6 +151,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key} must be positive, got {value!r}.")
     if value < 0:
       raise UserError(f"config.{key} must be >= 0, got {value!r}.")
+  check_loss_chunk(config.train.get("loss_chunk", 0))
   for key in ("optimizer.b1", "optimizer.b2"):
     value = _get(config, key)
     if not 0 <= value < 1:

@@ -4,7 +4,10 @@
                                     grad_accum, rules)   # or Run.compile_train_step()
     state, metrics = train_step(state, batch_BT1)   # state donated; metrics: loss, grad_norm, lr
 
-A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With grad_accum = A
+A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With loss_chunk = C
+(0 < C < T, C dividing T) the loss never holds the [B, T, V] float32 logits: it is computed from
+the final hidden states over chunks of C positions, each chunk's logits recomputed in the
+backward pass (see chunked_cross_entropy). With grad_accum = A
 the batch is split into A micro-batches of B / A rows (row r goes to micro-batch r mod A, so each
 micro-batch stays split over all data-parallel devices) that a lax.scan runs one after another,
 summing float32 gradients; loss and gradients are means over all B * T tokens, the same as one
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +27,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
-from model.transformer import GPT
+from model.errors import UserError
+from model.transformer import GPT, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.state import TrainState
 
@@ -33,25 +39,69 @@ def uses_dropout(cfg: ModelConfig) -> bool:
   return max(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout) > 0
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """Mean float32 cross-entropy over all positions: logsumexp(logits) - logits[target].
+def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Float32 cross-entropy of every position [B, T]: logsumexp(logits) - logits[target].
 
   The target logit is picked with a one-hot mask rather than a gather, so the gradient is an
   elementwise select, not a scatter-add (slow on XLA:CPU); XLA fuses the mask into the sum."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   is_target_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
   target_BT = jnp.sum(jnp.where(is_target_BTV, logits_BTV, 0.0), axis=-1)
-  return jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT)
+  return jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean float32 cross-entropy over all positions."""
+  return jnp.mean(token_cross_entropy(logits_BTV, targets_BT))
+
+
+def check_loss_chunk(loss_chunk: Any) -> None:
+  if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+    raise UserError(f"config.train.loss_chunk must be a whole number of positions >= 0 "
+                    f"(0: the full logits), got {loss_chunk!r}.")
+
+
+def chunked_cross_entropy(params: Any, cfg: ModelConfig, x_BTD: jax.Array,
+                          targets_BT: jax.Array, chunk: int) -> jax.Array:
+  """cross_entropy(logits_from_hidden(params, cfg, x_BTD), targets_BT) without the [B, T, V]
+  logits: a lax.scan over the T / chunk chunks of `chunk` positions, each under jax.checkpoint,
+  so the forward pass keeps only the running loss and the backward pass recomputes one chunk's
+  logits at a time. Costs one more LM-head matmul per token (the recomputation) and saves the
+  float32 logits and their gradient. (A Python loop over the chunks instead lets XLA schedule
+  them side by side: more temporaries than the full logits on a v5e, docs/performance.md.)
+  XLA's cost analysis counts the scan's body once (see training/perf/aot.py)."""
+  B, T, D = x_BTD.shape
+  if T % chunk:
+    raise UserError(f"config.train.loss_chunk ({chunk}) must divide the sequence length {T} "
+                    f"(or be 0: the full logits).")
+  head = {name: params[name] for name in ("wte", "lm_head") if name in params}
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan: no CSE across iterations
+  def chunk_loss(total, xs):
+    x_BCD, targets_BC = xs
+    x_BCD = nn.with_logical_constraint(x_BCD, ("act_batch", "act_length", "act_embed"))
+    loss_BC = token_cross_entropy(logits_from_hidden(head, cfg, x_BCD), targets_BC)
+    return total + jnp.sum(loss_BC), None
+
+  n = T // chunk
+  x_NBCD = jnp.moveaxis(x_BTD.reshape(B, n, chunk, D), 1, 0)
+  targets_NBC = jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)
+  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (x_NBCD, targets_NBC))
+  return total / (B * T)
 
 
 def loss_fn(params: Any, cfg: ModelConfig, tokens_BT1: jax.Array, key: jax.Array | None,
-            train: bool) -> jax.Array:
-  """Mean next-token cross-entropy of a [B, T + 1] token batch (dropout on when train)."""
+            train: bool, loss_chunk: int = 0) -> jax.Array:
+  """Mean next-token cross-entropy of a [B, T + 1] token batch (dropout on when train); with
+  0 < loss_chunk < T over chunks of the sequence (chunked_cross_entropy)."""
   inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
   dropout = train and uses_dropout(cfg)
-  logits_BTV = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
-                              rngs={"dropout": key} if dropout else None)
-  return cross_entropy(logits_BTV, targets_BT)
+  chunked = 0 < loss_chunk < inputs_BT.shape[1]
+  out = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
+                       rngs={"dropout": key} if dropout else None, return_hidden=chunked)
+  if chunked:
+    return chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk)
+  return cross_entropy(out, targets_BT)
 
 
 def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
@@ -62,12 +112,13 @@ def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
 
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
-               param_shardings: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               param_shardings: Any = None, loss_chunk: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch. Pure: (state, batch) -> (state, metrics).
   `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
-  (split over fsdp / tensor) instead of leaving it to XLA."""
+  (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk))
   to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
 
   if grad_accum == 1:
@@ -101,14 +152,15 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
   return new_state, metrics
 
 
-def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1
-              ) -> jax.Array:
-  """Mean loss of a global batch, run in the same micro-batches as training (memory)."""
+def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1,
+              loss_chunk: int = 0) -> jax.Array:
+  """Mean loss of a global batch, run in the same micro-batches (and loss chunks) as training."""
+  loss = functools.partial(loss_fn, key=None, train=False, loss_chunk=loss_chunk)
   if grad_accum == 1:
-    return loss_fn(params, cfg, nn.with_logical_constraint(tokens_BT1, ACT_BATCH), None, False)
+    return loss(params, cfg, nn.with_logical_constraint(tokens_BT1, ACT_BATCH))
 
   def micro(_, tokens):
-    return None, loss_fn(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH), None, False)
+    return None, loss(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH))
 
   _, losses_A = jax.lax.scan(micro, None, split_micro_batches(tokens_BT1, grad_accum))
   return jnp.mean(losses_A)
@@ -147,15 +199,17 @@ def _compile(lowered, mesh: Mesh):
 
 def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: Callable,
                        mesh: Mesh, abstract_state: TrainState, batch_shape: tuple[int, int],
-                       grad_accum: int = 1, rules=DEFAULT_RULES):
+                       grad_accum: int = 1, rules=DEFAULT_RULES, loss_chunk: int = 0):
   """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]:
   (state, batch) -> (state, metrics). The state is donated. `abstract_state` holds
   ShapeDtypeStructs with shardings (see abstract_like). Calling the result with other shapes
   or shardings is an error, never a silent recompilation."""
+  check_loss_chunk(loss_chunk)
   state_shardings = _shardings(abstract_state)
   fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
                                        grad_accum=grad_accum,
-                                       param_shardings=state_shardings.params),
+                                       param_shardings=state_shardings.params,
+                                       loss_chunk=loss_chunk),
                in_shardings=(state_shardings, batch_sharding(mesh)),
                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                donate_argnums=0)
@@ -164,9 +218,12 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
 
 
 def compile_eval_step(cfg: ModelConfig, mesh: Mesh, abstract_params: Any,
-                      batch_shape: tuple[int, int], grad_accum: int = 1, rules=DEFAULT_RULES):
+                      batch_shape: tuple[int, int], grad_accum: int = 1, rules=DEFAULT_RULES,
+                      loss_chunk: int = 0):
   """eval_step compiled ahead of time: (params, batch) -> mean loss (a replicated scalar)."""
-  fn = jax.jit(lambda p, b: eval_step(p, b, cfg=cfg, grad_accum=grad_accum),
+  check_loss_chunk(loss_chunk)
+  fn = jax.jit(lambda p, b: eval_step(p, b, cfg=cfg, grad_accum=grad_accum,
+                                      loss_chunk=loss_chunk),
                in_shardings=(_shardings(abstract_params), batch_sharding(mesh)),
                out_shardings=NamedSharding(mesh, PartitionSpec()))
   with activate(mesh, rules):

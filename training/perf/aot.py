@@ -18,8 +18,15 @@ Numbers to read with care:
   "does not fit" with the compiler's numbers.
 - XLA's cost analysis counts FLOPs per chip (an unscanned GPT-2 gives the formula's per-chip
   value within 1%), but counts the body of a loop once: with scan_layers or grad_accum > 1 it
-  misses the repeated layers / micro-batches. The step time at a given MFU comes from the
-  6N + 12LTD formula (training/perf/flops.py) and the chips' dense bf16 peak.
+  misses the repeated layers / micro-batches / loss chunks (train.loss_chunk). The step time at
+  a given MFU comes from the 6N + 12LTD formula (training/perf/flops.py) and the chips' dense
+  bf16 peak.
+- XLA's "bytes accessed" (bytes_accessed_per_step) counts loop bodies once too, and overcounts
+  in-place updates: compare programs with each other, never with HBM bandwidth.
+- A Pallas kernel (splash attention, model/attention.py) is a custom call: XLA's cost analysis
+  counts 0 FLOPs for it (splash passes no cost estimate to pallas_call) and only its operands'
+  and results' bytes, not its re-reads of key/value blocks; with it, XLA's FLOPs leave the
+  attention's own work out (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from model import attention
 from model.config import ModelConfig
 from model.errors import UserError
 from model.transformer import num_params
@@ -74,12 +82,21 @@ def implied_step_seconds(flops_per_step: float, chips: int, peak_per_chip: float
   return flops_per_step / (mfu * chips * peak_per_chip)
 
 
-def xla_flops_per_chip(compiled) -> float | None:
+def _xla_cost(compiled, key: str) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else None
-  value = (cost or {}).get("flops")
+  value = (cost or {}).get(key)
   return float(value) if value is not None and value >= 0 else None
+
+
+def xla_flops_per_chip(compiled) -> float | None:
+  return _xla_cost(compiled, "flops")
+
+
+def xla_bytes_accessed_per_chip(compiled) -> float | None:
+  """XLA's "bytes accessed" (it overcounts in-place updates: compare programs, not HBM)."""
+  return _xla_cost(compiled, "bytes accessed")
 
 
 @dataclasses.dataclass
@@ -110,6 +127,7 @@ class AotReport:
   xla_counts_loops_once: bool
   mfu: float
   peak_flops_per_chip: float
+  xla_bytes_accessed_per_chip: float | None = None
   suggestions: list[str] = dataclasses.field(default_factory=list)
 
   @property
@@ -123,6 +141,17 @@ class AotReport:
   @property
   def flops_per_step(self) -> float:
     return float(self.flops_per_token) * self.tokens_per_step
+
+  @property
+  def xla_flops_per_step(self) -> float | None:
+    """XLA's FLOPs, all chips together (loop bodies counted once; see xla_counts_loops_once)."""
+    return None if self.xla_flops_per_chip is None else self.xla_flops_per_chip * self.total_chips
+
+  @property
+  def bytes_accessed_per_step(self) -> float | None:
+    """XLA's bytes accessed, all chips together (loop bodies counted once, as for FLOPs)."""
+    per_chip = self.xla_bytes_accessed_per_chip
+    return None if per_chip is None else per_chip * self.total_chips
 
   @property
   def step_seconds(self) -> float:
@@ -141,7 +170,8 @@ class AotReport:
     out = dataclasses.asdict(self)
     if self.memory is not None:
       out["memory"]["total"] = self.memory.total
-    for name in ("total_chips", "tokens_per_step", "flops_per_step", "step_seconds",
+    for name in ("total_chips", "tokens_per_step", "flops_per_step", "xla_flops_per_step",
+                 "bytes_accessed_per_step", "step_seconds",
                  "tokens_per_sec", "fits"):
       out[name] = getattr(self, name)
     return out
@@ -222,13 +252,15 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
   abstract = run.abstract_state  # shapes only: the topology's devices cannot run anything
   state_bytes, state_per_chip = _state_bytes(abstract)
   grad_accum = run.config.train.grad_accum
+  loss_chunk = run.loss_chunk if 0 < run.loss_chunk < run.seq_len else 0
 
   log(f"compiling the train step for {tpu.name} ({describe(mesh)}); this can take minutes")
   t = time.perf_counter()
-  memory, error, xla_flops = None, None, None
+  memory, error, xla_flops, xla_bytes = None, None, None, None
   try:
     compiled = run.compile_train_step()
     memory, xla_flops = Memory.from_compiled(compiled), xla_flops_per_chip(compiled)
+    xla_bytes = xla_bytes_accessed_per_chip(compiled)
   except Exception as e:  # pylint: disable=broad-except  (only HBM exhaustion is a result)
     error = _compiler_oom(e)
     if error is None:
@@ -240,16 +272,20 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       chips=tpu.chips, hosts=tpu.hosts, num_slices=num_slices,
       device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
       params=num_params(abstract.params),
-      model={k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
-                                          "padded_vocab_size", "dtype", "scan_layers",
-                                          "remat")},
+      model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
+                                             "block_size", "padded_vocab_size", "dtype",
+                                             "scan_layers", "remat")},
+             # the kernel the no-cache attention runs on this slice (model/attention.py)
+             "attention": attention.implementation(cfg, run.seq_len, cfg.attn_dropout > 0,
+                                                   platform="tpu"),
+             "loss_chunk": loss_chunk},
       batch_size=run.config.train.batch_size, grad_accum=grad_accum, seq_len=run.seq_len,
       state_bytes=state_bytes, state_bytes_per_chip=state_per_chip,
       unsplit=_unsplit(cfg, mesh, run.rules), hbm_bytes_per_chip=tpu.hbm_bytes,
       compile_seconds=seconds, memory=memory, compiler_error=error,
       flops_per_token=flops.flops_per_token(cfg, run.seq_len), xla_flops_per_chip=xla_flops,
-      xla_counts_loops_once=cfg.scan_layers or grad_accum > 1, mfu=mfu,
-      peak_flops_per_chip=tpu.peak_flops_per_chip)
+      xla_counts_loops_once=cfg.scan_layers or grad_accum > 1 or loss_chunk > 0, mfu=mfu,
+      peak_flops_per_chip=tpu.peak_flops_per_chip, xla_bytes_accessed_per_chip=xla_bytes)
   if not report.fits:
     report.suggestions = suggestions(report, cfg)
   return report
@@ -300,7 +336,9 @@ def format_report(r: AotReport) -> str:
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
       f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads, "
       f"context {m['block_size']}, vocab {m['padded_vocab_size']}), {m['dtype']} compute, "
-      f"scan_layers={m['scan_layers']}, remat={m['remat']}",
+      f"scan_layers={m['scan_layers']}, remat={m['remat']}"
+      + (f", attention {m['attention']}" if "attention" in m else "")
+      + (f", loss in chunks of {m['loss_chunk']}" if m.get("loss_chunk") else ""),
       f"slice: {r.topology}{slices} = {r.total_chips} chips ({r.device_kind}, "
       f"{r.topology_name}, {_plural(r.hosts * r.num_slices, 'host')}), mesh {mesh}",
       f"batch: {r.batch_size} x {r.seq_len} = {r.tokens_per_step:,} tokens per step{accum}",
@@ -339,12 +377,17 @@ def format_report(r: AotReport) -> str:
       f"per token x {r.tokens_per_step:,} tokens) = {_flop(per_chip)} per chip",
   ]
   if r.xla_flops_per_chip is not None:
-    note = (" (counts the scanned layers / micro-batch loop body once: an undercount)"
+    note = (" (counts the scanned layers / micro-batch / loss-chunk loop body once: an "
+            "undercount)"
             if r.xla_counts_loops_once else "")
     ratio = r.xla_flops_per_chip / per_chip
     ratio_text = f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.1e}"
     lines.append(f"  XLA cost_analysis {_flop(r.xla_flops_per_chip)} per chip "
                  f"({ratio_text}x the formula){note}")
+  if r.xla_bytes_accessed_per_chip is not None:
+    once = " (loop bodies counted once)" if r.xla_counts_loops_once else ""
+    lines.append(f"  XLA bytes accessed {r.xla_bytes_accessed_per_chip / 1e9:.1f} GB per chip per "
+                 f"step{once}; overcounts in-place updates, compare programs, not HBM bandwidth")
   peak = r.peak_flops_per_chip
   lines += [
       "",

@@ -1,0 +1,115 @@
+"""model/attention.py: the splash-attention kernel (Pallas interpret mode on the CPU) against
+the reference attention, forward and gradients, alone and inside the model on a mesh; which
+kernel each setting picks; errors for settings splash cannot run."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import attention
+from model.config import ModelConfig, get_config
+from model.errors import UserError
+from model.transformer import GPT, causal_mask, init_params, reference_attention
+from sharding import DEFAULT_RULES, activate, make_mesh
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _reference(q, k, v):
+  T = q.shape[1]
+  return reference_attention(q, k, v, causal_mask(jnp.arange(T)[None, :], T))
+
+
+def _loss(fn, q, k, v):
+  # A fixed, non-uniform cotangent so every output element's gradient path is checked.
+  out = fn(q, k, v).astype(jnp.float32)
+  w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32) * 0.37).reshape(out.shape)
+  return jnp.sum(out * w)
+
+
+@functools.partial(jax.jit, static_argnames="fn")
+def value_and_grads(fn, q, k, v):
+  return jax.value_and_grad(functools.partial(_loss, fn), argnums=(0, 1, 2))(q, k, v), fn(q, k, v)
+
+
+# float32: the same sums in another order (online softmax); bf16: inputs, probabilities and
+# outputs rounded to 8 bits of mantissa (~4e-3 relative each) in different places.
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_splash_matches_reference_attention(dtype, tol):
+  B, T, H, K = 2, 256, 2, 64
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, T, H, K), jnp.float32).astype(dtype)
+             for i in range(3))
+  (loss, grads), out = value_and_grads(attention.splash_attention, q, k, v)
+  (ref_loss, ref_grads), ref_out = value_and_grads(_reference, q, k, v)
+  assert out.shape == (B, T, H, K) and out.dtype == dtype
+  assert rel_err(out, ref_out) <= tol
+  assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss)) + tol
+  for name, g, ref in zip("qkv", grads, ref_grads):
+    assert g.dtype == dtype
+    assert rel_err(g, ref) <= tol, name
+  # Causal: the first query attends to the first key only, so it outputs v[:, 0].
+  np.testing.assert_allclose(np.asarray(out[:, 0], np.float32),
+                             np.asarray(v[:, 0], np.float32), rtol=tol, atol=tol)
+
+
+def test_splash_inside_the_model_on_a_mesh():
+  """GPT with attention=splash on data=2 x tensor=4 (shard_map over batch and heads) gives
+  the reference attention's logits and gradients."""
+  cfg = ModelConfig(vocab_size=64, block_size=128, num_layers=1, num_heads=4, d_model=64)
+  params = init_params(cfg, jax.random.key(0, impl="rbg"))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 128)), jnp.int32)
+  mesh = make_mesh(2, 1, 4)
+
+  def logits_and_grads(c):
+    def loss(p):
+      logits = GPT(c).apply({"params": p}, tokens)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+    with activate(mesh, DEFAULT_RULES):
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      hlo = jax.jit(loss).lower(params).as_text()
+    return logits, grads, hlo
+
+  logits, grads, hlo = logits_and_grads(cfg.replace(attention="splash"))
+  ref_logits, ref_grads, ref_hlo = logits_and_grads(cfg.replace(attention="xla"))
+  assert "shard_map" in hlo or "sdy.manual_computation" in hlo, "splash ran without shard_map"
+  assert "manual_computation" not in ref_hlo
+  assert rel_err(logits, ref_logits) <= 1e-5
+  flat, ref_flat = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)
+  for g, ref in zip(flat, ref_flat):
+    assert rel_err(g, ref) <= 1e-4  # float32; a sum over 512 tokens of per-token gradients
+
+
+def test_which_kernel_each_setting_picks():
+  pick = attention.implementation
+  auto, bf16 = ModelConfig(), ModelConfig(dtype="bfloat16")
+  assert pick(auto, 1024, False, "tpu") == "splash"
+  assert pick(auto, 1000, False, "tpu") == "dot_product"  # splash needs multiples of 128
+  assert pick(auto, 1024, True, "tpu") == "xla"  # attention dropout: the reference path
+  assert pick(bf16, 1024, False, "gpu") == "cudnn"
+  assert pick(auto, 1024, False, "gpu") == "dot_product"  # cuDNN flash needs bf16/fp16
+  assert pick(auto, 1024, False, "cpu") == "dot_product"
+  assert pick(ModelConfig(attention="xla"), 1024, False, "tpu") == "xla"
+  assert pick(ModelConfig(attention="cudnn"), 1024, False, "gpu") == "cudnn"
+  splash = ModelConfig(attention="splash")
+  assert pick(splash, 1024, False, "tpu") == pick(splash, 256, False, "cpu") == "splash"
+  assert pick(splash, 1024, True, "tpu") == "xla"
+  assert [attention.splash_block_size(t) for t in (128, 384, 768, 1024, 2048)] == [
+      128, 128, 256, 512, 512]
+
+
+def test_splash_errors():
+  splash = ModelConfig(attention="splash")
+  with pytest.raises(UserError, match="multiple of 128, got 200"):
+    attention.implementation(splash, 200, False, "tpu")
+  with pytest.raises(UserError, match="needs a TPU .* not gpu"):
+    attention.implementation(splash, 1024, False, "gpu")
+  with pytest.raises(UserError, match="block_size to be a multiple of 128, got 64"):
+    get_config("tiny", attention="splash")
+  with pytest.raises(UserError, match="attention must be one of xla, cudnn, splash, auto"):
+    ModelConfig(attention="flash")
