@@ -226,9 +226,11 @@ def describe_model():
   return cfg, None, None, FLAGS.init_from
 
 
-def load_params(cfg, step):
+def load_params(cfg):
   if FLAGS.workdir is not None:
-    params = load_for_inference(FLAGS.workdir, step=step)[1]
+    # FLAGS.step, not the described step: without --step, a newest step whose arrays are
+    # damaged falls back (with a warning) to the newest one that restores.
+    params = load_for_inference(FLAGS.workdir, step=FLAGS.step)[1]
   else:
     params = pretrained.load_hf_gpt2(FLAGS.init_from, dtype=cfg.dtype)[1]
   # Weights in the compute dtype: decoding reads every weight each step, so bf16 halves that.
@@ -260,7 +262,7 @@ def prepare() -> Batch:
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
                              block_size=cfg.block_size, max_new_tokens=FLAGS.max_new_tokens)
-    params = load_params(cfg, step)
+    params = load_params(cfg)
   except (ValueError, OSError) as e:  # ours, and the clear errors of checkpoint loading
     raise UserError(str(e)) from None
   max_new_tokens = FLAGS.max_new_tokens
