@@ -13,8 +13,12 @@ peak device memory where the backend reports it.
 Sample: `model.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
 to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
 the first call of each shape compiles and is not timed. Achieved memory bandwidth counts, per
-decode step, the parameter bytes plus the KV-cache bytes the attention reads (the whole
-fixed-size cache, as the implementation does), over the mean decode-step time.
+decode step, the parameter bytes plus the KV-cache bytes the attention reads (the cache chunks
+up to the filled length, model/kv_cache.py, averaged over the steps), over the mean decode-step
+time.
+
+Compare (`compare_transformers`): greedy generation against transformers' `generate` on the
+same weights, alternating in one run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.kv_cache import cache_chunk_size
 from model.sampling import choose_buckets, generate
 from model.transformer import init_params
 from sharding import shard_batch
@@ -131,11 +136,17 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
   }
 
 
-def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int) -> int:
+def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
+                           prompt_len: int, new_tokens: int) -> int:
+  """Parameters + the cache chunks attention reads, averaged over the decode steps (step i
+  attends to prompt_len + i + 1 slots, rounded up to whole chunks)."""
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  kv_bytes = (2 * cfg.num_layers * batch * cache_len * cfg.d_model
+  chunk = cache_chunk_size(cache_len)
+  slots = [min(cache_len, -(-(prompt_len + i + 1) // chunk) * chunk)
+           for i in range(max(1, new_tokens - 1))]
+  kv_bytes = (2 * cfg.num_layers * batch * (sum(slots) / len(slots)) * cfg.d_model
               * jnp.dtype(cfg.compute_dtype).itemsize)
-  return param_bytes + kv_bytes
+  return int(param_bytes + kv_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +184,8 @@ def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
         seconds.append(result.seconds)
       best = min(seconds)
       step_s = best / new_tokens
-      bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len)
+      bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len,
+                                              prompt_len, new_tokens)
       rows.append({
           "batch_size": batch, "mode": case.name, "prompt_len": prompt_len,
           "new_tokens": new_tokens, "seconds": best, "tokens_per_sec": batch * new_tokens / best,
@@ -204,6 +216,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
         f"  FLOPs/token {train['flops_per_token']:,} = {train['flops_formula']}",
     ]
+  compare = report.get("compare")
+  if compare:
+    lines += ["", f"{'greedy':<8}{'batch':>6}{'ours tok/s':>13}{'transformers':>14}{'speedup':>9}"
+              f"{'agree':>7}"]
+    for row in compare:
+      lines.append(f"{'':<8}{row['batch_size']:>6}{row['ours_tokens_per_sec']:>13,.1f}"
+                   f"{row['transformers_tokens_per_sec']:>14,.1f}{row['speedup']:>8.2f}x"
+                   f"{row['token_agreement']:>7.2f}")
+    lines.append(f"  (prompt {compare[0]['prompt_len']}, {compare[0]['new_tokens']} new tokens, "
+                 "same weights, alternating in one run; best of repeats, prefill included)")
   sample = report.get("sample")
   if sample:
     lines += ["", f"{'sample':<8}{'batch':>6}  {'mode':<18}{'tokens/s':>12}{'ms/step':>10}"
