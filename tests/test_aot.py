@@ -244,8 +244,7 @@ def test_the_gpt3_175b_config_is_gpt3():
 # --step decode (training/perf/aot_decode.py)
 
 TINY_DECODE = ("--step", "decode", "--config", "configs/tiny.py", "--topology", "v5litepod-1",
-               "--config.model.block_size=512", "--config.model.scan_layers=True",
-               "--config.model.vocab_size=65",
+               "--config.model.block_size=512", "--config.model.vocab_size=65",
                "--batch", "8", "--cache_len", "512")
 
 
@@ -273,16 +272,20 @@ def test_decode_position_outside_the_cache_is_one_error_line():
 
 
 def test_decode_step_bytes_grow_with_the_position(tmp_path):
+  """Position 64 with scan_layers (the counts come from a second compile with the layers
+  unrolled), the full cache without: both count every layer and chunk."""
   reports = {}
-  for position in (64, 512):
+  for position, scan in ((64, True), (512, False)):
     out = tmp_path / f"decode{position}.json"
-    result = _aot(_tpu_python(), *TINY_DECODE, "--position", str(position), "--json", str(out))
+    result = _aot(_tpu_python(), *TINY_DECODE, f"--config.model.scan_layers={scan}",
+                  "--position", str(position), "--json", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "per decode step per chip" in result.stdout and "fits" in result.stdout
     reports[position] = json.loads(out.read_text())
   small, full = reports[64], reports[512]
   assert (small["cache_chunks"], full["cache_chunks"]) == (1, 4)
-  assert small["step"] == "decode" and small["fits"]
+  assert small["step"] == "decode" and small["fits"] and small["model"]["scan_layers"]
+  assert "layers unrolled (a second compile" in small["counted"]
   # The cache is donated and updated in place: it comes back in the argument buffers.
   assert small["memory"]["aliased"] >= small["cache_bytes_per_chip"] > 0
   # Every chunk is counted: reading 4 chunks moves and computes more than reading 1.
