@@ -2,6 +2,12 @@
 
   python -m launch.benchmark --config configs/<name>.py [--mode train|sample|all]
       [--json FILE] [--profile DIR] [--steps 20] [--config.key=value ...]
+  python -m launch.benchmark --config configs/gpt2.py --mode sample --compare transformers
+      --config.model.dtype=float32 --batch_sizes 1,8 --new_tokens 128
+
+--compare transformers (with --mode sample, needs torch and transformers) times greedy
+generation against transformers' `generate` on the same random weights in the same run
+(exported with model/pretrained.py; no download) instead of the sampling table.
 
 The config is built and checked exactly as `launch.train` builds it (training/run.py), on random
 data (data.source=synthetic over the model's vocabulary, or data.vocab_size when the model
@@ -43,6 +49,8 @@ flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row (capped by blo
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 3, "Timed generate calls per case (best is reported).",
                      lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("compare", None, ["transformers"], "With --mode sample: time greedy "
+                  "generation against this peer on the same weights instead.", flag_values=FLAGS)
 flags.mark_flags_as_required(["config"], flag_values=FLAGS)
 
 
@@ -61,6 +69,8 @@ def _main(args: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   cli.no_arguments(args)
   batch_sizes = _batch_sizes()
+  if FLAGS.compare and FLAGS.mode != "sample":
+    raise UserError(f"--compare {FLAGS.compare} needs --mode sample, got --mode {FLAGS.mode}.")
   config = cli.load_config(FLAGS)
   config.data.source = "synthetic"
   if config.model.get("vocab_size") is not None:
@@ -73,7 +83,11 @@ def _main(args: list[str]) -> int:
   if FLAGS.mode in ("train", "all"):
     report["train"] = benchmark.benchmark_train(run, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                                 profile_dir=FLAGS.profile)
-  if FLAGS.mode in ("sample", "all"):
+  if FLAGS.compare:
+    report["compare"] = benchmark.compare_transformers(
+        run, batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len,
+        new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)
+  elif FLAGS.mode in ("sample", "all"):
     report["sample"] = benchmark.benchmark_sample(
         run, batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len,
         new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)

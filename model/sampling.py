@@ -1,21 +1,20 @@
-"""Logits processing (temperature, top-k, top-p) and the jitted KV-cache generate loop.
-
-`filter_logits` / `sample_token` are pure and jittable. Their temperature, top_k and top_p may
-be Python numbers (the filtering mode is then chosen while tracing) or traced scalars (the
-mode is a `lax.switch`, so changing them does not recompile).
+"""The jitted KV-cache generate loop (logits processing: model/logits.py).
 
 `generate` right-pads the prompts, prefills them in one forward pass into a fixed-size KV cache
 (`model.transformer.init_cache`), then runs the whole decode loop as one jitted
 `lax.while_loop` that stops when every row has produced `eot_id` or `max_new_tokens` tokens.
+Each iteration is `decode_step`: one token per row through the model, whose layers write their
+keys and values into the carried cache in place and read back only the filled chunks
+(model/transformer.py's `cached_attention`), then one sampled token per row.
 Row b's prompt fills cache slots 0..n_b-1 (its padding fills n_b..P-1 with garbage); its first
 new token is fed at position n_b, whose cache write overwrites the garbage slot before any query
 attends to it, and a query at position t only attends to slots <= t, so the padding is never
 seen. Shapes are rounded up to buckets (`choose_buckets`, or fixed ones passed as `buckets`)
 so that new prompts, batch sizes or token counts within a bucket reuse the compiled prefill and
 decode functions. The sampling mode (greedy, temperature only, or with top-k / top-p) is
-compiled in, so the decode step holds no conditionals (at most three variants per bucket);
-within a mode the temperature, top_k, top_p values, the seed, eot_id and max_new_tokens are
-traced and never recompile. `generate_stream` runs the same compiled decode loop in chunks.
+compiled in (at most three variants per bucket); within a mode the temperature, top_k, top_p
+values, the seed, eot_id and max_new_tokens are traced and never recompile.
+`generate_stream` runs the same compiled decode loop in chunks.
 
 Randomness: row b's token at step i is drawn with fold_in(fold_in(key(seed), b), i), so a row's
 samples depend on (seed, row index, step) and not on the bucket sizes.
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -38,54 +36,16 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.logits import (is_python_number, check_settings, filter_logits, sample_filtered,
+                          sample_token, static_mode)
 from model.transformer import GPT, Cache, convert_layout, init_cache, logits_from_hidden
 
-# Filtering modes of `filter_logits`, chosen from (temperature, top_k, top_p).
-_PLAIN, _GREEDY, _SORTED = 0, 1, 2
+__all__ = ["Buckets", "GenerateResult", "check_prompt", "check_settings", "choose_buckets",
+           "filter_logits", "generate", "generate_stream", "sample_token"]
+
 # Smallest buckets (powers of two) for the padded prompt and the output buffer.
 MIN_PROMPT_BUCKET = 8
 MIN_OUTPUT_BUCKET = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# Logits processing
-
-
-def _is_static(*values) -> bool:
-  return all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
-
-
-def _is_int(value) -> bool:
-  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
-      isinstance(value, (float, np.floating)) and math.isfinite(value) and int(value) == value)
-
-
-def check_settings(temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0, *,
-                   max_new_tokens: Any = None, seed: Any = None, prefix: str = "") -> None:
-  """Raises UserError naming the first setting outside what sampling accepts: temperature a
-  finite number >= 0, top_k an integer >= 0, top_p in (0, 1], max_new_tokens >= 1 and seed in
-  [0, 2**32) (the last two when given). `prefix` goes before each name ("--" on the command
-  line, which checks its flags with this before loading a model). Traced (jax) values cannot be
-  checked and are let through."""
-  def name(setting: str) -> str:
-    return prefix + setting
-
-  if max_new_tokens is not None:
-    if not _is_int(max_new_tokens):
-      raise UserError(f"{name('max_new_tokens')} must be an integer, got {max_new_tokens!r}.")
-    if max_new_tokens < 1:
-      raise UserError(f"{name('max_new_tokens')} must be at least 1, got {max_new_tokens}.")
-  if _is_static(temperature) and not (math.isfinite(temperature) and temperature >= 0):
-    raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 means greedy), "
-                    f"got {temperature}.")
-  if _is_static(top_k) and not _is_int(top_k):
-    raise UserError(f"{name('top_k')} must be an integer >= 0 (0 means off), got {top_k!r}.")
-  if _is_static(top_k) and top_k < 0:
-    raise UserError(f"{name('top_k')} must be >= 0 (0 means off), got {top_k}.")
-  if _is_static(top_p) and not 0 < top_p <= 1:  # also refuses NaN
-    raise UserError(f"{name('top_p')} must be in (0, 1] (1 means off), got {top_p}.")
-  if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
-    raise UserError(f"{name('seed')} must be an integer in [0, 2**32), got {seed!r}.")
 
 
 def _tokens(n: int) -> str:
@@ -112,109 +72,6 @@ def check_prompt(ids: Sequence[int], *, vocab_size: int, block_size: int,
     raise UserError(f"{name} ({_tokens(n)}) plus {prefix}max_new_tokens ({max_new_tokens}) is "
                     f"{n + max_new_tokens}, more than the model's block_size ({block_size}); "
                     f"shorten the prompt or ask for fewer tokens (there is no sliding window).")
-
-
-def _static_mode(temperature, top_k, top_p) -> int | None:
-  """For Python-number settings: _GREEDY if temperature is 0, else _SORTED if top-k or top-p is
-  on, else _PLAIN. None for traced settings (see `_traced_mode`)."""
-  if not _is_static(temperature, top_k, top_p):
-    return None
-  if temperature <= 0:
-    return _GREEDY
-  return _SORTED if top_k > 0 or top_p < 1 else _PLAIN
-
-
-def _traced_mode(temperature, top_k, top_p) -> jax.Array:
-  greedy = jnp.asarray(temperature) <= 0
-  sort = (jnp.asarray(top_k) > 0) | (jnp.asarray(top_p) < 1)
-  return jnp.where(greedy, _GREEDY, jnp.where(sort, _SORTED, _PLAIN)).astype(jnp.int32)
-
-
-def _switch(mode, branches, *args):
-  if isinstance(mode, (bool, int)):
-    return branches[mode](*args)
-  return jax.lax.switch(mode, branches, *args)
-
-
-def _keep_argmax(logits_V: jax.Array) -> jax.Array:
-  """Only the largest entry (the lowest index among equal maxima) stays finite."""
-  best = jnp.argmax(logits_V, axis=-1, keepdims=True)
-  return jnp.where(jnp.arange(logits_V.shape[-1]) == best, logits_V, -jnp.inf)
-
-
-def _top_k_top_p_1d(logits_V: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Top-k then top-p on one row. A stable sort ranks equal logits by index (lower first),
-  so exactly min(k, V) entries survive top-k and ties at the boundary keep the lower indices;
-  top-p keeps the shortest prefix of that ranking whose probability reaches top_p."""
-  V = logits_V.shape[0]
-  neg_sorted_V, order_V = jax.lax.sort_key_val(-logits_V, jnp.arange(V), is_stable=True)
-  rank_V = jnp.arange(V)
-  keep_V = (top_k <= 0) | (rank_V < top_k)
-  probs_V = jax.nn.softmax(jnp.where(keep_V, -neg_sorted_V, -jnp.inf))
-  mass_before_V = jnp.concatenate([jnp.zeros(1, probs_V.dtype), jnp.cumsum(probs_V)[:-1]])
-  keep_V &= (top_p >= 1) | (mass_before_V < top_p)
-  keep_V |= rank_V == 0  # the most likely token always survives
-  keep_in_place_V = jnp.zeros(V, bool).at[order_V].set(keep_V)
-  return jnp.where(keep_in_place_V, logits_V, -jnp.inf)
-
-
-def _filter(logits, temperature, top_k, top_p, mode: int | None, vocab_size: int | None):
-  logits = jnp.asarray(logits, jnp.float32)
-  V = logits.shape[-1]
-  if vocab_size is not None and vocab_size < V:
-    logits = jnp.where(jnp.arange(V) < vocab_size, logits, -jnp.inf)
-  top_k_1d = jnp.vectorize(_top_k_top_p_1d, signature="(v),(),()->(v)")
-  branches = (
-      lambda x: x / temperature,
-      _keep_argmax,
-      lambda x: top_k_1d(x / temperature, top_k, top_p),
-  )
-  if mode is None:
-    mode = _traced_mode(temperature, top_k, top_p)
-  return _switch(mode, branches, logits)
-
-
-def _sample(rng, logits, temperature, top_k, top_p, mode: int | None, vocab_size: int | None):
-  filtered = _filter(logits, temperature, top_k, top_p, mode, vocab_size)
-  draw = lambda x: jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
-  pick = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
-  if mode is None:
-    return jax.lax.cond(jnp.asarray(temperature) <= 0, pick, draw, filtered)
-  return pick(filtered) if mode == _GREEDY else draw(filtered)
-
-
-# Jitted whole (inlined when called under an outer jit), so eager calls compile one program
-# per (shape, mode) instead of one per operation.
-_filter_jit = jax.jit(_filter, static_argnames=("mode", "vocab_size"))
-_sample_jit = jax.jit(_sample, static_argnames=("mode", "vocab_size"))
-
-
-def filter_logits(logits: jax.Array, temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0,
-                  vocab_size: int | None = None) -> jax.Array:
-  """float32 logits [..., V] with temperature applied and filtered-out entries at -inf.
-
-  In order: entries at index >= vocab_size (a padded vocabulary) are removed; logits are
-  divided by `temperature`; top-k keeps the k largest (0 = off); top-p keeps the smallest set of
-  most likely tokens whose probability (after top-k, renormalised) sums to at least `top_p`
-  (1.0 = off). The most likely token is always kept. Ties are broken by index: among equal
-  logits the lower index ranks first, so top-k keeps exactly k entries. `temperature == 0`
-  (or <= 0 when traced) is greedy: only the argmax (lowest index on ties) stays, with its
-  logit unscaled. Python-number settings are validated and pick the computation while
-  tracing; traced scalars select it with `lax.switch` (no recompilation when they change).
-  """
-  check_settings(temperature, top_k, top_p)
-  return _filter_jit(logits, temperature, top_k, top_p,
-                     mode=_static_mode(temperature, top_k, top_p), vocab_size=vocab_size)
-
-
-def sample_token(rng: jax.Array, logits: jax.Array, temperature: Any = 1.0, top_k: Any = 0,
-                 top_p: Any = 1.0, vocab_size: int | None = None) -> jax.Array:
-  """int32 token ids [...] drawn from `filter_logits(logits, ...)` [..., V] with one key for
-  the whole array (jax.random.categorical). Greedy settings take the argmax and draw no
-  random numbers."""
-  check_settings(temperature, top_k, top_p)
-  return _sample_jit(rng, logits, temperature, top_k, top_p,
-                     mode=_static_mode(temperature, top_k, top_p), vocab_size=vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +125,7 @@ def _sample_rows(row_keys_B, step, logits_BV, settings: SamplingSettings, mode: 
                  vocab_size: int):
   """Row b's token from logits_BV[b] with key fold_in(row_keys_B[b], step)."""
   keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
-  sample = functools.partial(_sample, temperature=settings.temperature, top_k=settings.top_k,
+  sample = functools.partial(sample_filtered, temperature=settings.temperature, top_k=settings.top_k,
                              top_p=settings.top_p, mode=mode, vocab_size=vocab_size)
   return jax.vmap(sample)(keys_B, logits_BV)
 
@@ -293,27 +150,33 @@ def _prefill(params, tokens_BP, lengths_B, active_B, seed, settings: SamplingSet
       step=jnp.ones((), jnp.int32), row_keys_B=row_keys_B)
 
 
+def decode_step(params, state: DecodeState, settings: SamplingSettings, *, cfg: ModelConfig,
+                mode: int, cache_chunks: int | None = None) -> DecodeState:
+  """One decode-loop iteration: feeds each row's last token at its position (its keys and
+  values written into state.cache in place) and samples the next. `cache_chunks` as in
+  model.transformer.GPT (static, for measurements; by default attention reads the cache up to
+  the longest row's position)."""
+  logits_B1V, cache = GPT(cfg, cache_chunks=cache_chunks).apply(
+      {"params": params}, state.token_B[:, None], positions_BT=state.position_B[:, None],
+      cache=state.cache)
+  token_B = _sample_rows(state.row_keys_B, state.step, logits_B1V[:, 0], settings, mode,
+                         cfg.vocab_size)
+  token_B = jnp.where(state.done_B, 0, token_B)
+  return DecodeState(
+      cache=cache, token_B=token_B, position_B=state.position_B + 1,
+      done_B=state.done_B | (token_B == settings.eot_id),
+      out_BM=jax.lax.dynamic_update_slice(state.out_BM, token_B[:, None], (0, state.step)),
+      step=state.step + 1, row_keys_B=state.row_keys_B)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mode"), donate_argnames=("state",))
 def _decode(params, state: DecodeState, stop_at, settings: SamplingSettings, *,
             cfg: ModelConfig, mode: int) -> DecodeState:
   """Samples tokens until `state.step == stop_at` or every row is done: one while_loop."""
-  model = GPT(cfg)
-
   def keep_going(s: DecodeState):
     return (s.step < stop_at) & ~jnp.all(s.done_B)
 
-  def step(s: DecodeState) -> DecodeState:
-    logits_B1V, cache = model.apply({"params": params}, s.token_B[:, None],
-                                    positions_BT=s.position_B[:, None], cache=s.cache)
-    token_B = _sample_rows(s.row_keys_B, s.step, logits_B1V[:, 0], settings, mode,
-                           cfg.vocab_size)
-    token_B = jnp.where(s.done_B, 0, token_B)
-    return DecodeState(
-        cache=cache, token_B=token_B, position_B=s.position_B + 1,
-        done_B=s.done_B | (token_B == settings.eot_id),
-        out_BM=jax.lax.dynamic_update_slice(s.out_BM, token_B[:, None], (0, s.step)),
-        step=s.step + 1, row_keys_B=s.row_keys_B)
-
+  step = functools.partial(decode_step, params, settings=settings, cfg=cfg, mode=mode)
   return jax.lax.while_loop(keep_going, step, state)
 
 
@@ -333,7 +196,7 @@ class GenerateResult:
 def _validate(cfg: ModelConfig, prompts, max_new_tokens, eot_id, temperature, top_k, top_p,
               seed):
   for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-    if not _is_static(value):
+    if not is_python_number(value):
       raise UserError(f"{name} must be a Python number, got {value!r}.")
   check_settings(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
   if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or not len(prompts):
@@ -393,7 +256,7 @@ def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed
       temperature=jnp.asarray(temperature, jnp.float32), top_k=jnp.asarray(top_k, jnp.int32),
       top_p=jnp.asarray(top_p, jnp.float32),
       eot_id=jnp.asarray(-1 if eot_id is None else eot_id, jnp.int32))
-  mode = _static_mode(temperature, top_k, top_p)
+  mode = static_mode(temperature, top_k, top_p)
   state = _prefill(params, tokens_BP, lengths_B, active_B, jnp.asarray(seed, jnp.uint32),
                    settings, cfg=cfg, mode=mode, cache_len=buckets.cache_len,
                    out_len=buckets.out_len)

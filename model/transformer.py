@@ -13,9 +13,12 @@ mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" w
 carry a leading L axis. Every parameter carries logical axis names; activations are constrained
 with logical names prefixed "act_". The mapping to mesh axes lives only in sharding/rules.py.
 
-The KV cache is an explicit pytree {"k": [L, B, S, H, K], "v": [L, B, S, H, K]} (see
-`init_cache`), passed in and returned; row b's new tokens are written at slots
-positions_BT[b, 0] ... positions_BT[b, -1] and each query attends to the slots <= its position.
+The KV cache is an explicit pytree {"k": [L, B, S, H * K], "v": [L, B, S, H * K]} (see
+`init_cache`), passed in and returned. Each layer writes its new keys and values into the carried
+arrays in place (one scatter: row b's tokens go to slots positions_BT[b, :]), so a decode step
+never copies the cache, and attends to the slots <= each query's position by reading the cache in
+chunks of CACHE_CHUNK slots up to the longest row's position (`cached_attention`, an online
+softmax): a step reads only the filled part of the cache.
 """
 
 from __future__ import annotations
@@ -29,17 +32,14 @@ import jax.numpy as jnp
 
 from model import attention
 from model.config import ModelConfig
-from model.errors import UserError
-
-Cache = dict[str, jax.Array]
+from model.kv_cache import (CACHE_AXES, Cache, cached_attention, init_cache,  # noqa: F401
+                            write_cache)
 
 # Logical axes of activations (mapped to mesh axes in sharding/rules.py).
 ACT_BTD = ("act_batch", "act_length", "act_embed")
 ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
 ACT_BTV = ("act_batch", "act_length", "act_vocab")
-# Logical axes of the KV cache arrays [L, B, S, H, K].
-CACHE_AXES = ("cache_layers", "act_batch", "cache_length", "act_heads", "act_kv")
 
 # Added to masked attention scores (computed in float32) and written into padded logits.
 MASK_VALUE = -1e30
@@ -163,8 +163,12 @@ class EinsumDense(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+  """With a KV cache (k_LBSD, v_LBSD, layer) the new keys and values are written into layer
+  `layer` of the whole-model cache arrays and attention reads them back from there (see
+  `cached_attention`); `cache_chunks` as its num_chunks."""
   cfg: ModelConfig
   deterministic: bool = True
+  cache_chunks: int | None = None
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, kv_cache):
@@ -193,15 +197,12 @@ class CausalSelfAttention(nn.Module):
             q_BTHK, k_BTHK, v_BTHK, is_causal=True,
             implementation="cudnn" if impl == "cudnn" else None)
     else:
-      k_BSHK, v_BSHK = kv_cache
-      start_B = positions_BT[:, 0]
-      write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (p, 0, 0)))
-      k_BSHK = write(k_BSHK, k_BTHK.astype(k_BSHK.dtype), start_B)
-      v_BSHK = write(v_BSHK, v_BTHK.astype(v_BSHK.dtype), start_B)
-      kv_cache = (k_BSHK, v_BSHK)
-      mask_B1TS = causal_mask(positions_BT, k_BSHK.shape[1])
-      out_BTHK = reference_attention(q_BTHK, k_BSHK.astype(q_BTHK.dtype),
-                                     v_BSHK.astype(q_BTHK.dtype), mask_B1TS, dropout)
+      k_LBSD, v_LBSD, layer = kv_cache
+      k_LBSD = write_cache(k_LBSD, layer, positions_BT, k_BTHK)
+      v_LBSD = write_cache(v_LBSD, layer, positions_BT, v_BTHK)
+      kv_cache = (k_LBSD, v_LBSD, layer)
+      out_BTHK = cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
+                                  num_chunks=self.cache_chunks)
     out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
     y_BTD = EinsumDense(cfg, "BTHK,HKD->BTD", (H, K, cfg.d_model), ("heads", "kv", "embed"),
                         _residual_std(cfg), name="c_proj")(out_BTHK)
@@ -234,14 +235,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One transformer block; (x, kv_cache_layer, positions) -> (x, new kv_cache_layer)."""
+  """One transformer block; (x, kv_cache, positions) -> (x, new kv_cache). kv_cache is None or
+  (k_LBSD, v_LBSD, layer): the whole-model cache arrays and this block's layer index, returned
+  as (updated k, updated v, layer + 1) for the next block."""
   cfg: ModelConfig
   deterministic: bool = True
+  cache_chunks: int | None = None
 
   @nn.compact
   def __call__(self, x_BTD, kv_cache, positions_BT):
     cfg = self.cfg
-    attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
+    attn = CausalSelfAttention(cfg, self.deterministic, self.cache_chunks, name="attn")
     mlp = MLP(cfg, self.deterministic, name="mlp")
     ln_1, ln_2 = LayerNorm(cfg, name="ln_1"), LayerNorm(cfg, name="ln_2")
     if cfg.norm_placement == "pre":
@@ -252,7 +256,18 @@ class Block(nn.Module):
       y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache)
       x_BTD = ln_1(x_BTD + y_BTD)
       x_BTD = ln_2(x_BTD + mlp(x_BTD))
+    if kv_cache is not None:
+      kv_cache = (kv_cache[0], kv_cache[1], kv_cache[2] + 1)
     return _constrain(x_BTD, ACT_BTD), kv_cache
+
+
+class _ScannedBlock(Block):
+  """Block as an nn.scan body: the carry is (x, kv_cache), so the cache arrays are carried and
+  updated in place instead of being split per layer and restacked."""
+
+  def __call__(self, carry, positions_BT):  # pylint: disable=arguments-differ
+    x_BTD, kv_cache = carry
+    return Block.__call__(self, x_BTD, kv_cache, positions_BT), None
 
 
 def _remat_policy(name: str):
@@ -270,9 +285,11 @@ class GPT(nn.Module):
   each token's absolute position (default 0..T-1 for every row). With `return_hidden` the
   final-norm hidden states [B, T, D] are returned instead of logits (for a chunked loss; see
   `logits_from_hidden`). Padded-vocabulary logits are MASK_VALUE, so they are never
-  predicted and have zero probability.
+  predicted and have zero probability. `cache_chunks` fixes how many cache chunks attention
+  reads (see `cached_attention`; for measurements), by default up to the longest position.
   """
   cfg: ModelConfig
+  cache_chunks: int | None = None
 
   @nn.compact
   def __call__(self, tokens_BT, *, positions_BT=None, cache: Cache | None = None,
@@ -300,28 +317,27 @@ class GPT(nn.Module):
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = _constrain(x_BTD, ACT_BTD)
 
-    block_cls = Block
-    if cfg.remat != "none":
-      block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat),
-                           prevent_cse=not cfg.scan_layers)
-    kv = None if cache is None else (cache["k"], cache["v"])
-    if cfg.scan_layers:
-      blocks = nn.scan(block_cls, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, kv = blocks(cfg, deterministic, name="h")(x_BTD, kv, positions_BT)
+    def maybe_remat(cls):
+      if cfg.remat == "none":
+        return cls
+      return nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+
+    if cache is None:
+      kv = None
     else:
-      new_k, new_v = [], []
+      kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
+    if cfg.scan_layers:
+      blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast,), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      (x_BTD, kv), _ = blocks(cfg, deterministic, self.cache_chunks, name="h")(
+          (x_BTD, kv), positions_BT)
+    else:
+      block_cls = maybe_remat(Block)
       for i in range(cfg.num_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BTD, layer_kv = block_cls(cfg, deterministic, name=f"h_{i}")(
-            x_BTD, layer_kv, positions_BT)
-        if layer_kv is not None:
-          new_k.append(layer_kv[0])
-          new_v.append(layer_kv[1])
-      if kv is not None:
-        kv = (jnp.stack(new_k), jnp.stack(new_v))
+        x_BTD, kv = block_cls(cfg, deterministic, self.cache_chunks, name=f"h_{i}")(
+            x_BTD, kv, positions_BT)
     if cfg.norm_placement == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
 
@@ -358,19 +374,6 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.
   """The LM head applied to `return_hidden` outputs: the same float32 logits GPT returns."""
   w_DV = lm_head_weight(params, cfg).astype(cfg.compute_dtype)
   return _mask_padded(cfg, jnp.einsum("BTD,DV->BTV", x_BTD.astype(cfg.compute_dtype), w_DV))
-
-
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-  """A zeroed KV cache {"k", "v"} of shape [L, B, max_len, H, K] in the compute dtype."""
-  if max_len <= 0 or batch_size <= 0:
-    raise UserError(f"KV cache needs positive batch_size and max_len, got {batch_size}, "
-                    f"{max_len}.")
-  if cfg.position_embedding == "learned" and max_len > cfg.block_size:
-    raise UserError(f"KV cache length {max_len} exceeds the model's block_size "
-                    f"{cfg.block_size} (learned positions stop there).")
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
-  dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, *, batch_size: int = 1,

@@ -275,3 +275,55 @@ def test_forced_splash_with_a_bad_length_is_one_error_line():
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.model.attention='splash' needs block_size to be a multiple of 128, got 64; "
       "use attention='auto' or 'xla'.")
+
+# ---------------------------------------------------------------------------------------------
+# --step decode (training/perf/aot_decode.py)
+
+TINY_DECODE = ("--step", "decode", "--config", "configs/tiny.py", "--topology", "v5litepod-1",
+               "--config.model.block_size=512", "--config.model.vocab_size=65",
+               "--batch", "8", "--cache_len", "512")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--batch", "8", "--cache_len", "16"),
+     "error: --step train does not take --batch, --cache_len, which are for --step decode"),
+    (("--step", "decode", "--batch", "8"), "error: --step decode needs --cache_len"),
+    (("--step", "decode", "--batch", "8", "--cache_len", "16", "--mfu", "0.4"),
+     "error: --mfu and --num_slices only apply to --step train."),
+])
+def test_decode_flags_are_checked_before_anything_compiles(args, message):
+  result = _aot(sys.executable, "--config", "configs/tiny.py", "--topology", "v5litepod-1",
+                *args)
+  assert result.returncode == 2, result.stderr
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(message), line
+
+
+def test_decode_position_outside_the_cache_is_one_error_line():
+  result = _aot(_tpu_python(), *TINY_DECODE, "--position", "513")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --position must be an integer in [1, --cache_len=512] (the filled length at which "
+      "one step is measured), got 513.")
+
+
+def test_decode_step_bytes_grow_with_the_position(tmp_path):
+  """Position 64 with scan_layers (the counts come from a second compile with the layers
+  unrolled), the full cache without: both count every layer and chunk."""
+  reports = {}
+  for position, scan in ((64, True), (512, False)):
+    out = tmp_path / f"decode{position}.json"
+    result = _aot(_tpu_python(), *TINY_DECODE, f"--config.model.scan_layers={scan}",
+                  "--position", str(position), "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "per decode step per chip" in result.stdout and "fits" in result.stdout
+    reports[position] = json.loads(out.read_text())
+  small, full = reports[64], reports[512]
+  assert (small["cache_chunks"], full["cache_chunks"]) == (1, 4)
+  assert small["step"] == "decode" and small["fits"] and small["model"]["scan_layers"]
+  assert "layers unrolled (a second compile" in small["counted"]
+  # The cache is donated and updated in place: it comes back in the argument buffers.
+  assert small["memory"]["aliased"] >= small["cache_bytes_per_chip"] > 0
+  # Every chunk is counted: reading 4 chunks moves and computes more than reading 1.
+  assert full["bytes_accessed_per_step"] > small["bytes_accessed_per_step"] > 0
+  assert full["flops_per_step"] > small["flops_per_step"] > 0

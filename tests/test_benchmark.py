@@ -55,11 +55,41 @@ def test_sample_fields(report):
   assert "greedy" in stdout
 
 
-def test_decode_bytes_counts_params_and_whole_cache():
+def test_decode_bytes_counts_params_and_the_cache_chunks_read():
   cfg = get_config("tiny")
   params = {"w": np.zeros((10, 10), np.float32)}
-  expected = 400 + 2 * cfg.num_layers * 4 * 32 * cfg.d_model * 4
-  assert benchmark._decode_bytes_per_step(cfg, params, 4, 32) == expected
+  per_slot = 2 * cfg.num_layers * 4 * cfg.d_model * 4  # k and v, batch 4, float32
+  # A 32-slot cache is one chunk: read whole at every step.
+  assert benchmark._decode_bytes_per_step(cfg, params, 4, 32, 8, 8) == 400 + 32 * per_slot
+  # 256 slots in chunks of 128; 129 decode steps attend to 17 .. 145 slots: 112 steps read one
+  # chunk, 17 read two.
+  expected = 400 + (112 * 128 + 17 * 256) / 129 * per_slot
+  assert benchmark._decode_bytes_per_step(cfg, params, 4, 256, 16, 130) == int(expected)
+
+
+def test_compare_with_transformers_on_the_same_weights(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = tmp_path / "compare.json"
+  proc = run_module("launch.benchmark", "--config", "configs/tiny.py", "--mode", "sample",
+                    "--compare", "transformers", "--batch_sizes", "1,2", "--new_tokens", "8",
+                    "--repeats", "1", "--json", str(out), env=subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["compare"]
+  assert [r["batch_size"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["speedup"] == pytest.approx(r["transformers_seconds"] / r["ours_seconds"])
+    # Greedy from the same float32 weights: the same tokens.
+    assert r["token_agreement"] == 1.0
+  assert "speedup" in proc.stdout
+
+
+def test_compare_needs_the_sample_mode():
+  out = run_module("launch.benchmark", "--config", "configs/tiny.py", "--compare",
+                   "transformers", env=subprocess_env())
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: --compare transformers needs --mode sample, got --mode all."]
 
 
 def test_a_config_training_rejects_is_rejected_in_one_sentence():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import model
+import model.kv_cache
 from model import sampling
 from model.errors import UserError
 from model.sampling import (Buckets, choose_buckets, filter_logits, generate, generate_stream,
@@ -360,3 +361,64 @@ def test_greedy_matches_transformers_live():
   expected = [fixture.hf_greedy(hf_model, p, fixture.NEW_TOKENS) for p in prompts]
   result = generate(params, cfg, prompts, max_new_tokens=fixture.NEW_TOKENS, temperature=0.0)
   assert result.tokens == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step that moves only what it must (issue 14): same tokens as before it
+
+
+def _reference_top_k_top_p(logits_V, top_k, top_p):
+  """The filter before lax.top_k: a stable sort of the whole row (kept here as the reference)."""
+  V = logits_V.shape[0]
+  order_V = np.argsort(-logits_V, kind="stable")
+  sorted_V = logits_V[order_V]
+  keep_V = (top_k <= 0) | (np.arange(V) < top_k)
+  probs_V = _softmax(np.where(keep_V, sorted_V, -np.inf))
+  mass_before_V = np.concatenate([[0.0], np.cumsum(probs_V)[:-1]])
+  keep_V &= (top_p >= 1) | (mass_before_V < top_p)
+  keep_V[0] = True
+  out = np.full(V, -np.inf, np.float32)
+  out[order_V[keep_V]] = logits_V[order_V[keep_V]]
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (7, 1.0), (40, 0.9), (128, 0.5), (129, 1.0),
+                                         (0, 0.7), (500, 0.95)])
+def test_top_k_by_lax_top_k_keeps_the_sorted_set(top_k, top_p):
+  """V = 1000 with many ties (logits rounded to 0.5): lax.top_k (0 < k <= TOP_K_BOUND) and the
+  full sort (other k) keep exactly the reference's entries, ties to the lower index."""
+  rng = np.random.default_rng(top_k)
+  logits = np.round(rng.normal(0, 2, (3, 1000)) * 2) / 2
+  got = np.asarray(filter_logits(jnp.asarray(logits, jnp.float32), 1.0, top_k, top_p))
+  for row, got_row in zip(logits.astype(np.float32), got):
+    expected = _reference_top_k_top_p(row, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(got_row), np.isfinite(expected))
+    np.testing.assert_array_equal(got_row[np.isfinite(got_row)], expected[np.isfinite(expected)])
+
+
+SAMPLING_BEFORE = FIXTURES / "sampling_before.npz"
+
+
+def test_same_tokens_as_the_sampler_before_the_rewrite(cfg, params):
+  """tests/fixtures/make_sampling_fixture.py recorded these with main's sampler (a5b278f)."""
+  spec = importlib.util.spec_from_file_location("make_sampling_fixture",
+                                                FIXTURES / "make_sampling_fixture.py")
+  fixture = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fixture)
+  data = np.load(SAMPLING_BEFORE)
+  prompts = [[t for t in row if t >= 0] for row in data["prompts"].tolist()]
+  assert prompts == [list(p) for p in fixture.PROMPTS]
+  for name, (temperature, top_k, top_p, seed) in fixture.CASES.items():
+    result = generate(params, cfg, prompts, max_new_tokens=fixture.NEW_TOKENS,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      buckets=fixture.BUCKETS)
+    assert result.tokens == data[name].tolist(), name
+
+
+def test_greedy_over_many_cache_chunks_equals_full_forward(cfg, params, monkeypatch):
+  """Chunks of 8 slots: ragged rows read 2 to 6 chunks of a 48-slot cache as they grow."""
+  monkeypatch.setattr(model.kv_cache, "CACHE_CHUNK", 8)
+  prompts = [[7], [3, 1, 4, 1, 5, 9, 2, 6, 5], list(range(20, 35))]
+  result = generate(params, cfg, prompts, max_new_tokens=20, temperature=0.0,
+                    buckets=Buckets(batch=4, prompt_len=16, cache_len=48, out_len=32))
+  assert result.tokens == [_greedy_without_cache(params, cfg, p, 20) for p in prompts]

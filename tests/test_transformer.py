@@ -162,7 +162,7 @@ def test_kv_cache_decode_matches_full_forward(base, tokens, scan_layers):
   positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
   cache = init_cache(cfg, batch_size=2, max_len=24)
   logits, cache = forward_cached(cfg, params, prefill, positions, cache)
-  assert cache["k"].shape == (cfg.num_layers, 2, 24, cfg.num_heads, cfg.head_dim)
+  assert cache["k"].shape == (cfg.num_layers, 2, 24, cfg.num_heads * cfg.head_dim)
   for b, n in enumerate(prompt_lens):
     assert rel_err(logits[b, :n], full[b, :n]) <= TOL
 

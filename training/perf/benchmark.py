@@ -13,8 +13,12 @@ peak device memory where the backend reports it.
 Sample: `model.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
 to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
 the first call of each shape compiles and is not timed. Achieved memory bandwidth counts, per
-decode step, the parameter bytes plus the KV-cache bytes the attention reads (the whole
-fixed-size cache, as the implementation does), over the mean decode-step time.
+decode step, the parameter bytes plus the KV-cache bytes the attention reads (the cache chunks
+up to the filled length, model/kv_cache.py, averaged over the steps), over the mean decode-step
+time.
+
+Compare (`compare_transformers`): greedy generation against transformers' `generate` on the
+same weights, alternating in one run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.kv_cache import cache_chunk_size
 from model.sampling import choose_buckets, generate
 from model.transformer import init_params
 from sharding import shard_batch
@@ -131,11 +136,17 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
   }
 
 
-def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int) -> int:
+def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
+                           prompt_len: int, new_tokens: int) -> int:
+  """Parameters + the cache chunks attention reads, averaged over the decode steps (step i
+  attends to prompt_len + i + 1 slots, rounded up to whole chunks)."""
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  kv_bytes = (2 * cfg.num_layers * batch * cache_len * cfg.d_model
+  chunk = cache_chunk_size(cache_len)
+  slots = [min(cache_len, -(-(prompt_len + i + 1) // chunk) * chunk)
+           for i in range(max(1, new_tokens - 1))]
+  kv_bytes = (2 * cfg.num_layers * batch * (sum(slots) / len(slots)) * cfg.d_model
               * jnp.dtype(cfg.compute_dtype).itemsize)
-  return param_bytes + kv_bytes
+  return int(param_bytes + kv_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +184,8 @@ def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
         seconds.append(result.seconds)
       best = min(seconds)
       step_s = best / new_tokens
-      bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len)
+      bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len,
+                                              prompt_len, new_tokens)
       rows.append({
           "batch_size": batch, "mode": case.name, "prompt_len": prompt_len,
           "new_tokens": new_tokens, "seconds": best, "tokens_per_sec": batch * new_tokens / best,
@@ -204,6 +216,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
         f"  FLOPs/token {train['flops_per_token']:,} = {train['flops_formula']}",
     ]
+  compare = report.get("compare")
+  if compare:
+    lines += ["", f"{'greedy':<8}{'batch':>6}{'ours tok/s':>13}{'transformers':>14}{'speedup':>9}"
+              f"{'agree':>7}"]
+    for row in compare:
+      lines.append(f"{'':<8}{row['batch_size']:>6}{row['ours_tokens_per_sec']:>13,.1f}"
+                   f"{row['transformers_tokens_per_sec']:>14,.1f}{row['speedup']:>8.2f}x"
+                   f"{row['token_agreement']:>7.2f}")
+    lines.append(f"  (prompt {compare[0]['prompt_len']}, {compare[0]['new_tokens']} new tokens, "
+                 "same weights, alternating in one run; best of repeats, prefill included)")
   sample = report.get("sample")
   if sample:
     lines += ["", f"{'sample':<8}{'batch':>6}  {'mode':<18}{'tokens/s':>12}{'ms/step':>10}"
@@ -215,3 +237,76 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"  (prompt {sample[0]['prompt_len']}, {sample[0]['new_tokens']} new tokens, "
                  "timing includes the prefill; best of repeats)")
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers' generate (same weights, same run)
+
+
+def _hf_model(params: Any, cfg: ModelConfig, directory: str):
+  """transformers' GPT2LMHeadModel with our weights (model/pretrained.py's export; no hub)."""
+  # pylint: disable=import-outside-toplevel  (optional dependencies: the "hf" extra)
+  import torch
+  import transformers
+  from model.pretrained import save_hf_gpt2
+  save_hf_gpt2(params, cfg, directory)
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+  if dtype is None:
+    raise UserError(f"--compare transformers needs model.dtype float32 or bfloat16, got "
+                    f"{cfg.dtype!r}.")
+  return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
+
+
+def _hf_generate(hf_model, prompts_BP: np.ndarray, new_tokens: int) -> np.ndarray:
+  import torch  # pylint: disable=import-outside-toplevel
+  input_ids = torch.as_tensor(prompts_BP, dtype=torch.long)
+  with torch.inference_mode():
+    out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                            do_sample=False, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+  return out[:, prompts_BP.shape[1]:].numpy()
+
+
+def compare_transformers(run: Run, *, batch_sizes=(1, 8), prompt_len: int = 16,
+                         new_tokens: int = 128, repeats: int = 3) -> list[dict[str, Any]]:
+  """Greedy generation by `model.sampling.generate` and by transformers' `generate` (dynamic
+  KV cache, torch on the CPU) from the same random weights (the run's model in its compute
+  dtype, exported with model/pretrained.py), no end-of-text stop, prompt_len random prompt
+  tokens and exactly new_tokens new ones per row. Each side compiles / warms up once, then the
+  two alternate `repeats` times; the best time of each is reported, with the fraction of new
+  tokens on which the two agree (greedy on the same weights: ~1, up to float rounding)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  cfg = run.model
+  if new_tokens < 1 or prompt_len + new_tokens > cfg.block_size:
+    raise UserError(f"--prompt_len {prompt_len} + --new_tokens {new_tokens} must fit in "
+                    f"block_size {cfg.block_size}.")
+  params = init_params(cfg, jax.random.key(run.config.train.seed))
+  params = jax.tree_util.tree_map(lambda x: x.astype(cfg.compute_dtype), params)
+  with tempfile.TemporaryDirectory() as directory:
+    hf_model = _hf_model(params, cfg, directory)
+  rng = np.random.default_rng(0)
+  rows = []
+  for batch in batch_sizes:
+    prompts_BP = rng.integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int64)
+    ours = lambda: generate(params, cfg, prompts_BP.tolist(), max_new_tokens=new_tokens,
+                            temperature=0.0, eot_id=None)
+    theirs = lambda: _hf_generate(hf_model, prompts_BP, new_tokens)
+    ours()  # compiles
+    theirs()  # warms up
+    ours_s, theirs_s = [], []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      ours_tokens = np.asarray(ours().tokens)
+      ours_s.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      theirs_tokens = theirs()
+      theirs_s.append(time.perf_counter() - t0)
+    rows.append({
+        "batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "ours_seconds": min(ours_s), "transformers_seconds": min(theirs_s),
+        "ours_tokens_per_sec": batch * new_tokens / min(ours_s),
+        "transformers_tokens_per_sec": batch * new_tokens / min(theirs_s),
+        "speedup": min(theirs_s) / min(ours_s),
+        "token_agreement": float(np.mean(ours_tokens == theirs_tokens)),
+    })
+  return rows
