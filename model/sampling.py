@@ -112,7 +112,7 @@ class SamplingSettings(NamedTuple):
 
 
 class DecodeState(NamedTuple):
-  cache: Cache           # {"k", "v"}: [L, B, S, H, K]
+  cache: Cache           # {"k", "v"}: [L, B, S, H*K] (model/kv_cache.py)
   token_B: jax.Array     # the last sampled token of each row (fed at the next step)
   position_B: jax.Array  # where token_B goes in the cache
   done_B: jax.Array      # row has produced eot (or is a batch-padding dummy)

@@ -4,7 +4,7 @@ Parameters (created with nn.with_logical_partitioning in model/transformer.py):
   vocab, embed, mlp, heads, kv, qkv, norm, position, layers
 Activations (constrained with nn.with_logical_constraint):
   act_batch, act_length, act_embed, act_heads, act_kv, act_mlp, act_vocab,
-  cache_layers, cache_length (the KV cache [L, B, S, H, K])
+  cache_layers, cache_length (the KV cache [L, B, S, H*K]; its last axis is "act_heads")
 
 Strategies, all at once on a (data, fsdp, tensor) mesh:
   data parallel   the batch is split over `data` (and `fsdp`); parameters are replicated on it.

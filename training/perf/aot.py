@@ -139,11 +139,12 @@ class AotReport:
     return self.batch_size * self.seq_len
 
   @property
-  def flops_per_step(self) -> float:
+  def formula_flops_per_step(self) -> float:
+    """6N + 12LTD FLOPs per token times the step's tokens (what MFU is computed from)."""
     return float(self.flops_per_token) * self.tokens_per_step
 
   @property
-  def xla_flops_per_step(self) -> float | None:
+  def flops_per_step(self) -> float | None:
     """XLA's FLOPs, all chips together (loop bodies counted once; see xla_counts_loops_once)."""
     return None if self.xla_flops_per_chip is None else self.xla_flops_per_chip * self.total_chips
 
@@ -155,8 +156,8 @@ class AotReport:
 
   @property
   def step_seconds(self) -> float:
-    return implied_step_seconds(self.flops_per_step, self.total_chips, self.peak_flops_per_chip,
-                                self.mfu)
+    return implied_step_seconds(self.formula_flops_per_step, self.total_chips,
+                                self.peak_flops_per_chip, self.mfu)
 
   @property
   def tokens_per_sec(self) -> float:
@@ -170,7 +171,7 @@ class AotReport:
     out = dataclasses.asdict(self)
     if self.memory is not None:
       out["memory"]["total"] = self.memory.total
-    for name in ("total_chips", "tokens_per_step", "flops_per_step", "xla_flops_per_step",
+    for name in ("total_chips", "tokens_per_step", "formula_flops_per_step", "flops_per_step",
                  "bytes_accessed_per_step", "step_seconds",
                  "tokens_per_sec", "fits"):
       out[name] = getattr(self, name)
@@ -369,11 +370,12 @@ def format_report(r: AotReport) -> str:
     more = f", and {len(r.unsplit) - 3} more" if len(r.unsplit) > 3 else ""
     lines.append(f"  not split (the mesh axis does not divide any of their dimensions): "
                  f"{'; '.join(r.unsplit[:3])}{more}")
-  per_chip = r.flops_per_step / r.total_chips
+  per_chip = r.formula_flops_per_step / r.total_chips
   lines += [
       "",
       "FLOPs per step:",
-      f"  6N+12LTD formula  {_flop(r.flops_per_step)} in all ({_count(r.flops_per_token)} FLOPs "
+      f"  6N+12LTD formula  {_flop(r.formula_flops_per_step)} in all "
+      f"({_count(r.flops_per_token)} FLOPs "
       f"per token x {r.tokens_per_step:,} tokens) = {_flop(per_chip)} per chip",
   ]
   if r.xla_flops_per_chip is not None:

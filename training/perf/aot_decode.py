@@ -70,19 +70,32 @@ class DecodeReport:
   compile_seconds: float
   memory: Memory | None
   compiler_error: str | None
-  flops_per_step: float | None  # per chip, every chunk and layer counted
-  bytes_accessed_per_step: float | None
+  flops_per_chip: float | None  # XLA's, every chunk and layer counted
+  bytes_accessed_per_chip: float | None
   counted: str  # how loops were made to count
 
   @property
   def fits(self) -> bool:
     return self.memory is not None and self.memory.total <= self.hbm_bytes_per_chip
 
+  @property
+  def flops_per_step(self) -> float | None:
+    """XLA's FLOPs of one decode step, all chips together (as in the train report)."""
+    return None if self.flops_per_chip is None else self.flops_per_chip * self.chips
+
+  @property
+  def bytes_accessed_per_step(self) -> float | None:
+    """XLA's bytes accessed by one decode step, all chips together."""
+    per_chip = self.bytes_accessed_per_chip
+    return None if per_chip is None else per_chip * self.chips
+
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     if self.memory is not None:
       out["memory"]["total"] = self.memory.total
     out["fits"] = self.fits
+    out["flops_per_step"] = self.flops_per_step
+    out["bytes_accessed_per_step"] = self.bytes_accessed_per_step
     out["step"] = "decode"
     return out
 
@@ -196,7 +209,7 @@ def compile_decode(config: ml_collections.ConfigDict, tpu: TpuSlice, *, batch: i
       batch=batch, cache_len=cache_len, position=position, sampling=sampling,
       cache_chunks=chunks, chunk_size=chunk, cache_bytes_per_chip=cache_bytes,
       hbm_bytes_per_chip=tpu.hbm_bytes, compile_seconds=seconds, memory=memory,
-      compiler_error=error, flops_per_step=flops, bytes_accessed_per_step=accessed,
+      compiler_error=error, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
       counted=counted)
 
 
@@ -236,12 +249,12 @@ def format_decode_report(r: DecodeReport) -> str:
     ]
   else:
     lines.append(f"  DOES NOT FIT in {_gib(hbm)} HBM; the compiler says: {r.compiler_error}")
-  if r.flops_per_step is not None:
+  if r.flops_per_chip is not None:
     lines += [
         "",
         f"per decode step per chip (XLA cost_analysis; {r.counted}):",
-        f"  FLOPs            {r.flops_per_step / 1e9:>10.2f} G",
-        f"  bytes accessed   {r.bytes_accessed_per_step / 1e9:>10.2f} GB  (counts in-place "
+        f"  FLOPs            {r.flops_per_chip / 1e9:>10.2f} G",
+        f"  bytes accessed   {r.bytes_accessed_per_chip / 1e9:>10.2f} GB  (counts in-place "
         f"updates as full reads and writes: compare programs, not bandwidth)",
     ]
   return "\n".join(lines)
