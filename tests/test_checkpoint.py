@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_run_config
+from conftest import exit_status, tiny_run_config
+from launch import sample as sample_cli
 from model.errors import UserError
 from training.checkpoint import Checkpointer, load_for_inference, read_run_meta
 from training.fingerprint import fingerprints
@@ -210,3 +211,23 @@ def test_checkpoint_without_fingerprints_still_restores(reference, tmp_path):
   assert step == STEPS
   jax.tree_util.tree_map(np.testing.assert_array_equal, params,
                          load_for_inference(workdir)[1])
+
+
+def test_sample_falls_back_from_damaged_arrays_in_the_newest_checkpoint(reference, tmp_path,
+                                                                        capsys):
+  """launch.sample without --step: the newest step's metadata reads fine but its arrays do not
+  match their fingerprints, so the samples come from the previous step (with the warning)."""
+  flipped = tmp_path / "run"
+  _damaged_copy(reference, flipped, ["flipped-bit"])
+  args = ["--prompt", "ROMEO:", "--max_new_tokens", "8", "--temperature", "0", "--json",
+          "--quiet"]
+  capsys.readouterr()
+  assert exit_status(sample_cli.main, ["--workdir", str(flipped), *args]) == 0
+  out = capsys.readouterr()
+  warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and f"step {STEPS} " in warnings[0], out.err
+  assert exit_status(sample_cli.main, ["--workdir", str(reference[1]), "--step",
+                                       str(STEPS - EVERY), *args]) == 0
+  expected = capsys.readouterr().out
+  assert [json.loads(line)["token_ids"] for line in out.out.splitlines()] == \
+      [json.loads(line)["token_ids"] for line in expected.splitlines()]
