@@ -169,12 +169,13 @@ class Checkpointer:
     step = self._step(step)
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              meta: dict | None = None) -> tuple[Any, dict]:
     """(state, meta) of a checkpoint, placed with the shardings of `abstract_state`
     (ShapeDtypeStructs with shardings), whatever mesh it was saved from; the arrays' content
-    checked against the saved fingerprints."""
+    checked against the saved fingerprints (of `meta`, when the caller has read it already)."""
     step = self._step(step)
-    meta = self.read_meta(step)
+    meta = self.read_meta(step) if meta is None else meta
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     _check_content(out.state, meta)
@@ -212,7 +213,7 @@ class Checkpointer:
               f"The checkpoint of step {step} in {self.directory} does not fit this config's "
               f"training state ({first_line(e)}); resume with the settings it was saved with "
               f"or use another --workdir.") from None
-        reason = str(e) if isinstance(e, Damaged) else damage_reason(e)
+        reason = damage_reason(e)
         damaged.append((step, reason))
         where = ""
         if move_aside and not self.read_only:
@@ -298,7 +299,7 @@ def _newest_or_given(ckpt: Checkpointer, step: int | None, attempt: Callable[[in
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    reason = str(e) if isinstance(e, Damaged) else damage_reason(e)
+    reason = damage_reason(e)
     others = [s for s in ckpt.all_steps() if s != step]
     raise UserError(f"The checkpoint of step {step} in {ckpt.directory} is damaged ({reason}); "
                     f"choose another step ({', '.join(map(str, others)) or 'there is none'})."

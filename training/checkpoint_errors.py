@@ -43,8 +43,10 @@ def first_line(e: BaseException, limit: int = 160) -> str:
 
 
 def damage_reason(e: BaseException) -> str:
-  """Why reading a checkpoint failed, as a short clause."""
+  """Why reading a checkpoint failed, as a short clause (a Damaged error says it itself)."""
   text = str(e)
+  if isinstance(e, Damaged):
+    return text
   if isinstance(e, json.JSONDecodeError):
     return f"its meta/metadata is not valid JSON ({e.msg} at character {e.pos})"
   missing = re.search(r'Item "(\w+)" was not found', text)

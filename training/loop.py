@@ -238,7 +238,7 @@ class _Trainer:
     where = f"The checkpoint of step {step} in {self.ckpt.directory}"
     check_same_model(meta["model"], self.run_.model, where)
     check_same_tokenizer(meta.get("tokenizer"), self.run_.source.tokenizer, where)
-    return self.ckpt.restore(self.run_.abstract_state, step)
+    return self.ckpt.restore(self.run_.abstract_state, step, meta)
 
   def _initial_state(self):
     """(state, start step): restored from the newest checkpoint that restores, else new."""
