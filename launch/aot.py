@@ -81,34 +81,26 @@ def _check_step_flags() -> None:
     raise UserError("--mfu and --num_slices only apply to --step train.")
 
 
-def _decode(tpu, config) -> int:
-  from training.perf import aot_decode  # pylint: disable=import-outside-toplevel
-  report = aot_decode.compile_decode(
-      config, tpu, batch=FLAGS.batch, cache_len=FLAGS.cache_len, position=FLAGS.position,
-      sampling=FLAGS.sampling, config_name=cli.config_name(FLAGS),
-      log=lambda line: print(line, file=sys.stderr, flush=True))
-  print(aot_decode.format_decode_report(report), flush=True)
-  if FLAGS.json:
-    with open(FLAGS.json, "w", encoding="utf-8") as f:
-      json.dump(report.to_dict(), f, indent=2)
-  return 0 if report.fits else EXIT_DOES_NOT_FIT
-
-
 def _main(args: list[str]) -> int:
   cli.no_arguments(args)
   _check_step_flags()
   # pylint: disable=import-outside-toplevel  (they import jax)
-  from training.perf import aot
+  from training.perf import aot, aot_decode
   from training.tpu.slices import parse_slice
   tpu = parse_slice(FLAGS.topology)
   config = cli.load_config(FLAGS)
+  log = lambda line: print(line, file=sys.stderr, flush=True)
   if FLAGS.step == "decode":
-    return _decode(tpu, config)
-  report = aot.compile_for_topology(
-      config, tpu, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices,
-      config_name=cli.config_name(FLAGS),
-      log=lambda line: print(line, file=sys.stderr, flush=True))
-  print(aot.format_report(report), flush=True)
+    report = aot_decode.compile_decode(
+        config, tpu, batch=FLAGS.batch, cache_len=FLAGS.cache_len, position=FLAGS.position,
+        sampling=FLAGS.sampling, config_name=cli.config_name(FLAGS), log=log)
+    text = aot_decode.format_decode_report(report)
+  else:
+    report = aot.compile_for_topology(
+        config, tpu, mfu=FLAGS.mfu, num_slices=FLAGS.num_slices,
+        config_name=cli.config_name(FLAGS), log=log)
+    text = aot.format_report(report)
+  print(text, flush=True)
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(report.to_dict(), f, indent=2)

@@ -145,7 +145,7 @@ def test_unsplit_parameters_are_listed_and_suggested():
 def test_compiler_oom_message_is_recognised():
   e = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
                    "for HLO temporaries (910.39G) exceeds available HBM (95.74G).\nmore")
-  oom = aot._compiler_oom  # pylint: disable=protected-access
+  oom = aot.compiler_oom
   assert oom(e).endswith("(95.74G).")
   assert oom(ValueError("shapes do not match")) is None
 

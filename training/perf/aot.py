@@ -197,7 +197,7 @@ def _unsplit(cfg: ModelConfig, mesh, rules) -> list[str]:
   return list(rows)
 
 
-def _compiler_oom(error: Exception) -> str | None:
+def compiler_oom(error: Exception) -> str | None:
   """The compiler's one-line message if `error` says the program needs more HBM than a chip
   has, else None."""
   text = str(error)
@@ -219,7 +219,7 @@ def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
     where = ("shard it over all chips: --config.mesh.data=1 --config.mesh.fsdp=-1"
              if data > 1 else f"it is split over all {chips} chips already: use a "
              f"larger slice (or --num_slices)")
-    out.append(f"the parameters and AdamW state alone take {_gib(report.state_bytes_per_chip)} "
+    out.append(f"the parameters and AdamW state alone take {gib(report.state_bytes_per_chip)} "
                f"per chip; {where}")
   if cfg.remat == "none":
     out.append("recompute activations in the backward pass: --config.model.remat=full")
@@ -263,7 +263,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
     memory, xla_flops = Memory.from_compiled(compiled), xla_flops_per_chip(compiled)
     xla_bytes = xla_bytes_accessed_per_chip(compiled)
   except Exception as e:  # pylint: disable=broad-except  (only HBM exhaustion is a result)
-    error = _compiler_oom(e)
+    error = compiler_oom(e)
     if error is None:
       raise
   seconds = time.perf_counter() - t
@@ -294,7 +294,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
 
 # --- text --------------------------------------------------------------------------------------
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
   return f"{n / GIB:.2f} GiB"
 
 
@@ -322,7 +322,7 @@ def _duration(seconds: float) -> str:
   return f"{seconds:.2f} s"
 
 
-def _verdict(total: int, hbm: int) -> str:
+def verdict(total: int, hbm: int) -> str:
   if total > hbm:
     return "DOES NOT FIT"
   return "fits, with less than 10% to spare" if total > 0.9 * hbm else "fits"
@@ -351,20 +351,20 @@ def format_report(r: AotReport) -> str:
   if r.memory is not None:
     mem = r.memory
     lines += [
-        f"  arguments        {_gib(mem.arguments):>12}  (training state + batch)",
-        f"  outputs          {_gib(mem.outputs):>12}  ({_gib(mem.aliased)} of it in the donated "
+        f"  arguments        {gib(mem.arguments):>12}  (training state + batch)",
+        f"  outputs          {gib(mem.outputs):>12}  ({gib(mem.aliased)} of it in the donated "
         f"arguments' buffers)",
-        f"  temporaries      {_gib(mem.temporaries):>12}",
-        f"  generated code   {_gib(mem.generated_code):>12}",
-        f"  total            {_gib(mem.total):>12}  of {_gib(hbm)} HBM "
-        f"({100 * mem.total / hbm:.0f}%): {_verdict(mem.total, hbm)}",
+        f"  temporaries      {gib(mem.temporaries):>12}",
+        f"  generated code   {gib(mem.generated_code):>12}",
+        f"  total            {gib(mem.total):>12}  of {gib(hbm)} HBM "
+        f"({100 * mem.total / hbm:.0f}%): {verdict(mem.total, hbm)}",
     ]
     if mem.peak:
-      lines.append(f"  XLA peak estimate {_gib(mem.peak):>11}")
+      lines.append(f"  XLA peak estimate {gib(mem.peak):>11}")
   else:
-    lines.append(f"  DOES NOT FIT in {_gib(hbm)} HBM; the compiler says: {r.compiler_error}")
-  lines.append(f"  training state   {_gib(r.state_bytes_per_chip):>12}  per chip, from shapes "
-               f"({_gib(r.state_bytes)} in all; {_gib(r.state_bytes / r.total_chips)} if split "
+    lines.append(f"  DOES NOT FIT in {gib(hbm)} HBM; the compiler says: {r.compiler_error}")
+  lines.append(f"  training state   {gib(r.state_bytes_per_chip):>12}  per chip, from shapes "
+               f"({gib(r.state_bytes)} in all; {gib(r.state_bytes / r.total_chips)} if split "
                f"evenly)")
   if r.unsplit:
     more = f", and {len(r.unsplit) - 3} more" if len(r.unsplit) > 3 else ""

@@ -40,7 +40,7 @@ from model.logits import static_mode
 from model.sampling import DecodeState, SamplingSettings, decode_step
 from model.transformer import abstract_params, num_params
 from sharding import activate, batch_axes, batch_size_multiple, describe, param_shardings
-from training.perf.aot import Memory, _compiler_oom, _gib, _verdict
+from training.perf.aot import Memory, compiler_oom, gib, verdict
 from training.run import build_run
 from training.tpu.slices import TpuSlice, check_libtpu, topology_devices
 
@@ -191,7 +191,7 @@ def compile_decode(config: ml_collections.ConfigDict, tpu: TpuSlice, *, batch: i
                           settings, mode, chunks)
     flops, accessed = _cost(compiled)
   except Exception as e:  # pylint: disable=broad-except  (only HBM exhaustion is a result)
-    error = _compiler_oom(e)
+    error = compiler_oom(e)
     if error is None:
       raise
   seconds = time.perf_counter() - t
@@ -238,17 +238,17 @@ def format_decode_report(r: DecodeReport) -> str:
   if r.memory is not None:
     mem = r.memory
     lines += [
-        f"  arguments        {_gib(mem.arguments):>12}  (parameters + decode state; KV cache "
-        f"{_gib(r.cache_bytes_per_chip)})",
-        f"  outputs          {_gib(mem.outputs):>12}  ({_gib(mem.aliased)} of it in the donated "
+        f"  arguments        {gib(mem.arguments):>12}  (parameters + decode state; KV cache "
+        f"{gib(r.cache_bytes_per_chip)})",
+        f"  outputs          {gib(mem.outputs):>12}  ({gib(mem.aliased)} of it in the donated "
         f"state's buffers)",
-        f"  temporaries      {_gib(mem.temporaries):>12}",
-        f"  generated code   {_gib(mem.generated_code):>12}",
-        f"  total            {_gib(mem.total):>12}  of {_gib(hbm)} HBM "
-        f"({100 * mem.total / hbm:.0f}%): {_verdict(mem.total, hbm)}",
+        f"  temporaries      {gib(mem.temporaries):>12}",
+        f"  generated code   {gib(mem.generated_code):>12}",
+        f"  total            {gib(mem.total):>12}  of {gib(hbm)} HBM "
+        f"({100 * mem.total / hbm:.0f}%): {verdict(mem.total, hbm)}",
     ]
   else:
-    lines.append(f"  DOES NOT FIT in {_gib(hbm)} HBM; the compiler says: {r.compiler_error}")
+    lines.append(f"  DOES NOT FIT in {gib(hbm)} HBM; the compiler says: {r.compiler_error}")
   if r.flops_per_chip is not None:
     lines += [
         "",
