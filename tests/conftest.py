@@ -68,6 +68,18 @@ def remote_script(command) -> str:
   return command[command.index("--command") + 1]
 
 
+def mounted_tmpfs(path: pathlib.Path, options: str, what: str):
+  """Mount a tmpfs with `options` (e.g. "size=1500k", "size=64k,ro") on the new folder `path`
+  for the life of a fixture (yield from it); skipped where mounting is not allowed."""
+  path.mkdir()
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    pytest.skip(f"cannot mount {what} here: {out.stderr.strip()}")
+  yield path
+  subprocess.run(["umount", str(path)], check=True)
+
+
 def optimizer_config(**changes):
   opt = base_config().optimizer
   opt.update(dict(lr=1e-3, min_lr=1e-4, warmup_steps=2), **changes)

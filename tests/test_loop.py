@@ -4,11 +4,10 @@ SIGTERM / SIGINT, is in test_train_cli.py; damaged checkpoints in test_checkpoin
 
 import math
 import re
-import subprocess
 
 import pytest
 
-from conftest import tiny_run_config
+from conftest import mounted_tmpfs, tiny_run_config
 from training.checkpoint import Checkpointer
 from training.loop import CheckpointWriteFailed, TrainingDiverged, train
 from training.metrics import read_metrics
@@ -33,14 +32,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shakespeare_pat
 def small_disk(tmp_path):
   """A 1.5 MB tmpfs: room for one checkpoint of the one-layer tiny model (0.7 MB), not two.
   Skipped where mounting is not allowed."""
-  path = tmp_path / "disk"
-  path.mkdir()
-  out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(path)],
-                       capture_output=True, text=True, check=False)
-  if out.returncode != 0:
-    pytest.skip(f"cannot mount a small tmpfs here: {out.stderr.strip()}")
-  yield path
-  subprocess.run(["umount", str(path)], check=True)
+  yield from mounted_tmpfs(tmp_path / "disk", "size=1500k", "a small tmpfs")
 
 
 def test_full_disk_stops_the_run_with_one_sentence(small_disk, shakespeare_path):

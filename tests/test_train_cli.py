@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import exit_status
+from conftest import exit_status, mounted_tmpfs
 from launch import train as train_cli
 from model.tokenizer import tokenizer_from_dict
 from model.transformer import GPT
@@ -266,14 +266,7 @@ def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(env, tmp_pa
 def read_only_dir(tmp_path):
   """An empty read-only tmpfs mount (chmod does not stop root); skipped where mounting is not
   allowed."""
-  path = tmp_path / "ro"
-  path.mkdir()
-  out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)],
-                       capture_output=True, text=True, check=False)
-  if out.returncode != 0:
-    pytest.skip(f"cannot mount a read-only tmpfs here: {out.stderr.strip()}")
-  yield path
-  subprocess.run(["umount", str(path)], check=True)
+  yield from mounted_tmpfs(tmp_path / "ro", "size=64k,ro", "a read-only tmpfs")
 
 
 @pytest.mark.parametrize("case, pattern", [
