@@ -40,12 +40,10 @@ import jax
 from absl import flags
 
 from launch import cli
-from model import pretrained
-from model.config import ModelConfig
 from model.errors import UserError
 from model.sampling import check_prompt, check_settings, generate, generate_stream
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
-from training.checkpoint import load_for_inference, read_run_meta
+from training.weights import WORKDIR, describe_weights, load_weights
 
 STREAM_CHUNK = 8  # decode steps between printed pieces with --stream
 PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prompt file
@@ -213,26 +211,22 @@ def stop_token(tokenizer, vocab_size: int, stop: bool = True) -> int | None:
   return eot if stop and eot is not None and eot < vocab_size else None
 
 
+def _source() -> dict[str, Any]:
+  if FLAGS.workdir is not None:
+    return {"name_or_dir": FLAGS.workdir, "kind": WORKDIR}
+  return {"name_or_dir": FLAGS.init_from}
+
+
 def describe_model():
   """(ModelConfig, tokenizer dict or None, step or None, label), without reading weights."""
-  if FLAGS.workdir is not None:
-    step, meta = read_run_meta(FLAGS.workdir, FLAGS.step)
-    cfg = ModelConfig(**meta["model"])
-    cfg = cfg.replace(dtype=FLAGS.dtype) if FLAGS.dtype else cfg
-    return cfg, meta.get("tokenizer"), step, f"{FLAGS.workdir} step {step}"
-  directory = pretrained.resolve_checkpoint_dir(FLAGS.init_from)  # downloads a Hub name
-  cfg = pretrained.config_from_hf(pretrained.read_hf_config(directory),
-                                  dtype=FLAGS.dtype or "float32", source=directory)
-  return cfg, None, None, FLAGS.init_from
+  w = describe_weights(**_source(), step=FLAGS.step, dtype=FLAGS.dtype)
+  return w.cfg, w.tokenizer, w.step, w.label
 
 
 def load_params(cfg):
-  if FLAGS.workdir is not None:
-    # FLAGS.step, not the described step: without --step, a newest step whose arrays are
-    # damaged falls back (with a warning) to the newest one that restores.
-    params = load_for_inference(FLAGS.workdir, step=FLAGS.step)[1]
-  else:
-    params = pretrained.load_hf_gpt2(FLAGS.init_from, dtype=cfg.dtype)[1]
+  # FLAGS.step, not the described step: without --step, a newest step whose arrays are
+  # damaged falls back (with a warning) to the newest one that restores.
+  params = load_weights(**_source(), step=FLAGS.step, dtype=cfg.dtype).params
   # Weights in the compute dtype: decoding reads every weight each step, so bf16 halves that.
   return jax.tree_util.tree_map(lambda x: x.astype(cfg.compute_dtype), params)
 
