@@ -11,8 +11,11 @@ package). All prompts x --num_samples run as one batch.
 Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as one prompt),
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
 for GPT-2 BPE, "\\n" for a character model. A sample stops at <|endoftext|> (unless
---no_stop) or after --max_new_tokens (default: 256, or what fits in the block size);
-prompt + max_new_tokens must fit in the block size (there is no sliding window).
+--no_stop) or after --max_new_tokens (default: 256). A prompt must fit in the model's block
+size T; new tokens may go past it: the context window then slides (model/sampling.py): each
+token is predicted from at most the last T tokens and at least the last T - W + 1, where W is
+--window_shift (default T // 4; 1 is nanoGPT's rule, every token sees exactly the last T, at
+the cost of re-reading T tokens per new token).
 
 Output: each sample's prompt + completion followed by a line of dashes (--stream: the same
 text as it is generated); --json: one object per sample per line with prompt_index,
@@ -41,7 +44,8 @@ from absl import flags
 
 from launch import cli
 from model.errors import UserError
-from model.sampling import check_prompt, check_settings, generate, generate_stream
+from model.sampling import (check_prompt, check_settings, check_window_shift, generate,
+                            generate_stream)
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
 from training.weights import WORKDIR, describe_weights, load_weights
 
@@ -50,7 +54,7 @@ PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prom
 FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the whole file as one prompt
 SAMPLE_SEPARATOR = "---------------"  # printed after each sample (nanoGPT's sample.py)
 STOP_EOT, STOP_LENGTH = "eot", "max_new_tokens"  # why a sample ended
-DEFAULT_MAX_NEW_TOKENS = 256  # when --max_new_tokens is not given (and the block has room)
+DEFAULT_MAX_NEW_TOKENS = 256  # when --max_new_tokens is not given
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A launch.train workdir: its latest checkpoint.",
@@ -65,8 +69,12 @@ flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for several; FILE:pa
 flags.DEFINE_string("prompt_file", None, "Prompts separated by lines holding only ---.",
                     flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", flag_values=FLAGS)
-flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated per sample (default: "
-                     f"{DEFAULT_MAX_NEW_TOKENS}, or what fits in the block).", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "Most tokens generated per "
+                     "sample; may exceed the block size (the context window slides).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("window_shift", None, "Past the block size T: how far the context window "
+                     "moves each time it is full (default T // 4; 1: every token sees exactly "
+                     "the last T tokens, as nanoGPT).", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.8, "0 is greedy (nanoGPT's default is 0.8).",
                    flag_values=FLAGS)
 flags.DEFINE_integer("top_k", 200, "Keep the k likeliest tokens; 0 is off (nanoGPT: 200).",
@@ -156,8 +164,8 @@ def _prompt_name(index: int, text: str, count: int) -> str:
   return f"The prompt {shown!r}" if count == 1 else f"Prompt {index + 1} ({shown!r})"
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int, block_size: int,
-                   max_new_tokens: int | None) -> list[list[int]]:
+def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int,
+                   block_size: int) -> list[list[int]]:
   """Token ids of each prompt, with the checks `generate` makes (model.sampling.check_prompt),
   naming the prompt by its text."""
   if not texts:
@@ -169,16 +177,9 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int, block_si
       ids = tokenizer.encode(text)
     except UserError as e:
       raise UserError(f"{name} cannot be encoded: {e}") from None
-    check_prompt(ids, vocab_size=vocab_size, block_size=block_size,
-                 max_new_tokens=max_new_tokens, name=name, prefix="--")
+    check_prompt(ids, vocab_size=vocab_size, block_size=block_size, name=name)
     encoded.append(ids)
   return encoded
-
-
-def default_max_new_tokens(encoded: Sequence[Sequence[int]], block_size: int) -> int:
-  """Without --max_new_tokens: DEFAULT_MAX_NEW_TOKENS, or fewer if the longest prompt leaves
-  less room in the block."""
-  return min(DEFAULT_MAX_NEW_TOKENS, block_size - max(len(ids) for ids in encoded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,13 +256,12 @@ def prepare() -> Batch:
     tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size)
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
-                             block_size=cfg.block_size, max_new_tokens=FLAGS.max_new_tokens)
+                             block_size=cfg.block_size)
+    check_window_shift(FLAGS.window_shift, cfg.block_size, prefix="--")
     params = load_params(cfg)
   except (ValueError, OSError) as e:  # ours, and the clear errors of checkpoint loading
     raise UserError(str(e)) from None
   max_new_tokens = FLAGS.max_new_tokens
-  if max_new_tokens is None:
-    max_new_tokens = default_max_new_tokens(encoded, cfg.block_size)
   n = FLAGS.num_samples
   return Batch(cfg, params, tokenizer, rows=[ids for ids in encoded for _ in range(n)],
                row_prompts=[text for text in prompts for _ in range(n)],
@@ -341,7 +341,8 @@ class StreamPrinter:
 
 def _sampling_kwargs(batch: Batch):
   return dict(max_new_tokens=batch.max_new_tokens, temperature=FLAGS.temperature,
-              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=batch.eot_id)
+              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=batch.eot_id,
+              window_shift=FLAGS.window_shift)
 
 
 def stream_batch(batch: Batch) -> tuple[int, float]:

@@ -18,9 +18,25 @@ values, the seed, eot_id and max_new_tokens are traced and never recompile.
 
 Randomness: row b's token at step i is drawn with fold_in(fold_in(key(seed), b), i), so a row's
 samples depend on (seed, row index, step) and not on the bucket sizes.
-There is no sliding window: prompt + max_new_tokens must fit in cfg.block_size (crop the
-prompt yourself if needed). `check_settings` and `check_prompt` are the checks `generate` makes;
-`launch.sample` makes the same ones (with "--" before each name) before it loads any weights.
+
+Past the context window. A prompt must fit in the block size T, but max_new_tokens need not.
+Until a row's prompt + new tokens reach T, every token sees all the tokens before it. After
+that, with W = `window_shift` (default T // 4; 1 is nanoGPT's rule):
+
+    the token at index n of the row's sequence (prompt + new tokens) is predicted from the
+    tokens [w, n), where w starts at 0 and, whenever n - w would exceed T, becomes
+    n - (T - W + 1).
+
+So each token sees between T - W + 1 and T tokens, and with W = 1 exactly the last T (what
+nanoGPT's sample.py does by cropping to the last block_size tokens). Learned and sinusoidal
+positions are absolute, so a cache written at one window's positions cannot serve the next:
+when a row's window moves (its next position would be T), `_restart` re-reads its last
+T - W + 1 tokens at positions 0.. into its cache rows (a prefill) and samples from them, in the
+same step in which the other rows decode as usual; the W - 1 tokens after it reuse that cache.
+The decode loop stops at such a step, so the generation is one jitted loop per window.
+`window_start` is the rule as a function. `check_settings` and `check_prompt` are the checks
+`generate` makes; `launch.sample` makes the same ones (with "--" before each name) before it
+loads any weights.
 """
 
 from __future__ import annotations
@@ -40,8 +56,9 @@ from model.logits import (is_python_number, check_settings, filter_logits, sampl
                           sample_token, static_mode)
 from model.transformer import GPT, Cache, convert_layout, init_cache, logits_from_hidden
 
-__all__ = ["Buckets", "GenerateResult", "check_prompt", "check_settings", "choose_buckets",
-           "filter_logits", "generate", "generate_stream", "sample_token"]
+__all__ = ["Buckets", "GenerateResult", "check_prompt", "check_settings", "check_window_shift",
+           "choose_buckets", "filter_logits", "generate", "generate_stream", "sample_token",
+           "window_start"]
 
 # Smallest buckets (powers of two) for the padded prompt and the output buffer.
 MIN_PROMPT_BUCKET = 8
@@ -53,10 +70,10 @@ def _tokens(n: int) -> str:
 
 
 def check_prompt(ids: Sequence[int], *, vocab_size: int, block_size: int,
-                 max_new_tokens: int | None, name: str = "The prompt", prefix: str = "") -> None:
+                 name: str = "The prompt") -> None:
   """Raises UserError if the token ids `ids` cannot be continued: empty, an id outside
-  [0, vocab_size), or prompt + max_new_tokens beyond block_size (with max_new_tokens None: no
-  room for one new token). `name` says which prompt ("Prompt 2", "The prompt 'ROMEO:'")."""
+  [0, vocab_size), or longer than block_size (generation may run past block_size; the prompt
+  must fit). `name` says which prompt ("Prompt 2", "The prompt 'ROMEO:'")."""
   ids = np.asarray(ids)
   if ids.size == 0:
     raise UserError(f"{name} is empty; a prompt needs at least one token.")
@@ -65,13 +82,28 @@ def check_prompt(ids: Sequence[int], *, vocab_size: int, block_size: int,
     raise UserError(f"{name} has token id {int(bad[0])}, outside [0, {vocab_size}), the "
                     f"model's vocabulary.")
   n = int(ids.size)
-  if max_new_tokens is None and n >= block_size:
-    raise UserError(f"{name} ({_tokens(n)}) leaves no room for new tokens in the model's "
-                    f"block_size ({block_size}).")
-  if max_new_tokens is not None and n + max_new_tokens > block_size:
-    raise UserError(f"{name} ({_tokens(n)}) plus {prefix}max_new_tokens ({max_new_tokens}) is "
-                    f"{n + max_new_tokens}, more than the model's block_size ({block_size}); "
-                    f"shorten the prompt or ask for fewer tokens (there is no sliding window).")
+  if n > block_size:
+    raise UserError(f"{name} ({_tokens(n)}) is longer than the model's block_size "
+                    f"({block_size}); shorten it (new tokens may go past block_size, the prompt "
+                    f"must fit).")
+
+
+def check_window_shift(window_shift: Any, block_size: int, prefix: str = "") -> int:
+  """The window shift W (default: block_size // 4, at least 1); UserError unless
+  1 <= W <= block_size."""
+  if window_shift is None:
+    return max(1, block_size // 4)
+  if (isinstance(window_shift, bool) or not isinstance(window_shift, (int, np.integer))
+      or not 1 <= window_shift <= block_size):
+    raise UserError(f"{prefix}window_shift must be an integer in [1, block_size = {block_size}], "
+                    f"got {window_shift!r}.")
+  return int(window_shift)
+
+
+def window_start(n: int, w: int, block_size: int, window_shift: int) -> int:
+  """Where the context of the token at index n of a sequence starts, given the start w used
+  for the token before it (0 for the first): see the module docstring."""
+  return n - (block_size - window_shift + 1) if n - w > block_size else w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,14 +125,14 @@ def _next_pow2(n: int) -> int:
 
 def choose_buckets(batch_size: int, max_prompt_len: int, max_new_tokens: int,
                    block_size: int) -> Buckets:
-  """Powers of two (at least MIN_*_BUCKET), the cache capped at block_size and the prompt at
-  the cache, so that prompt + new tokens always fit."""
+  """Powers of two (at least MIN_*_BUCKET), the cache capped at block_size (a longer
+  generation slides its window) and the prompt at the cache."""
   cache_len = min(_next_pow2(max_prompt_len + max_new_tokens), block_size)
   return Buckets(
       batch=_next_pow2(batch_size),
       prompt_len=min(_next_pow2(max(max_prompt_len, MIN_PROMPT_BUCKET)), cache_len),
       cache_len=cache_len,
-      out_len=min(_next_pow2(max(max_new_tokens, MIN_OUTPUT_BUCKET)), block_size))
+      out_len=_next_pow2(max(max_new_tokens, MIN_OUTPUT_BUCKET)))
 
 
 class SamplingSettings(NamedTuple):
@@ -114,7 +146,7 @@ class SamplingSettings(NamedTuple):
 class DecodeState(NamedTuple):
   cache: Cache           # {"k", "v"}: [L, B, S, H*K] (model/kv_cache.py)
   token_B: jax.Array     # the last sampled token of each row (fed at the next step)
-  position_B: jax.Array  # where token_B goes in the cache
+  position_B: jax.Array  # where token_B goes in the cache (frozen once the row is done)
   done_B: jax.Array      # row has produced eot (or is a batch-padding dummy)
   out_BM: jax.Array      # sampled tokens; columns >= step are unused
   step: jax.Array        # number of tokens sampled so far (prefill samples the first)
@@ -161,20 +193,56 @@ def decode_step(params, state: DecodeState, settings: SamplingSettings, *, cfg: 
       cache=state.cache)
   token_B = _sample_rows(state.row_keys_B, state.step, logits_B1V[:, 0], settings, mode,
                          cfg.vocab_size)
+  return _next_state(state, cache, token_B, state.position_B + 1, settings)
+
+
+def _next_state(state: DecodeState, cache: Cache, token_B, position_B,
+                settings: SamplingSettings) -> DecodeState:
+  """The state after one step that sampled token_B (ignored for rows already done, whose
+  position stays) and moved the rows' positions to position_B."""
   token_B = jnp.where(state.done_B, 0, token_B)
   return DecodeState(
-      cache=cache, token_B=token_B, position_B=state.position_B + 1,
+      cache=cache, token_B=token_B,
+      position_B=jnp.where(state.done_B, state.position_B, position_B),
       done_B=state.done_B | (token_B == settings.eot_id),
       out_BM=jax.lax.dynamic_update_slice(state.out_BM, token_B[:, None], (0, state.step)),
       step=state.step + 1, row_keys_B=state.row_keys_B)
 
 
+def _needs_restart(state: DecodeState):
+  """Rows whose next position is past the cache (their window moves: `_restart`)."""
+  return ~state.done_B & (state.position_B >= state.cache["k"].shape[2])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mode"), donate_argnames=("state",))
+def _restart(params, state: DecodeState, window_BN, settings: SamplingSettings, *,
+             cfg: ModelConfig, mode: int) -> DecodeState:
+  """One step in which the rows that need it (`_needs_restart`) re-read their last N tokens
+  window_BN[b] at positions 0..N-1 into their cache rows and sample from them, while the other
+  rows decode as usual (their window_BN rows are ignored)."""
+  restart_B = _needs_restart(state)
+  N = window_BN.shape[1]
+  decoded = decode_step(params, state._replace(
+      position_B=jnp.where(restart_B, 0, state.position_B)), settings, cfg=cfg, mode=mode)
+  fresh = init_cache(cfg, window_BN.shape[0], state.cache["k"].shape[2])
+  hidden_BND, fresh = GPT(cfg).apply({"params": params}, window_BN, cache=fresh,
+                                     return_hidden=True)
+  logits_BV = logits_from_hidden(params, cfg, hidden_BND[:, -1:])[:, 0]
+  token_B = _sample_rows(state.row_keys_B, state.step, logits_BV, settings, mode,
+                         cfg.vocab_size)
+  pick = lambda a, b: jnp.where(restart_B[None, :, None, None], a, b)
+  cache = jax.tree_util.tree_map(pick, fresh, decoded.cache)
+  return _next_state(state, cache, jnp.where(restart_B, token_B, decoded.token_B),
+                     jnp.where(restart_B, N, decoded.position_B), settings)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mode"), donate_argnames=("state",))
 def _decode(params, state: DecodeState, stop_at, settings: SamplingSettings, *,
             cfg: ModelConfig, mode: int) -> DecodeState:
-  """Samples tokens until `state.step == stop_at` or every row is done: one while_loop."""
+  """Samples tokens until `state.step == stop_at`, every row is done, or a row's window must
+  move (`_restart`): one while_loop."""
   def keep_going(s: DecodeState):
-    return (s.step < stop_at) & ~jnp.all(s.done_B)
+    return (s.step < stop_at) & ~jnp.all(s.done_B) & ~jnp.any(_needs_restart(s))
 
   step = functools.partial(decode_step, params, settings=settings, cfg=cfg, mode=mode)
   return jax.lax.while_loop(keep_going, step, state)
@@ -208,8 +276,7 @@ def _validate(cfg: ModelConfig, prompts, max_new_tokens, eot_id, temperature, to
       raise UserError(f"Prompt {b} is not a flat list of token ids.")
     if row.size and not np.issubdtype(row.dtype, np.integer):
       raise UserError(f"Prompt {b} must hold integer token ids, got dtype {row.dtype}.")
-    check_prompt(row, vocab_size=cfg.vocab_size, block_size=cfg.block_size,
-                 max_new_tokens=max_new_tokens, name=f"Prompt {b}")
+    check_prompt(row, vocab_size=cfg.vocab_size, block_size=cfg.block_size, name=f"Prompt {b}")
     rows.append(row.astype(np.int32))
   if eot_id is not None and not 0 <= eot_id < cfg.vocab_size:
     raise UserError(f"eot_id must be a token id in [0, {cfg.vocab_size}), got {eot_id!r}.")
@@ -218,7 +285,7 @@ def _validate(cfg: ModelConfig, prompts, max_new_tokens, eot_id, temperature, to
 
 def _check_buckets(buckets: Buckets, cfg: ModelConfig, batch: int, longest: int,
                    max_new_tokens: int) -> None:
-  needed = Buckets(batch, longest, longest + max_new_tokens, max_new_tokens)
+  needed = Buckets(batch, longest, min(longest + max_new_tokens, cfg.block_size), max_new_tokens)
   small = [f"{name} {have} < {need}" for name, have, need in zip(Buckets._fields, buckets, needed)
            if have < need]
   if small:
@@ -235,12 +302,15 @@ class _Run(NamedTuple):
   mode: int
   buckets: Buckets
   batch: int  # real rows
+  rows: list[np.ndarray]  # the prompts
+  window_len: int  # N = T - W + 1: the tokens a moved window starts with
 
 
 def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-           buckets) -> _Run:
+           buckets, window_shift) -> _Run:
   """Validates, pads to buckets and prefills. `params` are already in cfg's layer layout."""
   rows = _validate(cfg, prompts, max_new_tokens, eot_id, temperature, top_k, top_p, seed)
+  window_shift = check_window_shift(window_shift, cfg.block_size)
   longest = max(len(r) for r in rows)
   if buckets is None:
     buckets = choose_buckets(len(rows), longest, max_new_tokens, cfg.block_size)
@@ -260,7 +330,27 @@ def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed
   state = _prefill(params, tokens_BP, lengths_B, active_B, jnp.asarray(seed, jnp.uint32),
                    settings, cfg=cfg, mode=mode, cache_len=buckets.cache_len,
                    out_len=buckets.out_len)
-  return _Run(state, settings, mode, buckets, len(rows))
+  return _Run(state, settings, mode, buckets, len(rows), rows,
+              cfg.block_size - window_shift + 1)
+
+
+def _run_until(params, cfg: ModelConfig, run: _Run, state: DecodeState,
+               stop_at: int) -> DecodeState:
+  """Decodes until step `stop_at` or every row is done, moving windows where rows need it:
+  one `_decode` loop per window, a `_restart` step between them."""
+  while int(state.step) < stop_at and not bool(jnp.all(state.done_B)):
+    if bool(jnp.any(_needs_restart(state))):
+      out_BM, step = np.asarray(state.out_BM), int(state.step)
+      window_BN = np.zeros((run.buckets.batch, run.window_len), np.int32)
+      for b, prompt in enumerate(run.rows):
+        seq = np.concatenate([prompt, out_BM[b, :step]])
+        if len(seq) >= run.window_len:
+          window_BN[b] = seq[-run.window_len:]
+      state = _restart(params, state, window_BN, run.settings, cfg=cfg, mode=run.mode)
+    else:
+      state = _decode(params, state, jnp.asarray(stop_at, jnp.int32), run.settings, cfg=cfg,
+                      mode=run.mode)
+  return state
 
 
 def _cut_rows(out_bm: np.ndarray, eot_id, include_eot: bool):
@@ -279,7 +369,7 @@ def _cut_rows(out_bm: np.ndarray, eot_id, include_eot: bool):
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eot_id: int | None = None, include_eot: bool = False,
-             buckets: Buckets | None = None) -> GenerateResult:
+             buckets: Buckets | None = None, window_shift: int | None = None) -> GenerateResult:
   """Continues each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
 
   temperature 0 is greedy; top_k / top_p as in `filter_logits`. A row stops after it produces
@@ -287,15 +377,15 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   `params` may be in either layer layout (converted to `cfg.scan_layers`' if needed).
   `buckets` fixes the padded shapes (e.g. `choose_buckets` of the largest request a server
   expects, so that it compiles once); by default `choose_buckets` picks them per call.
-  Raises ValueError for empty prompts, when the longest prompt + max_new_tokens exceeds
-  cfg.block_size, or when given buckets are too small.
+  Past cfg.block_size the context window slides by `window_shift` (module docstring).
+  Raises UserError for empty prompts, a prompt longer than cfg.block_size, or buckets too
+  small.
   """
   start = time.perf_counter()
   params = convert_layout(params, cfg)
   run = _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-               buckets)
-  state = _decode(params, run.state, jnp.asarray(max_new_tokens, jnp.int32), run.settings,
-                  cfg=cfg, mode=run.mode)
+               buckets, window_shift)
+  state = _run_until(params, cfg, run, run.state, max_new_tokens)
   step = int(state.step)
   out_bm = np.asarray(state.out_BM[:run.batch, :step])
   seconds = time.perf_counter() - start
@@ -308,7 +398,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
                     max_new_tokens: int, chunk_size: int = 16, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     eot_id: int | None = None, include_eot: bool = False,
-                    buckets: Buckets | None = None) -> Iterator[list[list[int]]]:
+                    buckets: Buckets | None = None,
+                    window_shift: int | None = None) -> Iterator[list[list[int]]]:
   """Like `generate`, but yields each row's tokens that are new since the last yield (an
   empty list for rows with nothing new): once after the prefill, then after every
   `chunk_size` decode steps (one call each of the same compiled loop as `generate`). The
@@ -318,7 +409,7 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
   params = convert_layout(params, cfg)
   # Validation and prefill happen here, before the first next().
   run = _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-               buckets)
+               buckets, window_shift)
   return _stream(params, cfg, run, max_new_tokens, chunk_size, eot_id, include_eot)
 
 
@@ -332,5 +423,4 @@ def _stream(params, cfg, run: _Run, max_new_tokens, chunk_size, eot_id,
     emitted = [len(row) for row in tokens]
     if step >= max_new_tokens or bool(jnp.all(state.done_B)):
       return
-    stop_at = jnp.asarray(min(step + chunk_size, max_new_tokens), jnp.int32)
-    state = _decode(params, state, stop_at, run.settings, cfg=cfg, mode=run.mode)
+    state = _run_until(params, cfg, run, state, min(step + chunk_size, max_new_tokens))

@@ -148,9 +148,10 @@ BAD_INPUTS = {
     "zero-max_new_tokens": (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     "zero-num_samples": (["--num_samples", "0"], "--num_samples must be at least 1, got 0"),
     "empty-prompt": (["--prompt", ""], "The prompt '' is empty"),
-    "too-long": (["--prompt", "ROMEO:", "--max_new_tokens", "60"],
-                 "The prompt 'ROMEO:' (6 tokens) plus --max_new_tokens (60) is 66, more than "
-                 "the model's block_size (64)"),
+    "too-long": (["--prompt", "R" * 65], "(65 tokens) is longer than the model's block_size "
+                                          "(64)"),
+    "window_shift": (["--window_shift", "65"], "--window_shift must be an integer in [1, "
+                                               "block_size = 64], got 65"),
     "unknown-char": (["--prompt", "caf\u00e9"], "Character '\u00e9' is not in the character"),
     "step": (["--step", "5"], "No checkpoint of step 5"),
     "both-sources": (["--init_from", "gpt2"], "--init_from is not allowed with --workdir"),
@@ -236,8 +237,6 @@ def test_default_prompt_and_stop_token(gpt2):
   assert sample_cli.stop_token(gpt2, 50257, stop=False) is None
   assert sample_cli.stop_token(gpt2, 96) is None  # eot outside the model's vocabulary
   assert sample_cli.stop_token(char, 3) is None
-  assert sample_cli.default_max_new_tokens([[1] * 10, [1] * 3], 64) == 54
-  assert sample_cli.default_max_new_tokens([[1]], 1024) == sample_cli.DEFAULT_MAX_NEW_TOKENS
 
 
 def test_stream_printer_output_equals_text_mode():

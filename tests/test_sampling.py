@@ -75,6 +75,25 @@ def _greedy_without_cache(params, cfg, prompt, new_tokens):
   return seq[len(prompt):]
 
 
+def _sliding_greedy_without_cache(params, cfg, prompt, new_tokens, window_shift):
+  """The documented rule of model/sampling.py, written out with full forward passes: the token
+  at index n of the sequence is the argmax of a forward pass over seq[w:n] at positions 0..,
+  where w moves to n - (T - W + 1) whenever n - w would exceed T."""
+  T, W = cfg.block_size, window_shift
+  seq, w = list(prompt), 0
+  while len(seq) < len(prompt) + new_tokens:
+    n = len(seq)
+    if n - w > T:
+      w = n - (T - W + 1)
+    context = seq[w:n]
+    assert len(context) <= T and (w == 0 or len(context) >= T - W + 1)
+    buf = np.zeros((1, T), np.int32)
+    buf[0, :len(context)] = context
+    logits_V = np.asarray(_forward(cfg, params, buf))[0, len(context) - 1, :cfg.vocab_size]
+    seq.append(int(np.argmax(logits_V)))
+  return seq[len(prompt):]
+
+
 # ---------------------------------------------------------------------------------------------
 # filter_logits
 
@@ -256,8 +275,12 @@ def test_rows_stop_independently_on_eot_and_the_loop_ends_early(cfg, params):
 
 
 def test_invalid_requests_raise_clear_errors(cfg, params):
-  with pytest.raises(UserError, match=r"\(60 tokens\).*\(10\).*70.*block_size \(64\)"):
-    generate(params, cfg, [[1] * 60, [2]], max_new_tokens=10)
+  with pytest.raises(UserError, match=r"Prompt 0 \(65 tokens\) is longer than the model's "
+                     r"block_size \(64\)"):
+    generate(params, cfg, [[1] * 65, [2]], max_new_tokens=10)
+  with pytest.raises(UserError, match=r"window_shift must be an integer in \[1, block_size = "
+                     r"64\], got 0"):
+    generate(params, cfg, [[1]], max_new_tokens=100, window_shift=0)
   with pytest.raises(UserError, match="Prompt 1 is empty"):
     generate(params, cfg, [[1, 2], []], max_new_tokens=4)
   with pytest.raises(UserError, match="non-empty list"):
@@ -272,6 +295,53 @@ def test_invalid_requests_raise_clear_errors(cfg, params):
     generate(params, cfg, [[1] * 20], max_new_tokens=20, buckets=BUCKETS)
   with pytest.raises(UserError, match="Prompt 0 is empty"):
     generate_stream(params, cfg, [[]], max_new_tokens=4)  # raised before the first next()
+
+
+@pytest.fixture(scope="module")
+def short_model(cfg, params):
+  """The tiny model cut to block size 16 (positions 0..15 of its embedding)."""
+  short = cfg.replace(block_size=16)
+  return short, dict(params, wpe={"embedding": params["wpe"]["embedding"][:16]})
+
+
+@pytest.mark.parametrize("window_shift", [None, 1, 16])
+def test_greedy_past_the_context_window_equals_the_no_cache_rule(short_model, window_shift):
+  cfg, params = short_model
+  # Rows of different lengths move their windows at different steps; 100 tokens move them
+  # many times (default shift 16 // 4 = 4; 1: nanoGPT's rule, a re-read every token; 16: the
+  # window restarts from the last token alone).
+  prompts = [[7], [3, 1, 4, 1, 5, 9, 2, 6], list(range(20, 36))]
+  result = generate(params, cfg, prompts, max_new_tokens=100, temperature=0.0,
+                    window_shift=window_shift)
+  shift = sampling.check_window_shift(window_shift, cfg.block_size)
+  expected = [_sliding_greedy_without_cache(params, cfg, p, 100, shift) for p in prompts]
+  assert result.tokens == expected
+  assert all(len(row) == 100 for row in result.tokens)
+  assert result.decode_steps == 99
+
+
+def test_window_start_rule():
+  # T = 8, W = 3: the context grows to 8 tokens, then restarts with the last 6.
+  starts, w = [], 0
+  for n in range(1, 20):
+    w = sampling.window_start(n, w, 8, 3)
+    starts.append(w)
+  assert [n - w for n, w in zip(range(1, 20), starts)] == [
+      1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 6, 7, 8, 6, 7, 8, 6, 7]
+
+
+def test_sampling_past_the_window_streams_and_stops_like_generate(short_model):
+  cfg, params = short_model
+  prompts = [[4, 8, 15], [16, 23, 42, 7, 1]]
+  kwargs = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=5)
+  full = generate(params, cfg, prompts, **kwargs)
+  chunks = list(generate_stream(params, cfg, prompts, chunk_size=7, **kwargs))
+  assert [sum((c[b] for c in chunks), []) for b in range(2)] == full.tokens
+  # eot past the window: the row stops there and the others go on.
+  eot = full.tokens[0][30]
+  stopped = generate(params, cfg, prompts, eot_id=eot, **kwargs)
+  assert stopped.tokens[0] == full.tokens[0][:full.tokens[0].index(eot)]
+  assert stopped.stopped[0]
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens(cfg, params):
