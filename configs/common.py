@@ -1,6 +1,7 @@
 """The keys every experiment config has, with their types and defaults.
 
-Sections: model (every ModelConfig field), train, optimizer, mesh, data, eval, checkpoint, log.
+Sections: model (every ModelConfig field), train, optimizer, mesh, data, eval, checkpoint, log;
+and init_from (fine-tuning: the weights a new run starts from).
 Config files start from `base_config()` and change what differs. Fields are typed: overriding an
 int field with a float on the command line fails. Placeholders (None) are resolved at start-up:
 
@@ -39,6 +40,12 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_section("tiny")
+  # Fine-tuning: a new run's first parameters come from these weights (gpt2, gpt2-medium,
+  # gpt2-large, gpt2-xl, a Hugging Face GPT-2 directory, or a training workdir's latest
+  # checkpoint), with a new optimizer state at step 0; the model section must describe the same
+  # shapes (block_size may be lower). "": a randomly initialised model. A run that resumes from
+  # its own checkpoint ignores it.
+  c.init_from = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer updates

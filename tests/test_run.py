@@ -6,14 +6,17 @@ import pathlib
 import jax
 import pytest
 
-from configs import gpt2, gpt2_xl, shakespeare_char, tiny
+from configs import finetune_shakespeare, gpt2, gpt2_xl, shakespeare_char, tiny
 from conftest import tiny_run_config
 from model.config import field_names
 from model.errors import UserError
+from model.pretrained import config_from_hf
+from training.weights import INIT_FIELDS
 from training.run import (build_run, check_same_tokenizer, check_values, cpu_device_count,
                           model_config, vocab_size_without_data)
 
-CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl}
+CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl,
+           "finetune_shakespeare": finetune_shakespeare}
 
 
 def load_config(name, variant=None):
@@ -40,7 +43,8 @@ def test_user_errors_before_compiling(tmp_path, shakespeare_path):
 
 @pytest.mark.parametrize("name, variant", [("tiny", None), ("shakespeare_char", None),
                                            ("shakespeare_char", "cpu"), ("gpt2", None),
-                                           ("gpt2_xl", None)])
+                                           ("gpt2_xl", None), ("finetune_shakespeare", None),
+                                           ("finetune_shakespeare", "gpt2-xl")])
 def test_configs_are_valid(name, variant):
   c = load_config(name, variant)
   check_values(c)
@@ -58,6 +62,13 @@ def test_configs_are_valid(name, variant):
   if (name, variant) == ("shakespeare_char", None):
     assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.block_size) == (6, 6, 384, 256)
     assert cfg.resid_dropout == 0.2 and not cfg.use_bias and c.eval.batches == 200
+  if name == "finetune_shakespeare":  # nanoGPT's: 32 x 1024 tokens, lr 3e-5 constant, 20 steps
+    assert c.init_from == (variant or "gpt2") and c.data.tokenizer == "gpt2"
+    assert (c.train.batch_size, cfg.block_size, c.train.steps) == (32, 1024, 20)
+    assert c.optimizer.lr == c.optimizer.min_lr == 3e-5 and c.optimizer.warmup_steps == 0
+    if variant is None:  # the shapes check_init_from will find in OpenAI's GPT-2 config.json
+      hf = config_from_hf({"vocab_size": 50257})
+      assert all(getattr(cfg, f) == getattr(hf, f) for f in INIT_FIELDS)
   if variant == "cpu":  # nanoGPT's CPU quick start
     assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.block_size) == (4, 4, 128, 64)
     assert (c.train.batch_size, c.train.steps, c.eval.batches, cfg.resid_dropout) == (

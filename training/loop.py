@@ -244,7 +244,9 @@ class _Trainer:
     """(state, start step): restored from the newest checkpoint that restores, else new."""
     found = self.ckpt.restore_newest(self._restore, move_aside=True)
     if found is None:
-      self.console.info(f"new run in {self.run_.workdir}")
+      init = self.run_.init_from
+      self.console.info(f"new run in {self.run_.workdir}"
+                        + (f", starting from the weights of {init}" if init else ""))
       return self.run_.create_state(), 0
     step, (state, meta) = found
     self.console.info(f"resumed from the checkpoint of step {step} in {self.ckpt.directory}")

@@ -13,7 +13,9 @@ against grad_accum, the data-parallel size and the process count, the block size
 (path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
 a workdir (and its checkpoints/) that cannot be created or written.
 The same config is therefore checked and built the same way by training, the benchmark and the
-ahead-of-time TPU compile.
+ahead-of-time TPU compile. `config.init_from` (fine-tuning: gpt2 | gpt2-medium | ... | a
+Hugging Face directory | a training workdir) is checked against the model here (nothing big
+read) and gives a new run its first parameters (`Run.create_state`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource, make_source
 from training.optimizer import make_optimizer, schedule_from_config
-from training.state import TrainState, abstract_train_state, create_train_state
+from training.state import (TrainState, abstract_train_state, create_train_state,
+                            train_state_from_params)
 from training.step import check_loss_chunk, compile_eval_step, compile_train_step
+from training.weights import check_init_from, init_params
 
 CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
@@ -68,6 +72,7 @@ class Run:
   schedule: Callable[[Any], jax.Array]  # step -> learning rate
   source: DataSource | None  # None when built with read_data=False
   workdir: epath.Path | None
+  init_from: str = ""  # config.init_from: the weights a new run starts from (checked)
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -92,7 +97,12 @@ class Run:
     return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
 
   def create_state(self) -> TrainState:
-    """A fresh TrainState from config.train.seed, created directly with its shardings."""
+    """A fresh TrainState from config.train.seed, created directly with its shardings; with
+    config.init_from, its parameters are those weights (training/weights.py: init_params),
+    the optimizer state new and the step 0."""
+    if self.init_from:
+      return train_state_from_params(init_params(self.init_from, self.model), self.tx,
+                                     self.abstract_state, self.config.train.seed)
     return create_train_state(self.model, self.tx, self.mesh, self.config.train.seed,
                               self.rules)[0]
 
@@ -385,15 +395,19 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
                          global_batch_size=config.train.batch_size, seed=config.train.seed)
   cfg = model_config(config, vocab_size_without_data(config) if source is None
                      else source.vocab_size)
-  if path is not None:
-    saved = saved_model_fields(path)
-    if saved is not None:
-      check_same_model(saved, cfg, f"--workdir {str(path)!r}")
-    if jax.process_index() == 0:
-      check_writable(path)
+  saved = saved_model_fields(path) if path is not None else None
+  if saved is not None:
+    check_same_model(saved, cfg, f"--workdir {str(path)!r}")
+  init_from = config.get("init_from") or ""
+  if not isinstance(init_from, str):
+    raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
+  if init_from and saved is None:  # a resumed run has its own weights
+    check_init_from(init_from, cfg)
+  if path is not None and jax.process_index() == 0:
+    check_writable(path)
   steps = config.train.steps
   return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg,
              mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
              tx=make_optimizer(config.optimizer, steps),
              schedule=schedule_from_config(config.optimizer, steps), source=source,
-             workdir=path)
+             workdir=path, init_from=init_from)

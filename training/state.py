@@ -48,3 +48,24 @@ def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mes
   allocated: the target for restoring a checkpoint onto `mesh` or for AOT lowering."""
   abstract = abstract_sharded(init_state_fn(cfg, tx), mesh, rules, jax.random.key(0))
   return abstract, jax.tree_util.tree_map(lambda x: x.sharding, abstract)
+
+
+def train_state_from_params(params: Any, tx: optax.GradientTransformation,
+                            abstract: TrainState, seed: int) -> TrainState:
+  """A TrainState at step 0 holding `params` (host arrays shaped like abstract.params; every
+  process passes the same), a fresh optimizer state and the RNG a new run from `seed` gets;
+  every array with the sharding of its `abstract` (abstract_train_state) counterpart."""
+  def place(x, a):
+    if tuple(x.shape) != tuple(a.shape) or x.dtype != a.dtype:
+      raise ValueError(f"parameter of shape {x.shape} {x.dtype}, expected {a.shape} {a.dtype}")
+    return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index])
+
+  placed = jax.tree_util.tree_map(place, params, abstract.params)
+
+  def init(p):
+    _, train_key = jax.random.split(jax.random.key(seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      rng=jax.random.key_data(train_key))
+
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
+  return jax.jit(init, out_shardings=shardings)(placed)

@@ -102,3 +102,59 @@ def _no_step(path: str, step: int | None) -> None:
   if step is not None:
     raise UserError(f"A step ({step}) only applies to a training workdir; {path!r} is a "
                     f"Hugging Face checkpoint.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: a run's first parameters from other weights (config.init_from)
+
+# Fields that must agree between the weights and the run's model (the shapes, and what the
+# weights mean); block_size may be lower (positions cropped), padded_vocab_size anything at
+# least vocab_size (rows re-padded), the layer layout and dtypes anything.
+INIT_FIELDS = ("vocab_size", "num_layers", "num_heads", "d_model", "d_mlp", "use_bias",
+               "tie_embeddings", "position_embedding", "norm_placement", "activation",
+               "layer_norm_epsilon")
+
+
+def check_init_from(name_or_dir: str, cfg: ModelConfig) -> Weights:
+  """The init_from weights' description (nothing big read; a Hub name is downloaded), after
+  checking that they fit the run's model `cfg`; UserError naming the first field that
+  differs."""
+  try:
+    w = describe_weights(name_or_dir)
+  except UserError as e:
+    raise UserError(f"config.init_from={name_or_dir!r}: {e}") from None
+  for name in INIT_FIELDS:
+    mine, theirs = getattr(cfg, name), getattr(w.cfg, name)
+    if mine != theirs:
+      hint = (" (the run's vocabulary follows its data: for GPT-2 weights use "
+              "data.tokenizer=gpt2)" if name == "vocab_size" else "")
+      raise UserError(f"config.init_from={name_or_dir!r} does not fit the config: "
+                      f"model.{name} is {mine!r} here and {theirs!r} in {w.label}{hint}.")
+  if cfg.block_size > w.cfg.block_size:
+    raise UserError(f"config.init_from={name_or_dir!r} does not fit the config: "
+                    f"model.block_size {cfg.block_size} is more than the {w.cfg.block_size} "
+                    f"positions of {w.label}; it can only be lowered.")
+  return w
+
+
+def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:
+  """The weights as host (numpy) arrays shaped for the run's model `cfg`: positions cropped to
+  cfg.block_size, vocabulary rows re-padded to cfg.padded_vocab_size (zeros), cfg's layer
+  layout, cfg.param_dtype. Call `check_init_from` first."""
+  import numpy as np
+  from model.transformer import convert_layout, unstack_layers
+  w = load_weights(name_or_dir)
+  params = unstack_layers(jax.device_get(w.params), w.cfg.num_layers)
+  params = jax.tree_util.tree_map(np.asarray, params)
+
+  def rows(x, n):  # the first vocab_size rows of a [V', ...] array, zero-padded to n
+    x = x[:cfg.vocab_size]
+    return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
+
+  params["wte"] = {"embedding": rows(params["wte"]["embedding"], cfg.padded_vocab_size)}
+  if "wpe" in params:
+    params["wpe"] = {"embedding": params["wpe"]["embedding"][:cfg.block_size]}
+  if "lm_head" in params:
+    params["lm_head"] = {"kernel": rows(params["lm_head"]["kernel"].T, cfg.padded_vocab_size).T}
+  params = convert_layout(params, cfg)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, cfg.params_dtype), params)
