@@ -72,7 +72,8 @@ class Run:
   schedule: Callable[[Any], jax.Array]  # step -> learning rate
   source: DataSource | None  # None when built with read_data=False
   workdir: epath.Path | None
-  init_from: str = ""  # config.init_from: the weights a new run starts from (checked)
+  # config.init_from: the weights a new training run starts from (checked); "" without a workdir
+  init_from: str = ""
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -401,6 +402,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   init_from = config.get("init_from") or ""
   if not isinstance(init_from, str):
     raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
+  if path is None:  # the benchmark and the TPU compile: random weights do as well
+    init_from = ""
   if init_from and saved is None:  # a resumed run has its own weights
     check_init_from(init_from, cfg)
   if path is not None and jax.process_index() == 0:
