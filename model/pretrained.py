@@ -261,6 +261,22 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
   return convert_layout(params, cfg)
 
 
+def _with_zero_biases(p: dict, cfg: ModelConfig) -> dict:
+  """The loop-layout params of a use_bias=False model with the biases GPT-2 has, all zero."""
+  D, H, K, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp
+  zeros = lambda *shape: np.zeros(shape, np.float32)
+  p = dict(p, ln_f=dict(p["ln_f"], bias=zeros(D)))
+  for i in range(cfg.num_layers):
+    b = p[f"h_{i}"]
+    p[f"h_{i}"] = {
+        "ln_1": dict(b["ln_1"], bias=zeros(D)), "ln_2": dict(b["ln_2"], bias=zeros(D)),
+        "attn": {"c_attn": dict(b["attn"]["c_attn"], bias=zeros(3, H, K)),
+                 "c_proj": dict(b["attn"]["c_proj"], bias=zeros(D))},
+        "mlp": {"c_fc": dict(b["mlp"]["c_fc"], bias=zeros(F)),
+                "c_proj": dict(b["mlp"]["c_proj"], bias=zeros(D))}}
+  return p
+
+
 def _pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
   if rows == x_VD.shape[0]:
     return x_VD
@@ -277,20 +293,28 @@ def _map(fn, tree):
 # Saving
 
 
+def check_hf_gpt2_shaped(cfg: ModelConfig, what: str = "save_hf_gpt2") -> None:
+  """UserError unless Hugging Face's GPT2LMHeadModel can express the model: learned positions
+  and pre-LN (a model without biases is saved with zero biases)."""
+  for field, needed in (("position_embedding", "learned"), ("norm_placement", "pre")):
+    if getattr(cfg, field) != needed:
+      raise UserError(f"{what} needs model.{field}={needed!r} (Hugging Face GPT-2 has no "
+                      f"other), this model has {getattr(cfg, field)!r}.")
+
+
 def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> None:
   """Writes `path`/config.json and model.safetensors that transformers' GPT2LMHeadModel loads.
 
-  Needs a GPT-2-shaped config: learned positions, pre-LN, biases; padded vocabulary rows are
-  dropped. Weights are saved as float32.
+  Needs a GPT-2-shaped config: learned positions, pre-LN; a model without biases
+  (use_bias=False) gets zero biases, which compute the same function; padded vocabulary rows
+  are dropped. Weights are saved as float32.
   """
   from safetensors.numpy import save_file
-  for field, needed in (("position_embedding", "learned"), ("norm_placement", "pre"),
-                        ("use_bias", True)):
-    if getattr(cfg, field) != needed:
-      raise UserError(f"save_hf_gpt2 needs ModelConfig.{field}={needed!r} (Hugging Face "
-                      f"GPT-2 has no other), got {getattr(cfg, field)!r}.")
+  check_hf_gpt2_shaped(cfg)
   D, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
   p = _map(lambda x: np.asarray(x, np.float32), unstack_layers(params, L))
+  if not cfg.use_bias:
+    p = _with_zero_biases(p, cfg)
   t = {"transformer.wte.weight": p["wte"]["embedding"][:V],
        "transformer.wpe.weight": p["wpe"]["embedding"],
        "transformer.ln_f.weight": p["ln_f"]["scale"], "transformer.ln_f.bias": p["ln_f"]["bias"]}

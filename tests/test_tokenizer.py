@@ -126,3 +126,21 @@ def test_a_bad_bpe_file_is_one_sentence(content, message, monkeypatch, tmp_path)
   with pytest.raises(UserError, match=rf"^GPT-2 BPE file '{path}' {message}.*"
                                       rf"{tok.GPT2_BPE_ENV}"):
     tok.get_tokenizer("gpt2")
+
+
+def test_hugging_face_tokenizer_files_encode_as_tiktoken(gpt2, tmp_path, shakespeare_text):
+  """model/hf_tokenizer.py makes vocab.json / merges.txt from the packaged ranks (no network);
+  transformers' GPT-2 tokenizer read from them encodes and decodes exactly as tiktoken."""
+  transformers = pytest.importorskip("transformers")
+  from model.hf_tokenizer import bpe_merges, gpt2_ranks, save_hf_gpt2_tokenizer
+  save_hf_gpt2_tokenizer(gpt2, tmp_path, model_max_length=1024)
+  ranks = gpt2_ranks(gpt2)
+  assert len(ranks) == 50256 and len(bpe_merges(ranks)) == 50000  # GPT-2's 50,000 merges
+  text = ("Hello world!  Ünïcödé 日本語 🤗\n\n  tabs\there <|endoftext|>ROMEO:\r\n O Romeo, "
+          "Romeo! wherefore art thou   Romeo? 1234567 it's we're 'quoted'\u00a0nbsp "
+          + shakespeare_text[:5000])
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  ids = gpt2.encode(text)
+  assert hf.encode(text) == ids
+  assert hf.decode(ids) == text
+  assert hf.eos_token_id == 50256 and len(hf) == 50257
