@@ -1,0 +1,122 @@
+"""Loss curves of training runs as a figure (behind `launch.plot`).
+
+    runs = read_runs(["runs/a", "runs/b"])   # metrics through training.metrics.read_metrics
+    plot_runs(runs, "loss.png", x="tokens")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+from model.errors import UserError
+from training.metrics import METRICS_NAME, read_metrics
+from training.run import CONFIG_NAME
+
+FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCurves:
+  label: str
+  steps: list[int]
+  loss: list[float]
+  val_steps: list[int]
+  val_loss: list[float]
+  tokens_per_step: int | None  # from config.json; None if it has none
+
+
+def check_out(out: str) -> str:
+  """`out` if an image can be written there: a known extension, an existing folder."""
+  ext = os.path.splitext(out)[1].lower()
+  if ext not in FORMATS:
+    raise UserError(f"--out {out!r} must end in {', '.join(FORMATS)}.")
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):
+    raise UserError(f"--out {out!r}: the folder {folder!r} does not exist.")
+  if os.path.isdir(out):
+    raise UserError(f"--out {out!r} is a folder.")
+  return out
+
+
+def _tokens_per_step(run_dir: str) -> int | None:
+  try:
+    with open(os.path.join(run_dir, CONFIG_NAME), encoding="utf-8") as f:
+      c = json.load(f)
+    return int(c["train"]["batch_size"]) * int(c["model"]["block_size"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def read_runs(run_dirs: Sequence[str]) -> list[RunCurves]:
+  """Each run's logged train and validation losses; UserError for a missing folder or one
+  without metrics."""
+  runs = []
+  for run_dir in run_dirs:
+    if "://" not in run_dir and not os.path.isdir(run_dir):
+      raise UserError(f"Run folder {run_dir!r} does not exist.")
+    try:
+      rows = read_metrics(run_dir)
+    except ValueError as e:
+      raise UserError(f"{run_dir}/{METRICS_NAME} is not readable as JSON lines ({e}).") from None
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+    if not rows:
+      raise UserError(f"Run folder {run_dir!r} has no metrics ({METRICS_NAME} is missing or "
+                      f"empty); train first with python -m launch.train --workdir {run_dir}.")
+    train = [r for r in rows if r.get("loss") is not None]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    label = os.path.basename(os.path.normpath(run_dir)) or run_dir
+    runs.append(RunCurves(label, [r["step"] for r in train], [r["loss"] for r in train],
+                          [r["step"] for r in val], [r["val_loss"] for r in val],
+                          _tokens_per_step(run_dir)))
+  labels = [r.label for r in runs]
+  if len(set(labels)) < len(labels):  # same folder names: use the paths
+    runs = [dataclasses.replace(r, label=d) for r, d in zip(runs, run_dirs)]
+  return runs
+
+
+def plot_runs(runs: Sequence[RunCurves], out: str, *, x: str = "step",
+              title: str | None = None) -> None:
+  """Train loss (lines) and val loss (markers) of each run against step or tokens; written to
+  `out` through a temporary file, so a failed draw leaves nothing."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  if x == "tokens":
+    missing = [r.label for r in runs if r.tokens_per_step is None]
+    if missing:
+      raise UserError(f"--x tokens needs each run's {CONFIG_NAME}; {missing[0]!r} has none.")
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, r in enumerate(runs):
+    scale = r.tokens_per_step if x == "tokens" else 1
+    color = colors[i % len(colors)]
+    ax.plot([s * scale for s in r.steps], r.loss, color=color, linewidth=1.2,
+            label=f"{r.label} train")
+    if r.val_steps:
+      ax.plot([s * scale for s in r.val_steps], r.val_loss, color=color, linestyle="--",
+              marker="o", markersize=4, label=f"{r.label} val")
+  ax.set_xlabel("tokens" if x == "tokens" else "step")
+  ax.set_ylabel("loss (nats per token)")
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  if len(runs) == 1 and runs[0].tokens_per_step:
+    k = runs[0].tokens_per_step
+    forward, inverse = ((lambda s: s * k), (lambda t: t / k)) if x == "step" else (
+        (lambda t: t / k), (lambda s: s * k))
+    top = ax.secondary_xaxis("top", functions=(forward, inverse))
+    top.set_xlabel("tokens" if x == "step" else "step")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  ext = os.path.splitext(out)[1]
+  tmp = f"{out}.tmp-{os.getpid()}{ext}"
+  try:
+    fig.savefig(tmp)
+    os.replace(tmp, out)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
