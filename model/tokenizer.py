@@ -18,6 +18,7 @@ import os
 import pathlib
 from typing import Any, Iterable
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 
@@ -59,6 +60,10 @@ class GPT2Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
+
+  def num_bytes(self, ids: Iterable[int]) -> int:
+    """The UTF-8 bytes the tokens stand for (whole, even where a character spans tokens)."""
+    return len(self._enc.decode_bytes([int(i) for i in ids]))
 
   def to_dict(self) -> dict[str, Any]:
     return {"name": self.name}
@@ -144,6 +149,11 @@ class CharTokenizer:
                         f"[0, {self.vocab_size}).")
       out.append(self.chars[i])
     return "".join(out)
+
+  def num_bytes(self, ids: Iterable[int]) -> int:
+    """The UTF-8 bytes of the characters the ids stand for."""
+    sizes = np.array([len(c.encode("utf-8")) for c in self.chars])
+    return int(sizes[np.asarray(list(ids), np.int64)].sum())
 
   def to_dict(self) -> dict[str, Any]:
     return {"name": self.name, "chars": "".join(self.chars)}

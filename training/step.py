@@ -166,6 +166,32 @@ def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accu
   return jnp.mean(losses_A)
 
 
+def scored_nll(params: Any, tokens_BT1: jax.Array, weights_BT: jax.Array, *,
+               cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(sum of weights_BT x next-token cross-entropy, sum of weights_BT) of a [B, T + 1] batch,
+  no dropout: the loss of chosen positions (launch.eval scores each token once)."""
+  tokens_BT1 = nn.with_logical_constraint(tokens_BT1, ACT_BATCH)
+  logits_BTV = GPT(cfg).apply({"params": params}, tokens_BT1[:, :-1])
+  nll_BT = token_cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+  weights_BT = weights_BT.astype(jnp.float32)
+  return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def compile_score_step(cfg: ModelConfig, mesh: Mesh, abstract_params: Any,
+                       batch_shape: tuple[int, int], rules=DEFAULT_RULES):
+  """scored_nll compiled ahead of time: (params, tokens [B, T + 1], weights [B, T]) ->
+  (nll sum, weight sum), both replicated scalars."""
+  B, T1 = batch_shape
+  replicated = NamedSharding(mesh, PartitionSpec())
+  fn = jax.jit(functools.partial(scored_nll, cfg=cfg),
+               in_shardings=(_shardings(abstract_params), batch_sharding(mesh),
+                             batch_sharding(mesh)),
+               out_shardings=(replicated, replicated))
+  weights = jax.ShapeDtypeStruct((B, T1 - 1), jnp.float32, sharding=batch_sharding(mesh))
+  with activate(mesh, rules):
+    return _compile(fn.lower(abstract_params, _batch_struct(mesh, batch_shape), weights), mesh)
+
+
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a pytree of jax.Arrays or ShapeDtypeStructs."""
   return jax.tree_util.tree_map(
