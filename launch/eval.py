@@ -90,6 +90,7 @@ def _main(args: list[str]) -> int:
     stride = ev.check_stride(FLAGS.stride, w.cfg.block_size)
     tokens, desc = ev.read_tokens(FLAGS.data, tokenizer, block_size=w.cfg.block_size,
                                   max_tokens=FLAGS.max_tokens, quiet=FLAGS.quiet)
+    ev.check_ids(tokens, w.cfg.vocab_size, f"--data {FLAGS.data!r} ({tokenizer.name} tokens)")
     ev.plan_windows(len(tokens), block_size=w.cfg.block_size, stride=stride)  # checks length
     mesh = make_mesh(-1, 1, 1)
     w = load_weights(**source, step=FLAGS.step, dtype=FLAGS.dtype, mesh=mesh)

@@ -107,11 +107,31 @@ def test_bad_input_is_one_sentence(case, run, held_out, tmp_path, capsys):
 
 
 def test_init_from_a_hugging_face_directory(tmp_path, capsys):
-  # GPT-2 BPE text whose ids stay below the fixture's 96-token vocabulary.
+  # Text whose GPT-2 BPE ids stay below the fixture's 96-token vocabulary: single letters and
+  # single punctuation marks in turn (GPT-2's pre-tokenizer splits letters from punctuation, and
+  # a one-character piece is its byte's id, 0..93 for '!'..'~').
+  from model.tokenizer import get_tokenizer
+  rng = np.random.default_rng(0)
+  letters, marks = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "!#%&()*+,-./:;<=>?@[]^_{|}~"
+  text = "".join(rng.choice(list(letters)) + rng.choice(list(marks)) for _ in range(200))
+  tokens = get_tokenizer("gpt2").encode(text)
+  assert max(tokens) < 96 and len(tokens) == 400
   path = tmp_path / "ids.txt"
-  path.write_text("".join(chr(33 + i % 60) for i in np.random.default_rng(0).integers(0, 60, 200)))
+  path.write_text(text)
   status, out, err = _eval(capsys, "--init_from", HF_DIR, "--data", f"text:{path}", "--json",
                            "--quiet")
   assert status == 0, err
   r = json.loads(out)
-  assert r["block_size"] == 32 and r["tokens"] > 32 and np.isfinite(r["loss"])
+  assert r["block_size"] == 32 and r["tokens"] == len(tokens) - 1 and np.isfinite(r["loss"])
+  # Ordinary text has GPT-2 ids beyond the model's 96: refused, not scored as garbage.
+  path.write_text("Hello world, this is ordinary English text. " * 10)
+  status, out, err = _eval(capsys, "--init_from", HF_DIR, "--data", f"text:{path}")
+  assert status == 2 and "has token id" in err and "outside [0, 96), the model's vocabulary" in err
+
+
+def test_tfds_spec_with_a_split_slice():
+  from training.evaluate import parse_data_spec
+  assert parse_data_spec("tfds:lm1b:test[:1%]") == ("tfds", "lm1b", "test[:1%]")
+  assert parse_data_spec("tfds:mnist:3.0.1:train") == ("tfds", "mnist:3.0.1", "train")
+  assert parse_data_spec("bin:/d/x:train") == ("bin", "/d/x", "train")
+  assert parse_data_spec("bin:/d/x") == ("bin", "/d/x", "val")

@@ -33,8 +33,8 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.errors import NotFoundError, UserError
-from sharding import DEFAULT_RULES, batch_size_multiple, process_batch_indices, shard_batch
-from sharding import param_shardings
+from sharding import (DEFAULT_RULES, batch_size_multiple, is_cpu, param_shardings,
+                      process_batch_indices, shard_batch)
 from training.data.bin import Progress
 from training.step import compile_score_step
 
@@ -88,6 +88,14 @@ def plan_windows(num_tokens: int, *, block_size: int, stride: int | None = None)
   return windows
 
 
+def check_ids(tokens: np.ndarray, vocab_size: int, what: str = "The data") -> None:
+  """UserError if a token id is outside the model's vocabulary (it would be scored as garbage)."""
+  if len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+    bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+    raise UserError(f"{what} has token id {bad:,}, outside [0, {vocab_size:,}), the model's "
+                    f"vocabulary; evaluate on data tokenized for this model.")
+
+
 def window_batch(tokens: np.ndarray, windows: Sequence[Window], rows: int,
                  block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """int32 [rows, T + 1] tokens and float32 [rows, T] weights (1 where scored) of the windows;
@@ -115,20 +123,31 @@ def score(params: Any, cfg: ModelConfig, tokens: np.ndarray, windows: Sequence[W
       param_shardings(cfg, mesh, rules))
   step = compile_score_step(cfg, mesh, abstract, (B, T + 1), rules)
   mine = process_batch_indices(B, mesh, rules)
+  # Several CPU devices in one process: one step at a time (XLA:CPU can deadlock when queued
+  # steps' collectives meet out of order; training/loop.py does the same).
+  one_at_a_time = is_cpu(mesh) and mesh.devices.size > 1
   progress = Progress("scoring", len(windows), "windows", quiet=quiet)
-  sums, counts = [], []
+  nats, scored, pending = 0.0, 0.0, None
+
+  def read(done):  # the previous batch's sums, read back while the next one runs
+    nonlocal nats, scored
+    (total, count), n = jax.device_get(done[0]), done[1]
+    # float64 on the host: a sum over millions of tokens in float32 would lose digits.
+    nats, scored = nats + float(total), scored + float(count)
+    progress.update(n, int(count))
+
   for lo in range(0, len(windows), B):
     batch = windows[lo:lo + B]
     tok, wts = window_batch(tokens, batch, B, T)
-    total, count = step(params, shard_batch(tok[mine], mesh, rules),
-                        shard_batch(wts[mine], mesh, rules))
-    sums.append(total)
-    counts.append(count)
-    progress.update(len(batch), int(wts.sum()))
+    out = step(params, shard_batch(tok[mine], mesh, rules), shard_batch(wts[mine], mesh, rules))
+    if one_at_a_time:
+      jax.block_until_ready(out)
+    if pending is not None:
+      read(pending)
+    pending = (out, len(batch))
+  read(pending)
   progress.close()
-  # float64 on the host: a sum over millions of tokens in float32 would lose digits.
-  nats = float(np.sum(np.asarray(jax.device_get(sums), np.float64)))
-  return nats, int(round(float(np.sum(jax.device_get(counts)))))
+  return nats, int(round(scored))
 
 
 def evaluate(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, mesh: Mesh,
@@ -138,6 +157,7 @@ def evaluate(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, mesh: Mesh,
   `num_bytes`: the UTF-8 bytes of tokens[1:], for bits per byte."""
   t_start = time.perf_counter()
   tokens = np.asarray(tokens)
+  check_ids(tokens, cfg.vocab_size)
   windows = plan_windows(len(tokens), block_size=cfg.block_size, stride=stride)
   nats, scored = score(params, cfg, tokens, windows, mesh=mesh, rules=rules,
                        batch_size=batch_size, quiet=quiet)
@@ -166,7 +186,10 @@ def parse_data_spec(spec: str) -> tuple[str, str, str]:
     path, _, split = rest.rpartition(":") if rest.rsplit(":", 1)[-1] in ("train", "val") else (
         rest, "", "")
     return kind, path, split or "val"
-  name, _, split = rest.rpartition(":")
+  bracket = rest.find("[")  # a split slice such as test[:1%] holds ':' itself
+  head, tail = (rest[:bracket], rest[bracket:]) if bracket >= 0 else (rest, "")
+  name, _, split = head.rpartition(":")
+  split += tail
   if not name or not split:
     raise UserError(f"--data tfds:NAME:SPLIT needs a dataset name and a split, got {spec!r}.")
   return kind, name, split
