@@ -47,13 +47,20 @@ def _prepare() -> dict:
   if (FLAGS.input is None) == (FLAGS.tfds is None):
     raise UserError("Give one of --input (text files) and --tfds (a TFDS dataset)"
                     + (", not both." if FLAGS.input is not None else "."))
-  if FLAGS.input is not None:
-    return prepare_text(resolve_text_paths(FLAGS.input), FLAGS.tokenizer, FLAGS.out_dir,
-                        val_fraction=FLAGS.val_fraction, quiet=FLAGS.quiet, force=FLAGS.force)
-  return prepare_tfds(FLAGS.tfds, FLAGS.out_dir, train_split=FLAGS.split,
-                      val_split=FLAGS.val_split, tokenizer_name=FLAGS.tokenizer,
-                      text_key=FLAGS.text_key, data_dir=FLAGS.tfds_data_dir, quiet=FLAGS.quiet,
-                      force=FLAGS.force)
+
+  def write(out_dir, force):
+    if FLAGS.input is not None:
+      return prepare_text(resolve_text_paths(FLAGS.input), FLAGS.tokenizer, out_dir,
+                          val_fraction=FLAGS.val_fraction, quiet=FLAGS.quiet, force=force)
+    return prepare_tfds(FLAGS.tfds, out_dir, train_split=FLAGS.split,
+                        val_split=FLAGS.val_split, tokenizer_name=FLAGS.tokenizer,
+                        text_key=FLAGS.text_key, data_dir=FLAGS.tfds_data_dir,
+                        quiet=FLAGS.quiet, force=force)
+
+  if "://" in FLAGS.out_dir:  # prepared locally, then uploaded (training/data/remote.py)
+    from training.data.remote import prepare_remote  # pylint: disable=import-outside-toplevel
+    return prepare_remote(lambda local: write(local, False), FLAGS.out_dir, FLAGS.force)
+  return write(FLAGS.out_dir, FLAGS.force)
 
 
 def _main(args: list[str]) -> int:

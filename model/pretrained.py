@@ -346,7 +346,11 @@ def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> Non
       "eos_token_id": GPT2_EOT_ID if V > GPT2_EOT_ID else None,
   }
   os.makedirs(path, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in t.items()},
-            os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  weights = os.path.join(path, WEIGHTS_FILE)
+  save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, weights,
+            metadata={"format": "pt"})
+  umask = os.umask(0)  # safetensors writes 0600; give it the permissions of any new file
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2)

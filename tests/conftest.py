@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (so every sharding path runs), and what several test files
 share: the packaged data files, a tiny training run's pieces, and helpers."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -12,6 +13,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs's newest layer first asks a gRPC control plane that the GCS emulator (fixture `gcs`)
+# lacks; read when gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
@@ -145,3 +149,58 @@ def small_text(tmp_path) -> pathlib.Path:
   path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
                   "All:\nSpeak, speak.\n" * 20)
   return path
+
+
+# ---------------------------------------------------------------------------------------------
+# GCS: a local server speaking the JSON API (tests/gcs_emulator.py)
+
+
+class GCS:
+  """The emulator of a test session: its URL, a bucket, and the environment that points the
+  clients (TensorStore, gcsfs / etils.epath) at it."""
+
+  def __init__(self, url: str, bucket: str):
+    self.url, self.bucket = url, bucket
+    self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                # gcsfs's newest layer first asks a gRPC control plane the emulator lacks
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+  def path(self, *parts: str) -> str:
+    return "/".join([f"gs://{self.bucket}", *parts])
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator for the session with bucket "flaxgpt-test"; os.environ points this process's
+  clients at it (subprocesses: pass gcs.env)."""
+  pytest.importorskip("gcp_storage_emulator")
+  pytest.importorskip("gcsfs")
+  import urllib.request
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready", "the GCS emulator did not start"
+    g = GCS(f"http://localhost:{port}", "flaxgpt-test")
+    request = urllib.request.Request(f"{g.url}/storage/v1/b?project=test", method="POST",
+                                     data=json.dumps({"name": g.bucket}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()
+    saved = {k: os.environ.get(k) for k in g.env}
+    os.environ.update(g.env)
+    yield g
+  finally:
+    proc.kill()
+    proc.wait()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v

@@ -178,3 +178,22 @@ def test_bad_distributed_flag_is_one_error_line(env, tmp_path):
                        timeout=120)
   assert out.returncode == 2
   assert out.stderr.strip() == "error: --process_id must be in [0, 2), got 5."
+
+
+def test_two_processes_on_a_gs_workdir_train_like_one_on_disk(env, tmp_path, gcs):
+  """2 processes x 4 devices sharing a gs:// workdir (what a multi-host pod does) log the losses
+  of 1 process x 8 devices on a local disk; every process writes its checkpoint shards there."""
+  from etils import epath
+  from training import storage
+  env = dict(env, **gcs.env)
+  one = _train(env, tmp_path / "one", 1, 8)
+  remote = gcs.path("runs", "two-processes")
+  two = _train(env, remote, 2, 4)
+  assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
+  _assert_close(_losses(two), _losses(one), range(1, 7))
+  _assert_close(_losses(two, "val_loss"), _losses(one, "val_loss"), [6])
+  storage.forget_listings()
+  steps = sorted(int(p.name) for p in epath.Path(remote, "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [3, 6]
+  assert storage.read(f"{remote}/run.lock") is None  # process 0 released it

@@ -70,6 +70,7 @@ def test_character_run_exports_with_its_vocabulary(char_run, tmp_path, capsys):
   vocab = json.loads((out / "flaxgpt_tokenizer.json").read_text())
   assert vocab["name"] == "char" and len(vocab["chars"]) == 65
   _same_logits(char_run, out)
+  assert (out / "model.safetensors").stat().st_mode & 0o044  # readable by others, as any file
   assert not [p for p in os.listdir(tmp_path) if "export-" in p]  # no temporary folders left
 
 
@@ -114,9 +115,14 @@ def test_bad_inputs_are_one_sentence_and_write_nothing(char_run, tmp_path, capsy
       "no-step": (["--workdir", str(char_run), "--out", str(tmp_path / "o"), "--step", "7"],
                   "step 7"),
       "no-out": (["--workdir", str(char_run)], "--out"),
+      "the-run-itself": (["--workdir", str(char_run), "--out", str(char_run), "--force"],
+                         "would replace the run itself"),
+      "above-the-run": (["--workdir", str(char_run), "--out", str(char_run.parent), "--force"],
+                        "would replace the run itself"),
   }
   for name, (args, expected) in cases.items():
     status, stdout, err = _export(capsys, *args)
     assert status == 2, name
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (name, err)
   assert not (tmp_path / "o").exists() and a_file.read_text() == "x"
+  assert (char_run / "checkpoints").is_dir() and (char_run / "metrics.jsonl").exists()

@@ -53,6 +53,13 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
   """Exports the run's latest (or `step`) checkpoint to `out`; returns what was written:
   out, step, files, tokenizer ("gpt2" or "char"), vocab_size, block_size."""
   out = check_out(out, force)
+  if "://" not in os.fspath(workdir):
+    run = os.path.realpath(os.fspath(workdir))
+    real_out = os.path.realpath(out)
+    if run == real_out or run.startswith(real_out.rstrip(os.sep) + os.sep):
+      raise UserError(f"--out {out!r} would replace the run itself (--workdir "
+                      f"{os.fspath(workdir)!r} is {'it' if run == real_out else 'inside it'}); "
+                      f"export to another folder.")
   described = describe_weights(workdir, step=step, kind=WORKDIR)
   pretrained.check_hf_gpt2_shaped(described.cfg, "Exporting to Hugging Face GPT-2")
   tokenizer = tokenizer_from_dict(described.tokenizer or {"name": "gpt2"})
@@ -69,6 +76,14 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
         json.dump(tokenizer.to_dict(), f, ensure_ascii=False, indent=2)
       files.append(CHAR_VOCAB_FILE)
     _replace(tmp, out)
+  except UserError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a full disk: OSError, safetensors' own)
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"Writing the export next to {out!r} failed ({reason}); --out is as it "
+                    f"was.") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -8,9 +8,11 @@ host and its pid is not running (or is another process now), it is taken over wi
 when it names another host (a workdir on a shared file system, where flock may not reach across
 hosts), the run is refused unless `force`.
 
-A remote workdir (gs://...) has no flock: process 0 writes the lock object run.lock and deletes
-it at the end; one that exists already refuses the run unless `force` (a run killed with
-SIGKILL leaves it behind; rerun with --force once sure that no run uses the workdir).
+A remote workdir (gs://...) has no flock: process 0 creates the lock object run.lock with a
+generation-0 precondition (GCS creates it only if it does not exist, so of two racing runs
+exactly one wins) and deletes that generation at the end; a run finding one refuses to start
+unless `force` (a run killed with SIGKILL leaves it behind; rerun with --force once sure that
+no run uses the workdir).
 
     with workdir_lock(run.workdir, force=False):   # every process calls it; process 0 locks
       ...
@@ -32,6 +34,7 @@ import numpy as np
 from etils import epath
 
 from model.errors import UserError
+from training import storage
 from training.checkpoint import warn
 
 LOCK_NAME = "run.lock"
@@ -138,26 +141,27 @@ class _LocalLock:
 
 
 class _RemoteLock:
+  """gs://: the lock object is created with a generation-0 precondition, so of two runs racing
+  for it exactly one creates it; released by deleting that generation only."""
+
   def __init__(self, workdir: epath.Path, force: bool):
-    self.path = workdir / LOCK_NAME
-    self.owned = False
-    if self.path.exists():
-      holder = _parse(self.path.read_text())
+    self.path = os.fspath(workdir / LOCK_NAME)
+    self.me = json.dumps(_me()).encode()
+    self.generation = storage.create_exclusive(self.path, self.me)
+    if self.generation is None:
+      holder = _parse((storage.read(self.path) or b"").decode("utf-8", "replace"))
       if not force:
         raise UserError(
             f"--workdir {os.fspath(workdir)!r} is locked by the run of {_describe(holder)} "
             f"({self.path}); if no run uses it (a killed run leaves it), rerun with --force.")
       warn(f"--force: replacing the lock {self.path} of the run of {_describe(holder)}.")
-    self.me = json.dumps(_me())
-    self.path.write_text(self.me)
-    self.owned = True
+      self.generation = storage.write(self.path, self.me)
 
   def release(self) -> None:
-    if self.owned:
+    if self.generation is not None:
       with contextlib.suppress(Exception):
-        if self.path.read_text() == self.me:
-          self.path.unlink()
-      self.owned = False
+        storage.delete_if(self.path, self.generation)
+      self.generation = None
 
 
 @contextlib.contextmanager

@@ -179,7 +179,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
 
 
 def _write_atomically(path, text: str) -> None:
-  """Other processes may read the file meanwhile (build_run's check of a resumed workdir)."""
+  """Other processes may read the file meanwhile (build_run's check of a resumed workdir). An
+  object store's upload is atomic already (and has no rename)."""
+  if "://" in str(path):
+    path.write_text(text)
+    return
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)

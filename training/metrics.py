@@ -1,6 +1,7 @@
 """Where training numbers go: metrics.jsonl, TensorBoard, and a console line.
 
-metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm,
+metrics.jsonl (on gs://: parts, see METRICS_PARTS) holds one JSON object per logged step:
+step, loss, lr, grad_norm,
 tokens_per_sec, mfu (null where the device's peak is unknown); rows of evaluation steps add
 val_loss. `step` counts optimizer updates: the row of step s describes the s-th update (the
 loss of its batch before the update, the learning rate it used) and val_loss is measured on the
@@ -19,16 +20,58 @@ from typing import Any
 from etils import epath
 
 METRICS_NAME = "metrics.jsonl"
+# A remote workdir (gs://...): objects cannot be appended to, so each flush writes the rows
+# logged since the last one as a new object METRICS_PARTS/<seq>.jsonl (O(new rows) per flush);
+# a resumed run first writes a part holding only {"resume_from": step}, and readers drop the
+# rows after that step that earlier parts hold (logged after the checkpoint it resumed from).
+METRICS_PARTS = "metrics"
 _TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu",
             "val_loss": "eval/val_loss"}
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  path = epath.Path(workdir) / METRICS_NAME
-  if not path.exists():
+def _rows(text: str) -> list[dict[str, Any]]:
+  """The JSON lines of `text`; a last line cut short by a killed process is skipped."""
+  rows = []
+  for line in text.splitlines():
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue
+  return rows
+
+
+def _apply(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  for row in new:
+    if "resume_from" in row:
+      rows = [r for r in rows if r.get("step", 0) <= row["resume_from"]]
+    else:
+      rows.append(row)
+  return rows
+
+
+def _parts(workdir: epath.Path) -> list[epath.Path]:
+  folder = workdir / METRICS_PARTS
+  if not folder.is_dir():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return sorted((p for p in folder.iterdir() if p.name.endswith(".jsonl")), key=lambda p: p.name)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every logged row of a run, in order, each step once: <workdir>/metrics.jsonl, or on a
+  remote workdir its metrics/ parts."""
+  workdir = epath.Path(workdir)
+  if "://" in os.fspath(workdir):
+    from training import storage  # pylint: disable=import-outside-toplevel
+    storage.forget_listings()
+  rows: list[dict[str, Any]] = []
+  path = workdir / METRICS_NAME
+  if path.exists():
+    rows = _apply(rows, _rows(path.read_text()))
+  for part in _parts(workdir):
+    rows = _apply(rows, _rows(part.read_text()))
+  return rows
 
 
 class MetricsWriter:
@@ -36,20 +79,28 @@ class MetricsWriter:
 
   On a resumed run, rows after the resume step (logged by the interrupted run after its last
   checkpoint) and a last line cut short by a kill are dropped first, so the file holds each
-  step once. A remote workdir (gs://...), where files cannot be appended to, gets the whole file
-  rewritten at each `flush()` (the loop calls it when it saves a checkpoint) and at `close()`."""
+  step once. A remote workdir (gs://...) gets a new part object per `flush()` (the loop calls
+  it when it saves a checkpoint) and at `close()`: see METRICS_PARTS."""
 
   def __init__(self, workdir: str | os.PathLike, start_step: int, tensorboard: bool = True):
-    self.path = epath.Path(workdir) / METRICS_NAME
+    self.workdir = epath.Path(workdir)
+    self.path = self.workdir / METRICS_NAME
     self.remote = "://" in os.fspath(self.path)
-    self._lines: list[str] = []
-    if self.path.exists():
-      self._lines = [line for line in self.path.read_text().splitlines()
-                     if (step := _row_step(line)) is not None and step <= start_step]
+    self._pending: list[str] = []
     self._file = None
-    if not self.remote:
+    if self.remote:
+      parts = _parts(self.workdir)
+      self._seq = int(parts[-1].name.split(".")[0]) + 1 if parts else 0
+      if parts or self.path.exists():
+        self._pending.append(json.dumps({"resume_from": start_step}))
+        self.flush_rows()
+    else:
+      lines = []
+      if self.path.exists():
+        lines = [line for line in self.path.read_text().splitlines()
+                 if (step := _row_step(line)) is not None and step <= start_step]
       tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in self._lines))
+      tmp.write_text("".join(line + "\n" for line in lines))
       os.replace(tmp, self.path)
       self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
@@ -66,15 +117,22 @@ class MetricsWriter:
       self._file.write(line + "\n")
       self._file.flush()
     else:
-      self._lines.append(line)
+      self._pending.append(line)
     if self._tb is not None:
       for key, tag in _TB_TAGS.items():
         if row.get(key) is not None:
           self._tb.add_scalar(tag, row[key], row["step"])
 
+  def flush_rows(self) -> None:
+    """Remote: the rows since the last flush as the next part object."""
+    if self.remote and self._pending:
+      part = self.workdir / METRICS_PARTS / f"{self._seq:06d}.jsonl"
+      part.write_text("".join(line + "\n" for line in self._pending))
+      self._seq += 1
+      self._pending = []
+
   def flush(self) -> None:
-    if self.remote:
-      self.path.write_text("".join(line + "\n" for line in self._lines))
+    self.flush_rows()
     if self._tb is not None:
       self._tb.flush()
 

@@ -42,9 +42,9 @@ def check_out(out: str) -> str:
 
 
 def _tokens_per_step(run_dir: str) -> int | None:
+  from etils import epath  # pylint: disable=import-outside-toplevel  (local or gs://)
   try:
-    with open(os.path.join(run_dir, CONFIG_NAME), encoding="utf-8") as f:
-      c = json.load(f)
+    c = json.loads((epath.Path(run_dir) / CONFIG_NAME).read_text())
     return int(c["train"]["batch_size"]) * int(c["model"]["block_size"])
   except (OSError, ValueError, KeyError, TypeError):
     return None

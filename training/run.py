@@ -38,6 +38,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.tokenizer import GPT2_VOCAB_SIZE
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
+from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource, make_source
 from training.optimizer import make_optimizer, schedule_from_config
@@ -348,9 +349,11 @@ def check_workdir(workdir: str | os.PathLike) -> epath.Path:
 
 
 def check_writable(path: epath.Path) -> None:
-  """Create the workdir and its checkpoints/ and write a file in each (a local workdir; a
-  remote one is written by orbax and fails at the first save); UserError naming what fails."""
+  """Create the workdir and its checkpoints/ and write a file in each (a remote workdir: write
+  and delete a probe object); UserError naming what fails: a file in the way, a read-only
+  file system, a missing bucket, no credentials, an unreachable endpoint."""
   if "://" in str(path):
+    storage.check_remote(str(path), "--workdir")
     return
   ckpt = pathlib.Path(str(path)) / CHECKPOINT_DIR
   if ckpt.exists() and not ckpt.is_dir():

@@ -25,12 +25,14 @@ import os
 import pathlib
 import queue
 import threading
+import time
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 
 from model.errors import NotFoundError, UserError
+from training.data import remote
 from training.data.bin import BIN_NAMES, read_meta, sampled_max, scanned_max
 from training.data.text import cached_text_dir, resolve_text_paths, tiny_shakespeare_path
 from training.data.tfds import cached_tfds_dir
@@ -55,6 +57,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.val_fraction = 0.1  # text: the last 10% of the characters is the val split
   cfg.cache_dir = ""  # "" = $FLAXGPT_CACHE_DIR or ~/.cache/flaxgpt
   cfg.prefetch = 2  # batches a background thread keeps ready (0 = none)
+  # bin on gs://: "" reads windows by ranged requests; a folder: the files are copied there once
+  # and memory-mapped.
+  cfg.local_copy = ""
   cfg.vocab_size = 50257  # synthetic only
   return cfg
 
@@ -102,9 +107,14 @@ class DataSource:
 
 
 class TokenFileSource(DataSource):
-  """Random windows of a prepared directory's train.bin / val.bin, read through np.memmap."""
+  """Random windows of a prepared directory's train.bin / val.bin, read through np.memmap (a
+  gs:// directory: by ranged reads, training/data/remote.py)."""
 
   def __init__(self, data_dir: str | os.PathLike, *, name: str, cache_dir: str = "", **kwargs):
+    self.read_seconds = None  # a gs:// source: the time to read one batch, measured at start
+    if "://" in os.fspath(data_dir):
+      self._init_remote(os.fspath(data_dir), name=name, **kwargs)
+      return
     data_dir = pathlib.Path(data_dir)
     if not data_dir.is_dir():
       raise NotFoundError(f"Data directory {str(data_dir)!r} does not exist (it should hold "
@@ -118,6 +128,34 @@ class TokenFileSource(DataSource):
                                        meta.get(f"{split}_tokens"))
                    for split in SPLIT_IDS}
     self.max_token_id = max(self._check_ids(split, meta, cache_dir) for split in SPLIT_IDS)
+
+  def _init_remote(self, data_dir: str, *, name: str, **kwargs) -> None:
+    meta = remote.read_remote_meta(data_dir)
+    super().__init__(name=name, vocab_size=meta["vocab_size"], tokenizer=meta.get("tokenizer"),
+                     **kwargs)
+    self.data_dir = data_dir
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    self.tokens = {}
+    for split in SPLIT_IDS:
+      path = f"{data_dir.rstrip('/')}/{BIN_NAMES[split]}"
+      self.tokens[split] = remote.RemoteTokenFile(path, dtype, meta.get(f"{split}_tokens"))
+      if len(self.tokens[split]) < self.seq_len + 1:
+        raise UserError(f"Token file {path!r} has {len(self.tokens[split]):,} tokens, fewer "
+                        f"than seq_len + 1 = {self.seq_len + 1:,}; use a shorter seq_len or "
+                        f"more data.")
+    recorded = meta.get("max_token_id")
+    limit = recorded if recorded is not None else self.vocab_size - 1
+    for split, tokens in self.tokens.items():
+      found = sampled_max(tokens)
+      if found > limit:
+        raise UserError(f"Token file {tokens.path!r} holds id {found:,}, beyond the data's "
+                        f"{'max_token_id' if recorded is not None else 'vocab_size'} "
+                        f"{limit + (recorded is None):,}; its dtype or vocabulary is wrong: "
+                        f"prepare it again.")
+    self.max_token_id = limit
+    start = time.perf_counter()
+    self.get_batch("train", 0)
+    self.read_seconds = time.perf_counter() - start
 
   def _check_ids(self, split: str, meta: dict[str, Any], cache_dir: str) -> int:
     """The largest id of a split, which must be below the vocabulary: meta.json's max_token_id
@@ -142,12 +180,17 @@ class TokenFileSource(DataSource):
   def _rows(self, split, split_id, index, lo, hi):
     data = self.tokens[split]
     window = self.seq_len + 1
-    return np.stack([data[i:i + window] for i in self.offsets(split, index)[lo:hi]]).astype(
-        np.int32)
+    starts = self.offsets(split, index)[lo:hi]
+    if isinstance(data, remote.RemoteTokenFile):
+      return data.windows(starts, window).astype(np.int32)
+    return np.stack([data[i:i + window] for i in starts]).astype(np.int32)
 
   def _split_desc(self) -> str:
     counts = ", ".join(f"{len(t):,} {s} tokens" for s, t in self.tokens.items())
-    return f"{counts} in {self.data_dir}"
+    read = (f" (ranged reads: {1e3 * self.read_seconds:.0f} ms per batch of "
+            f"{self.local_batch_size} x {self.seq_len + 1} tokens)"
+            if self.read_seconds is not None else "")
+    return f"{counts} in {self.data_dir}{read}"
 
 
 class SyntheticSource(DataSource):
@@ -209,6 +252,10 @@ def _data_dir(data_cfg, quiet: bool) -> tuple[pathlib.Path, str]:
   if source == "bin":
     if not data_cfg.path:
       raise UserError("data.path must name a directory holding train.bin and val.bin.")
+    if "://" in data_cfg.path:
+      if data_cfg.get("local_copy"):
+        return remote.local_copy(data_cfg.path, data_cfg.local_copy), f"bin {data_cfg.path}"
+      return data_cfg.path, "bin"
     return pathlib.Path(os.path.expanduser(data_cfg.path)), "bin"
   if source == "text":
     paths = (resolve_text_paths(data_cfg.path) if data_cfg.path
