@@ -9,9 +9,10 @@ the i-th character of "chars"; transformers has no character tokenizer). Then
 
   transformers.GPT2LMHeadModel.from_pretrained("HF_DIR")   # the same logits as the run's model
 
-HF_DIR must be new or empty; --force replaces it (only once the new one is complete). Models
-that Hugging Face GPT-2 cannot express (sinusoidal positions, post-LN; a model without biases gets zero biases) and other
-mistakes print one `error:` line and exit with status 2, with nothing written.
+HF_DIR must be new or empty; --force replaces it (only once the new one is complete), never
+with the run itself. A model without biases is written with zero biases (the same function);
+models that Hugging Face GPT-2 cannot express (sinusoidal positions, post-LN) and other mistakes
+print one `error:` line and exit with status 2, with nothing written.
 """
 
 from __future__ import annotations
