@@ -307,7 +307,7 @@ class _Run(NamedTuple):
 
 
 def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-           buckets, window_shift) -> _Run:
+           buckets, window_shift=None) -> _Run:
   """Validates, pads to buckets and prefills. `params` are already in cfg's layer layout."""
   rows = _validate(cfg, prompts, max_new_tokens, eot_id, temperature, top_k, top_p, seed)
   window_shift = check_window_shift(window_shift, cfg.block_size)

@@ -141,7 +141,20 @@ class MetricsWriter:
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
+      record = _gcs_record_writer(self._tb) if self.remote else None
       self._tb.close()
+      if record is not None:
+        # tensorboardX's GCS writer re-uploads its whole file whenever it is flushed, and its
+        # __del__ closes (flushes) it again after close(): one upload at close is enough.
+        record.flush = lambda: None
+
+
+def _gcs_record_writer(tb):
+  """The object tensorboardX writes a gs:// event file through (None where it differs)."""
+  try:
+    return tb._get_file_writer().event_writer._ev_writer._py_recordio_writer._writer  # pylint: disable=protected-access
+  except AttributeError:
+    return None
 
 
 def _summary_writer_cls():
