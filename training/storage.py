@@ -12,6 +12,7 @@ GCS is reached as TensorStore reaches it: its default endpoint, or TENSORSTORE_G
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -41,7 +42,10 @@ def split_gs(path: str) -> tuple[str, str]:
   return bucket, key.strip("/")
 
 
+@functools.lru_cache(maxsize=None)
 def _kvstore(bucket: str, retries: int | None = None):
+  """One TensorStore GCS store per bucket (and retry policy), opened once: a batch's ranged
+  reads reuse its connections instead of opening a store per call."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
   spec: dict[str, Any] = {"driver": "gcs", "bucket": bucket}
   if retries is not None:  # fail fast (the probe): TensorStore retries for minutes by default

@@ -265,14 +265,18 @@ def check_out_dir(out_dir: str | os.PathLike, force: bool = False) -> pathlib.Pa
   if out_dir.exists() and not out_dir.is_dir():
     raise UserError(f"Output directory {str(out_dir)!r} is an existing file.")
   if not force and out_dir.is_dir():
-    entries = sorted(p.name for p in out_dir.iterdir())
-    if entries:
-      shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3
-                                        else "")
-      raise UserError(f"Output directory {str(out_dir)!r} is not empty (it holds {shown}); "
-                      f"choose an empty or new one, or pass --force to replace its "
-                      f"{', '.join([*BIN_NAMES.values(), META_NAME])}.")
+    refuse_non_empty(str(out_dir), [p.name for p in out_dir.iterdir()])
   return out_dir
+
+
+def refuse_non_empty(out_dir: str, entries: list[str]) -> None:
+  """UserError naming what a prepared --out_dir (local or gs://) already holds, if anything."""
+  if entries:
+    entries = sorted(entries)
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise UserError(f"Output directory {out_dir!r} is not empty (it holds {shown}); choose an "
+                    f"empty or new one, or pass --force to replace its "
+                    f"{', '.join([*BIN_NAMES.values(), META_NAME])}.")
 
 
 def _make_out_dir(out_dir: str | os.PathLike) -> pathlib.Path:

@@ -20,7 +20,7 @@ import numpy as np
 
 from model.errors import NotFoundError, UserError
 from training import storage
-from training.data.bin import BIN_NAMES, META_NAME, check_meta
+from training.data.bin import BIN_NAMES, META_NAME, check_meta, refuse_non_empty
 
 
 def read_remote_meta(data_dir: str) -> dict[str, Any]:
@@ -96,12 +96,8 @@ def check_remote_out_dir(out_dir: str, force: bool = False) -> None:
   from etils import epath  # pylint: disable=import-outside-toplevel
   storage.check_remote(out_dir, "--out_dir")
   folder = epath.Path(out_dir)
-  entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-  if entries and not force:
-    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-    raise UserError(f"Output directory {out_dir!r} is not empty (it holds {shown}); choose an "
-                    f"empty or new one, or pass --force to replace its "
-                    f"{', '.join([*BIN_NAMES.values(), META_NAME])}.")
+  if not force and folder.is_dir():
+    refuse_non_empty(out_dir, [p.name for p in folder.iterdir()])
 
 
 def prepare_remote(prepare, out_dir: str, force: bool = False) -> dict[str, Any]:
