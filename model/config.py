@@ -1,4 +1,11 @@
-"""ModelConfig: every architecture choice of a GPT-2-family model, frozen and hashable.
+"""ModelConfig: every architecture choice of a model of the Transformer family, frozen and hashable.
+
+`family` picks the architecture (model/__init__.py: build):
+  gpt     decoder-only, causal (GPT-2; model/transformer.py)
+  bert    encoder-only, bidirectional, masked-LM head (BERT; model/encoder.py)
+  encdec  encoder-decoder with cross-attention (Vaswani et al. 2017, BART; model/encdec.py)
+The other fields mean the same in every family (num_layers: the encoder's layers for encdec,
+num_decoder_layers the decoder's).
 
 A config is a static argument of jitted functions, so it must be hashable: all fields are
 plain Python scalars or strings (dtypes are names like "bfloat16", not numpy objects).
@@ -16,6 +23,10 @@ from model.errors import UserError
 POSITION_EMBEDDINGS = ("learned", "sinusoidal")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+FAMILIES = ("gpt", "bert", "encdec")
+# Token ids a family may need (-1: none). A character or BPE run of bert / encdec appends them
+# after the data's vocabulary (training/data/tasks.py); imported checkpoints bring their own.
+SPECIAL_TOKENS = ("pad_id", "bos_id", "eos_id", "mask_id")
 # "xla": the reference einsum attention written out in model/transformer.py.
 # "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), the cuDNN flash kernel (GPU only).
 # "splash": the Pallas splash-attention kernel (TPU; Pallas interpret mode on the CPU), for
@@ -30,7 +41,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer. Defaults are GPT-2 small (124M)."""
+  """Architecture of a Transformer (family: gpt, bert or encdec). Defaults are GPT-2 small (124M)."""
 
   vocab_size: int = 50257
   # Rows of the embedding / columns of the logits. None means vocab_size. A larger value
@@ -55,6 +66,20 @@ class ModelConfig:
   attention: str = "auto"
   scan_layers: bool = False
   remat: str = "none"
+  # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
+  family: str = "gpt"
+  num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
+  type_vocab_size: int = 0  # token-type (segment) embeddings, BERT's 2; 0: none
+  embed_norm: bool = False  # LayerNorm after the embeddings (BERT, BART)
+  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al. 2017)
+  # Row of the learned position table that position 0 reads (BART's tables start at 2).
+  position_offset: int = 0
+  mlm_head: bool = True  # bert: the masked-LM head (False: a BertModel, hidden states only)
+  head_bias: bool = False  # a [V] bias on the logits (BERT's MLM head, BART's final_logits_bias)
+  pad_id: int = -1
+  bos_id: int = -1  # encdec: the decoder's first input (BART's decoder_start_token_id)
+  eos_id: int = -1
+  mask_id: int = -1
 
   def __post_init__(self):
     if self.d_mlp is None:
@@ -101,9 +126,39 @@ class ModelConfig:
     if self.attention == "splash" and self.block_size % 128:
       raise UserError(f"ModelConfig.attention='splash' needs block_size to be a multiple of 128, "
                       f"got {self.block_size}; use attention='auto' or 'xla'.")
-    for name in ("use_bias", "tie_embeddings", "scan_layers"):
+    if self.family not in FAMILIES:
+      raise UserError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}; got "
+                      f"{self.family!r}.")
+    for name in ("num_decoder_layers", "type_vocab_size", "position_offset"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"ModelConfig.{name} must be a whole number >= 0, got {value!r}.")
+    for name in SPECIAL_TOKENS:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or not (
+          value == -1 or 0 <= value < self.vocab_size):
+        raise UserError(f"ModelConfig.{name} must be -1 (none) or a token id in [0, "
+                        f"{self.vocab_size}), got {value!r}.")
+    if self.family == "encdec" and self.bos_id < 0:
+      raise UserError("ModelConfig.bos_id must be set for family='encdec' (the decoder's "
+                      "first input token).")
+    if self.family != "gpt" and self.attention == "splash":
+      raise UserError(f"ModelConfig.attention='splash' is causal self-attention only; "
+                      f"family={self.family!r} needs attention='auto' or 'xla'.")
+    for name in ("use_bias", "tie_embeddings", "scan_layers", "embed_norm", "embed_scale",
+                 "mlm_head", "head_bias"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+  @property
+  def decoder_layers(self) -> int:
+    """Decoder blocks of an encdec model (num_decoder_layers, 0 meaning num_layers)."""
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def cache_layers(self) -> int:
+    """Layers with a self-attention KV cache: the decoder's (GPT: all of them)."""
+    return self.decoder_layers if self.family == "encdec" else self.num_layers
 
   @property
   def head_dim(self) -> int:
@@ -153,6 +208,20 @@ _PRESETS: dict[str, dict[str, Any]] = {
                              resid_dropout=0.2, use_bias=False),
     # A few-thousand-parameter model for tests.
     "tiny": dict(vocab_size=128, block_size=64, num_layers=2, num_heads=4, d_model=64),
+    # BERT base (Devlin et al. 2018; bert-base-uncased's shapes): 110M parameters.
+    "bert-base": dict(family="bert", vocab_size=30522, block_size=512, num_layers=12,
+                      num_heads=12, d_model=768, type_vocab_size=2, embed_norm=True,
+                      norm_placement="post", activation="gelu", layer_norm_epsilon=1e-12,
+                      head_bias=True, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1,
+                      pad_id=0, mask_id=103),
+    # The base Transformer of "Attention Is All You Need" (Vaswani et al. 2017): 6 + 6 layers,
+    # width 512, 8 heads, MLP 2048, sinusoidal positions, post-LN, ReLU, shared embeddings
+    # scaled by sqrt(512), dropout 0.1; a 37,000-token shared BPE vocabulary.
+    "transformer-base": dict(family="encdec", vocab_size=37000, block_size=256, num_layers=6,
+                             num_heads=8, d_model=512, d_mlp=2048, position_embedding="sinusoidal",
+                             norm_placement="post", activation="relu", embed_scale=True,
+                             embd_dropout=0.1, attn_dropout=0.0, resid_dropout=0.1,
+                             pad_id=0, bos_id=1, eos_id=2),
 }
 
 
@@ -161,7 +230,7 @@ def preset_names() -> tuple[str, ...]:
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
-  """A named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, shakespeare-char, tiny)."""
+  """A named preset (see preset_names())."""
   if name not in _PRESETS:
     raise UserError(f"Unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}.")
   fields = set(field_names())

@@ -103,6 +103,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = Non
   if cfg.position_embedding == "learned" and max_len > cfg.block_size:
     raise UserError(f"KV cache length {max_len} exceeds the model's block_size "
                     f"{cfg.block_size} (learned positions stop there).")
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads * cfg.head_dim)
+  shape = (cfg.cache_layers, batch_size, max_len, cfg.num_heads * cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

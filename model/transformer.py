@@ -162,28 +162,58 @@ class EinsumDense(nn.Module):
     return y
 
 
-class CausalSelfAttention(nn.Module):
-  """With a KV cache (k_LBSD, v_LBSD, layer) the new keys and values are written into layer
-  `layer` of the whole-model cache arrays and attention reads them back from there (see
-  `cached_attention`); `cache_chunks` as its num_chunks."""
+class Attention(nn.Module):
+  """Multi-head attention, one module for every use in the family (`kind`):
+
+    causal         self-attention, query t seeing keys <= t (GPT, the encdec decoder); with a
+                   KV cache (k_LBSD, v_LBSD, layer) the new keys and values are written into
+                   layer `layer` of the whole-model cache arrays and attention reads them back
+                   from there (see `cached_attention`; `cache_chunks` as its num_chunks)
+    bidirectional  self-attention to every key whose key_mask_BS entry is True (all when
+                   None): the encoder, padding masked
+    cross          queries from x_BTD, keys and values from `memory`: the encoder output
+                   enc_BSD (projected here by c_kv), or the already projected (k_BSHK, v_BSHK)
+                   of a cross-attention cache (`cross_kv`, computed once per source); keys
+                   masked by key_mask_BS (the source padding)
+
+  Self-attention projects q, k, v with one fused c_attn [D, 3, H, K] (GPT-2's names);
+  cross-attention with c_q [D, H, K] and c_kv [D, 2, H, K]; the output with c_proj [H, K, D].
+  """
   cfg: ModelConfig
   deterministic: bool = True
   cache_chunks: int | None = None
+  kind: str = "causal"
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, kv_cache):
+  def __call__(self, x_BTD, positions_BT=None, kv_cache=None, key_mask_BS=None, memory=None):
     cfg = self.cfg
     H, K = cfg.num_heads, cfg.head_dim
-    qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
-                            ("embed", "qkv", "heads", "kv"), 0.02, name="c_attn")(x_BTD)
-    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+    if self.kind == "cross":
+      q_BTHK = EinsumDense(cfg, "BTD,DHK->BTHK", (cfg.d_model, H, K), ("embed", "heads", "kv"),
+                           0.02, name="c_q")(x_BTD)
+      if isinstance(memory, tuple):
+        k_BTHK, v_BTHK = memory
+      else:
+        kv_BS2HK = EinsumDense(cfg, "BSD,DCHK->BSCHK", (cfg.d_model, 2, H, K),
+                               ("embed", "qkv", "heads", "kv"), 0.02, name="c_kv")(memory)
+        k_BTHK, v_BTHK = kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1]
+    else:
+      qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
+                              ("embed", "qkv", "heads", "kv"), 0.02, name="c_attn")(x_BTD)
+      q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
     k_BTHK = _constrain(k_BTHK, ACT_BTHK)
     v_BTHK = _constrain(v_BTHK, ACT_BTHK)
 
     attn_dropout = cfg.attn_dropout > 0 and not self.deterministic
     dropout = nn.Dropout(cfg.attn_dropout, deterministic=False) if attn_dropout else None
-    if kv_cache is None:
+    if self.kind != "causal":
+      B, T, S = q_BTHK.shape[0], q_BTHK.shape[1], k_BTHK.shape[1]
+      mask_B1TS = (jnp.ones((B, 1, T, S), bool) if key_mask_BS is None
+                   else jnp.broadcast_to(key_mask_BS.astype(bool)[:, None, None, :],
+                                         (B, 1, T, S)))
+      out_BTHK = reference_attention(q_BTHK, k_BTHK, v_BTHK, mask_B1TS, dropout)
+    elif kv_cache is None:
       T = x_BTD.shape[1]
       # model/attention.py; init only needs shapes (and traces a short dummy sequence)
       impl = "xla" if self.is_initializing() else attention.implementation(cfg, T, attn_dropout)
@@ -210,6 +240,34 @@ class CausalSelfAttention(nn.Module):
     return y_BTD, kv_cache
 
 
+CausalSelfAttention = Attention  # GPT's name for it (kind="causal", the default)
+
+
+def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A cross-attention layer's keys and values [B, S, H, K] from its c_kv parameters (kernel
+  [..., D, 2, H, K], bias [..., 2, H, K]; a leading L axis for the scan layout gives [L, B, S,
+  H, K]): the same projection Attention(kind="cross") applies to the encoder output."""
+  dt = cfg.compute_dtype
+  kernel = c_kv["kernel"].astype(dt)
+  if kernel.ndim == 5:
+    kv = jnp.einsum("BSD,LDCHK->LBSCHK", enc_BSD.astype(dt), kernel)
+  else:
+    kv = jnp.einsum("BSD,DCHK->BSCHK", enc_BSD.astype(dt), kernel)
+  if cfg.use_bias:
+    bias = c_kv["bias"].astype(dt)
+    kv = kv + (bias[:, None, None] if kernel.ndim == 5 else bias)
+  return kv[..., 0, :, :], kv[..., 1, :, :]
+
+
+def activate(cfg: ModelConfig, h):
+  """cfg.activation: GELU (tanh approximation: GPT-2's gelu_new), exact GELU, or ReLU."""
+  if cfg.activation == "gelu_tanh":
+    return jax.nn.gelu(h, approximate=True)
+  if cfg.activation == "gelu":
+    return jax.nn.gelu(h, approximate=False)
+  return jax.nn.relu(h)
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
@@ -220,13 +278,7 @@ class MLP(nn.Module):
     h_BTF = nn.Dense(cfg.d_mlp, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "mlp")),
                      bias_init=_zeros(("mlp",)), name="c_fc")(x_BTD)
-    h_BTF = _constrain(h_BTF, ACT_BTF)
-    if cfg.activation == "gelu_tanh":
-      h_BTF = jax.nn.gelu(h_BTF, approximate=True)
-    elif cfg.activation == "gelu":
-      h_BTF = jax.nn.gelu(h_BTF, approximate=False)
-    else:
-      h_BTF = jax.nn.relu(h_BTF)
+    h_BTF = activate(cfg, _constrain(h_BTF, ACT_BTF))
     y_BTD = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype,
                      kernel_init=_normal(_residual_std(cfg), ("mlp", "embed")),
@@ -237,24 +289,40 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One transformer block; (x, kv_cache, positions) -> (x, new kv_cache). kv_cache is None or
   (k_LBSD, v_LBSD, layer): the whole-model cache arrays and this block's layer index, returned
-  as (updated k, updated v, layer + 1) for the next block."""
+  as (updated k, updated v, layer + 1) for the next block.
+
+  `kind` is its self-attention's (causal: GPT and the decoder; bidirectional: the encoder, keys
+  masked by key_mask_BS). With `cross` (the encdec decoder) a cross-attention sub-block
+  ("cross", normed by "ln_x") follows the self-attention, attending to `memory` (see Attention)
+  with the source padding memory_mask_BS."""
   cfg: ModelConfig
   deterministic: bool = True
   cache_chunks: int | None = None
+  kind: str = "causal"
+  cross: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, kv_cache, positions_BT):
+  def __call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS=None, memory=None,
+               memory_mask_BS=None):
     cfg = self.cfg
-    attn = CausalSelfAttention(cfg, self.deterministic, self.cache_chunks, name="attn")
+    attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
     mlp = MLP(cfg, self.deterministic, name="mlp")
     ln_1, ln_2 = LayerNorm(cfg, name="ln_1"), LayerNorm(cfg, name="ln_2")
+    cross = ln_x = None
+    if self.cross:
+      cross = Attention(cfg, self.deterministic, kind="cross", name="cross")
+      ln_x = LayerNorm(cfg, name="ln_x")
     if cfg.norm_placement == "pre":
-      y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache)
+      y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache, key_mask_BS)
       x_BTD = x_BTD + y_BTD
+      if cross is not None:
+        x_BTD = x_BTD + cross(ln_x(x_BTD), key_mask_BS=memory_mask_BS, memory=memory)[0]
       x_BTD = x_BTD + mlp(ln_2(x_BTD))
     else:  # post-LN, as in the original Transformer
-      y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache)
+      y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache, key_mask_BS)
       x_BTD = ln_1(x_BTD + y_BTD)
+      if cross is not None:
+        x_BTD = ln_x(x_BTD + cross(x_BTD, key_mask_BS=memory_mask_BS, memory=memory)[0])
       x_BTD = ln_2(x_BTD + mlp(x_BTD))
     if kv_cache is not None:
       kv_cache = (kv_cache[0], kv_cache[1], kv_cache[2] + 1)
@@ -263,11 +331,14 @@ class Block(nn.Module):
 
 class _ScannedBlock(Block):
   """Block as an nn.scan body: the carry is (x, kv_cache), so the cache arrays are carried and
-  updated in place instead of being split per layer and restacked."""
+  updated in place instead of being split per layer and restacked. `memory` is scanned over
+  (a cross-attention cache's per-layer keys and values) or broadcast (the encoder output)."""
 
-  def __call__(self, carry, positions_BT):  # pylint: disable=arguments-differ
+  def __call__(self, carry, positions_BT, key_mask_BS=None, memory=None,  # pylint: disable=arguments-differ
+               memory_mask_BS=None):
     x_BTD, kv_cache = carry
-    return Block.__call__(self, x_BTD, kv_cache, positions_BT), None
+    return Block.__call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS, memory,
+                          memory_mask_BS), None
 
 
 def _remat_policy(name: str):
@@ -276,6 +347,98 @@ def _remat_policy(name: str):
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
   }[name]
+
+
+def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, deterministic: bool,
+          default_positions: bool, wpe_name: str = "wpe", norm_name: str | None = None,
+          token_types_BT=None):
+  """Token (+ position, + token-type) embeddings [B, T, D], called inside a module's compact
+  method (the tables it creates belong to that module): token rows times sqrt(D) with
+  `embed_scale`; learned positions read rows position_offset + p of the table `wpe_name`, or
+  sinusoidal ones are added; token types (type_vocab_size > 0) from "wtt"; a LayerNorm named
+  `norm_name` when cfg.embed_norm; then embedding dropout."""
+  T = tokens_BT.shape[1]
+  x_BTD = _lookup(wte, tokens_BT, "act_vocab")
+  if cfg.embed_scale:
+    x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), x_BTD.dtype)
+  if cfg.position_embedding == "learned":
+    wpe = nn.Embed(cfg.block_size + cfg.position_offset, cfg.d_model, dtype=cfg.compute_dtype,
+                   param_dtype=cfg.params_dtype,
+                   embedding_init=_normal(0.02, ("position", "embed")), name=wpe_name)
+    off = cfg.position_offset
+    if default_positions:  # rows 0..T-1 for every sequence: a slice, no lookup
+      wpe_TD = _constrain(wpe.embedding, (None, "act_embed"))[off:off + T].astype(wpe.dtype)
+      x_BTD = x_BTD + wpe_TD[None]
+    else:
+      x_BTD = x_BTD + _lookup(wpe, positions_BT + off, None)
+  else:
+    x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
+  if cfg.type_vocab_size:
+    wtt = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                   param_dtype=cfg.params_dtype,
+                   embedding_init=_normal(0.02, ("token_types", "embed")), name="wtt")
+    types_BT = (jnp.zeros_like(tokens_BT) if token_types_BT is None
+                else token_types_BT.astype(jnp.int32))
+    x_BTD = x_BTD + _lookup(wtt, types_BT, None)
+  if cfg.embed_norm:
+    x_BTD = LayerNorm(cfg, name=norm_name)(x_BTD)
+  x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
+  return _constrain(x_BTD, ACT_BTD)
+
+
+def stack(cfg: ModelConfig, x_BTD, kv, positions_BT, *, num_layers: int, name: str,
+          deterministic: bool, cache_chunks: int | None = None, kind: str = "causal",
+          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None):
+  """num_layers Blocks (kind, cross) applied in turn, inside a module's compact method: one
+  nn.scan module `name` with cfg.scan_layers (parameters with a leading L axis), else modules
+  `name`_0 .. `name`_{L-1}; each under jax.checkpoint per cfg.remat. `memory` is the encoder
+  output (every layer) or a cross-attention cache's ([L, B, S, H, K] keys, values): layer i
+  reads its slice. Returns (x, kv)."""
+  def maybe_remat(cls):
+    if cfg.remat == "none":
+      return cls
+    return nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+
+  per_layer = isinstance(memory, tuple)
+  if cfg.scan_layers:
+    blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast, nn.broadcast, 0 if per_layer else nn.broadcast,
+                              nn.broadcast),
+                     length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x_BTD, kv), _ = blocks(cfg, deterministic, cache_chunks, kind, cross, name=name)(
+        (x_BTD, kv), positions_BT, key_mask_BS, memory, memory_mask_BS)
+    return x_BTD, kv
+  block_cls = maybe_remat(Block)
+  for i in range(num_layers):
+    layer_memory = (memory[0][i], memory[1][i]) if per_layer else memory
+    x_BTD, kv = block_cls(cfg, deterministic, cache_chunks, kind, cross, name=f"{name}_{i}")(
+        x_BTD, kv, positions_BT, key_mask_BS, layer_memory, memory_mask_BS)
+  return x_BTD, kv
+
+
+def output_logits(module: nn.Module, wte: nn.Embed, x_BTD):
+  """The LM head inside `module`'s compact method (its parameters are module's): the tied token
+  embedding (or an untied "lm_head"), plus the "head_bias" [V] with cfg.head_bias; float32,
+  padded rows MASK_VALUE."""
+  cfg = module.cfg
+  if cfg.tie_embeddings:
+    logits_BTV = wte.attend(x_BTD)
+  else:
+    logits_BTV = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.params_dtype,
+                          kernel_init=_normal(0.02, ("embed", "vocab")), name="lm_head")(x_BTD)
+  if cfg.head_bias:
+    bias_V = module.param("head_bias", _zeros(("vocab",)), (cfg.padded_vocab_size,),
+                          cfg.params_dtype)
+    logits_BTV = logits_BTV.astype(jnp.float32) + bias_V.astype(jnp.float32)
+  return _mask_padded(cfg, logits_BTV)
+
+
+def token_embedding(cfg: ModelConfig) -> nn.Embed:
+  return nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                  param_dtype=cfg.params_dtype, embedding_init=_normal(0.02, ("vocab", "embed")),
+                  name="wte")
 
 
 class GPT(nn.Module):
@@ -299,57 +462,18 @@ class GPT(nn.Module):
     default_positions = positions_BT is None
     if default_positions:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    wte = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                   param_dtype=cfg.params_dtype,
-                   embedding_init=_normal(0.02, ("vocab", "embed")), name="wte")
-    x_BTD = _lookup(wte, tokens_BT, "act_vocab")
-    if cfg.position_embedding == "learned":
-      wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.params_dtype,
-                     embedding_init=_normal(0.02, ("position", "embed")), name="wpe")
-      if default_positions:  # rows 0..T-1 for every sequence: a slice, no lookup
-        wpe_TD = _constrain(wpe.embedding, (None, "act_embed"))[:T].astype(wpe.dtype)
-        x_BTD = x_BTD + wpe_TD[None]
-      else:
-        x_BTD = x_BTD + _lookup(wpe, positions_BT, None)
-    else:
-      x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
-    x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
-    x_BTD = _constrain(x_BTD, ACT_BTD)
-
-    def maybe_remat(cls):
-      if cfg.remat == "none":
-        return cls
-      return nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-
+    wte = token_embedding(cfg)
+    x_BTD = embed(cfg, wte, tokens_BT, positions_BT, deterministic=deterministic,
+                  default_positions=default_positions, norm_name="ln_emb")
     if cache is None:
       kv = None
     else:
       kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
-    if cfg.scan_layers:
-      blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast,), length=cfg.num_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      (x_BTD, kv), _ = blocks(cfg, deterministic, self.cache_chunks, name="h")(
-          (x_BTD, kv), positions_BT)
-    else:
-      block_cls = maybe_remat(Block)
-      for i in range(cfg.num_layers):
-        x_BTD, kv = block_cls(cfg, deterministic, self.cache_chunks, name=f"h_{i}")(
-            x_BTD, kv, positions_BT)
+    x_BTD, kv = stack(cfg, x_BTD, kv, positions_BT, num_layers=cfg.num_layers, name="h",
+                      deterministic=deterministic, cache_chunks=self.cache_chunks)
     if cfg.norm_placement == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-
-    if return_hidden:
-      out = x_BTD
-    elif cfg.tie_embeddings:
-      out = _mask_padded(cfg, wte.attend(x_BTD))
-    else:
-      out = _mask_padded(cfg, nn.Dense(
-          cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-          param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "vocab")),
-          name="lm_head")(x_BTD))
+    out = x_BTD if return_hidden else output_logits(self, wte, x_BTD)
     if cache is None:
       return out
     return out, {"k": _constrain(kv[0], CACHE_AXES), "v": _constrain(kv[1], CACHE_AXES)}
@@ -373,7 +497,10 @@ def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
 def logits_from_hidden(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
   """The LM head applied to `return_hidden` outputs: the same float32 logits GPT returns."""
   w_DV = lm_head_weight(params, cfg).astype(cfg.compute_dtype)
-  return _mask_padded(cfg, jnp.einsum("BTD,DV->BTV", x_BTD.astype(cfg.compute_dtype), w_DV))
+  logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD.astype(cfg.compute_dtype), w_DV)
+  if cfg.head_bias:
+    logits_BTV = logits_BTV.astype(jnp.float32) + params["head_bias"].astype(jnp.float32)
+  return _mask_padded(cfg, logits_BTV)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, *, batch_size: int = 1,
@@ -382,8 +509,23 @@ def init_params(cfg: ModelConfig, rng: jax.Array, *, batch_size: int = 1,
   already sharded for real runs). With unbox=False the logical-axis metadata is kept."""
   seq_len = min(cfg.block_size, 8) if seq_len is None else seq_len
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-  variables = GPT(cfg).init(rng, tokens)
+  if cfg.family == "encdec":
+    variables = build(cfg).init(rng, tokens, tokens)
+  else:
+    variables = build(cfg).init(rng, tokens)
   return nn.unbox(variables["params"]) if unbox else variables["params"]
+
+
+def build(cfg: ModelConfig, **kwargs) -> nn.Module:
+  """The Flax module of cfg.family: GPT, Encoder (model/encoder.py) or EncoderDecoder
+  (model/encdec.py)."""
+  if cfg.family == "gpt":
+    return GPT(cfg, **kwargs)
+  if cfg.family == "bert":
+    from model.encoder import Encoder  # pylint: disable=import-outside-toplevel
+    return Encoder(cfg, **kwargs)
+  from model.encdec import EncoderDecoder  # pylint: disable=import-outside-toplevel
+  return EncoderDecoder(cfg, **kwargs)
 
 
 def abstract_params(cfg: ModelConfig, *, unbox: bool = True):
@@ -409,26 +551,41 @@ def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
   return total
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
+def layer_groups(cfg: ModelConfig) -> tuple[tuple[str, str, int], ...]:
+  """(scan-layout name, loop-layout prefix, count) of each stack of blocks: GPT and the encoder
+  h / h_<i>; the encoder-decoder enc / enc_<i> and dec / dec_<i>."""
+  if cfg.family == "encdec":
+    return (("enc", "enc", cfg.num_layers), ("dec", "dec", cfg.decoder_layers))
+  return (("h", "h", cfg.num_layers),)
+
+
+def _is_layer(key: str, prefix: str) -> bool:
+  return key.startswith(f"{prefix}_") and key[len(prefix) + 1:].isdigit()
+
+
+def stack_layers(params: dict, num_layers: int, name: str = "h", prefix: str = "h") -> dict:
   """Loop layout (h_0 .. h_{L-1}) -> scan layout (h with a leading L axis)."""
-  if "h" in params:
+  if name in params:
     return params
-  blocks = [params[f"h_{i}"] for i in range(num_layers)]
-  out = {k: v for k, v in params.items() if not k.startswith("h_")}
-  out["h"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+  blocks = [params[f"{prefix}_{i}"] for i in range(num_layers)]
+  out = {k: v for k, v in params.items() if not _is_layer(k, prefix)}
+  out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
   return out
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
+def unstack_layers(params: dict, num_layers: int, name: str = "h", prefix: str = "h") -> dict:
   """Scan layout (h with a leading L axis) -> loop layout (h_0 .. h_{L-1})."""
-  if "h" not in params:
+  if name not in params:
     return params
-  out = {k: v for k, v in params.items() if k != "h"}
+  out = {k: v for k, v in params.items() if k != name}
   for i in range(num_layers):
-    out[f"h_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["h"])
+    out[f"{prefix}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
   return out
 
 
-def convert_layout(params: dict, cfg: ModelConfig) -> dict:
-  """Parameters in the layer layout `cfg.scan_layers` expects."""
-  return (stack_layers if cfg.scan_layers else unstack_layers)(params, cfg.num_layers)
+def convert_layout(params: dict, cfg: ModelConfig, scan_layers: bool | None = None) -> dict:
+  """Parameters in the layer layout `scan_layers` (default cfg.scan_layers) asks for."""
+  scan = cfg.scan_layers if scan_layers is None else scan_layers
+  for name, prefix, count in layer_groups(cfg):
+    params = (stack_layers if scan else unstack_layers)(params, count, name, prefix)
+  return params

@@ -1,7 +1,9 @@
 """The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
 
 Parameters (created with nn.with_logical_partitioning in model/transformer.py):
-  vocab, embed, mlp, heads, kv, qkv, norm, position, layers
+  vocab, embed, mlp, heads, kv, qkv, norm, position, token_types, layers
+(the same names for every family: BERT's token-type table is token_types x embed; the
+encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)
 Activations (constrained with nn.with_logical_constraint):
   act_batch, act_length, act_embed, act_heads, act_kv, act_mlp, act_vocab,
   cache_layers, cache_length (the KV cache [L, B, S, H*K]; its last axis is "act_heads")
@@ -55,6 +57,7 @@ DEFAULT_RULES: Rules = (
     ("qkv", None),
     ("norm", None),
     ("position", None),
+    ("token_types", None),
     ("layers", None),
     # activations
     ("act_batch", BATCH_AXES),
