@@ -56,8 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
   # logits recomputed in the backward pass, so the [B, T, V] float32 logits never exist at once
   # (training/step.py); 0: the full logits. Worth it for large vocabularies (docs/performance.md).
   c.train.loss_chunk = 0
+  # bert / encdec: the loss is (1 - e) cross-entropy + e x the mean -log p over the vocabulary
+  # (Szegedy et al. 2016; the 2017 Transformer's 0.1); eval reports the plain cross-entropy.
+  c.train.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
+  # cosine (nanoGPT's) | rsqrt (the 2017 Transformer's inverse square root; min_lr unused)
+  c.optimizer.schedule = "cosine"
   c.optimizer.lr = 6e-4  # peak learning rate, after warmup_steps of linear warmup
   c.optimizer.min_lr = 6e-5  # cosine decay ends here at decay_steps
   c.optimizer.warmup_steps = 100
@@ -85,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 250  # steps between evaluations (and after the last step); 0: never
   c.eval.batches = 20  # fixed val batches (of train.batch_size) averaged into val_loss
+  # encdec: val pairs (a fixed sample) whose greedy outputs give val_exact_match; -1: all
+  c.eval.exact_match = 256
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1000  # steps between checkpoints (one is always saved at the end)

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, Sequence, TextIO
 import jax
 from absl import flags
 
-from launch import cli
+from launch import cli, sample_families
 from model.errors import UserError
 from model.sampling import (check_prompt, check_settings, check_window_shift, generate,
                             generate_stream)
@@ -83,6 +83,10 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling, in (0, 1]; 1 is off.", flag_
 flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
                   "checkpoint's; float32 for Hugging Face checkpoints).", flag_values=FLAGS)
+flags.DEFINE_integer("num_beams", 1, "Encoder-decoder models: beam search with this many "
+                     "beams (1: sampling / greedy).", flag_values=FLAGS)
+flags.DEFINE_float("length_penalty", 1.0, "Beam search: a finished hypothesis scores its summed "
+                   "log-probability / length ** length_penalty.", flag_values=FLAGS)
 flags.DEFINE_bool("no_stop", False, "Do not stop a sample at <|endoftext|>.", flag_values=FLAGS)
 flags.DEFINE_bool("stream", False, "Print text as it is generated.", flag_values=FLAGS)
 flags.DEFINE_bool("json", False, "One JSON object per sample per line.", flag_values=FLAGS)
@@ -253,6 +257,8 @@ def prepare() -> Batch:
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about read-only directories
   try:
     cfg, saved_tokenizer, step, label = describe_model()
+    if cfg.family != "gpt":
+      return _prepare_family(cfg, saved_tokenizer, label, prompts)
     tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size)
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
@@ -267,6 +273,26 @@ def prepare() -> Batch:
                row_prompts=[text for text in prompts for _ in range(n)],
                eot_id=stop_token(tokenizer, cfg.vocab_size, stop=not FLAGS.no_stop),
                label=label, max_new_tokens=max_new_tokens)
+
+
+class FamilyBatch(NamedTuple):
+  """An encoder (fill-mask) or encoder-decoder (source -> target) job (launch/sample_families.py)."""
+  cfg: Any
+  params: Any
+  tokenizer: Any
+  prompts: list[str]
+  rows: list[list[int]]
+  label: str
+
+
+def _prepare_family(cfg, saved_tokenizer, label, prompts) -> FamilyBatch:
+  directory = None
+  if saved_tokenizer is None:
+    from model.pretrained import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
+    directory = resolve_checkpoint_dir(FLAGS.init_from)
+  tokenizer = sample_families.family_tokenizer(saved_tokenizer, cfg, directory)
+  rows = sample_families.check_prompts(FLAGS, cfg, tokenizer, prompts or [], _prompt_name)
+  return FamilyBatch(cfg, load_params(cfg), tokenizer, prompts, rows, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +407,9 @@ def _status(text: str) -> None:
 def _main(args: list[str]) -> int:
   cli.no_arguments(args)
   batch = prepare()
+  if isinstance(batch, FamilyBatch):
+    return sample_families.run(FLAGS, batch.cfg, batch.params, batch.tokenizer, batch.prompts,
+                               batch.rows, f"sampling {batch.label}", _status)
   _status(f"sampling {batch.label}: {len(batch.rows)} sample(s) of up to "
           f"{batch.max_new_tokens} tokens, {batch.tokenizer.name} tokenizer, "
           f"{batch.cfg.dtype} compute")

@@ -139,9 +139,6 @@ class ModelConfig:
           value == -1 or 0 <= value < self.vocab_size):
         raise UserError(f"ModelConfig.{name} must be -1 (none) or a token id in [0, "
                         f"{self.vocab_size}), got {value!r}.")
-    if self.family == "encdec" and self.bos_id < 0:
-      raise UserError("ModelConfig.bos_id must be set for family='encdec' (the decoder's "
-                      "first input token).")
     if self.family != "gpt" and self.attention == "splash":
       raise UserError(f"ModelConfig.attention='splash' is causal self-attention only; "
                       f"family={self.family!r} needs attention='auto' or 'xla'.")

@@ -213,3 +213,54 @@ class TextStream:
       return ""
     new, self._shown = text[len(self._shown):], text
     return new
+
+
+MASK_TEXT = "[MASK]"  # how a prompt writes the mask token of a bert run
+
+
+class WithSpecials:
+  """The tokenizer of a bert / encdec run: its data's tokenizer (`base`) plus the special ids
+  the model appended after that vocabulary (training/data/tasks.py). `encode` turns each
+  literal "[MASK]" into mask_id; `decode` shows mask_id as "[MASK]" and drops the other
+  specials (pad, bos, eos)."""
+
+  def __init__(self, base: Tokenizer, *, vocab_size: int, mask_id: int = -1):
+    self.base, self.name = base, base.name
+    self.vocab_size = vocab_size
+    self.eot_id: int | None = None
+    self.mask_id = mask_id if mask_id >= 0 else None
+    self.mask_token = MASK_TEXT
+
+  def encode(self, text: str) -> list[int]:
+    pieces = text.split(MASK_TEXT) if self.mask_id is not None else [text]
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+      if i:
+        ids.append(self.mask_id)
+      if piece:
+        ids.extend(self.base.encode(piece))
+    return ids
+
+  def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    out, run = [], []
+    for i in (int(i) for i in ids):
+      if i < self.base.vocab_size:
+        run.append(i)
+        continue
+      if run:
+        out.append(self.base.decode(run))
+        run = []
+      if i == self.mask_id:
+        out.append(MASK_TEXT)
+    if run:
+      out.append(self.base.decode(run))
+    return "".join(out)
+
+  def num_bytes(self, ids: Iterable[int]) -> int:
+    return len(self.decode(ids).encode("utf-8"))
+
+  def to_dict(self) -> dict[str, Any]:
+    return self.base.to_dict()

@@ -539,13 +539,15 @@ def num_params(params: Any) -> int:
 
 
 def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
-  """Number of parameters (from abstract shapes). non_embedding drops wpe and, when the head
-  is untied, wte (the convention of nanoGPT's get_num_params subtracts wpe only)."""
+  """Number of parameters (from abstract shapes). non_embedding drops the position tables (wpe,
+  wpe_dec), the token-type table (wtt) and, when the head is untied, wte (the convention of
+  nanoGPT's get_num_params subtracts wpe only)."""
   shapes = abstract_params(cfg)
   total = num_params(shapes)
   if non_embedding:
-    if "wpe" in shapes:
-      total -= math.prod(shapes["wpe"]["embedding"].shape)
+    for table in ("wpe", "wpe_dec", "wtt"):  # lookups (positions, token types)
+      if table in shapes:
+        total -= math.prod(shapes[table]["embedding"].shape)
     if not cfg.tie_embeddings:
       total -= math.prod(shapes["wte"]["embedding"].shape)
   return total

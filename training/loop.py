@@ -139,18 +139,30 @@ class _MetricsReader:
                     "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
                     "mfu": flops.mfu(tps, self.t.flops_per_token, self.t.device_kind,
                                      self.t.mesh.devices.size)}
+        # the family's metrics (accuracy: masked-token or target-token)
+        self.row.update({k: float(v) for k, v in m.items()
+                         if k not in ("loss", "lr", "grad_norm")})
         if self.is_log_step(step) and not (hold_last and step == last_step):
           self._emit(self.row)
 
-  def log_eval(self, step: int, val_loss: float) -> None:
-    """Add val_loss to the row of `step` (the last one read)."""
-    self.summary["val_loss"] = val_loss
-    self._emit(dict(self.row, val_loss=val_loss))
+  def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    """Add the eval metrics (val_loss, ...) to the row of `step` (the last one read)."""
+    self.summary.update(metrics)
+    self._emit(dict(self.row, **metrics))
 
   def _emit(self, row: dict) -> None:
     if self.writer is not None:
       self.writer.write(row)
     self.t.console.row(row, self.train_seconds)
+
+
+def exact_match(params, cfg, pairs, batch_size: int = 256) -> float:
+  """The share of (source, target) pairs whose greedy output (model/seq2seq.py) is exactly the
+  target."""
+  from model import seq2seq  # pylint: disable=import-outside-toplevel
+  outs = seq2seq.generate(params, cfg, [s for s, _ in pairs], max_new_tokens=cfg.block_size,
+                          batch_size=batch_size)
+  return float(np.mean([list(out) == list(tgt) for (out, _), (_, tgt) in zip(outs, pairs)]))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
@@ -200,6 +212,10 @@ class _Trainer:
     self.flops_per_token = flops.flops_per_token(run.model, run.seq_len)
     self.device_kind = jax.devices()[0].device_kind
     self.val_batches = [run.source.get_batch("val", i) for i in range(c.eval.batches)]
+    # encdec: the fixed val pairs whose greedy outputs give val_exact_match
+    self.match_pairs = (run.source.eval_pairs(c.eval.get("exact_match", 256))
+                        if run.model.family == "encdec" and c.eval.batches
+                        and c.eval.get("exact_match", 256) != 0 else [])
     self.is_main = jax.process_index() == 0
     # Several CPU devices in one process: let each step finish before the next is dispatched
     # (the next batch is prepared meanwhile). XLA:CPU can deadlock when two queued steps'
@@ -337,13 +353,19 @@ class _Trainer:
     finally:
       batches.close()
 
-  def _evaluate(self, params) -> float:
-    losses = []
+  def _evaluate(self, params) -> dict[str, float]:
+    """val_loss (and val_accuracy for bert / encdec; val_exact_match for encdec: the share of
+    the fixed val pairs whose greedy output is exactly the target) over the fixed val batches."""
+    results = []
     for b in self.val_batches:
-      losses.append(self.eval_step(params, shard_batch(b, self.mesh)))
+      results.append(self.eval_step(params, shard_batch(b, self.mesh)))
       if self.one_step_at_a_time:
-        jax.block_until_ready(losses[-1])
-    return float(np.mean(jax.device_get(losses)))
+        jax.block_until_ready(results[-1])
+    host = jax.device_get(results)
+    out = {f"val_{k}": float(np.mean([r[k] for r in host])) for k in host[0]}
+    if self.match_pairs:
+      out["val_exact_match"] = exact_match(params, self.run_.model, self.match_pairs)
+    return out
 
   def _save(self, state, step: int) -> None:
     run = self.run_

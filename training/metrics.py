@@ -219,8 +219,14 @@ class Console:
     parts = [f"step {step}/{self.total}"]
     if row.get("loss") is not None:
       parts.append(f"loss {row['loss']:.4f}")
+    if row.get("accuracy") is not None:
+      parts.append(f"acc {100 * row['accuracy']:.1f}%")
     if row.get("val_loss") is not None:
       parts.append(f"val {row['val_loss']:.4f}")
+    if row.get("val_accuracy") is not None:
+      parts.append(f"val acc {100 * row['val_accuracy']:.1f}%")
+    if row.get("val_exact_match") is not None:
+      parts.append(f"exact match {100 * row['val_exact_match']:.1f}%")
     if row.get("tokens_per_sec") is not None:
       parts.append(f"{format_count(row['tokens_per_sec'])} tok/s")
     if row.get("mfu") is not None:

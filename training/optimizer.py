@@ -2,8 +2,11 @@
 
     tx = make_optimizer(config.optimizer, total_steps=config.train.steps)
 
-- learning rate: linear warmup lr * (s + 1) / (warmup + 1) for s < warmup, then cosine decay
-  from lr to min_lr over [warmup, decay_steps], then min_lr (nanoGPT's get_lr, s = 0-based step);
+- learning rate (schedule="cosine"): linear warmup lr * (s + 1) / (warmup + 1) for s < warmup,
+  then cosine decay from lr to min_lr over [warmup, decay_steps], then min_lr (nanoGPT's
+  get_lr, s = 0-based step); schedule="rsqrt": the 2017 Transformer's
+  lr * min((s + 1) / warmup, sqrt(warmup / (s + 1))), i.e. d^-0.5 min(n^-0.5, n warmup^-1.5)
+  with n = s + 1 when lr = (d warmup)^-0.5 (its peak, at n = warmup);
 - weight decay only on weight matrices ("kernel" leaves; "embedding" leaves too when
   decay_embeddings), never on biases or norm scales;
 - gradients clipped to a global norm of `clip` first (0 disables clipping).
@@ -50,7 +53,28 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def rsqrt_schedule(lr: float, warmup_steps: int) -> Callable[[Any], jax.Array]:
+  """Vaswani et al. (2017): linear warmup to lr at step warmup, then lr sqrt(warmup / n)."""
+  lr, warmup = float(lr), max(int(warmup_steps), 1)
+
+  def schedule(step):
+    n = jnp.asarray(step, jnp.float32) + 1.0
+    return lr * jnp.minimum(n / warmup, jnp.sqrt(warmup / n))
+
+  return schedule
+
+
+SCHEDULES = ("cosine", "rsqrt")
+
+
 def schedule_from_config(opt, total_steps: int) -> Callable[[Any], jax.Array]:
+  kind = opt.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    from model.errors import UserError  # pylint: disable=import-outside-toplevel
+    raise UserError(f"config.optimizer.schedule must be one of {', '.join(SCHEDULES)}; got "
+                    f"{kind!r}.")
+  if kind == "rsqrt":
+    return rsqrt_schedule(opt.lr, opt.warmup_steps)
   decay_steps = total_steps if opt.get("decay_steps") is None else opt.decay_steps
   return lr_schedule(opt.lr, opt.min_lr, opt.warmup_steps, decay_steps)
 

@@ -34,13 +34,15 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model.config import ModelConfig
+from model.config import FAMILIES, ModelConfig
 from model.errors import UserError
 from model.tokenizer import GPT2_VOCAB_SIZE
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
-from training.data import DataSource, make_source
+from training.data import DataSource
+from training.data.tasks import (NUM_SPECIALS, batch_width, make_task_source, resolve_task,
+                                 special_ids)
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state,
                             train_state_from_params)
@@ -75,6 +77,7 @@ class Run:
   workdir: epath.Path | None
   # config.init_from: the weights a new training run starts from (checked); "" without a workdir
   init_from: str = ""
+  task: str = "lm"  # what the batches teach (training/data/tasks.py)
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -86,8 +89,9 @@ class Run:
 
   @property
   def batch_shape(self) -> tuple[int, int]:
-    """The token batch of one step: [B, T + 1] (inputs [:, :-1], targets [:, 1:])."""
-    return (self.config.train.batch_size, self.seq_len + 1)
+    """The token batch of one step: [B, T + 1] (inputs [:, :-1], targets [:, 1:]); masked LM
+    [B, 2T], seq2seq [B, S + T + 1] (training/data/tasks.py: batch_width)."""
+    return (self.config.train.batch_size, batch_width(self.task, self.seq_len))
 
   @property
   def tokens_per_step(self) -> int:
@@ -117,7 +121,8 @@ class Run:
     """(state, batch [B, T + 1]) -> (state, metrics), state donated (training/step.py)."""
     return compile_train_step(self.model, self.tx, self.schedule, self.mesh,
                               self.abstract_state, self.batch_shape,
-                              self.config.train.grad_accum, self.rules, self.loss_chunk)
+                              self.config.train.grad_accum, self.rules, self.loss_chunk,
+                              self.config.train.get("label_smoothing", 0.0))
 
   def compile_eval_step(self):
     """(params, batch [B, T + 1]) -> mean loss."""
@@ -164,6 +169,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if value < 0:
       raise UserError(f"config.{key} must be >= 0, got {value!r}.")
   check_loss_chunk(config.train.get("loss_chunk", 0))
+  smoothing = config.train.get("label_smoothing", 0.0)
+  if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
+      0 <= smoothing < 1):
+    raise UserError(f"config.train.label_smoothing must be in [0, 1), got {smoothing!r}.")
   for key in ("optimizer.b1", "optimizer.b2"):
     value = _get(config, key)
     if not 0 <= value < 1:
@@ -236,9 +245,14 @@ def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
                     f"processes ({jax.process_count()}).")
 
 
-def model_config(config, data_vocab_size: int) -> ModelConfig:
-  """The ModelConfig of config.model, vocab_size defaulting to the data's vocabulary."""
+def model_config(config, data_vocab_size: int,
+                 specials: dict[str, int] | None = None) -> ModelConfig:
+  """The ModelConfig of config.model, vocab_size defaulting to the data's vocabulary and the
+  special token ids left at -1 to the data's (`specials`, training/data/tasks.py)."""
   fields = dict(config.model.to_dict())
+  for name, value in (specials or {}).items():
+    if fields.get(name, -1) == -1:
+      fields[name] = value
   vocab = fields.get("vocab_size")
   if vocab is None:
     fields["vocab_size"] = data_vocab_size
@@ -261,10 +275,11 @@ def vocab_size_without_data(config) -> int:
   vocab = config.model.get("vocab_size")
   if vocab is not None:
     return vocab
+  extra = 0 if config.model.get("family", "gpt") == "gpt" else NUM_SPECIALS
   if config.data.get("source") == "synthetic":
-    return config.data.vocab_size
+    return config.data.vocab_size + extra
   if config.data.get("tokenizer") == "gpt2":
-    return GPT2_VOCAB_SIZE
+    return GPT2_VOCAB_SIZE + extra
   raise UserError("config.model.vocab_size is unset (it follows the data, which is not read "
                   "here); set it, e.g. --config.model.vocab_size=65.")
 
@@ -393,12 +408,24 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   block_size = config.model.get("block_size")
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
     raise UserError(f"config.model.block_size must be a positive integer, got {block_size!r}.")
+  family = config.model.get("family", "gpt")
+  if family not in FAMILIES:
+    raise UserError(f"config.model.family must be one of {', '.join(FAMILIES)}; got "
+                    f"{family!r}.")
+  task = resolve_task(family, config.data)
+  if family != "gpt" and config.train.get("loss_chunk", 0):
+    raise UserError(f"config.train.loss_chunk applies to model.family='gpt' only; set it to 0 "
+                    f"for {family!r}.")
   source = None
   if read_data:
-    source = make_source(config.data, seq_len=block_size,
-                         global_batch_size=config.train.batch_size, seed=config.train.seed)
+    source = make_task_source(config.data, task, seq_len=block_size,
+                              global_batch_size=config.train.batch_size,
+                              seed=config.train.seed)
+  specials = getattr(source, "specials", None)
+  if source is None and family != "gpt":
+    specials = special_ids(vocab_size_without_data(config) - NUM_SPECIALS)
   cfg = model_config(config, vocab_size_without_data(config) if source is None
-                     else source.vocab_size)
+                     else source.vocab_size, specials)
   saved = saved_model_fields(path) if path is not None else None
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
@@ -407,6 +434,9 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
   if path is None:  # the benchmark and the TPU compile: random weights do as well
     init_from = ""
+  if init_from and family != "gpt":
+    raise UserError(f"config.init_from fine-tunes model.family='gpt' runs only, not "
+                    f"{family!r}; leave it empty.")
   if init_from and saved is None:  # a resumed run has its own weights
     check_init_from(init_from, cfg)
   if path is not None and jax.process_index() == 0:
@@ -416,4 +446,4 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
              mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
              tx=make_optimizer(config.optimizer, steps),
              schedule=schedule_from_config(config.optimizer, steps), source=source,
-             workdir=path, init_from=init_from)
+             workdir=path, init_from=init_from, task=task)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import GPT, logits_from_hidden
+from model.transformer import GPT, build, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.state import TrainState
 
@@ -91,17 +91,67 @@ def chunked_cross_entropy(params: Any, cfg: ModelConfig, x_BTD: jax.Array,
 
 
 def loss_fn(params: Any, cfg: ModelConfig, tokens_BT1: jax.Array, key: jax.Array | None,
-            train: bool, loss_chunk: int = 0) -> jax.Array:
-  """Mean next-token cross-entropy of a [B, T + 1] token batch (dropout on when train); with
-  0 < loss_chunk < T over chunks of the sequence (chunked_cross_entropy)."""
-  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+            train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0) -> jax.Array:
+  """The training loss of a batch (loss_and_metrics without the metrics)."""
+  return loss_and_metrics(params, cfg, tokens_BT1, key, train, loss_chunk, label_smoothing)[0]
+
+
+def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT, cfg: ModelConfig,
+                           label_smoothing: float = 0.0):
+  """(mean loss over the weighted positions, {"accuracy": argmax == target there}). With label
+  smoothing e the loss is (1 - e) CE + e x the mean of -log p over the vocabulary (the
+  model's vocab_size entries; padded ones have no probability)."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  safe_BT = jnp.maximum(targets_BT, 0)
+  nll_BT = token_cross_entropy(logits_BTV, safe_BT)
+  if label_smoothing:
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)[..., :cfg.vocab_size]
+    nll_BT = (1 - label_smoothing) * nll_BT - label_smoothing * jnp.mean(logp_BTV, axis=-1)
+  w_BT = weights_BT.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(w_BT), 1.0)
+  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  return jnp.sum(nll_BT * w_BT) / count, {"accuracy": jnp.sum(correct_BT * w_BT) / count}
+
+
+def split_seq2seq(cfg: ModelConfig, batch_BW: jax.Array):
+  """A seq2seq batch [B, S + T + 1] -> (source [B, S], decoder inputs [B, T], targets [B, T])."""
+  S = cfg.block_size
+  return batch_BW[:, :S], batch_BW[:, S:-1], batch_BW[:, S + 1:]
+
+
+def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.Array | None,
+                     train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, metrics) of one batch (dropout on when train), by cfg.family:
+    gpt     mean next-token cross-entropy of [B, T + 1] tokens; with 0 < loss_chunk < T over
+            chunks of the sequence (chunked_cross_entropy); no metrics
+    bert    masked LM: inputs [B, :T], targets [B, T:] (-1: not chosen); loss and accuracy on
+            the chosen positions only
+    encdec  teacher forcing on [B, S + T + 1] (split_seq2seq): loss and token accuracy on the
+            target tokens (padding masked); the source padding masked in attention
+  label_smoothing applies to bert and encdec (training/data/tasks.py has the batch formats)."""
   dropout = train and uses_dropout(cfg)
+  rngs = {"dropout": key} if dropout else None
+  if cfg.family == "bert":
+    T = cfg.block_size
+    inputs_BT, targets_BT = batch[:, :T], batch[:, T:]
+    logits_BTV = build(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
+                                  rngs=rngs)
+    return weighted_cross_entropy(logits_BTV, targets_BT, targets_BT >= 0, cfg,
+                                  label_smoothing)
+  if cfg.family == "encdec":
+    src_BS, tgt_in_BT, tgt_out_BT = split_seq2seq(cfg, batch)
+    logits_BTV = build(cfg).apply({"params": params}, src_BS, tgt_in_BT, src_BS != cfg.pad_id,
+                                  deterministic=not dropout, rngs=rngs)
+    return weighted_cross_entropy(logits_BTV, tgt_out_BT, tgt_out_BT != cfg.pad_id, cfg,
+                                  label_smoothing)
+  inputs_BT, targets_BT = batch[:, :-1], batch[:, 1:]
   chunked = 0 < loss_chunk < inputs_BT.shape[1]
   out = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
-                       rngs={"dropout": key} if dropout else None, return_hidden=chunked)
+                       rngs=rngs, return_hidden=chunked)
   if chunked:
-    return chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk)
-  return cross_entropy(out, targets_BT)
+    return chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk), {}
+  return cross_entropy(out, targets_BT), {}
 
 
 def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
@@ -112,18 +162,19 @@ def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
 
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
-               param_shardings: Any = None, loss_chunk: int = 0
+               param_shardings: Any = None, loss_chunk: int = 0, label_smoothing: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch. Pure: (state, batch) -> (state, metrics).
   `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
   (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk))
+  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
+                                                label_smoothing=label_smoothing), has_aux=True)
   to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
 
   if grad_accum == 1:
     tokens_BT1 = nn.with_logical_constraint(tokens_BT1, ACT_BATCH)
-    loss, grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
+    (loss, aux), grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
     grads = to_f32(grads)
   else:
     micro_ABT1 = split_micro_batches(tokens_BT1, grad_accum)
@@ -131,39 +182,44 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     def micro_step(grads_sum, xs):
       i, tokens = xs
       tokens = nn.with_logical_constraint(tokens, ACT_BATCH)
-      loss, grads = grad_fn(state.params, cfg, tokens, jax.random.fold_in(step_key, i), True)
+      (loss, aux), grads = grad_fn(state.params, cfg, tokens, jax.random.fold_in(step_key, i),
+                                   True)
       grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
       if param_shardings is not None:
         grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
-      return grads_sum, loss
+      return grads_sum, (loss, aux)
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     if param_shardings is not None:
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-    grads, losses_A = jax.lax.scan(micro_step, zeros, (jnp.arange(grad_accum), micro_ABT1))
+    grads, (losses_A, aux_A) = jax.lax.scan(micro_step, zeros,
+                                            (jnp.arange(grad_accum), micro_ABT1))
     grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
     loss = jnp.mean(losses_A)
+    aux = jax.tree_util.tree_map(jnp.mean, aux_A)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
   return new_state, metrics
 
 
 def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1,
-              loss_chunk: int = 0) -> jax.Array:
-  """Mean loss of a global batch, run in the same micro-batches (and loss chunks) as training."""
-  loss = functools.partial(loss_fn, key=None, train=False, loss_chunk=loss_chunk)
+              loss_chunk: int = 0) -> dict[str, jax.Array]:
+  """{"loss": mean loss, and the family's metrics (accuracy)} of a global batch, run in the
+  same micro-batches (and loss chunks) as training; no label smoothing (the plain loss)."""
+  def metrics(tokens):
+    loss, aux = loss_and_metrics(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH),
+                                 None, False, loss_chunk)
+    return {"loss": loss, **aux}
+
   if grad_accum == 1:
-    return loss(params, cfg, nn.with_logical_constraint(tokens_BT1, ACT_BATCH))
-
-  def micro(_, tokens):
-    return None, loss(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH))
-
-  _, losses_A = jax.lax.scan(micro, None, split_micro_batches(tokens_BT1, grad_accum))
-  return jnp.mean(losses_A)
+    return metrics(tokens_BT1)
+  _, out_A = jax.lax.scan(lambda _, tokens: (None, metrics(tokens)), None,
+                          split_micro_batches(tokens_BT1, grad_accum))
+  return jax.tree_util.tree_map(jnp.mean, out_A)
 
 
 def scored_nll(params: Any, tokens_BT1: jax.Array, weights_BT: jax.Array, *,
@@ -225,7 +281,8 @@ def _compile(lowered, mesh: Mesh):
 
 def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: Callable,
                        mesh: Mesh, abstract_state: TrainState, batch_shape: tuple[int, int],
-                       grad_accum: int = 1, rules=DEFAULT_RULES, loss_chunk: int = 0):
+                       grad_accum: int = 1, rules=DEFAULT_RULES, loss_chunk: int = 0,
+                       label_smoothing: float = 0.0):
   """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]:
   (state, batch) -> (state, metrics). The state is donated. `abstract_state` holds
   ShapeDtypeStructs with shardings (see abstract_like). Calling the result with other shapes
@@ -235,7 +292,8 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
   fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
                                        grad_accum=grad_accum,
                                        param_shardings=state_shardings.params,
-                                       loss_chunk=loss_chunk),
+                                       loss_chunk=loss_chunk,
+                                       label_smoothing=label_smoothing),
                in_shardings=(state_shardings, batch_sharding(mesh)),
                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                donate_argnums=0)

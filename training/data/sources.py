@@ -61,6 +61,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # and memory-mapped.
   cfg.local_copy = ""
   cfg.vocab_size = 50257  # synthetic only
+  # What the batches teach (training/data/tasks.py): lm | mlm | reverse | denoise | tsv;
+  # "": the model family's default (gpt: lm, bert: mlm).
+  cfg.task = ""
+  cfg.mlm_probability = 0.15  # mlm: tokens chosen (80% mask, 10% random, 10% kept)
+  cfg.denoise_ratio = 0.3  # denoise: share of tokens in masked spans
+  cfg.denoise_span = 3.0  # denoise: mean span length (Poisson)
+  cfg.val_path = ""  # tsv: the val pairs ("": the last val_fraction of data.path's)
   return cfg
 
 

@@ -6,6 +6,16 @@ when the LM head is untied, the token embedding (a lookup) -- i.e. the non-embed
 plus the LM head, with the padded vocabulary. For GPT-2 124M (V = 50257, tied) N = 123,653,376.
 The 12 L T D term is attention's score and value matmuls (forward 2 * 2 * T * D per layer).
 
+The same count for the other families, per position of a training row:
+  bert    6 N + 12 L T D: bidirectional attention reads all T keys, as the causal formula
+          already counts; N includes the masked-LM head (dense D x D, the tied V x D decoder),
+          which runs at every position; the token-type table is a lookup, not in N.
+  encdec  6 N + 12 (L_enc + 2 L_dec) T D, per target position with source length S = T (our
+          seq2seq batches): N = encoder + decoder blocks (cross-attention's q, kv and output
+          projections too) + the head; each encoder layer's self-attention, each decoder layer's
+          self-attention and its cross-attention to the S source positions add 12 T D each.
+          (The encoder's 6 N_enc is per source token; with S = T it is per target token too.)
+
 MFU = achieved model FLOP/s / (number of devices * the device's dense bf16 peak), whatever the
 compute dtype; devices not in the table (CPUs, unknown accelerators) have no MFU (None).
 """
@@ -50,7 +60,8 @@ def non_embedding_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
   """Training FLOPs per token: 6 N + 12 L T D, T = seq_len (default block_size)."""
   T = cfg.block_size if seq_len is None else seq_len
-  return 6 * non_embedding_params(cfg) + 12 * cfg.num_layers * T * cfg.d_model
+  layers = cfg.num_layers + (2 * cfg.decoder_layers if cfg.family == "encdec" else 0)
+  return 6 * non_embedding_params(cfg) + 12 * layers * T * cfg.d_model
 
 
 def peak_entry(device_kind: str) -> str | None:
