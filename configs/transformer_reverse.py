@@ -25,19 +25,19 @@ def get_config():
   c.data.tokenizer = "char"
   c.data.task = "reverse"
 
-  c.train.steps = 3000
-  c.train.batch_size = 64
+  c.train.steps = 2200
+  c.train.batch_size = 32
   c.train.seed = 0
-  c.optimizer.lr = 1e-3
+  c.optimizer.lr = 2e-3
   c.optimizer.min_lr = 1e-4
-  c.optimizer.warmup_steps = 200
+  c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 0.01
   c.optimizer.b2 = 0.98
 
-  c.eval.every = 500
+  c.eval.every = 550
   c.eval.batches = 10
   c.eval.exact_match = -1  # every validation line
-  c.checkpoint.every = 1000
+  c.checkpoint.every = 1100
   c.checkpoint.keep = 2
   c.log.every = 50
   c.mesh.cpu_devices = -1  # one JAX device per core

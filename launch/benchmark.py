@@ -16,6 +16,11 @@ Train: compile time, step time (median, p90) over --steps synchronised steps aft
 tokens/s, TFLOP/s, MFU against the device's dense bf16 peak, peak memory. Sample: tokens/s at
 --batch_sizes (prompt --prompt_len, --new_tokens new tokens), greedy and with top-k/top-p, and
 achieved memory bandwidth. Prints a table; --json writes the same numbers.
+
+The encoder (configs/bert_base.py) and encoder-decoder (configs/transformer_base.py) configs
+benchmark training (--mode all means train for them): random masked-LM rows, and random
+denoising pairs for an encoder-decoder (source length = target length = block_size); FLOPs per
+token are their family's formula (training/perf/flops.py).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ def _main(args: list[str]) -> int:
     raise UserError(f"--compare {FLAGS.compare} needs --mode sample, got --mode {FLAGS.mode}.")
   config = cli.load_config(FLAGS)
   config.data.source = "synthetic"
+  if config.model.get("family", "gpt") == "encdec":  # synthetic tokens make denoising pairs
+    config.data.task = "denoise"
   if config.model.get("vocab_size") is not None:
     config.data.vocab_size = config.model.vocab_size
   # pylint: disable=import-outside-toplevel  (they import jax)
@@ -87,7 +94,7 @@ def _main(args: list[str]) -> int:
     report["compare"] = benchmark.compare_transformers(
         run, batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len,
         new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)
-  elif FLAGS.mode in ("sample", "all"):
+  elif FLAGS.mode == "sample" or (FLAGS.mode == "all" and run.model.family == "gpt"):
     report["sample"] = benchmark.benchmark_sample(
         run, batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len,
         new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)

@@ -86,6 +86,10 @@ def _main(args: list[str]) -> int:
             else {"name_or_dir": FLAGS.init_from})
   try:
     w = describe_weights(**source, step=FLAGS.step, dtype=FLAGS.dtype)
+    if w.cfg.family != "gpt":
+      raise UserError(f"launch.eval measures a causal language model's perplexity, and "
+                      f"{w.label} is a model.family={w.cfg.family!r} model (launch.train's "
+                      f"eval reports its masked-token or exact-match accuracy).")
     tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size)
     stride = ev.check_stride(FLAGS.stride, w.cfg.block_size)
     tokens, desc = ev.read_tokens(FLAGS.data, tokenizer, block_size=w.cfg.block_size,

@@ -1,4 +1,8 @@
-"""Sample from a trained or a pretrained GPT with the jitted KV-cache decode loop.
+"""Sample from a trained or a pretrained model with a jitted KV-cache decode loop: a GPT
+continues the prompt; an encoder-decoder (a transformer_reverse-style run, a BART checkpoint)
+generates a target for each prompt as its source (greedy, sampling or --num_beams beam
+search); an encoder (a bert run, a BERT checkpoint) fills each [MASK] of the prompt
+(launch/sample_families.py says how those two print).
 
   python -m launch.sample --workdir DIR [--prompt TEXT ...] [--num_samples N] ...
   python -m launch.sample --init_from gpt2|gpt2-medium|gpt2-large|gpt2-xl|HF_DIR ...
@@ -60,8 +64,8 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A launch.train workdir: its latest checkpoint.",
                     flag_values=FLAGS)
 flags.DEFINE_string("init_from", None, "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or another Hub "
-                    "repo id, downloaded once) or a local Hugging Face GPT-2 checkpoint "
-                    "directory.", flag_values=FLAGS)
+                    "repo id, downloaded once) or a local Hugging Face GPT-2, BERT or BART "
+                    "checkpoint directory.", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "--workdir: this checkpoint instead of the latest.",
                      flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for several; FILE:path reads a "

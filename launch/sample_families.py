@@ -32,9 +32,9 @@ DEFAULT_CANDIDATES = 5
 
 def family_tokenizer(saved: dict[str, Any] | None, cfg, directory: str | None = None):
   """A run's data tokenizer with its model's special ids, or a checkpoint's own tokenizer
-  (model/hf_tokenizers.py) for a Hugging Face BERT / BART."""
+  (model/hf_tokenizer.py) for a Hugging Face BERT / BART."""
   if saved is None:
-    from model.hf_tokenizers import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
+    from model.hf_tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
     return load_hf_tokenizer(directory)
   base = tokenizer_from_dict(saved)
   if base.vocab_size > cfg.vocab_size:

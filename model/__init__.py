@@ -1,6 +1,10 @@
-"""GPT-2-family model: config, Flax modules, sampling, tokenizers, Hugging Face import.
+"""The Transformer family (GPT-2, a BERT-style encoder, the encoder-decoder): config, Flax
+modules, sampling, tokenizers, Hugging Face import.
 
-    from model import GPT, ModelConfig, get_config, init_params
+    from model import ModelConfig, build, get_config, init_params
+    module = build(cfg)          # GPT, Encoder or EncoderDecoder, by cfg.family
+    from model.pretrained import load_hf
+    cfg, params = load_hf("path/to/checkpoint")   # GPT-2, BERT or BART, by model_type
 
 The names below are imported on first use, so that `model.errors` (the error type every package
 raises) can be imported without loading jax and flax, e.g. by the gcloud launcher.
@@ -12,7 +16,9 @@ _EXPORTS = {
     "ModelConfig": "model.config", "get_config": "model.config", "preset_names": "model.config",
     "GPT": "model.transformer", "init_cache": "model.transformer",
     "init_params": "model.transformer", "abstract_params": "model.transformer",
-    "count_params": "model.transformer",
+    "count_params": "model.transformer", "build": "model.transformer",
+    "Encoder": "model.encoder", "EncoderDecoder": "model.encdec",
+    "load_hf": "model.pretrained",
 }
 
 __all__ = list(_EXPORTS)

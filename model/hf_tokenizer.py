@@ -1,5 +1,6 @@
-"""GPT-2's tokenizer files for Hugging Face (vocab.json, merges.txt), made offline from the
-tiktoken ranks the package carries.
+"""Hugging Face tokenizer files: GPT-2's written (vocab.json, merges.txt, made offline from the
+tiktoken ranks the package carries), and a BERT / BART checkpoint's read (`load_hf_tokenizer`,
+through the `tokenizers` library: pip install 'flaxgpt[hf]').
 
 tiktoken stores BPE as ranks of byte strings; Hugging Face's GPT2Tokenizer wants the same
 vocabulary with every byte written as GPT-2's printable stand-in character (`bytes_to_unicode`)
@@ -8,6 +9,9 @@ with only the ranks below its own ends in exactly two parts, the pair whose merg
 
     save_hf_gpt2_tokenizer(get_tokenizer("gpt2"), "out/", model_max_length=1024)
     transformers.GPT2TokenizerFast.from_pretrained("out/")   # encodes as tiktoken does
+
+    tok = load_hf_tokenizer("bert-dir/")   # tokenizer.json, or BERT's vocab.txt
+    tok.encode("the [MASK] of it")         # [CLS] ... [SEP] ids, as AutoTokenizer gives them
 """
 
 from __future__ import annotations
@@ -99,3 +103,151 @@ def save_hf_gpt2_tokenizer(tokenizer, directory: str | os.PathLike,
   with open(os.path.join(directory, SPECIAL_TOKENS_FILE), "w", encoding="utf-8") as f:
     json.dump(special, f, indent=2)
   return [VOCAB_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a BERT / BART checkpoint's tokenizer
+
+TOKENIZER_FILE, WORDPIECE_FILE = "tokenizer.json", "vocab.txt"
+TOKENIZER_FILES = (TOKENIZER_FILE, WORDPIECE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE,
+                   VOCAB_FILE, MERGES_FILE)
+_MASKS, _CLS, _SEP, _PAD = ("[MASK]", "<mask>"), ("[CLS]", "<s>"), ("[SEP]", "</s>"), \
+    ("[PAD]", "<pad>")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not valid JSON ({e}).") from None
+  return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str | None:
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def _vocabulary(directory: str) -> dict[str, int] | None:
+  """token -> id from tokenizer.json (its model's vocab and added tokens) or vocab.txt; None
+  when the directory has neither."""
+  path = os.path.join(directory, TOKENIZER_FILE)
+  if os.path.isfile(path):
+    data = _read_json(path)
+    vocab = (data.get("model") or {}).get("vocab")
+    out = dict(vocab) if isinstance(vocab, dict) else {}
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+      out = {piece[0]: i for i, piece in enumerate(vocab)}
+    for added in data.get("added_tokens") or []:
+      out[added["content"]] = added["id"]
+    return out
+  path = os.path.join(directory, WORDPIECE_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return {line.rstrip("\n"): i for i, line in enumerate(f)}
+  return None
+
+
+def special_tokens(directory: str) -> dict[str, str]:
+  """The mask / cls / sep / pad token texts a checkpoint's tokenizer files name (its
+  tokenizer_config.json or special_tokens_map.json, else BERT's or BART's usual ones found in
+  the vocabulary)."""
+  vocab = _vocabulary(directory) or {}
+  named = {**_read_json(os.path.join(directory, SPECIAL_TOKENS_FILE)),
+           **_read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))}
+  out = {}
+  for key, usual in (("mask", _MASKS), ("cls", _CLS), ("sep", _SEP), ("pad", _PAD)):
+    text = _token_text(named.get(f"{key}_token"))
+    if text is None or text not in vocab:
+      text = next((u for u in usual if u in vocab), None)
+    if text is not None:
+      out[key] = text
+  return out
+
+
+def special_ids(directory: str) -> dict[str, int]:
+  """{"mask_id", "pad_id"} of a checkpoint's tokenizer files (those it has); {} without them.
+  Needs no `tokenizers`."""
+  vocab = _vocabulary(directory)
+  if vocab is None:
+    return {}
+  tokens = special_tokens(directory)
+  return {f"{k}_id": vocab[tokens[k]] for k in ("mask", "pad") if k in tokens}
+
+
+class HFTokenizer:
+  """A Hugging Face checkpoint's own tokenizer, with the interface of model/tokenizer.py's:
+  `encode` adds the model's special tokens as transformers does ([CLS] ... [SEP] for BERT,
+  <s> ... </s> for BART) and reads a literal mask token ("[MASK]", "<mask>") as mask_id;
+  `decode` drops the special tokens."""
+
+  def __init__(self, tokenizer, directory: str):
+    self._tok = tokenizer
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    self.name = f"hf:{os.path.basename(os.path.normpath(directory))}"
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eot_id: int | None = None
+    names = special_tokens(directory)
+    ids = {k: tokenizer.token_to_id(v) for k, v in names.items()}
+    self.mask_token = names.get("mask", "[MASK]")
+    self.mask_id, self.cls_id, self.sep_id, self.pad_id = (
+        ids.get(k) for k in ("mask", "cls", "sep", "pad"))
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text).ids)
+
+  def encode_batch(self, texts) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def num_bytes(self, ids) -> int:
+    return len(self.decode(ids).encode("utf-8"))
+
+  def to_dict(self) -> dict:
+    return {"name": self.name}
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def load_hf_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
+  """The tokenizer of a Hugging Face checkpoint directory: its tokenizer.json, or (BERT)
+  vocab.txt with tokenizer_config.json's do_lower_case (default True). UserError when it has
+  neither, or when the `tokenizers` library is missing."""
+  directory = os.fspath(directory)
+  try:
+    import tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError(f"Reading the tokenizer of {directory} needs the tokenizers library (pip "
+                    f"install 'flaxgpt[hf]').") from None
+  path = os.path.join(directory, TOKENIZER_FILE)
+  wordpiece = os.path.join(directory, WORDPIECE_FILE)
+  try:
+    if os.path.isfile(path):
+      tok = tokenizers.Tokenizer.from_file(path)
+    elif os.path.isfile(wordpiece):
+      config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
+      names = special_tokens(directory)
+      tok = tokenizers.BertWordPieceTokenizer(
+          wordpiece, lowercase=config.get("do_lower_case", True),
+          strip_accents=config.get("strip_accents"),
+          handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+          unk_token=_token_text(config.get("unk_token")) or "[UNK]",
+          sep_token=names.get("sep", "[SEP]"), cls_token=names.get("cls", "[CLS]"),
+          pad_token=names.get("pad", "[PAD]"), mask_token=names.get("mask", "[MASK]"))
+    else:
+      raise UserError(f"{directory} has no tokenizer files ({TOKENIZER_FILE}, or BERT's "
+                      f"{WORDPIECE_FILE}); copy the checkpoint's tokenizer next to its "
+                      f"config.json.")
+  except Exception as e:  # tokenizers raises its own Exception type for bad files
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f"The tokenizer files in {directory} cannot be read ({e}).") from None
+  return HFTokenizer(tok, directory)

@@ -1,6 +1,8 @@
-"""Hugging Face GPT-2 checkpoints <-> (ModelConfig, params).
+"""Hugging Face checkpoints <-> (ModelConfig, params).
 
-`load_hf_gpt2("gpt2")` downloads openai-community/gpt2 (config.json + model.safetensors) with
+`load_hf(name_or_dir)` reads any family, picked by config.json's model_type: gpt2 (here),
+bert (BertForMaskedLM / BertModel: model/hf_bert.py) and bart (BartForConditionalGeneration:
+model/hf_bart.py). `load_hf_gpt2("gpt2")` downloads openai-community/gpt2 (config.json + model.safetensors) with
 huggingface_hub; `load_hf_gpt2("/path/to/dir")` reads a local checkpoint directory (what
 `save_pretrained` writes). No torch is needed for safetensors checkpoints.
 
@@ -69,6 +71,87 @@ def load_hf_gpt2(name_or_path: str | os.PathLike, *, scan_layers: bool = False,
   return cfg, params_from_hf(tensors, cfg, n_positions=n_positions, source=weights_path)
 
 
+MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "bart": "encdec"}  # model_type -> our family
+
+
+def model_type(hf_config: dict[str, Any], source: str = CONFIG_FILE) -> str:
+  """config.json's model_type (GPT-2 when absent); UserError for one not in MODEL_TYPES."""
+  kind = hf_config.get("model_type", "gpt2")
+  if kind not in MODEL_TYPES:
+    raise UserError(f"{source}: model_type {kind!r} is not supported; supported: "
+                    f"{', '.join(MODEL_TYPES)}.")
+  return kind
+
+
+def load_hf(name_or_path: str | os.PathLike, *, scan_layers: bool = False,
+            dtype: str = "float32", param_dtype: str = "float32",
+            **config_overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) of a Hugging Face GPT-2, BERT or BART checkpoint (directory or Hub
+  name), its family from config.json's model_type; arguments as for `load_hf_gpt2`."""
+  directory = resolve_checkpoint_dir(name_or_path)
+  hf_config = read_hf_config(directory)
+  kind = model_type(hf_config, os.path.join(directory, CONFIG_FILE))
+  if kind == "gpt2":
+    return load_hf_gpt2(directory, scan_layers=scan_layers, dtype=dtype,
+                        param_dtype=param_dtype, **config_overrides)
+  cfg = checkpoint_config(directory, hf_config, scan_layers=scan_layers, dtype=dtype,
+                          param_dtype=param_dtype, **config_overrides)
+  tensors, weights_path = read_hf_tensors(directory)
+  module = _family_module(kind)
+  n_positions = hf_config.get("max_position_embeddings",
+                              module.DEFAULTS["max_position_embeddings"])
+  return cfg, module.params_from_hf(tensors, cfg, n_positions=n_positions, source=weights_path)
+
+
+def checkpoint_config(directory: str, hf_config: dict[str, Any] | None = None,
+                      **overrides) -> ModelConfig:
+  """The ModelConfig of a checkpoint directory of any family, reading no weights (only the
+  names of the tensors, for BERT: with or without the masked-LM head)."""
+  if hf_config is None:
+    hf_config = read_hf_config(directory)
+  source = os.path.join(directory, CONFIG_FILE)
+  kind = model_type(hf_config, source)
+  if kind == "gpt2":
+    return config_from_hf(hf_config, source=source, **overrides)
+  from model.hf_tokenizer import special_ids  # pylint: disable=import-outside-toplevel
+  ids = special_ids(directory)
+  if kind == "bert":
+    from model import hf_bert  # pylint: disable=import-outside-toplevel
+    return hf_bert.config_from_hf(hf_config, has_mlm_head=hf_bert.has_mlm_head(
+        dict.fromkeys(tensor_names(directory))), special_ids=ids, source=source, **overrides)
+  return _family_module(kind).config_from_hf(hf_config, special_ids=ids, source=source,
+                                             **overrides)
+
+
+def _family_module(kind: str):
+  # pylint: disable=import-outside-toplevel
+  if kind == "bert":
+    from model import hf_bert
+    return hf_bert
+  from model import hf_bart
+  return hf_bart
+
+
+def tensor_names(directory: str) -> list[str]:
+  """The tensor names of a checkpoint (safetensors headers only; a PyTorch file is read)."""
+  single = os.path.join(directory, WEIGHTS_FILE)
+  index = os.path.join(directory, WEIGHTS_INDEX_FILE)
+  if os.path.isfile(single):
+    from safetensors import SafetensorError, safe_open
+    try:
+      with safe_open(single, "np") as f:
+        return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+      raise UserError(f"{single} is not a readable safetensors file ({e}).") from None
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        return list(json.load(f)["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise UserError(f"{index} is not a valid safetensors index ({e!r}).") from None
+  return list(read_hf_tensors(directory)[0])
+
+
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> str:
   """A local directory as is; a GPT-2 name (or "owner/repo") through the Hugging Face Hub."""
   path = os.fspath(name_or_path)
@@ -79,8 +162,8 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> str:
                     f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
   if path in HF_NAMES:
     return _download(f"{HF_ORG}/{path}", path)
-  if _looks_like_repo_id(path):
-    return _download(path, path)
+  if _looks_like_repo_id(path):  # any family: its tokenizer files too
+    return _download(path, path, TOKENIZER_PATTERNS)
   raise NotFoundError(
       f"Checkpoint directory {path!r} does not exist; pass a directory holding {CONFIG_FILE} "
       f"and {WEIGHTS_FILE}, or one of {', '.join(HF_NAMES)}.")
@@ -91,7 +174,12 @@ def _looks_like_repo_id(path: str) -> bool:
   return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
 
-def _download(repo_id: str, name: str) -> str:
+# What a BERT / BART repository's tokenizer needs (model/hf_tokenizer.py).
+TOKENIZER_PATTERNS = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                      "special_tokens_map.json")
+
+
+def _download(repo_id: str, name: str, extra: tuple[str, ...] = ()) -> str:
   try:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
@@ -99,7 +187,7 @@ def _download(repo_id: str, name: str) -> str:
     raise UserError(f"Loading {name!r} by name needs huggingface_hub (pip install "
                     f"'flaxgpt[hf]'); or pass a local checkpoint directory.") from None
   try:
-    return snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    return snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, *extra])
   except hf_errors.RepositoryNotFoundError:
     raise UserError(
         f"Unknown checkpoint {name!r}: no such local directory, and the Hugging Face Hub has "
@@ -131,10 +219,10 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
                    **overrides) -> ModelConfig:
   """ModelConfig for a Hugging Face GPT2Config dict (plus overrides not fixed by weights)."""
-  model_type = hf_config.get("model_type", "gpt2")
-  if model_type != "gpt2":
-    raise UserError(f"{source}: model_type {model_type!r} is not a GPT-2 checkpoint "
-                    f"(expected 'gpt2').")
+  kind = hf_config.get("model_type", "gpt2")
+  if kind != "gpt2":
+    raise UserError(f"{source}: model_type {kind!r} is not a GPT-2 checkpoint "
+                    f"(expected 'gpt2'); model.pretrained.load_hf reads bert and bart too.")
   for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                          ("add_cross_attention", False)):
     if hf_config.get(key, supported) != supported:
@@ -145,24 +233,13 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
   if activation is None:
     raise UserError(f"{source}: activation_function {c['activation_function']!r} is not "
                     f"supported; supported: {', '.join(_ACTIVATIONS)}.")
-  n_positions = c["n_positions"]
-  if isinstance(overrides.get("block_size"), int) and overrides["block_size"] > n_positions:
-    raise UserError(f"block_size {overrides['block_size']} exceeds the checkpoint's "
-                    f"n_positions {n_positions}; it can only be lowered.")
-  fields = dict(vocab_size=c["vocab_size"], block_size=n_positions, num_layers=c["n_layer"],
-                num_heads=c["n_head"], d_model=c["n_embd"], d_mlp=c["n_inner"],
-                activation=activation, layer_norm_epsilon=c["layer_norm_epsilon"],
+  fields = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"],
+                num_layers=c["n_layer"], num_heads=c["n_head"], d_model=c["n_embd"],
+                d_mlp=c["n_inner"], activation=activation,
+                layer_norm_epsilon=c["layer_norm_epsilon"],
                 tie_embeddings=c["tie_word_embeddings"], resid_dropout=c["resid_pdrop"],
                 embd_dropout=c["embd_pdrop"], attn_dropout=c["attn_pdrop"])
-  try:
-    base = ModelConfig(**fields)
-  except (ValueError, TypeError) as e:
-    raise UserError(f"{source}: {e}") from None
-  for name in _FIXED_FIELDS:
-    if name in overrides and overrides[name] != getattr(base, name):
-      raise UserError(f"Cannot override {name} ({overrides[name]!r}) when loading a checkpoint "
-                      f"whose weights fix it to {getattr(base, name)!r}.")
-  return base.replace(**overrides)
+  return checked_config(fields, overrides, _FIXED_FIELDS, source, "n_positions")
 
 
 def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
@@ -261,6 +338,99 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
   return convert_layout(params, cfg)
 
 
+class HFTensors:
+  """A checkpoint's tensors read by name, with the shape config.json implies (UserError naming
+  the tensor otherwise), as float32 numpy; `strip` prefixes are removed from every key first
+  (BertForMaskedLM's "bert.", BART's "model."), and TF-era LayerNorm names gamma / beta read as
+  weight / bias."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], source: str, strip: tuple[str, ...] = ()):
+    self.source, self.tensors = source, {}
+    for key, value in tensors.items():
+      for prefix in strip:
+        key = key.removeprefix(prefix)
+      if key.endswith(".gamma"):
+        key = key[:-len("gamma")] + "weight"
+      elif key.endswith(".beta"):
+        key = key[:-len("beta")] + "bias"
+      self.tensors[key] = value
+
+  def has(self, key: str) -> bool:
+    return key in self.tensors
+
+  def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in self.tensors:
+      raise UserError(f"{self.source} has no tensor {key!r}.")
+    x = self.tensors[key]
+    if tuple(x.shape) != tuple(shape):
+      raise UserError(f"{self.source}: tensor {key!r} has shape {tuple(x.shape)}, but "
+                      f"{CONFIG_FILE} implies {tuple(shape)}.")
+    return np.asarray(x, dtype=np.float32)
+
+  def ln(self, prefix: str, d: int) -> dict:
+    return {"scale": self.get(f"{prefix}.weight", (d,)), "bias": self.get(f"{prefix}.bias", (d,))}
+
+  def linear(self, prefix: str, n_in: int, n_out: int) -> dict:
+    """torch.nn.Linear (weight [out, in]) as a Dense: kernel [in, out], bias [out]."""
+    return {"kernel": self.get(f"{prefix}.weight", (n_out, n_in)).T,
+            "bias": self.get(f"{prefix}.bias", (n_out,))}
+
+  def attention(self, q: str, k: str, v: str, out: str, D: int, H: int, K: int, *,
+                cross: bool = False) -> dict:
+    """Separate q / k / v / output Linears as our Attention: fused c_attn [D, 3, H, K] (or, with
+    `cross`, c_q [D, H, K] and c_kv [D, 2, H, K]) and c_proj [H, K, D]."""
+    qkv = [self.linear(name, D, D) for name in (q, k, v)]
+    heads = lambda d: {"kernel": d["kernel"].reshape(D, H, K), "bias": d["bias"].reshape(H, K)}
+    proj = self.linear(out, D, D)
+    p = {"c_proj": {"kernel": proj["kernel"].reshape(H, K, D), "bias": proj["bias"]}}
+    parts = [heads(d) for d in qkv]
+    fuse = lambda ds: {"kernel": np.stack([d["kernel"] for d in ds], axis=1),
+                       "bias": np.stack([d["bias"] for d in ds], axis=0)}
+    if cross:
+      p.update(c_q=parts[0], c_kv=fuse(parts[1:]))
+    else:
+      p["c_attn"] = fuse(parts)
+    return p
+
+
+def finish_params(params: dict, cfg: ModelConfig) -> dict:
+  """numpy loop-layout params -> arrays of cfg.param_dtype in cfg's layer layout."""
+  dtype = cfg.params_dtype
+  params = {k: _map(lambda x: jnp.asarray(x, dtype), v) for k, v in params.items()}
+  return convert_layout(params, cfg)
+
+
+def pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
+  return _pad_rows(x_VD, rows)
+
+
+def checked_config(fields: dict[str, Any], overrides: dict[str, Any], fixed: tuple[str, ...],
+                   source: str, positions: str = "max_position_embeddings") -> ModelConfig:
+  """ModelConfig(**fields) with `overrides` (UserError for one that changes a `fixed` field, or
+  raises block_size above the checkpoint's positions, config.json's `positions`)."""
+  block = overrides.get("block_size")
+  if isinstance(block, int) and block > fields["block_size"]:
+    raise UserError(f"block_size {block} exceeds the checkpoint's {positions} "
+                    f"{fields['block_size']}; it can only be lowered.")
+  try:
+    base = ModelConfig(**fields)
+  except (ValueError, TypeError) as e:
+    raise UserError(f"{source}: {e}") from None
+  for name in fixed:
+    if name in overrides and overrides[name] != getattr(base, name):
+      raise UserError(f"Cannot override {name} ({overrides[name]!r}) when loading a checkpoint "
+                      f"whose weights fix it to {getattr(base, name)!r}.")
+  return base.replace(**overrides)
+
+
+def hf_activation(name: Any, source: str) -> str:
+  activation = _ACTIVATIONS.get(name)
+  if activation is None:
+    raise UserError(f"{source}: activation {name!r} is not supported; supported: "
+                    f"{', '.join(_ACTIVATIONS)}.")
+  return activation
+
+
 def _with_zero_biases(p: dict, cfg: ModelConfig) -> dict:
   """The loop-layout params of a use_bias=False model with the biases GPT-2 has, all zero."""
   D, H, K, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp
@@ -296,7 +466,8 @@ def _map(fn, tree):
 def check_hf_gpt2_shaped(cfg: ModelConfig, what: str = "save_hf_gpt2") -> None:
   """UserError unless Hugging Face's GPT2LMHeadModel can express the model: learned positions
   and pre-LN (a model without biases is saved with zero biases)."""
-  for field, needed in (("position_embedding", "learned"), ("norm_placement", "pre")):
+  for field, needed in (("family", "gpt"), ("position_embedding", "learned"),
+                        ("norm_placement", "pre")):
     if getattr(cfg, field) != needed:
       raise UserError(f"{what} needs model.{field}={needed!r} (Hugging Face GPT-2 has no "
                       f"other), this model has {getattr(cfg, field)!r}.")

@@ -120,8 +120,9 @@ def _beam_loop(params, src_BS, mask_BS, length_penalty, *, cfg: ModelConfig,
   B, S = src_BS.shape
   K, K2, M = num_beams, 2 * num_beams, max_new_tokens + 1  # M: decoder tokens incl. the start
   N = B * K
+  # the decoder reads positions 0 .. M - 2 (the start, then all but the last token)
   cache = start_cache(params, cfg, jnp.repeat(src_BS, K, axis=0), jnp.repeat(mask_BS, K, axis=0),
-                      M)
+                      M - 1)
   fill = cfg.pad_id if cfg.pad_id >= 0 else cfg.eos_id
   running = jnp.full((B, K, M), fill, jnp.int32).at[:, :, 0].set(cfg.bos_id)
   running_scores = jnp.where(jnp.arange(K) == 0, 0.0, NEG)[None].repeat(B, 0)

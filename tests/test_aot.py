@@ -327,3 +327,23 @@ def test_decode_step_bytes_grow_with_the_position(tmp_path):
   # Every chunk is counted: reading 4 chunks moves and computes more than reading 1.
   assert full["bytes_accessed_per_step"] > small["bytes_accessed_per_step"] > 0
   assert full["flops_per_step"] > small["flops_per_step"] > 0
+
+
+# The encoder and encoder-decoder base configs at their width (768 / 512, 12 / 8 heads, their
+# MLPs and vocabularies), two layers each and a small batch: seconds to compile. Unscanned, so
+# XLA's per-chip count covers every layer and checks the family's FLOPs formula.
+@pytest.mark.parametrize("config,layers", [
+    ("configs/bert_base.py", ("--config.model.num_layers=2",)),
+    ("configs/transformer_base.py", ("--config.model.num_layers=1",
+                                     "--config.model.num_decoder_layers=1")),
+], ids=["bert_base", "transformer_base"])
+def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), "--config", config, *layers, "--config.model.scan_layers=False",
+                "--config.train.batch_size=16", "--config.train.grad_accum=1",
+                "--topology", "v5litepod-8", "--json", str(out))
+  assert result.returncode == 0, result.stdout + result.stderr
+  r = json.loads(out.read_text())
+  assert r["fits"] and r["chips"] == 8
+  ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)
+  assert 0.9 < ratio < 1.25, ratio

@@ -101,3 +101,24 @@ def test_a_config_training_rejects_is_rejected_in_one_sentence():
   assert out.stderr.strip().splitlines() == [
       "error: The micro-batch config.train.batch_size / grad_accum = 12 must be divisible by "
       "the data-parallel size mesh.data x mesh.fsdp = 8."]
+
+
+@pytest.mark.parametrize("config,formula", [
+    ("configs/bert_shakespeare.py", "6N + 12*L*T*D"),
+    ("configs/transformer_reverse.py", "6N + 12*(L_enc + 2*L_dec)*T*D per target token"),
+], ids=["bert", "encdec"])
+def test_encoder_and_encoder_decoder_configs_benchmark_training(tmp_path, config, formula):
+  """--mode all is training for them (no GPT decode loop): their batch rows (2T; 2T + 1) and
+  their family's FLOPs formula."""
+  out = tmp_path / "bench.json"
+  proc = run_module("launch.benchmark", "--config", config, "--json", str(out), "--steps", "2",
+                    "--warmup", "1", "--config.model.num_layers=1",
+                    "--config.train.batch_size=8", "--config.mesh.cpu_devices=0",
+                    env=subprocess_env(XLA_FLAGS=""))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert "sample" not in data and data["train"]["flops_formula"].startswith(formula)
+  assert data["train"]["tokens_per_sec"] > 0 and np.isfinite(data["train"]["final_loss"])
+  sample = run_module("launch.benchmark", "--config", config, "--mode", "sample",
+                      env=subprocess_env())
+  assert sample.returncode == 2 and "times GPT's KV-cache decode loop" in sample.stderr

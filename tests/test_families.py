@@ -145,8 +145,7 @@ def test_greedy_generation_equals_uncached_argmax_and_one_beam():
   sources = [list(np.asarray(tokens((9,), seed=s))) for s in range(3)]
   sources[1] = sources[1][:5]
   outs = seq2seq.generate(p, cfg, sources, max_new_tokens=8)
-  padded, _ = seq2seq.pad_sources(sources, cfg)
-  for i, (src, (ids, stopped)) in enumerate(zip(sources, outs)):
+  for src, (ids, stopped) in zip(sources, outs):
     want = list(_greedy_reference(p, cfg, jnp.asarray([src]), 8)[0])
     if cfg.eos_id in want:
       assert stopped and ids == want[:want.index(cfg.eos_id)]

@@ -1,4 +1,5 @@
-"""Trained weights from wherever they are: a training workdir or a Hugging Face GPT-2.
+"""Trained weights from wherever they are: a training workdir or a Hugging Face checkpoint
+(GPT-2, BERT or BART).
 
 The one way `launch.sample`, `launch.eval`, `launch.export` and fine-tuning (`init_from`) find
 weights by a name or a path:
@@ -12,7 +13,8 @@ weights by a name or a path:
     w.cfg, w.params, w.tokenizer, w.step, w.label
 
 `tokenizer` is the tokenizer a run recorded (`model.tokenizer.tokenizer_from_dict`), or None
-for a Hugging Face checkpoint (GPT-2 BPE).
+for a Hugging Face checkpoint (GPT-2 BPE; a BERT / BART checkpoint's own tokenizer files,
+model/hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -73,8 +75,7 @@ def describe_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
     return Weights(cfg, None, meta.get("tokenizer"), step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
   directory = pretrained.resolve_checkpoint_dir(path)
-  cfg = pretrained.config_from_hf(pretrained.read_hf_config(directory),
-                                  dtype=dtype or "float32", source=directory)
+  cfg = pretrained.checkpoint_config(directory, dtype=dtype or "float32")
   return Weights(cfg, None, None, None, path, HF)
 
 
@@ -83,7 +84,7 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
                  kind: str | None = None, **hf_overrides) -> Weights:
   """The weights, placed on `mesh` (default: the first device) with the model's logical
   shardings; float32 parameters. A damaged newest checkpoint of a workdir is skipped with a
-  warning (a damaged `step` is a UserError). `hf_overrides` go to `load_hf_gpt2` (fields the
+  warning (a damaged `step` is a UserError). `hf_overrides` go to `load_hf` (fields the
   weights do not fix, e.g. block_size lower than n_positions, padded_vocab_size); `kind` as
   in `describe_weights`."""
   path = os.fspath(name_or_dir)
@@ -94,7 +95,7 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, params, tokenizer, step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
-  cfg, params = pretrained.load_hf_gpt2(path, dtype=dtype or "float32", **hf_overrides)
+  cfg, params = pretrained.load_hf(path, dtype=dtype or "float32", **hf_overrides)
   return Weights(cfg, place_params(params, cfg, mesh, rules), None, None, path, HF)
 
 
@@ -110,8 +111,8 @@ def _no_step(path: str, step: int | None) -> None:
 # Fields that must agree between the weights and the run's model (the shapes, and what the
 # weights mean); block_size may be lower (positions cropped), padded_vocab_size anything at
 # least vocab_size (rows re-padded), the layer layout and dtypes anything.
-INIT_FIELDS = ("vocab_size", "num_layers", "num_heads", "d_model", "d_mlp", "use_bias",
-               "tie_embeddings", "position_embedding", "norm_placement", "activation",
+INIT_FIELDS = ("family", "vocab_size", "num_layers", "num_heads", "d_model", "d_mlp",
+               "use_bias", "tie_embeddings", "position_embedding", "norm_placement", "activation",
                "layer_norm_epsilon")
 
 

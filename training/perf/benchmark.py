@@ -84,6 +84,7 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
                     profile_dir: str | None = None) -> dict[str, Any]:
   cfg, mesh = run.model, run.mesh
   B, T, k = run.config.train.batch_size, cfg.block_size, run.config.train.grad_accum
+  width = run.batch_shape[1]  # T + 1 (gpt), 2T (bert: inputs, targets), 2T + 1 (encdec)
 
   start = time.perf_counter()
   step_fn = run.compile_train_step()
@@ -91,7 +92,7 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
   state = run.create_state()
 
   rng = np.random.default_rng(0)
-  batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32), mesh)
+  batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, width), dtype=np.int32), mesh)
              for _ in range(2)]
   for i in range(warmup):
     state, metrics = step_fn(state, batches[i % 2])
@@ -127,8 +128,8 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
       "step_ms_p90": _percentile(times, 0.9) * 1e3,
       "tokens_per_sec": tokens_per_sec,
       "flops_per_token": fpt,
-      "flops_formula": (f"6N + 12*L*T*D, N = {flops.non_embedding_params(cfg):,} "
-                        "(non-embedding parameters + LM head)"),
+      "family": cfg.family,
+      "flops_formula": flops.formula(cfg),
       "tflops_per_sec": tokens_per_sec * fpt / 1e12,
       "mfu": mfu,
       "peak_memory_bytes": peak_memory_bytes(),
@@ -163,6 +164,9 @@ SAMPLE_CASES = (SampleCase("greedy", 0.0, 0, 1.0), SampleCase("top_k40_top_p0.9"
 def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
                      new_tokens: int = 256, repeats: int = 3) -> list[dict[str, Any]]:
   cfg = run.model
+  if cfg.family != "gpt":
+    raise UserError(f"--mode sample times GPT's KV-cache decode loop; this is a "
+                    f"model.family={cfg.family!r} config: use --mode train.")
   new_tokens = min(new_tokens, cfg.block_size - prompt_len)
   if new_tokens < 1:
     raise UserError(f"--prompt_len {prompt_len} leaves no room to generate within block_size "

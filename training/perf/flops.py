@@ -64,6 +64,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
   return 6 * non_embedding_params(cfg) + 12 * layers * T * cfg.d_model
 
 
+def formula(cfg: ModelConfig) -> str:
+  """The FLOPs-per-token formula of cfg's family, in words (module docstring)."""
+  n = f"N = {non_embedding_params(cfg):,} (non-embedding parameters + LM head)"
+  if cfg.family == "encdec":
+    return (f"6N + 12*(L_enc + 2*L_dec)*T*D per target token, L_enc = {cfg.num_layers}, "
+            f"L_dec = {cfg.decoder_layers}, {n}")
+  return f"6N + 12*L*T*D, {n}"
+
+
 def peak_entry(device_kind: str) -> str | None:
   """The key of PEAK_BF16_TFLOPS used for this jax device_kind, or None if unknown."""
   kind = device_kind.lower()
