@@ -345,5 +345,9 @@ def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
   assert result.returncode == 0, result.stdout + result.stderr
   r = json.loads(out.read_text())
   assert r["fits"] and r["chips"] == 8
+  if "transformer" in config:
+    assert "6N+12(Le+2Ld)TD formula" in result.stdout and "xla for the encoder" in result.stdout
+  else:
+    assert "6N+12LTD formula" in result.stdout and r["model"]["attention"] == "xla"
   ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)
   assert 0.9 < ratio < 1.25, ratio

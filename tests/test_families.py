@@ -17,7 +17,7 @@ from model.encoder import Encoder
 from model.fill_mask import fill_mask
 from model.transformer import build, convert_layout, init_params
 from sharding import make_mesh, shard_batch
-from training.data.tasks import mask_tokens, pack_pair, special_ids
+from training.data.tasks import infill, mask_tokens, pack_pair, reverse_pairs, special_ids
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import abstract_train_state, create_train_state
 from training.step import compile_train_step
@@ -241,3 +241,39 @@ def test_one_training_step_is_the_same_on_every_mesh(family):
     for (loss, acc), (want_loss, want_acc) in zip(got, want):
       assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (shape, got, want)
       assert acc == want_acc, (shape, got, want)
+
+
+def test_text_infilling_replaces_spans_with_one_mask_each():
+  """BART's noise: the kept tokens stay in order, each masked run becomes one mask token, and
+  about `ratio` of the positions are noised."""
+  rng = np.random.default_rng(0)
+  tokens = np.arange(2000, dtype=np.int32)
+  mask_id = 5000
+  out = infill(rng, tokens, mask_id=mask_id, ratio=0.3, span=3.0)
+  kept = out[out != mask_id]
+  assert np.all(np.diff(kept) > 0)  # a subsequence, in order
+  assert 0.28 < 1 - len(kept) / len(tokens) < 0.34
+  # a gap in the kept ids (removed tokens) is always marked by at least one mask
+  positions = np.flatnonzero(out != mask_id)
+  for a, b in zip(positions[:-1], positions[1:]):
+    if out[b] - out[a] > 1:
+      assert b - a > 1, f"tokens {out[a]}..{out[b]} removed without a mask"
+
+
+def test_reverse_pairs_and_their_rows(tmp_path):
+  text = tmp_path / "t.txt"
+  text.write_text("x" * 40 + "\nabc\n\nhello there\nzy\n")  # the split: 95% of 61 characters
+
+  class Data(dict):
+    __getattr__ = dict.get
+
+  data = Data(path=str(text), tokenizer="char", val_fraction=0.05, cache_dir=None)
+  pairs, tok, _, what = reverse_pairs(data, 16)
+  decoded = {k: [(tok.decode(s), tok.decode(t)) for s, t in v] for k, v in pairs.items()}
+  assert decoded == {"train": [("abc", "cba"), ("hello there", "ereht olleh")],
+                     "val": [("zy", "yz")]}
+  assert "1 lines longer than the model's positions left out" in what
+  specials = special_ids(tok.vocab_size)
+  row = pack_pair(pairs["train"][0][0], pairs["train"][0][1], 16, 16, specials)
+  assert row.shape == (33,) and list(row[3:16]) == [specials["pad_id"]] * 13
+  assert list(row[16:21]) == [specials["bos_id"], *tok.encode("cba"), specials["eos_id"]]

@@ -276,9 +276,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
                                              "block_size", "padded_vocab_size", "dtype",
                                              "scan_layers", "remat")},
-             # the kernel the no-cache attention runs on this slice (model/attention.py)
-             "attention": attention.implementation(cfg, run.seq_len, cfg.attn_dropout > 0,
-                                                   platform="tpu"),
+             "family": cfg.family,
+             # the kernel the no-cache causal attention runs on this slice (model/attention.py);
+             # bidirectional and cross-attention (bert, the encdec encoder) always run XLA's
+             "attention": ("xla" if cfg.family == "bert" else attention.implementation(
+                 cfg, run.seq_len, cfg.attn_dropout > 0, platform="tpu")),
              "loss_chunk": loss_chunk},
       batch_size=run.config.train.batch_size, grad_accum=grad_accum, seq_len=run.seq_len,
       state_bytes=state_bytes, state_bytes_per_chip=state_per_chip,
@@ -328,6 +330,10 @@ def verdict(total: int, hbm: int) -> str:
   return "fits, with less than 10% to spare" if total > 0.9 * hbm else "fits"
 
 
+def _formula_name(r: "AotReport") -> str:
+  return "6N+12(Le+2Ld)TD" if r.model.get("family") == "encdec" else "6N+12LTD"
+
+
 def format_report(r: AotReport) -> str:
   m = r.model
   slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
@@ -339,6 +345,8 @@ def format_report(r: AotReport) -> str:
       f"context {m['block_size']}, vocab {m['padded_vocab_size']}), {m['dtype']} compute, "
       f"scan_layers={m['scan_layers']}, remat={m['remat']}"
       + (f", attention {m['attention']}" if "attention" in m else "")
+      + (" (decoder self-attention; xla for the encoder and cross-attention)"
+         if m.get("family") == "encdec" else "")
       + (f", loss in chunks of {m['loss_chunk']}" if m.get("loss_chunk") else ""),
       f"slice: {r.topology}{slices} = {r.total_chips} chips ({r.device_kind}, "
       f"{r.topology_name}, {_plural(r.hosts * r.num_slices, 'host')}), mesh {mesh}",
@@ -374,7 +382,7 @@ def format_report(r: AotReport) -> str:
   lines += [
       "",
       "FLOPs per step:",
-      f"  6N+12LTD formula  {_flop(r.formula_flops_per_step)} in all "
+      f"  {_formula_name(r)} formula  {_flop(r.formula_flops_per_step)} in all "
       f"({_count(r.flops_per_token)} FLOPs "
       f"per token x {r.tokens_per_step:,} tokens) = {_flop(per_chip)} per chip",
   ]
