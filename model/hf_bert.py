@@ -64,8 +64,8 @@ def config_from_hf(hf_config: dict[str, Any], *, has_mlm_head: bool, special_ids
   return checked_config(fields, overrides, FIXED, source)
 
 
-def has_mlm_head(tensors: dict[str, np.ndarray]) -> bool:
-  return any(k.startswith(MLM_PREFIX + ".transform") for k in tensors)
+def has_mlm_head(tensor_names) -> bool:
+  return any(k.startswith(MLM_PREFIX + ".transform") for k in tensor_names)
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, n_positions: int,

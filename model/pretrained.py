@@ -117,8 +117,9 @@ def checkpoint_config(directory: str, hf_config: dict[str, Any] | None = None,
   ids = special_ids(directory)
   if kind == "bert":
     from model import hf_bert  # pylint: disable=import-outside-toplevel
-    return hf_bert.config_from_hf(hf_config, has_mlm_head=hf_bert.has_mlm_head(
-        dict.fromkeys(tensor_names(directory))), special_ids=ids, source=source, **overrides)
+    return hf_bert.config_from_hf(
+        hf_config, has_mlm_head=hf_bert.has_mlm_head(tensor_names(directory)), special_ids=ids,
+        source=source, **overrides)
   return _family_module(kind).config_from_hf(hf_config, special_ids=ids, source=source,
                                              **overrides)
 
@@ -144,11 +145,7 @@ def tensor_names(directory: str) -> list[str]:
     except (SafetensorError, OSError, ValueError) as e:
       raise UserError(f"{single} is not a readable safetensors file ({e}).") from None
   if os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        return list(json.load(f)["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise UserError(f"{index} is not a valid safetensors index ({e!r}).") from None
+    return list(_weight_map(index))
   return list(read_hf_tensors(directory)[0])
 
 
@@ -242,6 +239,18 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
   return checked_config(fields, overrides, _FIXED_FIELDS, source, "n_positions")
 
 
+def _weight_map(index: str) -> dict[str, str]:
+  """A sharded checkpoint's index: tensor name -> shard file."""
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict):
+      raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{index} is not a valid safetensors index ({e!r}).") from None
+  return weight_map
+
+
 def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of the checkpoint as numpy arrays, and the weights file they came from."""
   from safetensors import SafetensorError
@@ -252,11 +261,7 @@ def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
   if os.path.isfile(single):
     files = [single]
   elif os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise UserError(f"{index} is not a valid safetensors index ({e!r}).") from None
+    shards = sorted(set(_weight_map(index).values()))
     files = [os.path.join(directory, s) for s in shards]
   elif os.path.isfile(torch_file):
     return _read_torch_tensors(torch_file), torch_file
@@ -314,7 +319,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
     return {"kernel": get(f"{prefix}.weight", (n_in, n_out)),
             "bias": get(f"{prefix}.bias", (n_out,))}
 
-  params = {"wte": {"embedding": _pad_rows(get("wte.weight", (V, D)), cfg.padded_vocab_size)},
+  params = {"wte": {"embedding": pad_rows(get("wte.weight", (V, D)), cfg.padded_vocab_size)},
             "wpe": {"embedding": get("wpe.weight", (P, D))[:cfg.block_size]},
             "ln_f": ln("ln_f")}
   for i in range(L):
@@ -331,7 +336,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
         "mlp": {"c_fc": dense(f"{p}.mlp.c_fc", D, F), "c_proj": dense(f"{p}.mlp.c_proj", F, D)},
     }
   if not cfg.tie_embeddings:
-    lm_head_VD = _pad_rows(get("lm_head.weight", (V, D)), cfg.padded_vocab_size)
+    lm_head_VD = pad_rows(get("lm_head.weight", (V, D)), cfg.padded_vocab_size)
     params["lm_head"] = {"kernel": lm_head_VD.T}
   dtype = cfg.params_dtype
   params = {k: _map(lambda x: jnp.asarray(x, dtype), v) for k, v in params.items()}
@@ -400,10 +405,6 @@ def finish_params(params: dict, cfg: ModelConfig) -> dict:
   return convert_layout(params, cfg)
 
 
-def pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
-  return _pad_rows(x_VD, rows)
-
-
 def checked_config(fields: dict[str, Any], overrides: dict[str, Any], fixed: tuple[str, ...],
                    source: str, positions: str = "max_position_embeddings") -> ModelConfig:
   """ModelConfig(**fields) with `overrides` (UserError for one that changes a `fixed` field, or
@@ -447,7 +448,7 @@ def _with_zero_biases(p: dict, cfg: ModelConfig) -> dict:
   return p
 
 
-def _pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(x_VD: np.ndarray, rows: int) -> np.ndarray:
   if rows == x_VD.shape[0]:
     return x_VD
   return np.concatenate([x_VD, np.zeros((rows - x_VD.shape[0], x_VD.shape[1]), x_VD.dtype)])
