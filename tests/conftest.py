@@ -1,21 +1,51 @@
-"""Test setup: 8 fake CPU devices (so every sharding path runs), and what several test files
-share: the packaged data files, a tiny training run's pieces, and helpers."""
+"""Test setup: 8 fake CPU devices (so every sharding path runs), one compilation cache and one
+data cache for the whole run (shared by pytest-xdist's workers and every `launch.*` subprocess a
+test starts), and what several test files share: the packaged data files, trained tiny runs
+built once per run, a tiny training run's pieces, and helpers."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
-# 8 fake CPU devices; LLVM optimisation off makes XLA:CPU compiles ~3x faster (tiny models run
-# fast either way, and results do not depend on it).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+# 8 fake CPU devices, and XLA:CPU compiling fast: LLVM's optimisation off, and its older
+# (elemental) fusion emitters instead of the MLIR ones, which halves the compile time of the
+# tests' small programs (tiny models run fast either way; results agree within float32 rounding).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# A subprocess that trains for many steps: one device, LLVM's optimisation on (the steps run ~4x
+# faster), the fast fusion emitters.
+ONE_DEVICE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAGS = "--xla_force_host_platform_device_count=8 " + FAST_COMPILE
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inherit it)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # gcsfs's newest layer first asks a gRPC control plane that the GCS emulator (fixture `gcs`)
 # lacks; read when gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+# One JAX persistent compilation cache and one tokenized-data cache per test run: a temporary
+# directory made by the first process (pytest itself, or xdist's controller) and inherited
+# through the environment by xdist's workers and by every subprocess a test starts, so the many
+# runs of the same tiny configs compile each program once. Every program is cached (no minimum
+# compile time or size). No maximum size: with one, JAX locks the directory and scans every
+# entry at each write (quadratic in the ~2,500 programs of a run). Without the lock a reader
+# racing a writer of the same entry can see it half-written; JAX then warns and compiles, as
+# for a miss. Nothing is written to the user's ~/.cache.
+RUN_DIR_ENV = "FLAXGPT_TEST_RUN_DIR"
+_OWN_RUN_DIR = RUN_DIR_ENV not in os.environ
+if _OWN_RUN_DIR:
+  os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="flaxgpt-tests-")
+RUN_DIR = pathlib.Path(os.environ[RUN_DIR_ENV])
+COMPILATION_CACHE = RUN_DIR / "jax-compilation-cache"
+os.environ.update(JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                  FLAXGPT_CACHE_DIR=str(RUN_DIR / "data-cache"))
+os.environ.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
@@ -31,6 +61,81 @@ from training.state import abstract_train_state, create_train_state  # noqa: E40
 from training.step import compile_train_step  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# This process's persistent-cache lookups (subprocesses count their own; the summary at the end
+# adds up the test processes and counts the programs in the cache).
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
+                 "/jax/compilation_cache/cache_misses": "misses"}
+CACHE_COUNTS = {"hits": 0, "misses": 0}
+
+
+def _count_cache_event(event: str, **_) -> None:
+  if event in _CACHE_EVENTS:
+    CACHE_COUNTS[_CACHE_EVENTS[event]] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes over ~20 s on 2 cores; `-m \"not slow\"` "
+                                     "leaves it out of the quick edit-loop run")
+  config.addinivalue_line("markers", "xdist_group(name): tests that must share one pytest-xdist "
+                                     "worker (run with --dist loadgroup)")
+  config.stash[_COUNTS_KEY] = dict(CACHE_COUNTS)  # the workers' sums (controller), else unused
+
+
+_COUNTS_KEY = pytest.StashKey[dict]()
+
+
+def pytest_sessionfinish(session):
+  workeroutput = getattr(session.config, "workeroutput", None)
+  if workeroutput is not None:  # an xdist worker: hand its counts to the controller
+    workeroutput["jax_cache_counts"] = dict(CACHE_COUNTS)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_testnodedown(node, error):  # pylint: disable=unused-argument
+  counts = node.config.stash[_COUNTS_KEY]
+  for key, value in getattr(node, "workeroutput", {}).get("jax_cache_counts", {}).items():
+    counts[key] += value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  counts = config.stash[_COUNTS_KEY]
+  if not hasattr(config, "workerinput"):
+    for key in counts:  # a run without xdist: this process ran the tests
+      counts[key] = max(counts[key], CACHE_COUNTS[key])
+  programs = len(list(COMPILATION_CACHE.glob("*-cache"))) if COMPILATION_CACHE.exists() else 0
+  terminalreporter.write_line(
+      f"JAX compilation cache: {counts['hits']} hits and {counts['misses']} misses in the test "
+      f"processes; {programs} programs cached by them and their subprocesses")
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _OWN_RUN_DIR and not hasattr(config, "workerinput"):
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+def built_once(name: str, build) -> pathlib.Path:
+  """The directory `build(path)` makes, made once per test run and shared by every xdist worker
+  (under a file lock: the first to come builds, the others wait and reuse it). Tests read it; a
+  test that writes into it works on its own copy (`copy_of`)."""
+  import filelock  # pylint: disable=import-outside-toplevel
+  path = RUN_DIR / "built-once" / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  done = path.parent / f"{name}.done"
+  with filelock.FileLock(f"{path}.lock"):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      build(path)
+      done.touch()
+  return path
+
+
+def copy_of(path: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  """A private copy of a built_once directory, for a test that writes into it."""
+  return pathlib.Path(shutil.copytree(path, tmp_path / path.name))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 8 heads and a 64-symbol vocabulary, so tensor=8 really splits heads, MLP and vocabulary.
@@ -52,7 +157,9 @@ def exit_status(main, argv) -> int:
 
 
 def subprocess_env(**changes) -> dict:
-  """The environment of a `python -m launch.*` subprocess run from the checkout."""
+  """The environment of a `python -m launch.*` subprocess run from the checkout (with this run's
+  compilation and data caches, and the test process's XLA_FLAGS unless `changes` has others:
+  XLA_FLAGS="" is one device with LLVM's optimisation, faster for runs of many steps)."""
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **changes)
 
 
@@ -60,6 +167,19 @@ def run_module(module: str, *args: str, env: dict, timeout: int = 240):
   """`python -m <module> args...` in the checkout; the CompletedProcess (text output)."""
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def signal_after_first_checkpoint(cmd, env: dict, checkpoints, sig: int):
+  """Start the launch.train command `cmd`, send it `sig` as soon as `checkpoints()` lists a step
+  (polled every 20 ms, for at most 240 s) and wait for it: (returncode, stdout, stderr)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not checkpoints() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  stdout, stderr = proc.communicate(timeout=60)
+  return proc.returncode, stdout, stderr
 
 
 # Extra launch.train flags, with characters that two shells must both pass through (launch.tpu).
@@ -125,6 +245,32 @@ def tiny_run_config(shakespeare_path, **train):
   return c
 
 
+# The tiny run many tests read: configs/tiny.py (2 layers, characters) for 20 steps, evaluated
+# and saved at 10 and 20, logged every 5.
+TINY_RUN_ARGS = ("--config", "configs/tiny.py", "--config.train.steps=20",
+                 "--config.eval.every=10", "--config.checkpoint.every=10",
+                 "--config.log.every=5")
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> tuple[pathlib.Path, str]:
+  """(workdir, what launch.train printed) of `python -m launch.train TINY_RUN_ARGS`, run through
+  launch.train.main in process once per test run. Read it; copy_of it to write into it."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from launch import train as train_cli  # pylint: disable=import-outside-toplevel
+
+  def build(workdir):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      status = exit_status(train_cli.main, [*TINY_RUN_ARGS, "--workdir", str(workdir)])
+    assert status == 0, err.getvalue()
+    (workdir.parent / f"{workdir.name}.stdout").write_text(out.getvalue())
+
+  workdir = built_once("tiny_run", build)
+  return workdir, (workdir.parent / "tiny_run.stdout").read_text()
+
+
 @pytest.fixture(scope="session")
 def single_device_run():
   """(losses of two steps, initial host TrainState) of the MESH_CFG model on one device."""
@@ -169,26 +315,20 @@ class GCS:
     return "/".join([f"gs://{self.bucket}", *parts])
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def gcs():
-  """A GCS emulator for the session with bucket "flaxgpt-test"; os.environ points this process's
-  clients at it (subprocesses: pass gcs.env)."""
+  """A GCS emulator for the session (of this xdist worker) with bucket "flaxgpt-test", on a port
+  it picks itself; os.environ points this process's clients at it (subprocesses: pass
+  gcs.env)."""
   pytest.importorskip("gcp_storage_emulator")
   pytest.importorskip("gcsfs")
   import urllib.request
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port)],
+  proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py")],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   try:
-    assert proc.stdout.readline().strip() == "ready", "the GCS emulator did not start"
-    g = GCS(f"http://localhost:{port}", "flaxgpt-test")
+    line = proc.stdout.readline()
+    assert line.startswith("ready "), f"the GCS emulator did not start: {line!r}"
+    g = GCS(f"http://localhost:{line.split()[1]}", "flaxgpt-test")
     request = urllib.request.Request(f"{g.url}/storage/v1/b?project=test", method="POST",
                                      data=json.dumps({"name": g.bucket}).encode(),
                                      headers={"Content-Type": "application/json"})

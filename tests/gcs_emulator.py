@@ -22,7 +22,7 @@ ifGenerationNotMatch as GCS does (412, or 304 for a download whose generation di
 and downloads sending x-goog-generation, which is what the code under test relies on; nothing
 else is changed.
 
-    python tests/gcs_emulator.py PORT     # serves until killed (the tests' fixture runs this)
+    python tests/gcs_emulator.py [PORT]   # serves until killed (the tests' fixture runs this)
 """
 
 from __future__ import annotations
@@ -115,11 +115,14 @@ def install_preconditions() -> None:
 
 
 def serve(port: int) -> None:
+  """Serve on localhost:`port` (0: a free port the system picks); print "ready PORT" once
+  listening."""
   install_preconditions()
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
   srv = create_server("localhost", port, in_memory=True)
   srv.start()
-  print("ready", flush=True)
+  port = srv._api._httpd.server_address[1]  # pylint: disable=protected-access
+  print(f"ready {port}", flush=True)
   try:
     while True:
       time.sleep(1)
@@ -128,4 +131,4 @@ def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-  serve(int(sys.argv[1]))
+  serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

@@ -1,6 +1,7 @@
 """training/perf/aot.py and python -m launch.aot: the implied-step-time arithmetic, the report,
-and (where libtpu is at hand) a real ahead-of-time compile of GPT-2 for a v5p-8. (Slice names:
-test_tpu_slices.py.)
+and (where libtpu is at hand) real ahead-of-time compiles for TPU slices: GPT-2 124M at its full
+size for a v5p-8 (the one test where the size is the point), the rest at the smallest shapes
+that still take each path. (Slice names: test_tpu_slices.py.)
 
 The compile needs `jax[tpu]` (libtpu), which the CPU test environment does not have: it runs with
 this interpreter if libtpu imports here, else with the python that $FLAXGPT_TPU_PYTHON names
@@ -17,8 +18,10 @@ import sys
 
 import pytest
 
+from conftest import exit_status
 from configs.gpt3_175b import get_config as gpt3_config
 from conftest import REPO
+from launch import aot as aot_cli
 from model.config import ModelConfig
 from model.transformer import count_params
 from sharding import make_mesh, rules_from_config
@@ -157,6 +160,9 @@ def test_compiler_oom_message_is_recognised():
 def _env() -> dict:
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)  # the tests' CPU flags (fake devices, no LLVM optimisation)
+  # Compiling for a topology touches no TPU, so two compiles may run at once (pytest-xdist's
+  # workers): without this, a second process loading libtpu fails on /tmp/libtpu_lockfile.
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   return env
 
 
@@ -165,19 +171,22 @@ def _aot(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedPro
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_bad_topology_is_one_error_line():
-  result = _aot(sys.executable, "--config", "configs/gpt2.py", "--topology", "v5p-7")
-  assert result.returncode == 2, result.stderr
-  assert result.stderr.strip().splitlines() == [
+def _aot_error(capsys, *args: str) -> list[str]:
+  """launch.aot.main(args) in process, for mistakes caught before anything compiles: its
+  stderr lines (the exit status must be 2)."""
+  assert exit_status(aot_cli.main, list(args)) == 2
+  return capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_topology_is_one_error_line(capsys):
+  assert _aot_error(capsys, "--config", "configs/gpt2.py", "--topology", "v5p-7") == [
       "error: --topology 'v5p-7' is not a v5p slice size: v5p-N counts TensorCores, 8, 16, 32, "
       "64 or a multiple of 128 (v5p-128, v5p-256, ...)."]
 
 
 @pytest.mark.skipif(slices.libtpu_available(), reason="libtpu is installed here")
-def test_without_libtpu_says_how_to_install_it():
-  result = _aot(sys.executable, "--config", "configs/gpt2.py", "--topology", "v5p-8")
-  assert result.returncode == 2, result.stderr
-  (line,) = result.stderr.strip().splitlines()
+def test_without_libtpu_says_how_to_install_it(capsys):
+  (line,) = _aot_error(capsys, "--config", "configs/gpt2.py", "--topology", "v5p-8")
   assert line.startswith("error: Compiling for a TPU slice needs libtpu") and "jax[tpu]==" in line
 
 
@@ -198,7 +207,9 @@ GPT2_SMALL_BATCH = ("--config", "configs/gpt2.py", "--config.train.grad_accum=1"
                     "--config.model.scan_layers=True")
 
 
-def test_gpt2_compiles_for_a_v5p_8_and_fits(tmp_path):
+@pytest.mark.slow
+def test_gpt2_124m_at_full_size_compiles_for_a_v5p_8_and_fits(tmp_path):
+  """The one full-size compile: GPT-2 124M's state and step must fit a v5p-8's chips."""
   out = tmp_path / "report.json"
   result = _aot(_tpu_python(), *GPT2_SMALL_BATCH, "--config.train.batch_size=4",
                 "--topology", "v5p-8", "--json", str(out))
@@ -246,10 +257,11 @@ def test_the_gpt3_175b_config_is_gpt3():
   assert dataclasses.asdict(cfg)["remat"] == "full" and cfg.scan_layers
 
 
-# GPT-2's head dim (64), 4 heads, 2 layers, T = 256 (splash blocks of 256), a 512-token vocabulary
-# in loss chunks of 128 positions: small enough to compile in seconds.
+# GPT-2's head dim (64) in 2 heads, 1 layer, T = 256 in loss chunks of 128 positions, a 512-token
+# vocabulary: the splash kernel and the chunked loss at a size that compiles in seconds.
 SPLASH_SMALL = ("--config", "configs/tiny.py", "--config.model.vocab_size=512",
-                "--config.model.d_model=256", "--config.model.block_size=256",
+                "--config.model.d_model=128", "--config.model.num_heads=2",
+                "--config.model.num_layers=1", "--config.model.block_size=256",
                 "--config.train.batch_size=8", "--config.train.loss_chunk=128")
 
 
@@ -291,11 +303,9 @@ TINY_DECODE = ("--step", "decode", "--config", "configs/tiny.py", "--topology", 
     (("--step", "decode", "--batch", "8", "--cache_len", "16", "--mfu", "0.4"),
      "error: --mfu and --num_slices only apply to --step train."),
 ])
-def test_decode_flags_are_checked_before_anything_compiles(args, message):
-  result = _aot(sys.executable, "--config", "configs/tiny.py", "--topology", "v5litepod-1",
-                *args)
-  assert result.returncode == 2, result.stderr
-  (line,) = result.stderr.strip().splitlines()
+def test_decode_flags_are_checked_before_anything_compiles(args, message, capsys):
+  (line,) = _aot_error(capsys, "--config", "configs/tiny.py", "--topology", "v5litepod-1",
+                       *args)
   assert line.startswith(message), line
 
 
@@ -329,9 +339,16 @@ def test_decode_step_bytes_grow_with_the_position(tmp_path):
   assert full["flops_per_step"] > small["flops_per_step"] > 0
 
 
-# The encoder and encoder-decoder base configs at their width (768 / 512, 12 / 8 heads, their
-# MLPs and vocabularies), two layers each and a small batch: seconds to compile. Unscanned, so
-# XLA's per-chip count covers every layer and checks the family's FLOPs formula.
+# The encoder and encoder-decoder base configs' layouts and GPT-2 vocabulary at the smallest
+# shapes that keep their paths and FLOPs formulas (width 128 in 2 heads of 64, MLP 512, T 128 for
+# the splash kernel, two layers / one of each; at their full widths the same checks took
+# minutes). Unscanned, so XLA's per-chip count covers every layer and checks the family's
+# FLOPs formula (the 50,304-row vocabulary keeps non-matmul FLOPs a small part).
+SMALL_BASE = ("--config.model.d_model=128", "--config.model.num_heads=2",
+              "--config.model.d_mlp=512", "--config.model.block_size=128")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config,layers", [
     ("configs/bert_base.py", ("--config.model.num_layers=2",)),
     ("configs/transformer_base.py", ("--config.model.num_layers=1",
@@ -339,9 +356,9 @@ def test_decode_step_bytes_grow_with_the_position(tmp_path):
 ], ids=["bert_base", "transformer_base"])
 def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
   out = tmp_path / "report.json"
-  result = _aot(_tpu_python(), "--config", config, *layers, "--config.model.scan_layers=False",
-                "--config.train.batch_size=16", "--config.train.grad_accum=1",
-                "--topology", "v5litepod-8", "--json", str(out))
+  result = _aot(_tpu_python(), "--config", config, *layers, *SMALL_BASE,
+                "--config.model.scan_layers=False", "--config.train.batch_size=16",
+                "--config.train.grad_accum=1", "--topology", "v5litepod-8", "--json", str(out))
   assert result.returncode == 0, result.stdout + result.stderr
   r = json.loads(out.read_text())
   assert r["fits"] and r["chips"] == 8

@@ -1,30 +1,36 @@
-"""training/perf/benchmark.py and launch.benchmark on the tiny config (CPU): both modes run, the
-JSON has every field, and the config is checked as training checks it."""
+"""training/perf/benchmark.py and launch.benchmark on the tiny config (CPU, launch.benchmark.main
+in process): both modes run, the JSON has every field, and the config is checked as training
+checks it."""
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, subprocess_env
+from conftest import exit_status
+from launch import benchmark as benchmark_cli
 from model.config import get_config
 from training.perf import benchmark
+
+
+def _benchmark(*args):
+  """launch.benchmark.main(args) in process: (exit status, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = exit_status(benchmark_cli.main, [str(a) for a in args])
+  return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", "--config", "configs/tiny.py", "--mode", "all",
-       "--json", str(out), "--steps", "3", "--warmup", "1", "--batch_sizes", "1,2",
-       "--new_tokens", "8", "--repeats", "1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(out.read_text()), proc.stdout
+  status, stdout, stderr = _benchmark(
+      "--config", "configs/tiny.py", "--mode", "all", "--json", out, "--steps", "3", "--warmup",
+      "1", "--batch_sizes", "1,2", "--new_tokens", "8", "--repeats", "1")
+  assert status == 0, stderr[-3000:]
+  return json.loads(out.read_text()), stdout
 
 
 def test_train_fields(report):
@@ -71,34 +77,33 @@ def test_compare_with_transformers_on_the_same_weights(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   out = tmp_path / "compare.json"
-  proc = run_module("launch.benchmark", "--config", "configs/tiny.py", "--mode", "sample",
-                    "--compare", "transformers", "--batch_sizes", "1,2", "--new_tokens", "8",
-                    "--repeats", "1", "--json", str(out), env=subprocess_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, stdout, stderr = _benchmark(
+      "--config", "configs/tiny.py", "--mode", "sample", "--compare", "transformers",
+      "--batch_sizes", "1,2", "--new_tokens", "8", "--repeats", "1", "--json", out)
+  assert status == 0, stderr[-3000:]
   rows = json.loads(out.read_text())["compare"]
   assert [r["batch_size"] for r in rows] == [1, 2]
   for r in rows:
     assert r["speedup"] == pytest.approx(r["transformers_seconds"] / r["ours_seconds"])
     # Greedy from the same float32 weights: the same tokens.
     assert r["token_agreement"] == 1.0
-  assert "speedup" in proc.stdout
+  assert "speedup" in stdout
 
 
 def test_compare_needs_the_sample_mode():
-  out = run_module("launch.benchmark", "--config", "configs/tiny.py", "--compare",
-                   "transformers", env=subprocess_env())
-  assert out.returncode == 2, out.stderr
-  assert out.stderr.strip().splitlines() == [
+  status, _, stderr = _benchmark("--config", "configs/tiny.py", "--compare", "transformers")
+  assert status == 2, stderr
+  assert stderr.strip().splitlines() == [
       "error: --compare transformers needs --mode sample, got --mode all."]
 
 
 def test_a_config_training_rejects_is_rejected_in_one_sentence():
   """The benchmark builds its run as training does (training/run.py), so it fails the same way:
   one `error:` line before anything is compiled."""
-  out = run_module("launch.benchmark", "--config", "configs/tiny.py",
-                   "--config.train.batch_size=12", env=subprocess_env())  # 8 devices
-  assert out.returncode == 2, out.stderr
-  assert out.stderr.strip().splitlines() == [
+  status, _, stderr = _benchmark("--config", "configs/tiny.py",
+                                 "--config.train.batch_size=12")  # 8 devices
+  assert status == 2, stderr
+  assert stderr.strip().splitlines() == [
       "error: The micro-batch config.train.batch_size / grad_accum = 12 must be divisible by "
       "the data-parallel size mesh.data x mesh.fsdp = 8."]
 
@@ -111,14 +116,14 @@ def test_encoder_and_encoder_decoder_configs_benchmark_training(tmp_path, config
   """--mode all is training for them (no GPT decode loop): their batch rows (2T; 2T + 1) and
   their family's FLOPs formula."""
   out = tmp_path / "bench.json"
-  proc = run_module("launch.benchmark", "--config", config, "--json", str(out), "--steps", "2",
-                    "--warmup", "1", "--config.model.num_layers=1",
-                    "--config.train.batch_size=8", "--config.mesh.cpu_devices=0",
-                    env=subprocess_env(XLA_FLAGS=""))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, _, stderr = _benchmark("--config", config, "--json", out, "--steps", "2", "--warmup",
+                                 "1", "--config.model.num_layers=1", "--config.model.d_model=32",
+                                 "--config.model.num_heads=2", "--config.model.d_mlp=64",
+                                 "--config.train.batch_size=8", "--config.mesh.cpu_devices=0")
+  assert status == 0, stderr[-3000:]
   data = json.loads(out.read_text())
   assert "sample" not in data and data["train"]["flops_formula"].startswith(formula)
   assert data["train"]["tokens_per_sec"] > 0 and np.isfinite(data["train"]["final_loss"])
-  sample = run_module("launch.benchmark", "--config", config, "--mode", "sample",
-                      env=subprocess_env())
-  assert sample.returncode == 2 and "times GPT's KV-cache decode loop" in sample.stderr
+  status, _, stderr = _benchmark("--config", config, "--mode", "sample")
+  assert status == 2 and "times GPT's KV-cache decode loop" in stderr
+

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import exit_status, tiny_run_config
+from conftest import built_once, exit_status, tiny_run_config
 from launch import sample as sample_cli
 from model.errors import UserError
 from training.checkpoint import Checkpointer, load_for_inference, read_run_meta
@@ -71,13 +71,13 @@ STEPS, EVERY = 28, 4
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shakespeare_path):
-  """(config, workdir, losses by step) of the uninterrupted run."""
+def reference(shakespeare_path):
+  """(config, workdir, losses by step) of the uninterrupted run (made once per test run; the
+  tests damage copies of it)."""
   c = tiny_run_config(shakespeare_path, train__steps=STEPS, checkpoint__every=EVERY,
                       checkpoint__keep=STEPS // EVERY, log__every=1, eval__every=0,
                       eval__batches=0)
-  workdir = tmp_path_factory.mktemp("reference")
-  train(c, str(workdir), quiet=True)
+  workdir = built_once("checkpoint_reference", lambda path: train(c, str(path), quiet=True))
   return c, workdir, _losses(workdir)
 
 

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import FAST_COMPILE, built_once, exit_status, subprocess_env
+from launch import train as train_cli
 from model.errors import UserError
 from training import distributed
 from training.metrics import read_metrics
@@ -24,11 +26,8 @@ ARGS = ("--config", "configs/tiny.py", "--config.mesh.data=2", "--config.mesh.fs
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = dict(os.environ)
-  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-  return e
+def env():
+  return subprocess_env()
 
 
 def _free_address() -> str:
@@ -40,7 +39,7 @@ def _free_address() -> str:
 def _start(env, workdir, num_processes: int, devices_each: int, *overrides):
   """launch.train in `num_processes` processes, each in its own process group."""
   env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each} "
-                            "--xla_backend_optimization_level=0")
+                            f"{FAST_COMPILE}")
   cmd = [sys.executable, "-m", "launch.train", "--workdir", str(workdir), *ARGS, *overrides]
   if num_processes > 1:
     address = _free_address()
@@ -91,8 +90,15 @@ def _assert_close(got: dict, want: dict, steps) -> None:
     assert abs(got[s] - want[s]) <= 1e-6 * abs(want[s]), (s, got[s], want[s])
 
 
-def test_two_processes_train_like_one_and_resume_on_one(env, tmp_path):
-  one = _train(env, tmp_path / "one", 1, 8)  # 1 process x 8 devices, mesh data=2 fsdp=4
+@pytest.fixture(scope="module")
+def one_process_rows(env):
+  """The metrics of the reference: 1 process x 8 devices, mesh data=2 fsdp=4 (made once)."""
+  return read_metrics(built_once("distributed_one", lambda path: _train(env, path, 1, 8)))
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_on_one(env, tmp_path, one_process_rows):
+  one = one_process_rows
   two = _train(env, tmp_path / "two", 2, 4)  # 2 processes x 4 devices, the same mesh
   assert [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
   assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # process 0 alone wrote the rows
@@ -112,6 +118,7 @@ def test_two_processes_train_like_one_and_resume_on_one(env, tmp_path):
   _assert_close(_losses(rows, "val_loss"), _losses(one, "val_loss"), [6])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_all_at_the_same_step(env, tmp_path):
   """A preemption notice reaching one host: every process saves the same step and exits 0."""
   workdir = tmp_path / "w"
@@ -171,22 +178,21 @@ def test_bad_distributed_arguments_are_named(args, message):
     distributed.check_args(*args)
 
 
-def test_bad_distributed_flag_is_one_error_line(env, tmp_path):
-  out = subprocess.run([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path), *ARGS,
-                        "--coordinator_address=localhost:1", "--num_processes=2",
-                        "--process_id=5"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 2
-  assert out.stderr.strip() == "error: --process_id must be in [0, 2), got 5."
+def test_bad_distributed_flag_is_one_error_line(tmp_path, capsys):
+  assert exit_status(train_cli.main, ["--workdir", str(tmp_path), *ARGS,
+                                      "--coordinator_address=localhost:1", "--num_processes=2",
+                                      "--process_id=5"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --process_id must be in [0, 2), got 5."
 
 
-def test_two_processes_on_a_gs_workdir_train_like_one_on_disk(env, tmp_path, gcs):
+@pytest.mark.slow
+def test_two_processes_on_a_gs_workdir_train_like_one_on_disk(env, gcs, one_process_rows):
   """2 processes x 4 devices sharing a gs:// workdir (what a multi-host pod does) log the losses
   of 1 process x 8 devices on a local disk; every process writes its checkpoint shards there."""
   from etils import epath
   from training import storage
   env = dict(env, **gcs.env)
-  one = _train(env, tmp_path / "one", 1, 8)
+  one = one_process_rows
   remote = gcs.path("runs", "two-processes")
   two = _train(env, remote, 2, 4)
   assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]

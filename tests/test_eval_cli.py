@@ -7,20 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from conftest import exit_status, tiny_run_config
+from conftest import exit_status
 from launch import eval as eval_cli
 from launch import prepare as prepare_cli
-from training.loop import train
 
 HF_DIR = "tests/fixtures/hf_gpt2_tiny"  # GPT-2 BPE ids 0..95, block 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shakespeare_path):
-  workdir = tmp_path_factory.mktemp("run")
-  c = tiny_run_config(shakespeare_path, train__steps=3, eval__every=0, checkpoint__every=100)
-  train(c, str(workdir), quiet=True)
-  return workdir
+def run(tiny_run):
+  """conftest's tiny run (a character model, block 64)."""
+  return tiny_run[0]
 
 
 @pytest.fixture(scope="module")

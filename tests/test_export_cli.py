@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import exit_status, rel_err, tiny_run_config
+from conftest import built_once, exit_status, rel_err, tiny_run_config
 from launch import export as export_cli
 from model.transformer import GPT
 from training.loop import train
@@ -30,16 +30,18 @@ def _train(workdir, shakespeare_path, **changes):
 
 
 @pytest.fixture(scope="module")
-def char_run(tmp_path_factory, shakespeare_path):
-  """A character run without biases (as the quick start's model)."""
-  return _train(tmp_path_factory.mktemp("char"), shakespeare_path, model__use_bias=False)
+def char_run(shakespeare_path):
+  """A character run without biases (as the quick start's model), made once per test run."""
+  return built_once("export_char_run",
+                    lambda path: _train(path, shakespeare_path, model__use_bias=False))
 
 
 @pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory, shakespeare_path):
-  """A GPT-2 BPE run, vocabulary padded to 50304, scan_layers layout."""
-  return _train(tmp_path_factory.mktemp("bpe"), shakespeare_path, data__tokenizer="gpt2",
-                model__padded_vocab_size=50304, model__scan_layers=True, model__block_size=32)
+def bpe_run(shakespeare_path):
+  """A GPT-2 BPE run, vocabulary padded to 50304, scan_layers layout, made once per test run."""
+  return built_once("export_bpe_run", lambda path: _train(
+      path, shakespeare_path, data__tokenizer="gpt2", model__padded_vocab_size=50304,
+      model__scan_layers=True, model__block_size=32))
 
 
 def _export(capsys, *args):

@@ -71,9 +71,10 @@ def test_encoder_sees_both_directions_and_ignores_padding(scan):
   assert rel_err(padded[0, :7], short[0]) < 1e-5
   assert rel_err(padded[1], out[1]) < 1e-5
   # hidden states [B, T, D], the same in both layouts
-  hidden = Encoder(cfg).apply({"params": p}, x, return_hidden=True)
-  loop_hidden = Encoder(bert_cfg()).apply({"params": params_of(bert_cfg())}, x,
-                                          return_hidden=True)
+  hidden = jax.jit(lambda: Encoder(cfg).apply({"params": p}, x, return_hidden=True))()
+  loop_p = params_of(bert_cfg())
+  loop_hidden = jax.jit(lambda: Encoder(bert_cfg()).apply({"params": loop_p}, x,
+                                                          return_hidden=True))()
   assert hidden.shape == (2, 12, cfg.d_model) and rel_err(hidden, loop_hidden) < 1e-5
 
 
@@ -81,8 +82,8 @@ def test_token_types_change_the_output():
   cfg = bert_cfg()
   p = params_of(cfg)
   x = tokens((1, 8))
-  a = Encoder(cfg).apply({"params": p}, x)
-  b = Encoder(cfg).apply({"params": p}, x, None, jnp.ones_like(x))
+  apply = jax.jit(lambda x, types=None: Encoder(cfg).apply({"params": p}, x, None, types))
+  a, b = apply(x), apply(x, jnp.ones_like(x))
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
@@ -116,14 +117,14 @@ def test_cached_decoding_equals_the_full_forward(scan, placement):
                                           embed_scale=cfg.embed_scale)), cfg)
   src, tgt = tokens((2, 10)), tokens((2, 7), seed=1)
   mask = jnp.ones((2, 10), bool).at[1, 4:].set(False)
-  full = build(cfg).apply({"params": p}, src, tgt, mask)
-  cache = encdec.start_cache(p, cfg, src, mask, 16)
+  full = jax.jit(lambda: build(cfg).apply({"params": p}, src, tgt, mask))()
+  cache = jax.jit(lambda: encdec.start_cache(p, cfg, src, mask, 16))()
+  decode = jax.jit(lambda t, pos, c: encdec.decode(p, cfg, t, pos, c))
   # the first 3 target tokens in one call, then one at a time
-  first, cache = encdec.decode(p, cfg, tgt[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)),
-                               cache)
+  first, cache = decode(tgt[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)), cache)
   steps = [first]
   for t in range(3, 7):
-    logits, cache = encdec.decode(p, cfg, tgt[:, t:t + 1], jnp.full((2, 1), t), cache)
+    logits, cache = decode(tgt[:, t:t + 1], jnp.full((2, 1), t), cache)
     steps.append(logits)
   assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
 
@@ -178,7 +179,8 @@ def test_fill_mask_candidates_are_the_softmax_at_the_mask():
   rows = [[1, 2, m, 4, 5], [m, 7, 8, 9, 10, 11, m]]
   results = fill_mask(p, cfg, rows, mask_id=m, top_k=3, exclude=range(V - 4, V))
   assert [[pos for pos, _ in r] for r in results] == [[2], [0, 6]]
-  logits = Encoder(cfg).apply({"params": p}, jnp.asarray([rows[1]]))[0, 6, :V]
+  logits = jax.jit(lambda x: Encoder(cfg).apply({"params": p}, x))(
+      jnp.asarray([rows[1]]))[0, 6, :V]
   probs = np.asarray(jax.nn.softmax(jnp.where(jnp.arange(V) >= V - 4, -jnp.inf, logits)))
   want = np.argsort(-probs)[:3]
   got = results[1][1][1]

@@ -4,7 +4,6 @@ on gs:// trains like the same files on disk; the workdir lock holds on gs://; sa
 evaluation, export and plots read gs:// runs; unusable gs:// paths are one sentence."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,8 @@ import time
 import pytest
 from etils import epath
 
-from conftest import REPO, exit_status, tiny_run_config
+from conftest import (ONE_DEVICE_XLA_FLAGS, REPO, exit_status, signal_after_first_checkpoint,
+                      subprocess_env, tiny_run_config)
 from launch import eval as eval_cli
 from launch import export as export_cli
 from launch import plot as plot_cli
@@ -24,14 +24,17 @@ from training import storage
 from training.loop import train
 from training.metrics import read_metrics
 
+# One pytest-xdist worker for the file: its tests read the bucket of that worker's emulator.
+pytestmark = pytest.mark.xdist_group("gcs")
 RUN_ARGS = ("--config", "configs/tiny.py", "--config.train.steps=200", "--config.log.every=1",
             "--config.eval.every=50", "--config.checkpoint.every=10",
             "--config.checkpoint.keep=2", "--config.model.num_layers=1", "--quiet")
 
 
-def _env(gcs, tmp_path_factory, **changes):
-  e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
-           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), **gcs.env)
+def _env(gcs, **changes):
+  """A launch.train process on one device (LLVM's optimisation on: runs of many steps), the
+  packaged text, the emulator."""
+  e = subprocess_env(XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, **gcs.env)
   e.pop("FLAXGPT_DATA_DIR", None)
   e.update(changes)
   return e
@@ -59,20 +62,15 @@ def _losses(workdir):
 def gs_run(gcs, tmp_path_factory):
   """(gs:// workdir, local workdir) of the same run: the gs:// one killed with SIGKILL after its
   first checkpoint and rerun to the end."""
-  env = _env(gcs, tmp_path_factory)
+  env = _env(gcs)
   local = tmp_path_factory.mktemp("local") / "run"
   out = subprocess.run(_train_cmd(local), cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   remote = gcs.path("runs", "resumed")
-  proc = subprocess.Popen(_train_cmd(remote), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while not _gs_checkpoints(remote) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  rc, _, _ = signal_after_first_checkpoint(_train_cmd(remote), env,
+                                           lambda: _gs_checkpoints(remote), signal.SIGKILL)
+  assert rc == -signal.SIGKILL, "the run ended before it could be killed"
   saved = _gs_checkpoints(remote)
   assert saved and saved[-1] < 200
   rerun = subprocess.run([*_train_cmd(remote), "--force"], cwd=REPO, env=env,  # the lock a
@@ -81,6 +79,7 @@ def gs_run(gcs, tmp_path_factory):
   return remote, local, saved[-1]
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_on_gs_logs_the_local_losses_bit_for_bit(gs_run):
   remote, local, resumed_at = gs_run
   want, got = _losses(local), _losses(remote)
@@ -94,6 +93,7 @@ def test_killed_and_rerun_on_gs_logs_the_local_losses_bit_for_bit(gs_run):
   assert _gs_checkpoints(remote) == [190, 200] and resumed_at >= 10
 
 
+@pytest.mark.slow
 def test_sample_eval_export_and_plot_read_gs_runs(gs_run, tmp_path, capsys):
   remote, local, _ = gs_run
   args = ["--prompt", "ROMEO:", "--max_new_tokens", "12", "--temperature", "0", "--json"]
@@ -160,7 +160,7 @@ def test_the_workdir_lock_holds_on_gs(gcs, tmp_path, capsys, shakespeare_path):
 
 @pytest.mark.parametrize("case", ["no-bucket", "unreachable"])
 def test_unusable_gs_paths_are_one_sentence_before_compiling(case, gcs, tmp_path_factory):
-  env = _env(gcs, tmp_path_factory)
+  env = _env(gcs)
   workdir = gcs.path("runs", "x")
   if case == "no-bucket":
     workdir, expected = "gs://no-such-bucket/run", "the bucket 'no-such-bucket' does not exist"

@@ -1,5 +1,6 @@
-"""python -m launch.sample end to end (subprocesses) from a launch.train checkpoint and from a
-Hugging Face checkpoint, its one-sentence errors, and its prompt and output helpers."""
+"""python -m launch.sample end to end (launch.sample.main in process; a real process where the
+process is the point) from a launch.train checkpoint and from a Hugging Face checkpoint, its
+one-sentence errors, and its prompt and output helpers."""
 
 import io
 import json
@@ -28,10 +29,10 @@ HF_PROMPTS = ("Q@Z", "(x)")  # GPT-2 BPE ids below 96
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """No FLAXGPT_DATA_DIR / FLAXGPT_GPT2_BPE: the packaged data and BPE ranks are used."""
+  """For the real processes: no FLAXGPT_GPT2_BPE: the packaged BPE ranks; the Hub offline."""
   e = dict(os.environ)  # keeps conftest's XLA_FLAGS
-  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1",
+  e.pop("FLAXGPT_GPT2_BPE", None)
+  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
            HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
   return e
 
@@ -46,16 +47,18 @@ def _run(args, env, timeout=120):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _sample(capsys, args):
+  """launch.sample.main(args) in process: (exit status, stdout, stderr)."""
+  status = exit_status(sample_cli.main, [str(a) for a in args])
+  out = capsys.readouterr()
+  return status, out.out, out.err
+
+
 @pytest.fixture(scope="module")
-def workdir(env, tmp_path_factory):
-  """A two-step launch.train run of configs/tiny.py (a character model, block 64)."""
-  path = tmp_path_factory.mktemp("run")
-  out = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir",
-       str(path), "--config.train.steps=2", "--config.eval.every=0", "--quiet"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-  assert out.returncode == 0, out.stderr
-  return path
+def workdir(tiny_run):
+  """conftest's tiny launch.train run of configs/tiny.py (a character model, block 64; 20
+  steps, checkpoints at 10 and 20)."""
+  return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +68,10 @@ def prompt_file(tmp_path_factory):
   return path
 
 
-def _records(out):
-  assert out.returncode == 0, out.stderr
-  return [json.loads(line) for line in out.stdout.splitlines()]
+def _records(result):
+  status, stdout, stderr = result
+  assert status == 0, stderr
+  return [json.loads(line) for line in stdout.splitlines()]
 
 
 def _check_against_generate(records, params, cfg, tokenizer, prompts, num_samples,
@@ -88,49 +92,50 @@ def _check_against_generate(records, params, cfg, tokenizer, prompts, num_sample
 # End to end
 
 
-def test_help(env):
-  out = _run(["--help"], env)
-  assert out.returncode == 0
+def test_help(capsys):
+  status, out, _ = _sample(capsys, ["--help"])
+  assert status == 0
   for text in ("--workdir", "--init_from", "gpt2-xl", "--prompt_file", "FILE:path", "---",
                "--num_samples", "--top_p", "--stream", "--json", "--dtype", "Examples:"):
-    assert text in out.stdout, text
+    assert text in out, text
 
 
-def test_workdir_json_and_text_match_generate(env, workdir, prompt_file):
-  """Seeded sampling (a 2-step model's greedy output is one repeated character)."""
+def test_workdir_json_and_text_match_generate(workdir, prompt_file, capsys):
+  """Seeded sampling."""
   args = ["--workdir", str(workdir), "--prompt_file", str(prompt_file), "--num_samples", "2",
           "--max_new_tokens", "12", "--temperature", "1.0", "--top_k", "20", "--seed", "3"]
-  records = _records(_run(args + ["--json"], env))
+  records = _records(_sample(capsys, args + ["--json"]))
   cfg, params, saved, _ = load_for_inference(workdir)
   tokenizer = tokenizer_from_dict(saved)
   assert tokenizer.name == "char"
   _check_against_generate(records, params, cfg, tokenizer, ["ROMEO:", "JULIET:\nO"], 2,
                           temperature=1.0, top_k=20, seed=3)
   assert {r["stop_reason"] for r in records} == {"max_new_tokens"}
-  text = _run(args, env)
-  assert text.returncode == 0, text.stderr
-  assert text.stdout == "".join(format_sample(r["prompt"], r["completion"]) for r in records)
-  assert "compilation included" in text.stderr
+  status, stdout, stderr = _sample(capsys, args)
+  assert status == 0, stderr
+  assert stdout == "".join(format_sample(r["prompt"], r["completion"]) for r in records)
+  assert "compilation included" in stderr
 
 
-def test_hugging_face_greedy_json_matches_generate(env, gpt2, tmp_path):
+def test_hugging_face_greedy_json_matches_generate(gpt2, tmp_path, capsys):
   (tmp_path / "p.txt").write_text(HF_PROMPTS[1])
-  records = _records(_run(["--init_from", str(HF_DIR), "--prompt", HF_PROMPTS[0], "--prompt",
-                           f"FILE:{tmp_path / 'p.txt'}", "--max_new_tokens", "10",
-                           "--temperature", "0", "--json", "--quiet"], env))
+  records = _records(_sample(capsys, ["--init_from", str(HF_DIR), "--prompt", HF_PROMPTS[0],
+                                      "--prompt", f"FILE:{tmp_path / 'p.txt'}",
+                                      "--max_new_tokens", "10", "--temperature", "0", "--json",
+                                      "--quiet"]))
   cfg, params = load_hf_gpt2(HF_DIR)
   # GPT-2 BPE; <|endoftext|> (50256) is outside this model's vocabulary, so nothing stops.
   _check_against_generate(records, params, cfg, gpt2, HF_PROMPTS, 1, temperature=0.0)
 
 
-def test_stream_prints_the_same_text(env, gpt2):
+def test_stream_prints_the_same_text(capsys):
   args = ["--init_from", str(HF_DIR), "--prompt", HF_PROMPTS[0], "--prompt", HF_PROMPTS[1],
           "--num_samples", "2", "--max_new_tokens", "20", "--temperature", "1.0", "--top_k",
           "40", "--top_p", "0.95", "--seed", "7", "--dtype", "bfloat16", "--quiet"]
-  plain, stream = _run(args, env), _run(args + ["--stream"], env)
-  assert plain.returncode == 0 and stream.returncode == 0, (plain.stderr, stream.stderr)
-  assert stream.stdout == plain.stdout
-  samples = plain.stdout.split(f"\n{sample_cli.SAMPLE_SEPARATOR}\n")
+  plain, stream = _sample(capsys, args), _sample(capsys, args + ["--stream"])
+  assert plain[0] == 0 and stream[0] == 0, (plain[2], stream[2])
+  assert stream[1] == plain[1]
+  samples = plain[1].split(f"\n{sample_cli.SAMPLE_SEPARATOR}\n")
   assert len(samples) == 5 and samples[-1] == ""  # 2 prompts x 2 samples
   assert samples[0].startswith(HF_PROMPTS[0]) and samples[3].startswith(HF_PROMPTS[1])
   assert samples[0] != samples[1]  # different rows draw different tokens

@@ -2,8 +2,8 @@
 SIGTERM and Ctrl-C (SIGINT), one run per workdir, and one-sentence errors for bad inputs and
 workdirs that cannot be written."""
 
+import fcntl
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import exit_status, mounted_tmpfs
+from conftest import (ONE_DEVICE_XLA_FLAGS, built_once, exit_status, mounted_tmpfs,
+                      signal_after_first_checkpoint, subprocess_env)
 from launch import train as train_cli
 from model.tokenizer import tokenizer_from_dict
 from model.transformer import GPT
@@ -30,18 +31,20 @@ RESUME_ARGS = ("--config.train.steps=300", "--config.log.every=1", "--config.eva
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """No FLAXGPT_DATA_DIR: the text source's default is the packaged tiny shakespeare."""
-  e = dict(os.environ)
+def env():
+  """One JAX device; no FLAXGPT_DATA_DIR: the text source's default is the packaged tiny
+  shakespeare."""
+  e = subprocess_env(XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   e.pop("FLAXGPT_DATA_DIR", None)
-  e.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
-           FLAXGPT_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
   return e
 
 
+def _args(workdir, *overrides, config="configs/tiny.py"):
+  return ["--config", config, "--workdir", str(workdir), *overrides]
+
+
 def _cmd(workdir, *overrides, config="configs/tiny.py"):
-  return [sys.executable, "-m", "launch.train", "--config", config, "--workdir", str(workdir),
-          *overrides]
+  return [sys.executable, "-m", "launch.train", *_args(workdir, *overrides, config=config)]
 
 
 def _run(cmd, env, timeout=240):
@@ -59,16 +62,13 @@ def _checkpoints(workdir):
 
 
 @pytest.fixture(scope="module")
-def e2e_workdir(env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("e2e")
-  out = _run(_cmd(workdir, "--config.train.steps=20", "--config.eval.every=10",
-                  "--config.checkpoint.every=10", "--config.log.every=5"), env)
-  assert out.returncode == 0, out.stderr
-  return workdir, out
+def e2e_workdir(tiny_run):
+  """conftest's tiny run: launch.train for 20 steps, in process."""
+  return tiny_run
 
 
 def test_end_to_end_outputs(e2e_workdir):
-  workdir, out = e2e_workdir
+  workdir, stdout = e2e_workdir
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows] == [5, 10, 15, 20]
   for row in rows:
@@ -80,7 +80,7 @@ def test_end_to_end_outputs(e2e_workdir):
   assert config["model"]["vocab_size"] == 65 and config["model"]["d_mlp"] == 256
   assert config["optimizer"]["decay_steps"] == 20
   assert _checkpoints(workdir) == [10, 20]
-  assert "ETA" in out.stdout and "done: step 20" in out.stdout
+  assert "ETA" in stdout and "done: step 20" in stdout
 
 
 def test_load_for_inference(e2e_workdir):
@@ -97,11 +97,12 @@ def test_load_for_inference(e2e_workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_losses(env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference")
-  out = _run(_cmd(workdir, *RESUME_ARGS, "--quiet"), env)
-  assert out.returncode == 0, out.stderr
-  return _losses(workdir)
+def reference_losses(env):
+  """The losses of the uninterrupted run (a real process, made once per test run)."""
+  def build(workdir):
+    out = _run(_cmd(workdir, *RESUME_ARGS, "--quiet"), env)
+    assert out.returncode == 0, out.stderr
+  return _losses(built_once("train_cli_reference", build))
 
 
 def _losses(workdir):
@@ -112,15 +113,11 @@ def _losses(workdir):
 
 
 def _interrupt_after_first_checkpoint(workdir, env, sig):
-  proc = _start(_cmd(workdir, *RESUME_ARGS), env)
-  deadline = time.time() + 180
-  while not _checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(sig)
-  stdout, stderr = proc.communicate(timeout=60)
-  return proc.returncode, stdout, stderr
+  return signal_after_first_checkpoint(_cmd(workdir, *RESUME_ARGS), env,
+                                       lambda: _checkpoints(workdir), sig)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
                          ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_exact_resume_after_interruption(sig, env, tmp_path, reference_losses):
@@ -150,42 +147,58 @@ def _assert_one_line_error(out, pattern):
   assert pattern in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("overrides, devices, pattern", [
-    (["--config.data.path=/no/such/input.txt"], 1, "does not exist"),
-    (["--config.train.batchsize=4"], 1, "did you mean 'train.batch_size'"),
-    (["--config.train.steps=2.5"], 1, "--config.train.steps must be an integer"),
-    (["--config.train.batch_size=12"], 8, "data-parallel size mesh.data x mesh.fsdp = 8"),
-    (["--config.mesh.cpu_devices=-2"], 1, "config.mesh.cpu_devices must be -1"),
+def _train_main(capsys, args) -> subprocess.CompletedProcess:
+  """launch.train.main(args) in process, as a CompletedProcess (returncode, stdout, stderr)."""
+  status = exit_status(train_cli.main, [str(a) for a in args])
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(args, status, out.out, out.err)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["--config.data.path=/no/such/input.txt"], "does not exist"),
+    (["--config.train.batchsize=4"], "did you mean 'train.batch_size'"),
+    (["--config.train.steps=2.5"], "--config.train.steps must be an integer"),
+    (["--config.train.batch_size=12"], "data-parallel size mesh.data x mesh.fsdp = 8"),
+    (["--config.mesh.cpu_devices=-2"], "config.mesh.cpu_devices must be -1"),
 ], ids=["missing-data", "unknown-key", "float-for-int", "batch-vs-mesh", "cpu-devices"])
-def test_bad_input_is_one_sentence(overrides, devices, pattern, env, tmp_path):
-  e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def test_bad_input_is_one_sentence(overrides, pattern, tmp_path, capsys):
+  """In process (8 devices: a batch of 12 does not split over them)."""
   workdir = tmp_path / "run"
-  out = _run(_cmd(workdir, *overrides), e)
+  out = _train_main(capsys, _args(workdir, *overrides))
   _assert_one_line_error(out, pattern)
   assert not workdir.exists()  # nothing written
 
 
+def test_bad_input_in_a_real_process_is_one_line(env, tmp_path):
+  """What a shell sees: nothing but the one line on stderr (no library noise), exit status 2."""
+  workdir = tmp_path / "run"
+  out = _run(_cmd(workdir, "--config.data.path=/no/such/input.txt"), env)
+  _assert_one_line_error(out, "does not exist")
+  assert out.stdout == "" and not workdir.exists()
+
+
 def test_cpu_devices_split_the_batch_over_cores(env, tmp_path):
-  """mesh.cpu_devices makes JAX's CPU backend that many devices and the mesh data-parallel."""
+  """mesh.cpu_devices makes JAX's CPU backend that many devices and the mesh data-parallel
+  (a real process: the devices are chosen before JAX starts)."""
   out = _run(_cmd(tmp_path / "run", "--config.mesh.cpu_devices=2", "--config.train.steps=4",
                   "--config.eval.every=2", "--config.model.num_layers=1"), env)
   assert out.returncode == 0, out.stderr
   assert "mesh: data=2 x fsdp=1 x tensor=1 over 2 cpu device(s)" in out.stdout, out.stdout
 
 
-def test_different_model_in_workdir_is_refused(env, e2e_workdir):
+def test_different_model_in_workdir_is_refused(e2e_workdir, capsys):
   workdir, _ = e2e_workdir
   before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-  out = _run(_cmd(workdir, "--config.train.steps=40", "--config.model.num_layers=3"), env)
+  out = _train_main(capsys, _args(workdir, "--config.train.steps=40",
+                                  "--config.model.num_layers=3"))
   _assert_one_line_error(out, "holds a run of a different model (model.num_layers is 2 "
                               "there, 3 here)")
   after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
   assert after == before
 
 
-def test_help():
-  out = subprocess.run([sys.executable, "-m", "launch.train", "--help"], cwd=REPO,
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+def test_help(capsys):
+  out = _train_main(capsys, ["--help"])
   assert out.returncode == 0 and "--workdir" in out.stdout and "--config" in out.stdout
 
 
@@ -230,17 +243,31 @@ def test_resume_on_another_character_table_is_refused(small_text, tmp_path, caps
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
 
 
+def _blocked_writing(pid: int) -> bool:
+  """Whether the process's main thread waits in a write to a full pipe (Linux)."""
+  return "pipe_write" in pathlib.Path(f"/proc/{pid}/wchan").read_text()
+
+
 def test_second_ctrl_c_exits_at_once(env, tmp_path):
-  proc = _start(_cmd(tmp_path, *RESUME_ARGS), env)
+  """The second Ctrl-C comes while the first one's stop is still under way. To be sure it is
+  (a tiny run finishes its step and save in a fraction of a second), the run's stdout is a
+  one-page pipe that is not read until the end, like a terminal paused with Ctrl-S: the run
+  blocks at its next printed line, and a stop prints at least one more."""
+  proc = _start(_cmd(tmp_path, *RESUME_ARGS, "--config.eval.every=1",
+                     "--config.eval.batches=1"), env)
+  fcntl.fcntl(proc.stdout, fcntl.F_SETPIPE_SZ, 4096)  # before the run has printed anything
   deadline = time.time() + 180
-  while not _checkpoints(tmp_path) and proc.poll() is None and time.time() < deadline:
+  while not _blocked_writing(proc.pid) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
+  assert proc.poll() is None, proc.communicate()
+  assert _blocked_writing(proc.pid), "the run never filled its stdout pipe"
   proc.send_signal(signal.SIGINT)
-  lines = []  # other progress lines may come first
+  lines = []  # other lines may come first
   while not any("Ctrl-C again" in line for line in lines) and len(lines) < 20:
     lines.append(proc.stderr.readline())
   assert "Ctrl-C again to exit at once" in "".join(lines), lines
-  proc.send_signal(signal.SIGINT)  # while the first one's step and save are still under way
+  assert proc.poll() is None  # still stopping: blocked on its output
+  proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=60)
   assert proc.returncode == 130, stderr
   assert "error: interrupted; exiting at once without saving." in stderr
