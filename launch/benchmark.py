@@ -10,8 +10,11 @@ generation against transformers' `generate` on the same random weights in the sa
 (exported with model/pretrained.py; no download) instead of the sampling table.
 
 The config is built and checked exactly as `launch.train` builds it (training/run.py), on random
-data (data.source=synthetic over the model's vocabulary, or data.vocab_size when the model
-leaves it to the data) and random parameters: speed does not depend on them.
+data and random parameters (speed does not depend on them): synthetic tokens over the
+vocabulary the model trains with, which is config.model.vocab_size or, when the model leaves
+it to the data, what the configured data gives (the character table of a text source's files,
+GPT-2 BPE's 50,257, a prepared directory's meta.json; read without tokenizing anything). The
+report says which.
 Train: compile time, step time (median, p90) over --steps synchronised steps after warm-up,
 tokens/s, TFLOP/s, MFU against the device's dense bf16 peak, peak memory. Sample: tokens/s at
 --batch_sizes (prompt --prompt_len, --new_tokens new tokens), greedy and with top-k/top-p, and
@@ -77,16 +80,22 @@ def _main(args: list[str]) -> int:
   if FLAGS.compare and FLAGS.mode != "sample":
     raise UserError(f"--compare {FLAGS.compare} needs --mode sample, got --mode {FLAGS.mode}.")
   config = cli.load_config(FLAGS)
-  config.data.source = "synthetic"
-  if config.model.get("family", "gpt") == "encdec":  # synthetic tokens make denoising pairs
-    config.data.task = "denoise"
-  if config.model.get("vocab_size") is not None:
-    config.data.vocab_size = config.model.vocab_size
   # pylint: disable=import-outside-toplevel  (they import jax)
+  from training.data.tasks import data_vocabulary, resolve_task
   from training.perf import benchmark
   from training.run import build_run
+  family = config.model.get("family", "gpt")
+  if config.model.get("vocab_size") is not None:
+    vocab, where = config.model.vocab_size, "config.model.vocab_size"
+  else:  # the data's, as training finds it (its tokenizer or metadata; no tokens are read)
+    vocab, where = data_vocabulary(config.data, resolve_task(family, config.data))
+  config.data.source, config.data.vocab_size = "synthetic", vocab
+  if family == "encdec":  # synthetic tokens make denoising pairs
+    config.data.task = "denoise"
   run = build_run(config)  # applies mesh.cpu_devices before anything starts JAX's backends
-  report = {"device": benchmark.device_info(), "command": " ".join(sys.argv)}
+  report = {"device": benchmark.device_info(), "command": " ".join(sys.argv),
+            "vocabulary": {"size": run.model.vocab_size, "padded": run.model.padded_vocab_size,
+                           "from": where}}
   if FLAGS.mode in ("train", "all"):
     report["train"] = benchmark.benchmark_train(run, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                                 profile_dir=FLAGS.profile)

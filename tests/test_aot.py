@@ -276,6 +276,7 @@ def test_splash_attention_and_chunked_loss_compile_for_tpu(tmp_path, topology, a
   assert "attention splash, loss in chunks of 128" in result.stdout
   r = json.loads(out.read_text())
   assert r["model"]["attention"] == "splash" and r["model"]["loss_chunk"] == 128
+  assert "vocab 512 from config.model.vocab_size" in result.stdout
   assert r["mesh"]["data"] == 4 and r["fits"]
   assert r["bytes_accessed_per_step"] > 0 and r["xla_counts_loops_once"]
 
@@ -291,9 +292,9 @@ def test_forced_splash_with_a_bad_length_is_one_error_line():
 # ---------------------------------------------------------------------------------------------
 # --step decode (training/perf/aot_decode.py)
 
+# (No vocab_size: it comes from the data, tiny shakespeare's 65 characters, as in training.)
 TINY_DECODE = ("--step", "decode", "--config", "configs/tiny.py", "--topology", "v5litepod-1",
-               "--config.model.block_size=512", "--config.model.vocab_size=65",
-               "--batch", "8", "--cache_len", "512")
+               "--config.model.block_size=512", "--batch", "8", "--cache_len", "512")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -331,6 +332,9 @@ def test_decode_step_bytes_grow_with_the_position(tmp_path):
   small, full = reports[64], reports[512]
   assert (small["cache_chunks"], full["cache_chunks"]) == (1, 4)
   assert small["step"] == "decode" and small["fits"] and small["model"]["scan_layers"]
+  assert small["model"]["padded_vocab_size"] == 65
+  assert small["model"]["vocab_from"].startswith("the 65 characters of ")
+  assert "vocab 65 from the 65 characters of " in result.stdout
   assert "layers unrolled (a second compile" in small["counted"]
   # The cache is donated and updated in place: it comes back in the argument buffers.
   assert small["memory"]["aliased"] >= small["cache_bytes_per_chip"] > 0

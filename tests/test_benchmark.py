@@ -12,7 +12,7 @@ import pytest
 from conftest import exit_status
 from launch import benchmark as benchmark_cli
 from model.config import get_config
-from training.perf import benchmark
+from training.perf import benchmark, flops
 
 
 def _benchmark(*args):
@@ -127,3 +127,24 @@ def test_encoder_and_encoder_decoder_configs_benchmark_training(tmp_path, config
   status, _, stderr = _benchmark("--config", config, "--mode", "sample")
   assert status == 2 and "times GPT's KV-cache decode loop" in stderr
 
+
+def test_a_config_whose_vocabulary_comes_from_its_data_is_timed_with_that_vocabulary(tmp_path):
+  """configs/shakespeare_char.py:cpu trains a 65-character model (the vocabulary is the text's
+  character table): the benchmark times that model, not one with GPT-2's 50,304 rows, and says
+  where its vocabulary came from. (A batch of 8 for the tests' 8 devices; the size of the
+  model, its parameters and FLOPs do not depend on it.)"""
+  out = tmp_path / "bench.json"
+  status, stdout, stderr = _benchmark("--config", "configs/shakespeare_char.py:cpu", "--mode",
+                                      "train", "--steps", "1", "--warmup", "1", "--json", out,
+                                      "--config.train.batch_size=8")
+  assert status == 0, stderr[-3000:]
+  data = json.loads(out.read_text())
+  vocab = data["vocabulary"]
+  assert vocab["size"] == vocab["padded"] == 65
+  assert vocab["from"].startswith("the 65 characters of ")
+  assert vocab["from"].endswith("tinyshakespeare.txt")
+  cfg = get_config("shakespeare-char", num_layers=4, num_heads=4, d_model=128, block_size=64,
+                   embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+  assert data["train"]["flops_per_token"] == flops.flops_per_token(cfg, 64)
+  assert f"N = {flops.non_embedding_params(cfg):,}" in data["train"]["flops_formula"]
+  assert "vocabulary: 65 tokens (the 65 characters of " in stdout

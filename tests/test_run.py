@@ -11,6 +11,7 @@ from conftest import tiny_run_config
 from model.config import field_names
 from model.errors import UserError
 from model.pretrained import config_from_hf
+from training.data import prepare_text
 from training.weights import INIT_FIELDS
 from training.run import (build_run, check_same_tokenizer, check_values, cpu_device_count,
                           model_config, vocab_size_without_data)
@@ -88,16 +89,28 @@ def test_cpu_device_count():
   assert cpu_device_count(-1, batch_size=4, cores=64) == 4
 
 
-def test_vocabulary_without_reading_the_data():
+def test_vocabulary_without_reading_the_data(tmp_path, small_text):
+  """What training's data would give, from the tokenizer or the metadata: no tokens read."""
   c = tiny.get_config()
-  with pytest.raises(UserError, match="config.model.vocab_size is unset"):
-    vocab_size_without_data(c)  # characters: only the text knows them
+  c.data.path = str(small_text)
+  chars = len(set(small_text.read_text()))
+  assert vocab_size_without_data(c) == (chars, f"the {chars} characters of {small_text}")
+  assert build_run(c).model.vocab_size == chars  # what training reads
   c.data.tokenizer = "gpt2"
-  assert vocab_size_without_data(c) == 50257
+  assert vocab_size_without_data(c) == (50257, "GPT-2 BPE")
+  c.data.source, c.data.tokenizer = "tfds", "char"
+  with pytest.raises(UserError, match="config.model.vocab_size is unset and the character"):
+    vocab_size_without_data(c)  # a tfds data set's characters: only known once read
   c.data.source, c.data.vocab_size = "synthetic", 300
-  assert vocab_size_without_data(c) == 300
+  assert vocab_size_without_data(c)[0] == 300
+  prepare_text([str(small_text)], "char", tmp_path / "bin")
+  c.data.source, c.data.path = "bin", str(tmp_path / "bin")
+  assert vocab_size_without_data(c) == (chars, f"{tmp_path / 'bin'}'s meta.json")
   c.model.vocab_size = 500
-  assert vocab_size_without_data(c) == 500
+  assert vocab_size_without_data(c) == (500, "config.model.vocab_size")
+  c.model.vocab_size, c.model.family, c.data.source = None, "bert", "synthetic"
+  assert vocab_size_without_data(c, "mlm") == (304, "data.vocab_size (synthetic tokens) + 4 "
+                                                    "special tokens")
 
 
 def test_training_benchmark_and_aot_paths_reject_the_same_config(tmp_path):

@@ -36,13 +36,12 @@ from jax.sharding import Mesh
 
 from model.config import FAMILIES, ModelConfig
 from model.errors import UserError
-from model.tokenizer import GPT2_VOCAB_SIZE
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource
-from training.data.tasks import (NUM_SPECIALS, batch_width, make_task_source, resolve_task,
-                                 special_ids)
+from training.data.tasks import (NUM_SPECIALS, batch_width, data_vocabulary, make_task_source,
+                                 resolve_task, special_ids)
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state,
                             train_state_from_params)
@@ -78,6 +77,7 @@ class Run:
   # config.init_from: the weights a new training run starts from (checked); "" without a workdir
   init_from: str = ""
   task: str = "lm"  # what the batches teach (training/data/tasks.py)
+  vocab_from: str = ""  # where model.vocab_size came from, in words
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -269,19 +269,17 @@ def model_config(config, data_vocab_size: int,
     raise UserError(str(e).replace("ModelConfig.", "config.model.")) from None
 
 
-def vocab_size_without_data(config) -> int:
-  """config.model.vocab_size, or what the data would give without reading it (the synthetic
-  source's data.vocab_size; GPT-2 BPE's 50,257)."""
+def vocab_size_without_data(config, task: str = "lm") -> tuple[int, str]:
+  """(vocabulary size, where it comes from): config.model.vocab_size, or what the data gives,
+  found without tokenizing it (training/data/tasks.py: data_vocabulary) plus the family's
+  special tokens."""
   vocab = config.model.get("vocab_size")
   if vocab is not None:
-    return vocab
-  extra = 0 if config.model.get("family", "gpt") == "gpt" else NUM_SPECIALS
-  if config.data.get("source") == "synthetic":
-    return config.data.vocab_size + extra
-  if config.data.get("tokenizer") == "gpt2":
-    return GPT2_VOCAB_SIZE + extra
-  raise UserError("config.model.vocab_size is unset (it follows the data, which is not read "
-                  "here); set it, e.g. --config.model.vocab_size=65.")
+    return vocab, "config.model.vocab_size"
+  vocab, where = data_vocabulary(config.data, task)
+  if config.model.get("family", "gpt") != "gpt":
+    return vocab + NUM_SPECIALS, f"{where} + {NUM_SPECIALS} special tokens"
+  return vocab, where
 
 
 def resolved_config(config, cfg: ModelConfig, mesh_shape) -> ml_collections.ConfigDict:
@@ -396,7 +394,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   devices: the mesh's devices (default: all of them; e.g. a TPU slice's compile-only devices);
     with the default, config.mesh.cpu_devices is applied first.
   read_data: build the data source (tokenizing text into the cache on first use); without it
-    the vocabulary must be known from the config (`vocab_size_without_data`).
+    the vocabulary is config.model.vocab_size or what the data's tokenizer or metadata says
+    (`vocab_size_without_data`: no tokens are read).
   """
   path = check_workdir(workdir) if workdir is not None else None
   check_values(config)
@@ -422,10 +421,15 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
                               global_batch_size=config.train.batch_size,
                               seed=config.train.seed)
   specials = getattr(source, "specials", None)
-  if source is None and family != "gpt":
-    specials = special_ids(vocab_size_without_data(config) - NUM_SPECIALS)
-  cfg = model_config(config, vocab_size_without_data(config) if source is None
-                     else source.vocab_size, specials)
+  if source is None:
+    data_vocab, vocab_from = vocab_size_without_data(config, task)
+    if family != "gpt":
+      specials = special_ids(data_vocab - NUM_SPECIALS)
+  else:
+    data_vocab, vocab_from = source.vocab_size, "the data"
+    if config.model.get("vocab_size") is not None:
+      vocab_from = "config.model.vocab_size"
+  cfg = model_config(config, data_vocab, specials)
   saved = saved_model_fields(path) if path is not None else None
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
@@ -446,4 +450,4 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
              mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
              tx=make_optimizer(config.optimizer, steps),
              schedule=schedule_from_config(config.optimizer, steps), source=source,
-             workdir=path, init_from=init_from, task=task)
+             workdir=path, init_from=init_from, task=task, vocab_from=vocab_from)

@@ -26,14 +26,14 @@ them), while the saved tokenizer is the data's own.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
 from model.errors import NotFoundError, UserError
-from model.tokenizer import get_tokenizer
-from training.data.bin import check_tokenizer
+from model.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
+from training.data import remote
+from training.data.bin import check_tokenizer, read_meta
 from training.data.sources import DataSource, make_source
 from training.data.text import _read_text, resolve_text_paths, tiny_shakespeare_path
 
@@ -345,6 +345,46 @@ def tsv_pairs(data_cfg, seq_len: int):
                         f"(model.block_size {seq_len}).")
     pairs[split] = list(zip(srcs, tgts))
   return pairs, tokenizer, f"tsv {data_cfg.path}", "source<TAB>target pairs"
+
+
+def data_vocabulary(data_cfg, task: str = "lm") -> tuple[int, str]:
+  """(vocabulary size, where it comes from) of the data `make_task_source(data_cfg, task)`
+  reads, found as training finds it but without tokenizing anything (for launch.benchmark and
+  launch.aot, which do not read the data): synthetic data's data.vocab_size; GPT-2 BPE's
+  50,257; the character table of a text source's files (a TSV task's: of its pairs); a prepared
+  directory's meta.json. The special tokens of the bert / encdec tasks are not counted."""
+  source = data_cfg.source
+  if source == "synthetic":
+    return data_cfg.get("vocab_size", GPT2_VOCAB_SIZE), "data.vocab_size (synthetic tokens)"
+  if source == "bin":
+    if not data_cfg.path:
+      raise UserError("data.path must name a directory holding train.bin and val.bin.")
+    path = data_cfg.path if "://" in data_cfg.path else os.path.expanduser(data_cfg.path)
+    if "://" not in path and not os.path.isdir(path):
+      raise NotFoundError(f"Data directory {path!r} does not exist (it should hold train.bin "
+                          f"and val.bin, e.g. from `python -m launch.prepare`).")
+    meta = remote.read_remote_meta(path) if "://" in path else read_meta(path)
+    return meta["vocab_size"], f"{path.rstrip('/')}'s meta.json"
+  check_tokenizer(data_cfg.tokenizer)
+  if data_cfg.tokenizer == "gpt2":
+    return GPT2_VOCAB_SIZE, "GPT-2 BPE"
+  if source == "tfds":
+    raise UserError("config.model.vocab_size is unset and the character table of a tfds data "
+                    "set is only known once it is read; set it (e.g. "
+                    "--config.model.vocab_size=256) or prepare the data with launch.prepare "
+                    "and use data.source='bin'.")
+  if task == "tsv":
+    texts = [s + t for s, t, _ in read_tsv(data_cfg.path)] if data_cfg.path else []
+    if data_cfg.get("val_path", ""):
+      texts += [s + t for s, t, _ in read_tsv(data_cfg.val_path)]
+    what = data_cfg.path
+  else:
+    paths = (resolve_text_paths(data_cfg.path) if data_cfg.path
+             else [tiny_shakespeare_path(data_cfg.cache_dir)])
+    texts = [_read_text(p) for p in paths]
+    what = paths[0] + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
+  vocab = _tokenizer_for(texts, "char").vocab_size
+  return vocab, f"the {vocab} characters of {what}"
 
 
 def make_task_source(data_cfg, task: str, *, seq_len: int, global_batch_size: int, seed: int,

@@ -276,7 +276,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
                                              "block_size", "padded_vocab_size", "dtype",
                                              "scan_layers", "remat")},
-             "family": cfg.family,
+             "family": cfg.family, "vocab_from": run.vocab_from,
              # the kernel the no-cache causal attention runs on this slice (model/attention.py);
              # bidirectional and cross-attention (bert, the encdec encoder) always run XLA's
              "attention": ("xla" if cfg.family == "bert" else attention.implementation(
@@ -334,6 +334,11 @@ def _formula_name(r: "AotReport") -> str:
   return "6N+12(Le+2Ld)TD" if r.model.get("family") == "encdec" else "6N+12LTD"
 
 
+def vocab_from_words(model: dict) -> str:
+  """" from <where model.vocab_size came from>" where the report knows it."""
+  return f" from {model['vocab_from']}" if model.get("vocab_from") else ""
+
+
 def format_report(r: AotReport) -> str:
   m = r.model
   slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
@@ -342,7 +347,8 @@ def format_report(r: AotReport) -> str:
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
       f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads, "
-      f"context {m['block_size']}, vocab {m['padded_vocab_size']}), {m['dtype']} compute, "
+      f"context {m['block_size']}, vocab {m['padded_vocab_size']}{vocab_from_words(m)}), "
+      f"{m['dtype']} compute, "
       f"scan_layers={m['scan_layers']}, remat={m['remat']}"
       + (f", attention {m['attention']}" if "attention" in m else "")
       + (" (decoder self-attention; xla for the encoder and cross-attention)"

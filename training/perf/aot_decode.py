@@ -40,7 +40,7 @@ from model.logits import static_mode
 from model.sampling import DecodeState, SamplingSettings, decode_step
 from model.transformer import abstract_params, num_params
 from sharding import activate, batch_axes, batch_size_multiple, describe, param_shardings
-from training.perf.aot import Memory, compiler_oom, gib, verdict
+from training.perf.aot import Memory, compiler_oom, gib, verdict, vocab_from_words
 from training.run import build_run
 from training.tpu.slices import TpuSlice, check_libtpu, topology_devices
 
@@ -204,8 +204,9 @@ def compile_decode(config: ml_collections.ConfigDict, tpu: TpuSlice, *, batch: i
       config_name=config_name, topology=tpu.name, chips=tpu.chips,
       device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
       params=num_params(params),
-      model={k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
-                                          "padded_vocab_size", "dtype", "scan_layers")},
+      model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
+                                             "padded_vocab_size", "dtype", "scan_layers")},
+             "vocab_from": run.vocab_from},
       batch=batch, cache_len=cache_len, position=position, sampling=sampling,
       cache_chunks=chunks, chunk_size=chunk, cache_bytes_per_chip=cache_bytes,
       hbm_bytes_per_chip=tpu.hbm_bytes, compile_seconds=seconds, memory=memory,
@@ -225,7 +226,8 @@ def format_decode_report(r: DecodeReport) -> str:
   mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{r.params / 1e6:.1f}M parameters "
-      f"({m['num_layers']} layers, width {m['d_model']}, vocab {m['padded_vocab_size']}), "
+      f"({m['num_layers']} layers, width {m['d_model']}, vocab {m['padded_vocab_size']}"
+      f"{vocab_from_words(m)}), "
       f"{m['dtype']} compute and parameters, scan_layers={m['scan_layers']}",
       f"slice: {r.topology} = {r.chips} chips ({r.device_kind}), mesh {mesh}",
       f"decode step: batch {r.batch}, cache {r.cache_len} slots, at position {r.position} "

@@ -205,6 +205,10 @@ def format_table(report: dict[str, Any]) -> str:
   dev = report["device"]
   lines = [f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), "
            f"peak entry: {dev['peak_entry']}, jax {dev['jax_version']}"]
+  vocab = report.get("vocabulary")
+  if vocab:
+    padded = f", padded to {vocab['padded']:,}" if vocab["padded"] != vocab["size"] else ""
+    lines.append(f"vocabulary: {vocab['size']:,} tokens{padded} ({vocab['from']})")
   train = report.get("train")
   if train:
     mem = train["peak_memory_bytes"]
