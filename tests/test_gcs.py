@@ -76,6 +76,7 @@ def gs_run(gcs, tmp_path_factory):
   rerun = subprocess.run([*_train_cmd(remote), "--force"], cwd=REPO, env=env,  # the lock a
                          capture_output=True, text=True, timeout=300)  # SIGKILL left behind
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  storage.forget_listings()  # this process listed the folders before the rerun wrote them
   return remote, local, saved[-1]
 
 
