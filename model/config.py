@@ -4,8 +4,9 @@
   gpt     decoder-only, causal (GPT-2; model/transformer.py)
   bert    encoder-only, bidirectional, masked-LM head (BERT; model/encoder.py)
   encdec  encoder-decoder with cross-attention (Vaswani et al. 2017, BART; model/encdec.py)
-The other fields mean the same in every family (num_layers: the encoder's layers for encdec,
-num_decoder_layers the decoder's).
+The other fields mean the same in every family (for encdec, num_layers, num_heads and d_mlp
+describe the encoder; num_decoder_layers, num_decoder_heads and decoder_d_mlp the decoder, 0
+meaning the same as the encoder).
 
 A config is a static argument of jitted functions, so it must be hashable: all fields are
 plain Python scalars or strings (dtypes are names like "bfloat16", not numpy objects).
@@ -69,6 +70,10 @@ class ModelConfig:
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
+  # encdec: the decoder's heads (its self- and cross-attention) and MLP width; 0: the encoder's
+  # num_heads / d_mlp (BART's decoder_attention_heads and decoder_ffn_dim may differ)
+  num_decoder_heads: int = 0
+  decoder_d_mlp: int = 0
   type_vocab_size: int = 0  # token-type (segment) embeddings, BERT's 2; 0: none
   embed_norm: bool = False  # LayerNorm after the embeddings (BERT, BART)
   embed_scale: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al. 2017)
@@ -129,10 +134,18 @@ class ModelConfig:
     if self.family not in FAMILIES:
       raise UserError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}; got "
                       f"{self.family!r}.")
-    for name in ("num_decoder_layers", "type_vocab_size", "position_offset"):
+    for name in ("num_decoder_layers", "num_decoder_heads", "decoder_d_mlp", "type_vocab_size",
+                 "position_offset"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UserError(f"ModelConfig.{name} must be a whole number >= 0, got {value!r}.")
+    for name in ("num_decoder_heads", "decoder_d_mlp"):
+      if getattr(self, name) and self.family != "encdec":
+        raise UserError(f"ModelConfig.{name} applies to family='encdec' (its decoder); "
+                        f"family={self.family!r} needs 0, got {getattr(self, name)}.")
+    if self.d_model % self.decoder_heads:
+      raise UserError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
+                      f"num_decoder_heads ({self.num_decoder_heads}).")
     for name in SPECIAL_TOKENS:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -151,6 +164,24 @@ class ModelConfig:
   def decoder_layers(self) -> int:
     """Decoder blocks of an encdec model (num_decoder_layers, 0 meaning num_layers)."""
     return self.num_decoder_layers or self.num_layers
+
+  @property
+  def decoder_heads(self) -> int:
+    """Heads of an encdec model's decoder (num_decoder_heads, 0 meaning num_heads)."""
+    return self.num_decoder_heads or self.num_heads
+
+  @property
+  def decoder_mlp(self) -> int:
+    """MLP width of an encdec model's decoder (decoder_d_mlp, 0 meaning d_mlp)."""
+    return self.decoder_d_mlp or self.d_mlp
+
+  def decoder(self) -> "ModelConfig":
+    """The config the decoder's blocks read: the decoder's heads and MLP width as num_heads and
+    d_mlp (the config itself when the two halves are alike)."""
+    if (self.decoder_heads, self.decoder_mlp) == (self.num_heads, self.d_mlp):
+      return self
+    return dataclasses.replace(self, num_heads=self.decoder_heads, d_mlp=self.decoder_mlp,
+                               num_decoder_heads=0, decoder_d_mlp=0)
 
   @property
   def cache_layers(self) -> int:

@@ -11,7 +11,8 @@ is shared by the source, the target and the output (tied, times sqrt(D) with emb
   decoder  positions "wpe_dec", "ln_dec_emb", Blocks dec_<i> (scan: dec) of causal
            self-attention, cross-attention to the encoder output ("cross", "ln_x") and the
            MLP, "ln_f" when pre-LN, then the tied head (+ "head_bias": BART's
-           final_logits_bias)
+           final_logits_bias); its own heads and MLP width where num_decoder_heads /
+           decoder_d_mlp say so (cfg.decoder())
 The 2017 paper: sinusoidal positions, post-LN, ReLU, embed_scale; BART: learned positions with
 position_offset 2, GELU, embed_norm, post-LN. src_padding_mask_BS is True / 1 at real source
 tokens (Hugging Face's attention_mask); padded source tokens are never attended to.
@@ -67,7 +68,7 @@ class EncoderDecoder(nn.Module):
       memory, memory_mask_BS, kv = x_BSD, src_padding_mask_BS, None
     else:
       L, B, S, _ = cache["ck"].shape
-      H, K = cfg.num_heads, cfg.head_dim
+      H, K = cfg.decoder().num_heads, cfg.decoder().head_dim
       memory = (cache["ck"].reshape(L, B, S, H, K), cache["cv"].reshape(L, B, S, H, K))
       memory_mask_BS = cache["src_mask"]
       kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
@@ -78,8 +79,8 @@ class EncoderDecoder(nn.Module):
     y_BTD = embed(cfg, wte, tgt_BT, positions_BT, deterministic=deterministic,
                   default_positions=default_positions, wpe_name="wpe_dec",
                   norm_name="ln_dec_emb")
-    y_BTD, kv = stack(cfg, y_BTD, kv, positions_BT, num_layers=cfg.decoder_layers, name="dec",
-                      deterministic=deterministic, cache_chunks=self.cache_chunks,
+    y_BTD, kv = stack(cfg.decoder(), y_BTD, kv, positions_BT, num_layers=cfg.decoder_layers,
+                      name="dec", deterministic=deterministic, cache_chunks=self.cache_chunks,
                       cross=True, memory=memory, memory_mask_BS=memory_mask_BS)
     if cfg.norm_placement == "pre":
       y_BTD = LayerNorm(cfg, name="ln_f")(y_BTD)
@@ -97,10 +98,11 @@ def encode(params, cfg: ModelConfig, src_BS, src_padding_mask_BS=None) -> jax.Ar
 def cross_cache(params, cfg: ModelConfig, enc_BSD) -> tuple[jax.Array, jax.Array]:
   """Every decoder layer's cross-attention keys and values of the encoder output, computed once:
   ([L, B, S, H * K], [L, B, S, H * K])."""
+  dec = cfg.decoder()
   if cfg.scan_layers:
-    k, v = cross_kv(params["dec"]["cross"]["c_kv"], cfg, enc_BSD)
+    k, v = cross_kv(params["dec"]["cross"]["c_kv"], dec, enc_BSD)
   else:
-    pairs = [cross_kv(params[f"dec_{i}"]["cross"]["c_kv"], cfg, enc_BSD)
+    pairs = [cross_kv(params[f"dec_{i}"]["cross"]["c_kv"], dec, enc_BSD)
              for i in range(cfg.decoder_layers)]
     k, v = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
   L, B, S, H, K = k.shape

@@ -10,6 +10,8 @@ final_logits_bias; token embeddings times sqrt(D) only with scale_embedding. The
   encoder.embed_positions [P + 2, D]         wpe/embedding      decoder's: wpe_dec
   encoder.layernorm_embedding                ln_emb             decoder's: ln_dec_emb
   encoder.layers.i.self_attn.{q,k,v,out}_proj  enc_i/attn/c_attn [D, 3, H, K], c_proj
+  (the decoder's layers with its own heads and MLP width: decoder_attention_heads and
+  decoder_ffn_dim may differ from the encoder's; ModelConfig.num_decoder_heads, decoder_d_mlp)
   encoder.layers.i.self_attn_layer_norm      enc_i/ln_1
   encoder.layers.i.fc1, fc2                  enc_i/mlp/c_fc, c_proj
   encoder.layers.i.final_layer_norm          enc_i/ln_2
@@ -41,8 +43,9 @@ DEFAULTS = dict(vocab_size=50265, max_position_embeddings=1024, encoder_layers=1
                 activation_function="gelu", dropout=0.1, attention_dropout=0.0,
                 scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                 decoder_start_token_id=2, tie_word_embeddings=True)
-FIXED = ("family", "vocab_size", "num_layers", "num_decoder_layers", "num_heads", "d_model",
-         "d_mlp", "position_embedding", "position_offset", "norm_placement", "activation",
+FIXED = ("family", "vocab_size", "num_layers", "num_decoder_layers", "num_heads",
+         "num_decoder_heads", "d_model", "d_mlp", "decoder_d_mlp", "position_embedding",
+         "position_offset", "norm_placement", "activation",
          "embed_norm", "embed_scale", "head_bias", "tie_embeddings")
 OFFSET = 2  # BartLearnedPositionalEmbedding's
 
@@ -50,11 +53,6 @@ OFFSET = 2  # BartLearnedPositionalEmbedding's
 def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], source: str,
                    **overrides) -> ModelConfig:
   c = {**DEFAULTS, **{k: v for k, v in hf_config.items() if k in DEFAULTS}}
-  for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
-                   ("encoder_ffn_dim", "decoder_ffn_dim")):
-    if c[enc] != c[dec]:
-      raise UserError(f"{source}: {enc}={c[enc]} differs from {dec}={c[dec]}; the encoder "
-                      f"and the decoder must have the same heads and MLP width here.")
   if not c["tie_word_embeddings"]:
     raise UserError(f"{source}: tie_word_embeddings=False is not supported (BART ties the "
                     f"output to the shared embedding).")
@@ -65,6 +63,9 @@ def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], so
       family="encdec", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
       num_layers=c["encoder_layers"], num_decoder_layers=c["decoder_layers"],
       num_heads=c["encoder_attention_heads"], d_model=c["d_model"], d_mlp=c["encoder_ffn_dim"],
+      # the decoder's own, where they differ (0: the encoder's)
+      num_decoder_heads=_differs(c["decoder_attention_heads"], c["encoder_attention_heads"]),
+      decoder_d_mlp=_differs(c["decoder_ffn_dim"], c["encoder_ffn_dim"]),
       activation=hf_activation(c["activation_function"], source), layer_norm_epsilon=1e-5,
       position_embedding="learned", position_offset=OFFSET, norm_placement="post",
       embed_norm=True, embed_scale=bool(c["scale_embedding"]), head_bias=True,
@@ -73,10 +74,14 @@ def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], so
   return checked_config(fields, overrides, FIXED, source)
 
 
+def _differs(decoder: int, encoder: int) -> int:
+  return 0 if decoder == encoder else decoder
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, n_positions: int,
                    source: str) -> dict:
   t = HFTensors(tensors, source, strip=("model.",))
-  D, H, K, F, V = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp, cfg.vocab_size
+  D, V = cfg.d_model, cfg.vocab_size
   shared = "shared.weight" if t.has("shared.weight") else "encoder.embed_tokens.weight"
   positions = lambda side: t.get(f"{side}.embed_positions.weight",
                                  (n_positions + OFFSET, D))[:cfg.block_size + OFFSET]
@@ -91,23 +96,25 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, n_positi
           else np.zeros((V,), np.float32))
   params["head_bias"] = pad_rows(bias[:, None], cfg.padded_vocab_size)[:, 0]
 
-  def attention(prefix, cross=False):
+  def attention(prefix, half: ModelConfig, cross=False):
     return t.attention(f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj",
-                       f"{prefix}.out_proj", D, H, K, cross=cross)
+                       f"{prefix}.out_proj", D, half.num_heads, half.head_dim, cross=cross)
 
-  def mlp(prefix):
-    return {"c_fc": t.linear(f"{prefix}.fc1", D, F), "c_proj": t.linear(f"{prefix}.fc2", F, D)}
+  def mlp(prefix, half: ModelConfig):
+    return {"c_fc": t.linear(f"{prefix}.fc1", D, half.d_mlp),
+            "c_proj": t.linear(f"{prefix}.fc2", half.d_mlp, D)}
 
+  dec = cfg.decoder()  # the decoder's heads and MLP width
   for i in range(cfg.num_layers):
     p = f"encoder.layers.{i}"
-    params[f"enc_{i}"] = {"attn": attention(f"{p}.self_attn"),
+    params[f"enc_{i}"] = {"attn": attention(f"{p}.self_attn", cfg),
                           "ln_1": t.ln(f"{p}.self_attn_layer_norm", D),
-                          "mlp": mlp(p), "ln_2": t.ln(f"{p}.final_layer_norm", D)}
+                          "mlp": mlp(p, cfg), "ln_2": t.ln(f"{p}.final_layer_norm", D)}
   for i in range(cfg.decoder_layers):
     p = f"decoder.layers.{i}"
-    params[f"dec_{i}"] = {"attn": attention(f"{p}.self_attn"),
+    params[f"dec_{i}"] = {"attn": attention(f"{p}.self_attn", dec),
                           "ln_1": t.ln(f"{p}.self_attn_layer_norm", D),
-                          "cross": attention(f"{p}.encoder_attn", cross=True),
+                          "cross": attention(f"{p}.encoder_attn", dec, cross=True),
                           "ln_x": t.ln(f"{p}.encoder_attn_layer_norm", D),
-                          "mlp": mlp(p), "ln_2": t.ln(f"{p}.final_layer_norm", D)}
+                          "mlp": mlp(p, dec), "ln_2": t.ln(f"{p}.final_layer_norm", D)}
   return finish_params(params, cfg)

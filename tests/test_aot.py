@@ -355,8 +355,11 @@ SMALL_BASE = ("--config.model.d_model=128", "--config.model.num_heads=2",
 @pytest.mark.slow
 @pytest.mark.parametrize("config,layers", [
     ("configs/bert_base.py", ("--config.model.num_layers=2",)),
+    # and a decoder with its own heads and MLP width (BART's may differ from the encoder's)
     ("configs/transformer_base.py", ("--config.model.num_layers=1",
-                                     "--config.model.num_decoder_layers=1")),
+                                     "--config.model.num_decoder_layers=1",
+                                     "--config.model.num_decoder_heads=4",
+                                     "--config.model.decoder_d_mlp=256")),
 ], ids=["bert_base", "transformer_base"])
 def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
   out = tmp_path / "report.json"
@@ -368,6 +371,8 @@ def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
   assert r["fits"] and r["chips"] == 8
   if "transformer" in config:
     assert "6N+12(Le+2Ld)TD formula" in result.stdout and "xla for the encoder" in result.stdout
+    assert "2 heads, decoder 1 layer of 4 heads, MLP 256" in result.stdout
+    assert (r["model"]["num_decoder_heads"], r["model"]["decoder_d_mlp"]) == (4, 256)
   else:
     assert "6N+12LTD formula" in result.stdout and r["model"]["attention"] == "xla"
   ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import get_config
+from model.config import ModelConfig, get_config
 from model.errors import UserError
 
 
@@ -37,3 +37,20 @@ def test_config_replace_and_presets():
   cfg = get_config("tiny").replace(d_model=32)
   assert cfg.d_mlp == 128 and cfg.head_dim == 8
   assert hash(cfg) == hash(get_config("tiny", d_model=32))
+
+
+def test_an_encoder_decoder_may_have_unequal_halves():
+  cfg = ModelConfig(family="encdec", d_model=24, num_heads=2, d_mlp=96, num_decoder_heads=6,
+                    decoder_d_mlp=160, num_layers=3, num_decoder_layers=1)
+  assert (cfg.decoder_heads, cfg.decoder_mlp, cfg.decoder_layers) == (6, 160, 1)
+  dec = cfg.decoder()
+  assert (dec.num_heads, dec.head_dim, dec.d_mlp) == (6, 4, 160)
+  alike = ModelConfig(family="encdec", d_model=24, num_heads=2)
+  assert alike.decoder() is alike and (alike.decoder_heads, alike.decoder_mlp) == (2, 96)
+  with pytest.raises(UserError, match=r"d_model \(24\) must be divisible by num_decoder_heads "
+                                      r"\(5\)"):
+    ModelConfig(family="encdec", d_model=24, num_heads=2, num_decoder_heads=5)
+  with pytest.raises(UserError, match="num_decoder_heads applies to family='encdec'"):
+    ModelConfig(num_decoder_heads=4)
+  with pytest.raises(UserError, match="decoder_d_mlp must be a whole number >= 0, got -1"):
+    ModelConfig(family="encdec", decoder_d_mlp=-1)

@@ -129,6 +129,31 @@ def test_cached_decoding_equals_the_full_forward(scan, placement):
   assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_unequal_halves_decode_with_the_cache_and_generate_as_the_full_forward(scan):
+  """A decoder with its own heads (2 vs the encoder's 4), MLP width and layers: the cached
+  decode equals the full forward, and greedy generation the uncached argmax."""
+  base = encdec_cfg(num_decoder_heads=2, decoder_d_mlp=48, num_decoder_layers=2)
+  cfg = base.replace(scan_layers=scan)
+  p = convert_layout(params_of(base), cfg)
+  assert p["dec" if scan else "dec_0"]["cross"]["c_q"]["kernel"].shape[-2:] == (2, 16)
+  src, tgt = tokens((2, 10)), tokens((2, 7), seed=1)
+  mask = jnp.ones((2, 10), bool).at[1, 4:].set(False)
+  full = jax.jit(lambda: build(cfg).apply({"params": p}, src, tgt, mask))()
+  cache = jax.jit(lambda: encdec.start_cache(p, cfg, src, mask, 16))()
+  decode = jax.jit(lambda t, pos, c: encdec.decode(p, cfg, t, pos, c))
+  steps = []
+  for t in range(7):
+    logits, cache = decode(tgt[:, t:t + 1], jnp.full((2, 1), t), cache)
+    steps.append(logits)
+  assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
+  sources = [list(np.asarray(tokens((9,), seed=s))) for s in range(2)]
+  for src_row, (ids, stopped) in zip(sources, seq2seq.generate(p, cfg, sources,
+                                                                 max_new_tokens=6)):
+    want = list(_greedy_reference(p, cfg, jnp.asarray([src_row]), 6)[0])
+    assert ids == (want[:want.index(cfg.eos_id)] if stopped else want)
+
+
 def _greedy_reference(p, cfg, src, n):
   """Greedy decoding by re-running the full forward on the growing target (no cache)."""
   mask = jnp.ones(src.shape, bool)
@@ -234,8 +259,10 @@ def _two_steps(cfg, mesh, host_state=None):
 @pytest.mark.parametrize("family", ["bert", "encdec"])
 def test_one_training_step_is_the_same_on_every_mesh(family):
   """Two steps (label smoothing on) give the single-device losses on (8,1,1), (1,8,1),
-  (2,2,2) and (1,2,4) (data, fsdp, tensor): 8 heads, so tensor=4 splits them."""
-  make = bert_cfg if family == "bert" else encdec_cfg
+  (2,2,2) and (1,2,4) (data, fsdp, tensor): 8 heads (the encdec decoder's 4, and its own MLP
+  width), so tensor=4 splits them."""
+  make = bert_cfg if family == "bert" else functools.partial(  # unequal halves: 8 vs 4 heads
+      encdec_cfg, num_decoder_heads=4, decoder_d_mlp=96)
   cfg = make(num_heads=8, vocab_size=V, padded_vocab_size=64, num_layers=1)
   want, host = _two_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:

@@ -144,6 +144,39 @@ def test_beam_search_equals_stored_transformers_beams(expected):
 
 
 # ---------------------------------------------------------------------------------------------
+# BART whose encoder and decoder differ (tests/fixtures/make_hf_bart_unequal_fixture.py)
+
+# name: (encoder heads, decoder heads, encoder FFN, decoder FFN, encoder layers, decoder layers)
+UNEQUAL = {"a": (2, 6, 96, 160, 3, 1), "b": (6, 3, 40, 72, 1, 2)}
+
+
+@pytest.fixture(scope="module")
+def unequal_expected():
+  return dict(np.load(FIXTURES / "hf_bart_unequal_expected.npz"))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", list(UNEQUAL))
+def test_bart_with_unequal_halves_parity_and_beams(name, scan_layers, unequal_expected):
+  """Each half its own heads, MLP width and layer count: logits within 1e-4 of transformers'
+  and beam search equal to its generate(num_beams=4), in both layer layouts."""
+  enc_heads, dec_heads, enc_ffn, dec_ffn, enc_layers, dec_layers = UNEQUAL[name]
+  cfg, params = load_hf(FIXTURES / f"hf_bart_unequal_{name}", scan_layers=scan_layers)
+  assert (cfg.num_heads, cfg.decoder_heads, cfg.d_mlp, cfg.decoder_mlp, cfg.num_layers,
+          cfg.decoder_layers) == UNEQUAL[name]
+  assert (cfg.decoder().num_heads, cfg.decoder().d_mlp) == (dec_heads, dec_ffn)
+  same = lambda a, b: (jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), a)
+                       == jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), b))
+  assert same(params, abstract_params(cfg))
+  e = {k[2:]: v for k, v in unequal_expected.items() if k.startswith(f"{name}_")}
+  logits = bart_forward(cfg, params, e["src"], e["tgt"], e["src_mask"])
+  assert rel_err(logits, e["logits"]) <= PARITY
+  want = [[int(t) for t in row if t >= 0] for row in e["beam_out"]]
+  assert _ours(cfg, params, _beam_rows(e["beam_src"], e["beam_src_mask"]), cfg.eos_id) == want
+  assert any(r[-1] == cfg.eos_id for r in want) and any(r[-1] != cfg.eos_id for r in want)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizers
 
 
@@ -237,6 +270,33 @@ def test_live_bart_parity_and_beam_search(hf):
                            length_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
                            forced_bos_token_id=None, forced_eos_token_id=None).numpy()
   cfg, params = load_hf(BART_DIR, scan_layers=True)
+  assert rel_err(bart_forward(cfg, params, src, tgt, mask), want.numpy()) <= PARITY
+  want_ids = []
+  for row in beams[:, 1:]:
+    ids = [int(i) for i in row]
+    want_ids.append(ids[:ids.index(2) + 1] if 2 in ids else ids)
+  assert _ours(cfg, params, _beam_rows(src, mask), cfg.eos_id) == want_ids
+
+
+@pytest.mark.parametrize("name", list(UNEQUAL))
+def test_live_bart_with_unequal_halves(hf, name):
+  """The same on fresh inputs against transformers' model itself."""
+  torch, transformers = hf
+  directory = FIXTURES / f"hf_bart_unequal_{name}"
+  model = transformers.BartForConditionalGeneration.from_pretrained(directory).eval()
+  rng = np.random.default_rng(13)
+  src = rng.integers(3, 300, (3, 16)).astype(np.int32)
+  mask = (np.arange(16)[None] < np.array([[16], [9], [4]])).astype(np.int32)
+  tgt = rng.integers(3, 300, (3, 11)).astype(np.int32)
+  tgt[:, 0] = 2
+  t = lambda x: torch.from_numpy(x).long()
+  with torch.no_grad():
+    want = model(input_ids=t(src), attention_mask=t(mask), decoder_input_ids=t(tgt)).logits
+    beams = model.generate(input_ids=t(src), attention_mask=t(mask), num_beams=BEAMS,
+                           max_new_tokens=BEAM_TOKENS, do_sample=False, early_stopping=False,
+                           length_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+                           forced_bos_token_id=None, forced_eos_token_id=None).numpy()
+  cfg, params = load_hf(directory)
   assert rel_err(bart_forward(cfg, params, src, tgt, mask), want.numpy()) <= PARITY
   want_ids = []
   for row in beams[:, 1:]:

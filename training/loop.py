@@ -242,9 +242,12 @@ class _Trainer:
     run, info = self.run_, self.console.info
     n_params = num_params(run.abstract_state.params)  # needed for restore / compile anyway
     m = run.model
-    info(f"model: {format_count(n_params)} parameters ({m.num_layers} layers, {m.num_heads} "
-         f"heads, width {m.d_model}, block {m.block_size}, vocab {m.vocab_size}), "
-         f"{m.dtype} compute, {format_count(self.flops_per_token)} FLOPs/token")
+    layers = (f"encoder {m.num_layers} layers, {m.num_heads} heads, MLP {m.d_mlp}; decoder "
+              f"{m.decoder_layers} layers, {m.decoder_heads} heads, MLP {m.decoder_mlp}"
+              if m.family == "encdec" else f"{m.num_layers} layers, {m.num_heads} heads")
+    info(f"model: {format_count(n_params)} parameters ({layers}, width {m.d_model}, block "
+         f"{m.block_size}, vocab {m.vocab_size}), {m.dtype} compute, "
+         f"{format_count(self.flops_per_token)} FLOPs/token")
     info(f"mesh: {describe(self.mesh)} ({self.device_kind})")
     info(run.source.describe())
     c = run.config.train

@@ -277,6 +277,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
                                              "block_size", "padded_vocab_size", "dtype",
                                              "scan_layers", "remat")},
              "family": cfg.family, "vocab_from": run.vocab_from,
+             **({"num_decoder_layers": cfg.decoder_layers, "num_decoder_heads": cfg.decoder_heads,
+                 "decoder_d_mlp": cfg.decoder_mlp} if cfg.family == "encdec" else {}),
              # the kernel the no-cache causal attention runs on this slice (model/attention.py);
              # bidirectional and cross-attention (bert, the encdec encoder) always run XLA's
              "attention": ("xla" if cfg.family == "bert" else attention.implementation(
@@ -347,6 +349,8 @@ def format_report(r: AotReport) -> str:
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
       f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads, "
+      + (f"decoder {_plural(m['num_decoder_layers'], 'layer')} of {m['num_decoder_heads']} "
+         f"heads, MLP {m['decoder_d_mlp']}, " if "num_decoder_heads" in m else "") +
       f"context {m['block_size']}, vocab {m['padded_vocab_size']}{vocab_from_words(m)}), "
       f"{m['dtype']} compute, "
       f"scan_layers={m['scan_layers']}, remat={m['remat']}"
