@@ -2,15 +2,19 @@
 
   python -m launch.train --config configs/finetune_shakespeare.py --workdir runs/ft
   python -m launch.train --config configs/finetune_shakespeare.py:gpt2-xl --workdir runs/ft-xl
+  python -m launch.train --config configs/finetune_shakespeare.py --workdir runs/ft2 \
+      --config.init_from=PATH          # a Hugging Face GPT-2 directory or an earlier run
   python -m launch.sample --workdir runs/ft --prompt "ROMEO:" --max_new_tokens 200
 
 Starts from OpenAI's GPT-2 weights (`init_from`, downloaded from the Hugging Face Hub once; a
-local Hugging Face directory or an earlier run's workdir works too:
---config.init_from=PATH), a new optimizer state at step 0, then 20 steps of 32 x 1024 GPT-2 BPE
-tokens of the packaged tiny shakespeare at a small constant learning rate (3e-5), evaluating
-every 5 steps. The variant picks the size (gpt2 by default; nanoGPT's is gpt2-xl, which needs
-a large GPU: use --config.train.grad_accum to fit the batch). The first logged loss is the
-pretrained model's loss on the first batch.
+local Hugging Face directory or an earlier run's workdir works too), a new optimizer state at
+step 0, then 20 steps of 32 x 1024 GPT-2 BPE tokens of the packaged tiny shakespeare at a small
+constant learning rate (3e-5), evaluating every 5 steps. The weights give the model's shape,
+whatever their size (the variant only names them: gpt2 by default; nanoGPT's is gpt2-xl,
+which needs a large GPU: use --config.train.grad_accum to fit the batch); this file sets what
+they leave to the run: bf16 compute, the vocabulary padded to 50304 rows, no dropout, and a
+context of up to 1024 positions (fewer if the weights have fewer). The first logged loss is
+the pretrained model's loss on the first batch.
 """
 
 from configs.common import base_config, model_section
@@ -26,8 +30,9 @@ def get_config(variant: str = ""):
                     f"{', '.join(VARIANTS)} (configs/finetune_shakespeare.py:gpt2-medium).")
   c = base_config()
   c.init_from = name
-  # The weights fix the shapes; vocabulary padded to 50304 (= 393 * 128) for faster matmuls.
-  c.model = model_section(name, vocab_size=50257, padded_vocab_size=50304, dtype="bfloat16")
+  # The weights replace the shapes; the vocabulary padded to 50304 (= 393 * 128) for faster
+  # matmuls where the weights' vocabulary fits (GPT-2's 50257 does).
+  c.model = model_section("gpt2", padded_vocab_size=50304, dtype="bfloat16")
   c.data.source = "text"
   c.data.path = ""  # tiny shakespeare, the packaged copy
   c.data.tokenizer = "gpt2"

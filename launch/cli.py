@@ -123,6 +123,13 @@ def load_config(flag_values: flags.FlagValues):
   return config
 
 
+def overridden_keys(flag_values: flags.FlagValues) -> frozenset[str]:
+  """The config keys the command line set (--config.model.num_layers=4 -> "model.num_layers"),
+  after `parse`."""
+  return frozenset(name[len("config."):] for name in flag_values
+                   if name.startswith("config.") and flag_values[name].present)
+
+
 def check_config(spec: str, overrides: Sequence[str]):
   """The ConfigDict that `--config spec` with the `--config.<key>=value` overrides gives, read
   exactly as launch.train reads them (for launchers that hand them on, e.g. launch.tpu): a

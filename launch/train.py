@@ -64,7 +64,8 @@ def _main(args: list[str]) -> int:
   # pylint: disable=import-outside-toplevel  (they import jax)
   from training.loop import CheckpointWriteFailed, TrainingDiverged, train
   try:
-    train(config, FLAGS.workdir, quiet=FLAGS.quiet, force=FLAGS.force)
+    train(config, FLAGS.workdir, quiet=FLAGS.quiet, force=FLAGS.force,
+          explicit=cli.overridden_keys(FLAGS))
   except (TrainingDiverged, CheckpointWriteFailed) as e:
     cli.fail(str(e), status=1)
   except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): exit now

@@ -162,6 +162,20 @@ class CharTokenizer:
     return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+def char_table_difference(there: str, here: str) -> str:
+  """How two character tables differ, in words ("only there: 'F'; only here: 'Q'; id 8: 'F'
+  there, 'Q' here"): tables of one size with other characters give the ids other meanings."""
+  diff = [f"id {i}: {a!r} there, {b!r} here" for i, (a, b) in enumerate(zip(there, here))
+          if a != b]
+  gone = "".join(sorted(set(there) - set(here)))
+  added = "".join(sorted(set(here) - set(there)))
+  parts = ([f"{len(there)} characters there, {len(here)} here"] if len(there) != len(here)
+           else [])
+  parts += [f"only there: {gone!r}"] * bool(gone) + [f"only here: {added!r}"] * bool(added)
+  parts += diff[:3] + ([f"{len(diff) - 3} more ids differ"] if len(diff) > 3 else [])
+  return "; ".join(parts)
+
+
 Tokenizer = GPT2Tokenizer | CharTokenizer
 
 

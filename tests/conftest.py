@@ -148,6 +148,27 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def hf_window_loss(model, ids, T: int, stride: int) -> tuple[float, int]:
+  """Hugging Face's perplexity-guide loop over token ids with a transformers causal LM `model`
+  (windows of T inputs, each scoring only the targets the windows before it did not), written
+  with torch: (mean nats per scored token, scored tokens)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  nll_sum, count, scored_end = 0.0, 0, 0
+  for begin in range(0, len(ids), stride):
+    end = min(begin + T, len(ids) - 1)  # inputs ids[begin:end], targets ids[begin+1:end+1]
+    with torch.no_grad():
+      logits = model(torch.tensor(ids[None, begin:end])).logits[0].double()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[begin + 1:end + 1]),
+                                            reduction="none")
+    keep = torch.arange(begin + 1, end + 1) > scored_end
+    nll_sum += float(nll[keep].sum())
+    count += int(keep.sum())
+    scored_end = end
+    if end == len(ids) - 1:
+      break
+  return nll_sum / count, count
+
+
 def exit_status(main, argv) -> int:
   """What an entry point's main(argv) ends with: its return value or its sys.exit status."""
   try:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import rel_err, tiny_run_config
+from conftest import hf_window_loss, rel_err, tiny_run_config
 from sharding import make_mesh
 from training import evaluate as ev
 from training.data import make_source
@@ -38,26 +38,6 @@ def test_plan_scores_every_target_once():
     ev.plan_windows(100, block_size=16, stride=17)
 
 
-def _hf_reference(model, ids, T, stride):
-  """Hugging Face's perplexity-guide loop (windows of T inputs, each scoring only the targets
-  the windows before it did not), written with torch: the mean nats per scored token."""
-  import torch
-  nll_sum, count, scored_end = 0.0, 0, 0
-  for begin in range(0, len(ids), stride):
-    end = min(begin + T, len(ids) - 1)  # inputs ids[begin:end], targets ids[begin+1:end+1]
-    with torch.no_grad():
-      logits = model(torch.tensor(ids[None, begin:end])).logits[0].double()
-    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[begin + 1:end + 1]),
-                                            reduction="none")
-    keep = torch.arange(begin + 1, end + 1) > scored_end
-    nll_sum += float(nll[keep].sum())
-    count += int(keep.sum())
-    scored_end = end
-    if end == len(ids) - 1:
-      break
-  return nll_sum / count, count
-
-
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
   torch = pytest.importorskip("torch")
@@ -84,7 +64,7 @@ def test_equals_transformers_for_the_same_windows(hf_model, stride):
   w = load_weights(path, mesh=mesh)
   result = ev.evaluate(w.params, w.cfg, ids, mesh=mesh, stride=stride, batch_size=3,
                        num_bytes=149, quiet=True)
-  expected, count = _hf_reference(model, ids, 16, stride)
+  expected, count = hf_window_loss(model, ids, 16, stride)
   assert result.tokens == count == 149
   assert rel_err(result.loss, expected) < 1e-5
   assert result.perplexity == pytest.approx(math.exp(result.loss), rel=1e-12)

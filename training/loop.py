@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import ml_collections
@@ -166,13 +166,14 @@ def exact_match(params, cfg, pairs, batch_size: int = 256) -> float:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
-          force: bool = False) -> dict[str, Any]:
+          force: bool = False, explicit: Collection[str] = ()) -> dict[str, Any]:
   """Train (or resume) the run of `config` in `workdir`. Returns a summary: step, loss,
   val_loss, train_seconds, wall_seconds, preempted. Raises UserError for bad inputs (and when
   another run holds the workdir's lock, unless `force`), TrainingDiverged when the loss becomes
-  NaN/Inf and CheckpointWriteFailed when a checkpoint cannot be written."""
+  NaN/Inf and CheckpointWriteFailed when a checkpoint cannot be written. `explicit`: the config
+  keys the command line set (build_run: with init_from, the weights give the model's shape)."""
   t_start = time.perf_counter()
-  run = build_run(config, workdir=workdir)
+  run = build_run(config, workdir=workdir, explicit=explicit)
   console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
   # The lock comes first: opening the Checkpointer removes unfinished saves' directories.
   with workdir_lock(run.workdir, force=force):

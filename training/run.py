@@ -26,7 +26,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import ml_collections
@@ -36,17 +36,19 @@ from jax.sharding import Mesh
 
 from model.config import FAMILIES, ModelConfig
 from model.errors import UserError
+from model.tokenizer import char_table_difference
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource
-from training.data.tasks import (NUM_SPECIALS, batch_width, data_vocabulary, make_task_source,
-                                 resolve_task, special_ids)
+from training.data.tasks import (NUM_SPECIALS, batch_width, data_tokenizer, data_vocabulary,
+                                 make_task_source, resolve_task, special_ids)
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state,
                             train_state_from_params)
 from training.step import check_loss_chunk, compile_eval_step, compile_train_step
-from training.weights import check_init_from, init_params
+from training.weights import (check_init_vocabulary, describe_init_from, init_params,
+                              model_from_weights)
 
 CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
@@ -330,16 +332,9 @@ def check_same_tokenizer(saved: dict | None, current: dict | None, where: str) -
     raise UserError(f"{where} was trained on {name} tokens, but the data here is {other} "
                     f"tokens; use the same data.tokenizer or another --workdir.")
   if name == "char":
-    old, new = saved.get("chars", ""), current.get("chars", "")
-    diff = [f"id {i}: {a!r} there, {b!r} here" for i, (a, b) in enumerate(zip(old, new))
-            if a != b]
-    gone = "".join(sorted(set(old) - set(new)))
-    added = "".join(sorted(set(new) - set(old)))
-    parts = ([f"{len(old)} characters there, {len(new)} here"] if len(old) != len(new) else [])
-    parts += [f"only there: {gone!r}"] * bool(gone) + [f"only here: {added!r}"] * bool(added)
-    parts += diff[:3] + ([f"{len(diff) - 3} more ids differ"] if len(diff) > 3 else [])
     raise UserError(f"{where} was trained on another character table than the data here has "
-                    f"({'; '.join(parts)}); resume on the same text or use another --workdir.")
+                    f"({char_table_difference(saved.get('chars', ''), current.get('chars', ''))}"
+                    f"); resume on the same text or use another --workdir.")
   raise UserError(f"{where} was trained with the tokenizer {saved!r}, the data here has "
                   f"{current!r}; use the same data or another --workdir.")
 
@@ -387,7 +382,8 @@ def check_writable(path: epath.Path) -> None:
 
 
 def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike | None = None,
-              devices: Sequence[Any] | None = None, read_data: bool = True) -> Run:
+              devices: Sequence[Any] | None = None, read_data: bool = True,
+              explicit: Collection[str] = ()) -> Run:
   """Validate `config` and build its Run; raises UserError on a bad input, before compiling.
 
   workdir: the run's directory, checked (it must not hold a run of another model).
@@ -396,6 +392,10 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   read_data: build the data source (tokenizing text into the cache on first use); without it
     the vocabulary is config.model.vocab_size or what the data's tokenizer or metadata says
     (`vocab_size_without_data`: no tokens are read).
+  explicit: the config keys the command line set ("model.num_layers", ...). With
+    config.init_from (a new run in `workdir`) the model's shape comes from those weights
+    (training/weights.py: model_from_weights): the config file's shape fields are replaced,
+    and one the command line set that the weights fix otherwise is a UserError.
   """
   path = check_workdir(workdir) if workdir is not None else None
   check_values(config)
@@ -415,6 +415,28 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if family != "gpt" and config.train.get("loss_chunk", 0):
     raise UserError(f"config.train.loss_chunk applies to model.family='gpt' only; set it to 0 "
                     f"for {family!r}.")
+  init_from = config.get("init_from") or ""
+  if not isinstance(init_from, str):
+    raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
+  if path is None:  # the benchmark and the TPU compile: random weights do as well
+    init_from = ""
+  if init_from and family != "gpt":
+    raise UserError(f"config.init_from fine-tunes model.family='gpt' runs only, not "
+                    f"{family!r}; leave it empty.")
+  saved = saved_model_fields(path) if path is not None else None
+  weights = None
+  if init_from:  # the model's shape is the weights' (a resumed run's: the one it trained)
+    if saved is None:
+      weights = describe_init_from(init_from)
+      base, label = weights.cfg, f"config.init_from={init_from!r}"
+    else:
+      base, label = ModelConfig(**saved), f"the run in --workdir {str(path)!r}"
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = model_from_weights(config.model.to_dict(), base, label, explicit)
+    block_size = config.model.block_size
+    if weights is not None and read_data:  # before the data is tokenized
+      data_vocab, _, data_tok = data_tokenizer(config.data, task)
+      check_init_vocabulary(weights, data_vocab, data_tok, init_from)
   source = None
   if read_data:
     source = make_task_source(config.data, task, seq_len=block_size,
@@ -429,20 +451,11 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     data_vocab, vocab_from = source.vocab_size, "the data"
     if config.model.get("vocab_size") is not None:
       vocab_from = "config.model.vocab_size"
+  if weights is not None:
+    vocab_from = f"config.init_from={init_from!r}"
   cfg = model_config(config, data_vocab, specials)
-  saved = saved_model_fields(path) if path is not None else None
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
-  init_from = config.get("init_from") or ""
-  if not isinstance(init_from, str):
-    raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
-  if path is None:  # the benchmark and the TPU compile: random weights do as well
-    init_from = ""
-  if init_from and family != "gpt":
-    raise UserError(f"config.init_from fine-tunes model.family='gpt' runs only, not "
-                    f"{family!r}; leave it empty.")
-  if init_from and saved is None:  # a resumed run has its own weights
-    check_init_from(init_from, cfg)
   if path is not None and jax.process_index() == 0:
     check_writable(path)
   steps = config.train.steps

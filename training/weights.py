@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Collection
 
 import jax
 from jax.sharding import Mesh
@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from model import pretrained
 from model.config import ModelConfig
 from model.errors import NotFoundError, UserError
+from model.tokenizer import char_table_difference
 from sharding import DEFAULT_RULES, make_mesh, place_params
 from training.checkpoint import CHECKPOINT_DIR, load_for_inference, read_run_meta
 
@@ -108,40 +109,85 @@ def _no_step(path: str, step: int | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning: a run's first parameters from other weights (config.init_from)
 
-# Fields that must agree between the weights and the run's model (the shapes, and what the
-# weights mean); block_size may be lower (positions cropped), padded_vocab_size anything at
-# least vocab_size (rows re-padded), the layer layout and dtypes anything.
-INIT_FIELDS = ("family", "vocab_size", "num_layers", "num_heads", "d_model", "d_mlp",
-               "use_bias", "tie_embeddings", "position_embedding", "norm_placement", "activation",
-               "layer_norm_epsilon")
+# Fields a run sets for itself whatever weights it starts from: how the computation runs, not
+# what the parameters are. block_size may be lowered (positions cropped) and padded_vocab_size
+# raised (rows re-padded); every other field is the weights'.
+RUN_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dtype", "param_dtype",
+              "attention", "scan_layers", "remat")
 
 
-def check_init_from(name_or_dir: str, cfg: ModelConfig) -> Weights:
-  """The init_from weights' description (nothing big read; a Hub name is downloaded), after
-  checking that they fit the run's model `cfg`; UserError naming the first field that
-  differs."""
+def describe_init_from(name_or_dir: str) -> Weights:
+  """The init_from weights' description (nothing big read; a Hub name is downloaded)."""
   try:
     w = describe_weights(name_or_dir)
   except UserError as e:
     raise UserError(f"config.init_from={name_or_dir!r}: {e}") from None
-  for name in INIT_FIELDS:
-    mine, theirs = getattr(cfg, name), getattr(w.cfg, name)
-    if mine != theirs:
-      hint = (" (the run's vocabulary follows its data: for GPT-2 weights use "
-              "data.tokenizer=gpt2)" if name == "vocab_size" else "")
-      raise UserError(f"config.init_from={name_or_dir!r} does not fit the config: "
-                      f"model.{name} is {mine!r} here and {theirs!r} in {w.label}{hint}.")
-  if cfg.block_size > w.cfg.block_size:
-    raise UserError(f"config.init_from={name_or_dir!r} does not fit the config: "
-                    f"model.block_size {cfg.block_size} is more than the {w.cfg.block_size} "
-                    f"positions of {w.label}; it can only be lowered.")
+  if w.cfg.family != "gpt":
+    raise UserError(f"config.init_from={name_or_dir!r} holds a model.family={w.cfg.family!r} "
+                    f"model; fine-tuning starts model.family='gpt' runs only.")
   return w
+
+
+def model_from_weights(model: dict[str, Any], weights: ModelConfig, label: str,
+                       explicit: Collection[str] = ()) -> dict[str, Any]:
+  """The model fields of a run whose first parameters are `weights` (fine-tuning; `label`
+  names them): the weights' shapes, with the RUN_FIELDS, block_size (up to the weights'
+  positions) and padded_vocab_size (at least their vocabulary) of the config's `model`
+  section. The config file may describe another model (its shapes are replaced); a field the
+  command line set (`explicit`: "model.<name>" keys) that the weights fix otherwise is a
+  UserError naming both values and `label` ("config.init_from='gpt2'").""" 
+  fields = weights.to_dict()
+  for name, value in model.items():
+    if name not in fields or value is None:
+      continue
+    if name in RUN_FIELDS:
+      fields[name] = value
+      continue
+    if name == "block_size":
+      fits, limit = value <= weights.block_size, f"at most its {weights.block_size} positions"
+    elif name == "padded_vocab_size":
+      fits, limit = value >= weights.vocab_size, f"at least its vocabulary of {weights.vocab_size}"
+    else:
+      fits, limit = value == fields[name], repr(fields[name])
+    if fits and name in ("block_size", "padded_vocab_size"):
+      fields[name] = value
+    elif not fits and f"model.{name}" in explicit:
+      raise UserError(f"--config.model.{name}={value!r} does not fit {label}: its weights "
+                      f"make model.{name} {limit}; leave the flag out (the weights give the "
+                      f"model's shape) or start from other weights.")
+  if fields["padded_vocab_size"] < fields["vocab_size"]:
+    fields["padded_vocab_size"] = fields["vocab_size"]
+  return fields
+
+
+def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dict | None,
+                          name_or_dir: str) -> None:
+  """The data must fit the weights' vocabulary, and a run's weights must have been trained on
+  the data's tokenizer (a character table of the same size with other characters would give
+  the ids other meanings)."""
+  if data_vocab > weights.cfg.vocab_size:
+    kind = (data_tokenizer or {}).get("name", "the data's")
+    raise UserError(f"config.init_from={name_or_dir!r} has a vocabulary of "
+                    f"{weights.cfg.vocab_size:,} tokens, fewer than the data's {data_vocab:,} "
+                    f"({kind} tokens); use data its vocabulary covers (GPT-2 weights: "
+                    f"data.tokenizer=gpt2).")
+  saved = weights.tokenizer
+  if saved is None or data_tokenizer is None or saved == data_tokenizer:
+    return
+  if saved.get("name") != data_tokenizer.get("name"):
+    raise UserError(f"config.init_from={name_or_dir!r} was trained on {saved.get('name')} "
+                    f"tokens, the data here is {data_tokenizer.get('name')} tokens; use "
+                    f"data.tokenizer={saved.get('name')}.")
+  difference = char_table_difference(saved.get("chars", ""), data_tokenizer.get("chars", ""))
+  raise UserError(f"config.init_from={name_or_dir!r} was trained on another character table "
+                  f"than the data here has ({difference}); fine-tune on text with its "
+                  f"characters.")
 
 
 def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:
   """The weights as host (numpy) arrays shaped for the run's model `cfg`: positions cropped to
   cfg.block_size, vocabulary rows re-padded to cfg.padded_vocab_size (zeros), cfg's layer
-  layout, cfg.param_dtype. Call `check_init_from` first."""
+  layout, cfg.param_dtype (cfg from `model_from_weights`)."""
   import numpy as np
   from model.transformer import convert_layout, unstack_layers
   w = load_weights(name_or_dir)

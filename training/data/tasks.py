@@ -353,9 +353,17 @@ def data_vocabulary(data_cfg, task: str = "lm") -> tuple[int, str]:
   launch.aot, which do not read the data): synthetic data's data.vocab_size; GPT-2 BPE's
   50,257; the character table of a text source's files (a TSV task's: of its pairs); a prepared
   directory's meta.json. The special tokens of the bert / encdec tasks are not counted."""
+  size, where, _ = data_tokenizer(data_cfg, task)
+  return size, where
+
+
+def data_tokenizer(data_cfg, task: str = "lm") -> tuple[int, str, dict[str, Any] | None]:
+  """`data_vocabulary` and the tokenizer the source will record (its to_dict(); None for
+  synthetic tokens)."""
   source = data_cfg.source
   if source == "synthetic":
-    return data_cfg.get("vocab_size", GPT2_VOCAB_SIZE), "data.vocab_size (synthetic tokens)"
+    return (data_cfg.get("vocab_size", GPT2_VOCAB_SIZE), "data.vocab_size (synthetic tokens)",
+            None)
   if source == "bin":
     if not data_cfg.path:
       raise UserError("data.path must name a directory holding train.bin and val.bin.")
@@ -364,10 +372,10 @@ def data_vocabulary(data_cfg, task: str = "lm") -> tuple[int, str]:
       raise NotFoundError(f"Data directory {path!r} does not exist (it should hold train.bin "
                           f"and val.bin, e.g. from `python -m launch.prepare`).")
     meta = remote.read_remote_meta(path) if "://" in path else read_meta(path)
-    return meta["vocab_size"], f"{path.rstrip('/')}'s meta.json"
+    return meta["vocab_size"], f"{path.rstrip('/')}'s meta.json", meta.get("tokenizer")
   check_tokenizer(data_cfg.tokenizer)
   if data_cfg.tokenizer == "gpt2":
-    return GPT2_VOCAB_SIZE, "GPT-2 BPE"
+    return GPT2_VOCAB_SIZE, "GPT-2 BPE", get_tokenizer("gpt2").to_dict()
   if source == "tfds":
     raise UserError("config.model.vocab_size is unset and the character table of a tfds data "
                     "set is only known once it is read; set it (e.g. "
@@ -383,8 +391,9 @@ def data_vocabulary(data_cfg, task: str = "lm") -> tuple[int, str]:
              else [tiny_shakespeare_path(data_cfg.cache_dir)])
     texts = [_read_text(p) for p in paths]
     what = paths[0] + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
-  vocab = _tokenizer_for(texts, "char").vocab_size
-  return vocab, f"the {vocab} characters of {what}"
+  tokenizer = _tokenizer_for(texts, "char")
+  return (tokenizer.vocab_size, f"the {tokenizer.vocab_size} characters of {what}",
+          tokenizer.to_dict())
 
 
 def make_task_source(data_cfg, task: str, *, seq_len: int, global_batch_size: int, seed: int,
