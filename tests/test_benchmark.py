@@ -148,3 +148,22 @@ def test_a_config_whose_vocabulary_comes_from_its_data_is_timed_with_that_vocabu
   assert data["train"]["flops_per_token"] == flops.flops_per_token(cfg, 64)
   assert f"N = {flops.non_embedding_params(cfg):,}" in data["train"]["flops_formula"]
   assert "vocabulary: 65 tokens (the 65 characters of " in stdout
+
+
+def test_the_report_names_the_host_cpu_and_its_extensions(report):
+  """CPU numbers hold for the CPU they were measured on: the report names it."""
+  data, stdout = report
+  cpu = data["device"]["host_cpu"]
+  assert cpu["cores"] >= 1 and isinstance(cpu["extensions"], list)
+  assert f"host CPU: {benchmark.describe_host_cpu(cpu)}" in stdout
+  xeon = benchmark.host_cpu("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+                            "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+                            "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n")
+  assert xeon["model"] == "Intel(R) Xeon(R) Platinum 8481C" and xeon["amx"]
+  assert xeon["extensions"] == ["AVX-512", "AVX512-BF16", "AMX"]
+  xeon["cores"] = 2
+  assert benchmark.describe_host_cpu(xeon) == ("Intel(R) Xeon(R) Platinum 8481C, 2 cores, "
+                                               "AVX-512, AVX512-BF16, AMX")
+  zen = benchmark.host_cpu("model name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n")
+  zen["cores"] = 2
+  assert benchmark.describe_host_cpu(zen) == "AMD EPYC, 2 cores, AVX-512, no AMX"

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import platform
 import statistics
 import time
 from typing import Any
@@ -53,7 +55,46 @@ def device_info() -> dict[str, Any]:
       "peak_entry": _peak_entry(dev.device_kind),
       "peak_tflops_per_device": None if peak is None else peak / 1e12,
       "jax_version": jax.__version__,
+      "host_cpu": host_cpu(),
   }
+
+
+# What decides XLA:CPU's and PyTorch's speed on a CPU, beside the model name: its widest vector
+# instructions and matrix units (the names /proc/cpuinfo and lscpu give them).
+_CPU_FEATURES = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"),
+                 ("avx2", "AVX2"), ("asimd", "NEON"), ("sve", "SVE"))
+
+
+def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+  """The host's CPU: model name, cores this process may use, and the vector / matrix
+  extensions that matter (AVX-512, AVX512-BF16, AMX, ...), read from /proc/cpuinfo (Linux; an
+  empty description elsewhere). CPU numbers hold for the CPU they were measured on."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if sep and key.strip() not in fields:
+      fields[key.strip()] = value.strip()
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  extensions = [name for flag, name in _CPU_FEATURES if flag in flags]
+  if "AVX-512" in extensions and "AVX2" in extensions:
+    extensions.remove("AVX2")
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"model": fields.get("model name") or fields.get("Model") or platform.processor(),
+          "cores": cores, "extensions": extensions, "amx": "AMX" in extensions}
+
+
+def describe_host_cpu(cpu: dict[str, Any]) -> str:
+  """"AMD EPYC, 2 cores, AVX-512, AVX512-BF16, no AMX"."""
+  parts = [cpu["model"] or "unknown CPU", f"{cpu['cores']} cores", *cpu["extensions"]]
+  if not cpu["amx"] and any(e.startswith("AVX") for e in cpu["extensions"]):
+    parts.append("no AMX")
+  return ", ".join(parts)
 
 
 def _peak_entry(device_kind: str) -> str:
@@ -205,6 +246,8 @@ def format_table(report: dict[str, Any]) -> str:
   dev = report["device"]
   lines = [f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), "
            f"peak entry: {dev['peak_entry']}, jax {dev['jax_version']}"]
+  if dev.get("host_cpu"):
+    lines.append(f"host CPU: {describe_host_cpu(dev['host_cpu'])}")
   vocab = report.get("vocabulary")
   if vocab:
     padded = f", padded to {vocab['padded']:,}" if vocab["padded"] != vocab["size"] else ""
