@@ -6,7 +6,7 @@ needed) and report per-chip memory, FLOPs and the implied step time:
   python -m launch.aot --step decode --config configs/gpt2.py --topology v5litepod-1
       --batch 64 --cache_len 512 [--position 64] [--sampling greedy|temperature|top_k_top_p]
 
---step decode compiles model/sampling.py's decode step (training/perf/aot_decode.py) for --batch
+--step decode compiles model/decode/sampling.py's decode step (training/perf/aot_decode.py) for --batch
 rows and a --cache_len-slot KV cache, measured at --position filled slots (default: the full
 cache), and reports per-chip memory (does it fit: the serving question) and XLA's FLOPs and
 bytes accessed per decode step (every cache chunk and layer counted: they are unrolled).

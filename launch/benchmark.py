@@ -7,7 +7,7 @@
 
 --compare transformers (with --mode sample, needs torch and transformers) times greedy
 generation against transformers' `generate` on the same random weights in the same run
-(exported with model/pretrained.py; no download) instead of the sampling table.
+(exported with model/hf/gpt2.py; no download) instead of the sampling table.
 
 The config is built and checked exactly as `launch.train` builds it (training/run.py), on random
 data and random parameters (speed does not depend on them): synthetic tokens over the

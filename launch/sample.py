@@ -16,7 +16,7 @@ Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as o
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
 for GPT-2 BPE, "\\n" for a character model. A sample stops at <|endoftext|> (unless
 --no_stop) or after --max_new_tokens (default: 256). A prompt must fit in the model's block
-size T; new tokens may go past it: the context window then slides (model/sampling.py): each
+size T; new tokens may go past it: the context window then slides (model/decode/sampling.py): each
 token is predicted from at most the last T tokens and at least the last T - W + 1, where W is
 --window_shift (default T // 4; 1 is nanoGPT's rule, every token sees exactly the last T, at
 the cost of re-reading T tokens per new token).
@@ -48,8 +48,8 @@ from absl import flags
 
 from launch import cli, sample_families
 from model.errors import UserError
-from model.sampling import (check_prompt, check_settings, check_window_shift, generate,
-                            generate_stream)
+from model.decode.sampling import (check_prompt, check_settings, check_window_shift, generate,
+                                   generate_stream)
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
 from training.weights import WORKDIR, describe_weights, load_weights
 
@@ -174,7 +174,7 @@ def _prompt_name(index: int, text: str, count: int) -> str:
 
 def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int,
                    block_size: int) -> list[list[int]]:
-  """Token ids of each prompt, with the checks `generate` makes (model.sampling.check_prompt),
+  """Token ids of each prompt, with the checks `generate` makes (model.decode.sampling.check_prompt),
   naming the prompt by its text."""
   if not texts:
     raise UserError("--prompt_file holds no prompts.")
@@ -292,7 +292,7 @@ class FamilyBatch(NamedTuple):
 def _prepare_family(cfg, saved_tokenizer, label, prompts) -> FamilyBatch:
   directory = None
   if saved_tokenizer is None:
-    from model.pretrained import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
+    from model.hf import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
     directory = resolve_checkpoint_dir(FLAGS.init_from)
   tokenizer = sample_families.family_tokenizer(saved_tokenizer, cfg, directory)
   rows = sample_families.check_prompts(FLAGS, cfg, tokenizer, prompts or [], _prompt_name)

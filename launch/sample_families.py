@@ -32,9 +32,9 @@ DEFAULT_CANDIDATES = 5
 
 def family_tokenizer(saved: dict[str, Any] | None, cfg, directory: str | None = None):
   """A run's data tokenizer with its model's special ids, or a checkpoint's own tokenizer
-  (model/hf_tokenizer.py) for a Hugging Face BERT / BART."""
+  (model/hf/tokenizer.py) for a Hugging Face BERT / BART."""
   if saved is None:
-    from model.hf_tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
+    from model.hf.tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
     return load_hf_tokenizer(directory)
   base = tokenizer_from_dict(saved)
   if base.vocab_size > cfg.vocab_size:
@@ -92,7 +92,7 @@ def run(flags, cfg, params, tokenizer, prompts: list[str], rows: list[list[int]]
   """Generates (encdec) or fills masks (bert) and prints; returns the exit status."""
   start = time.perf_counter()
   if cfg.family == "encdec":
-    from model import seq2seq  # pylint: disable=import-outside-toplevel
+    from model.decode import seq2seq  # pylint: disable=import-outside-toplevel
     settings = _settings(flags)
     n = flags.num_samples
     sources = [r for r in rows for _ in range(n)]
@@ -119,7 +119,7 @@ def run(flags, cfg, params, tokenizer, prompts: list[str], rows: list[list[int]]
     sys.stdout.flush()
     status(f"{total} new tokens in {seconds:.2f}s (compilation included)")
     return 0
-  from model.fill_mask import fill_mask  # pylint: disable=import-outside-toplevel
+  from model.decode.fill_mask import fill_mask  # pylint: disable=import-outside-toplevel
   top_k = flags.top_k if flags["top_k"].present else DEFAULT_CANDIDATES
   specials = [i for i in (cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.mask_id,
                           getattr(tokenizer, "cls_id", None), getattr(tokenizer, "sep_id", None))

@@ -3,8 +3,13 @@ modules, sampling, tokenizers, Hugging Face import.
 
     from model import ModelConfig, build, get_config, init_params
     module = build(cfg)          # GPT, Encoder or EncoderDecoder, by cfg.family
-    from model.pretrained import load_hf
+    from model.hf import load_hf   # (also model.pretrained.load_hf)
     cfg, params = load_hf("path/to/checkpoint")   # GPT-2, BERT or BART, by model_type
+
+Where things are: config.py (ModelConfig, presets), blocks.py (the shared blocks and the shape
+letters), gpt.py / encoder.py / encdec.py (one family each), families.py (the family's module,
+init_params, parameter counts), layout.py (loop and scan layouts), attention.py (which kernel),
+kv_cache.py, decode/ (generation), hf/ (Hugging Face checkpoints), tokenizer.py, errors.py.
 
 The names below are imported on first use, so that `model.errors` (the error type every package
 raises) can be imported without loading jax and flax, e.g. by the gcloud launcher.
@@ -14,11 +19,10 @@ import importlib
 
 _EXPORTS = {
     "ModelConfig": "model.config", "get_config": "model.config", "preset_names": "model.config",
-    "GPT": "model.transformer", "init_cache": "model.transformer",
-    "init_params": "model.transformer", "abstract_params": "model.transformer",
-    "count_params": "model.transformer", "build": "model.transformer",
-    "Encoder": "model.encoder", "EncoderDecoder": "model.encdec",
-    "load_hf": "model.pretrained",
+    "GPT": "model.gpt", "Encoder": "model.encoder", "EncoderDecoder": "model.encdec",
+    "build": "model.families", "init_params": "model.families", "abstract_params": "model.families",
+    "count_params": "model.families", "num_params": "model.families",
+    "init_cache": "model.kv_cache", "load_hf": "model.hf",
 }
 
 __all__ = list(_EXPORTS)

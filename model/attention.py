@@ -1,6 +1,6 @@
 """Causal self-attention without a cache, through the kernel `ModelConfig.attention` picks.
 
-  xla     the reference einsum attention (model/transformer.py's reference_attention)
+  xla     the reference einsum attention (model/blocks.py's reference_attention)
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"), the cuDNN flash kernel (GPU)
   splash  the Pallas splash-attention kernel that ships with JAX
           (jax.experimental.pallas.ops.tpu.splash_attention): flash attention for TPU that

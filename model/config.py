@@ -1,7 +1,7 @@
 """ModelConfig: every architecture choice of a model of the Transformer family, frozen and hashable.
 
 `family` picks the architecture (model/__init__.py: build):
-  gpt     decoder-only, causal (GPT-2; model/transformer.py)
+  gpt     decoder-only, causal (GPT-2; model/gpt.py)
   bert    encoder-only, bidirectional, masked-LM head (BERT; model/encoder.py)
   encdec  encoder-decoder with cross-attention (Vaswani et al. 2017, BART; model/encdec.py)
 The other fields mean the same in every family (for encdec, num_layers, num_heads and d_mlp
@@ -28,7 +28,7 @@ FAMILIES = ("gpt", "bert", "encdec")
 # Token ids a family may need (-1: none). A character or BPE run of bert / encdec appends them
 # after the data's vocabulary (training/data/tasks.py); imported checkpoints bring their own.
 SPECIAL_TOKENS = ("pad_id", "bos_id", "eos_id", "mask_id")
-# "xla": the reference einsum attention written out in model/transformer.py.
+# "xla": the reference einsum attention written out in model/blocks.py.
 # "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), the cuDNN flash kernel (GPU only).
 # "splash": the Pallas splash-attention kernel (TPU; Pallas interpret mode on the CPU), for
 #   sequence lengths that are multiples of 128.

@@ -4,7 +4,7 @@ causal decoder over the target whose blocks also attend to the encoder output.
     EncoderDecoder(cfg).apply({"params": p}, src_BS, tgt_BT, src_padding_mask_BS=None)
         -> float32 logits [B, T, V] of the next target token at every target position
 
-Built from model/transformer.py's blocks (cfg.family == "encdec"); one token embedding "wte"
+Built from model/blocks.py's blocks (cfg.family == "encdec"); one token embedding "wte"
 is shared by the source, the target and the output (tied, times sqrt(D) with embed_scale).
   encoder  positions "wpe" (learned) or sinusoidal, "ln_emb" (embed_norm), bidirectional
            Blocks enc_<i> (scan: enc), "ln_enc" when pre-LN
@@ -17,7 +17,7 @@ The 2017 paper: sinusoidal positions, post-LN, ReLU, embed_scale; BART: learned 
 position_offset 2, GELU, embed_norm, post-LN. src_padding_mask_BS is True / 1 at real source
 tokens (Hugging Face's attention_mask); padded source tokens are never attended to.
 
-Cached decoding (model/seq2seq.py): `start_cache` encodes the source once, projects every
+Cached decoding (model/decode/seq2seq.py): `start_cache` encodes the source once, projects every
 decoder layer's cross-attention keys and values once ("ck", "cv" [L, B, S, H * K]), and makes
 the self-attention KV cache ("k", "v" [L, B, T, H * K], as GPT's); `decode` runs target tokens
 at given positions through the decoder with that cache.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import CACHE_AXES, Cache, init_cache
-from model.transformer import (LayerNorm, _constrain, cross_kv, embed, output_logits, stack,
+from model.blocks import (LayerNorm, _constrain, cross_kv, embed, output_logits, stack,
                                token_embedding)
 
 

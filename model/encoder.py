@@ -3,7 +3,7 @@
     Encoder(cfg).apply({"params": p}, tokens_BT, padding_mask_BT=None, token_types_BT=None)
         -> float32 MLM logits [B, T, V]       (return_hidden=True: hidden states [B, T, D])
 
-Built from model/transformer.py's blocks (cfg.family == "bert"): token + learned position (+
+Built from model/blocks.py's blocks (cfg.family == "bert"): token + learned position (+
 token-type, cfg.type_vocab_size) embeddings and their LayerNorm "ln_emb" (cfg.embed_norm),
 Blocks of kind "bidirectional" (h_<i>, or h with scan_layers; post-LN for BERT), a final
 "ln_f" only for pre-LN, then the MLM head "mlm" (dense D -> D, the activation, LayerNorm) whose
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import (ACT_BTD, LayerNorm, _constrain, _normal, _zeros, activate,
+from model.blocks import (ACT_BTD, LayerNorm, _constrain, _normal, _zeros, activate,
                                embed, output_logits, stack, token_embedding)
 
 

@@ -1,4 +1,4 @@
-"""The KV cache of model/transformer.py's GPT: its layout, the in-place write, and attention that
+"""The KV cache of model/gpt.py's GPT: its layout, the in-place write, and attention that
 reads only the filled part.
 
 A cache is the pytree {"k": [L, B, S, H * K], "v": [L, B, S, H * K]} (`init_cache`), passed into

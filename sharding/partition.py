@@ -123,7 +123,7 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAU
 
 
 def _boxed_init(cfg, rng):
-  from model.transformer import init_params
+  from model.families import init_params
   return init_params(cfg, rng, unbox=False)
 
 

@@ -1,6 +1,6 @@
 """The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
 
-Parameters (created with nn.with_logical_partitioning in model/transformer.py):
+Parameters (created with nn.with_logical_partitioning in model/blocks.py):
   vocab, embed, mlp, heads, kv, qkv, norm, position, token_types, layers
 (the same names for every family: BERT's token-type table is token_types x embed; the
 encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)

@@ -23,7 +23,7 @@ from configs.gpt3_175b import get_config as gpt3_config
 from conftest import REPO
 from launch import aot as aot_cli
 from model.config import ModelConfig
-from model.transformer import count_params
+from model.families import count_params
 from sharding import make_mesh, rules_from_config
 from training.perf import aot
 from training.run import check_values, model_config

@@ -12,7 +12,9 @@ import pytest
 from model import attention
 from model.config import ModelConfig, get_config
 from model.errors import UserError
-from model.transformer import GPT, causal_mask, init_params, reference_attention
+from model.blocks import causal_mask, reference_attention
+from model.families import init_params
+from model.gpt import GPT
 from sharding import DEFAULT_RULES, activate, make_mesh
 
 

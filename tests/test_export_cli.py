@@ -11,7 +11,7 @@ import pytest
 
 from conftest import built_once, exit_status, rel_err, tiny_run_config
 from launch import export as export_cli
-from model.transformer import GPT
+from model.gpt import GPT
 from training.loop import train
 from training.weights import load_weights
 

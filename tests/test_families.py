@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import optimizer_config, rel_err
-from model import encdec, seq2seq
+from model import encdec
+from model.decode import seq2seq
 from model.config import ModelConfig
 from model.encoder import Encoder
-from model.fill_mask import fill_mask
-from model.transformer import build, convert_layout, init_params
+from model.decode.fill_mask import fill_mask
+from model.families import build, init_params
+from model.layout import convert_layout
 from sharding import make_mesh, shard_batch
 from training.data.tasks import infill, mask_tokens, pack_pair, reverse_pairs, special_ids
 from training.optimizer import make_optimizer, schedule_from_config

@@ -16,9 +16,9 @@ from conftest import exit_status, hf_window_loss, rel_err, tiny_run_config
 from launch import eval as eval_cli
 from launch import export as export_cli
 from launch import train as train_cli
-from model.pretrained import load_hf_gpt2
+from model.hf import load_hf_gpt2
 from model.tokenizer import get_tokenizer
-from model.transformer import GPT
+from model.gpt import GPT
 from training.checkpoint import read_run_meta
 from training.data import make_source
 from training.loop import train

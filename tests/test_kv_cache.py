@@ -9,8 +9,9 @@ import pytest
 import model
 from conftest import rel_err
 from model import kv_cache
-from model.sampling import Buckets, _decode, _start
-from model.transformer import causal_mask, reference_attention
+from model.decode.sampling import Buckets, _decode, _start
+from model.blocks import causal_mask, reference_attention
+from model.layout import stack_layers
 
 # float32 scores and softmax; the online softmax only reorders the sums.
 TOL = 1e-5
@@ -51,7 +52,7 @@ def test_decode_loop_never_copies_the_cache(scan_layers):
   cfg = model.get_config("tiny").replace(scan_layers=scan_layers)
   params = model.init_params(cfg, jax.random.key(0))
   if scan_layers:
-    params = model.transformer.stack_layers(params, cfg.num_layers)
+    params = stack_layers(params, cfg.num_layers)
   run = _start(params, cfg, [[1, 2, 3], [4]], 4, 0.0, 0, 1.0, 0, None,
                Buckets(batch=2, prompt_len=8, cache_len=32, out_len=8))
   hlo = _decode.lower(params, run.state, jnp.asarray(4, jnp.int32), run.settings, cfg=cfg,

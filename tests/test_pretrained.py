@@ -16,8 +16,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from model.errors import NotFoundError, UserError
-from model.pretrained import load_hf_gpt2, save_hf_gpt2
-from model.transformer import GPT, MASK_VALUE, abstract_params
+from model.hf import load_hf_gpt2, save_hf_gpt2
+from model.blocks import MASK_VALUE
+from model.families import abstract_params
+from model.gpt import GPT
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 HF_DIR = FIXTURES / "hf_gpt2_tiny"

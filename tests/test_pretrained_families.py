@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from model import build, seq2seq
+from model import build
+from model.decode import seq2seq
 from model.errors import UserError
-from model.hf_tokenizer import load_hf_tokenizer
-from model.pretrained import checkpoint_config, load_hf, load_hf_gpt2
-from model.transformer import abstract_params
+from model.hf.tokenizer import load_hf_tokenizer
+from model.hf import checkpoint_config, load_hf, load_hf_gpt2
+from model.families import abstract_params
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 BERT_DIR, BART_DIR = FIXTURES / "hf_bert_tiny", FIXTURES / "hf_bart_tiny"

@@ -14,9 +14,9 @@ import pytest
 from conftest import exit_status
 from launch import sample as sample_cli
 from launch.sample import StreamPrinter, format_sample
-from model import sampling
-from model.pretrained import load_hf_gpt2
-from model.sampling import generate
+from model.decode import sampling
+from model.hf import load_hf_gpt2
+from model.decode.sampling import generate
 from model.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_dict
 from training.checkpoint import load_for_inference
 
@@ -76,7 +76,7 @@ def _records(result):
 
 def _check_against_generate(records, params, cfg, tokenizer, prompts, num_samples,
                             **settings):
-  """The CLI's samples equal model.sampling.generate's with the same settings, prompt-major."""
+  """The CLI's samples equal model.decode.sampling.generate's with the same settings, prompt-major."""
   rows = [tokenizer.encode(p) for p in prompts for _ in range(num_samples)]
   expected = generate(params, cfg, rows, max_new_tokens=records[0]["num_tokens"], **settings)
   assert [r["token_ids"] for r in records] == expected.tokens

@@ -1,4 +1,4 @@
-"""Logits filtering, sampling statistics and the KV-cache generate loop (model/sampling.py)."""
+"""Logits filtering, sampling statistics and the KV-cache generate loop (model/decode/sampling.py)."""
 
 import functools
 import importlib.util
@@ -11,12 +11,12 @@ import pytest
 
 import model
 import model.kv_cache
-from model import sampling
+from model.decode import sampling
 from model.errors import UserError
-from model.sampling import (Buckets, choose_buckets, filter_logits, generate, generate_stream,
-                            sample_token)
-from model.pretrained import load_hf_gpt2
-from model.transformer import GPT
+from model.decode.sampling import (Buckets, choose_buckets, filter_logits, generate,
+                                   generate_stream, sample_token)
+from model.hf import load_hf_gpt2
+from model.gpt import GPT
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 HF_DIR = FIXTURES / "hf_gpt2_tiny"
@@ -76,7 +76,7 @@ def _greedy_without_cache(params, cfg, prompt, new_tokens):
 
 
 def _sliding_greedy_without_cache(params, cfg, prompt, new_tokens, window_shift):
-  """The documented rule of model/sampling.py, written out with full forward passes: the token
+  """The documented rule of model/decode/sampling.py, written out with full forward passes: the token
   at index n of the sequence is the argmax of a forward pass over seq[w:n] at positions 0..,
   where w moves to n - (T - W + 1) whenever n - w would exceed T."""
   T, W = cfg.block_size, window_shift

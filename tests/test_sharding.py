@@ -228,7 +228,7 @@ def test_data_parallel_forward_has_no_collectives():
 def test_embedding_lookup_needs_no_full_rematerialization(capfd):
   """On data x fsdp x tensor the token and position lookups gather from tables whose embed
   axis is split over fsdp, like the batch; without the table constraint in
-  model.transformer._lookup XLA warns "Involuntary full rematerialization" (it replicates the
+  model.blocks._lookup XLA warns "Involuntary full rematerialization" (it replicates the
   gathered activations, then splits them again)."""
   hlo = _forward_hlo(S.make_mesh(2, 2, 2))
   assert "all-gather" in hlo

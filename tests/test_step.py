@@ -10,7 +10,7 @@ from jax.extend.core import jaxprs_in_params
 from conftest import MESH_CFG, random_batch, rel_err, two_step_losses
 from model.config import get_config
 from model.errors import UserError
-from model.transformer import init_params
+from model.families import init_params
 from sharding import DEFAULT_RULES, activate, make_mesh
 from training.step import (check_loss_chunk, chunked_cross_entropy, cross_entropy, loss_fn,
                            train_step)

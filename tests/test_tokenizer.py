@@ -129,10 +129,10 @@ def test_a_bad_bpe_file_is_one_sentence(content, message, monkeypatch, tmp_path)
 
 
 def test_hugging_face_tokenizer_files_encode_as_tiktoken(gpt2, tmp_path, shakespeare_text):
-  """model/hf_tokenizer.py makes vocab.json / merges.txt from the packaged ranks (no network);
+  """model/hf/tokenizer.py makes vocab.json / merges.txt from the packaged ranks (no network);
   transformers' GPT-2 tokenizer read from them encodes and decodes exactly as tiktoken."""
   transformers = pytest.importorskip("transformers")
-  from model.hf_tokenizer import bpe_merges, gpt2_ranks, save_hf_gpt2_tokenizer
+  from model.hf.tokenizer import bpe_merges, gpt2_ranks, save_hf_gpt2_tokenizer
   save_hf_gpt2_tokenizer(gpt2, tmp_path, model_max_length=1024)
   ranks = gpt2_ranks(gpt2)
   assert len(ranks) == 50256 and len(bpe_merges(ranks)) == 50000  # GPT-2's 50,000 merges

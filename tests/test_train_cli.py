@@ -18,7 +18,7 @@ from conftest import (ONE_DEVICE_XLA_FLAGS, built_once, exit_status, mounted_tmp
                       signal_after_first_checkpoint, subprocess_env)
 from launch import train as train_cli
 from model.tokenizer import tokenizer_from_dict
-from model.transformer import GPT
+from model.gpt import GPT
 from training.checkpoint import load_for_inference
 from training.metrics import read_metrics
 

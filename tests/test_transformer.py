@@ -1,4 +1,4 @@
-"""model/transformer.py: the GPT module's presets, causality, KV cache, layouts, variants, init
+"""model/gpt.py and model/blocks.py: the GPT module's presets, causality, KV cache, layouts, variants, init
 statistics, LayerNorm and embedding lookups.
 
 Relative error throughout: rel(a, b) = max|a - b| / max|b| (b the reference).
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from model.config import ModelConfig, get_config
-from model.transformer import (GPT, MASK_VALUE, ONE_HOT_LOOKUP_ROWS, LayerNorm, _lookup,
-                               abstract_params, count_params, init_cache, init_params,
-                               logits_from_hidden, sinusoidal_positions, stack_layers,
-                               unstack_layers)
+from model.blocks import LayerNorm, MASK_VALUE, ONE_HOT_LOOKUP_ROWS, _lookup, sinusoidal_positions
+from model.families import abstract_params, count_params, init_params
+from model.gpt import GPT, logits_from_hidden
+from model.kv_cache import init_cache
+from model.layout import stack_layers, unstack_layers
 
 TOL = 1e-5  # float32, same weights, different computation order
 # LLVM optimisation level 0 halves CPU compile time; XLA's graph passes (and numerics) are
@@ -328,7 +329,7 @@ def test_init_statistics():
 
 
 def test_layer_norm_equals_flax_layer_norm():
-  """model.transformer.LayerNorm is nn.LayerNorm(use_fast_variance=False), values and grads."""
+  """model.blocks.LayerNorm is nn.LayerNorm(use_fast_variance=False), values and grads."""
   cfg = get_config("tiny")
   x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model)) * 3.0 + 1.0
   params = {"scale": jax.random.normal(jax.random.key(2), (cfg.d_model,)),

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import abstract_params
+from model.families import abstract_params
 from sharding import DEFAULT_RULES, make_mesh, param_shardings
 from training import fingerprint
 from training.checkpoint_errors import (QUIET_FAILED_SAVES, CheckpointWriteFailed, Damaged,

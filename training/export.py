@@ -4,8 +4,8 @@
     transformers.GPT2LMHeadModel.from_pretrained("hf/x")   # the same logits
 
 Writes config.json and model.safetensors (float32; padded vocabulary rows dropped;
-model/pretrained.py: save_hf_gpt2), and the tokenizer: GPT-2 BPE runs get Hugging Face's
-tokenizer files (model/hf_tokenizer.py), character runs their vocabulary as
+model/hf/gpt2.py: save_hf_gpt2), and the tokenizer: GPT-2 BPE runs get Hugging Face's
+tokenizer files (model/hf/tokenizer.py), character runs their vocabulary as
 flaxgpt_tokenizer.json (transformers has no character tokenizer: id i is the i-th character of
 its "chars"). The output folder must be new or empty unless `force`; everything is written into
 a temporary sibling folder that replaces the output only once complete, so a failure leaves
@@ -19,9 +19,9 @@ import os
 import shutil
 from typing import Any
 
-from model import pretrained
+from model import hf
 from model.errors import UserError
-from model.hf_tokenizer import save_hf_gpt2_tokenizer
+from model.hf.tokenizer import save_hf_gpt2_tokenizer
 from model.tokenizer import tokenizer_from_dict
 from training.weights import WORKDIR, describe_weights, load_weights
 
@@ -61,14 +61,14 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
                       f"{os.fspath(workdir)!r} is {'it' if run == real_out else 'inside it'}); "
                       f"export to another folder.")
   described = describe_weights(workdir, step=step, kind=WORKDIR)
-  pretrained.check_hf_gpt2_shaped(described.cfg, "Exporting to Hugging Face GPT-2")
+  hf.check_hf_gpt2_shaped(described.cfg, "Exporting to Hugging Face GPT-2")
   tokenizer = tokenizer_from_dict(described.tokenizer or {"name": "gpt2"})
   w = load_weights(workdir, step=step, kind=WORKDIR)
   tmp = f"{out}.export-tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    pretrained.save_hf_gpt2(w.params, w.cfg, tmp)
-    files = [pretrained.CONFIG_FILE, pretrained.WEIGHTS_FILE]
+    hf.save_hf_gpt2(w.params, w.cfg, tmp)
+    files = [hf.CONFIG_FILE, hf.WEIGHTS_FILE]
     if tokenizer.name == "gpt2":
       files += save_hf_gpt2_tokenizer(tokenizer, tmp, model_max_length=w.cfg.block_size)
     else:

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from model.errors import UserError
-from model.transformer import num_params
+from model.families import num_params
 from sharding import describe, is_cpu, process_batch_indices, shard_batch
 from training import distributed
 from training.checkpoint import Checkpointer, CheckpointWriteFailed
@@ -157,9 +157,9 @@ class _MetricsReader:
 
 
 def exact_match(params, cfg, pairs, batch_size: int = 256) -> float:
-  """The share of (source, target) pairs whose greedy output (model/seq2seq.py) is exactly the
+  """The share of (source, target) pairs whose greedy output (model/decode/seq2seq.py) is exactly the
   target."""
-  from model import seq2seq  # pylint: disable=import-outside-toplevel
+  from model.decode import seq2seq  # pylint: disable=import-outside-toplevel
   outs = seq2seq.generate(params, cfg, [s for s, _ in pairs], max_new_tokens=cfg.block_size,
                           batch_size=batch_size)
   return float(np.mean([list(out) == list(tgt) for (out, _), (_, tgt) in zip(outs, pairs)]))

@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.transformer import init_params
+from model.families import init_params
 from sharding import DEFAULT_RULES, abstract_sharded, create_sharded
 
 

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import GPT, build, logits_from_hidden
+from model.families import build
+from model.gpt import GPT, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.state import TrainState
 

@@ -5,7 +5,7 @@ The one way `launch.sample`, `launch.eval`, `launch.export` and fine-tuning (`in
 weights by a name or a path:
 
   a training workdir (a directory with checkpoints/)   its latest (or `step`) checkpoint
-  a Hugging Face checkpoint directory (config.json)    read with model/pretrained.py
+  a Hugging Face checkpoint directory (config.json)    read with model/hf/
   gpt2 | gpt2-medium | gpt2-large | gpt2-xl            downloaded from the Hub once
 
     w = describe_weights("runs/x")          # Weights with params=None: nothing big read
@@ -14,7 +14,7 @@ weights by a name or a path:
 
 `tokenizer` is the tokenizer a run recorded (`model.tokenizer.tokenizer_from_dict`), or None
 for a Hugging Face checkpoint (GPT-2 BPE; a BERT / BART checkpoint's own tokenizer files,
-model/hf_tokenizer.py).
+model/hf/tokenizer.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Collection
 import jax
 from jax.sharding import Mesh
 
-from model import pretrained
+from model import hf
 from model.config import ModelConfig
 from model.errors import NotFoundError, UserError
 from model.tokenizer import char_table_difference
@@ -56,10 +56,10 @@ def source_kind(name_or_dir: str | os.PathLike) -> str:
     return WORKDIR
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
     return WORKDIR
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, pretrained.CONFIG_FILE)):
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, hf.CONFIG_FILE)):
     raise NotFoundError(
         f"{path!r} is neither a training workdir (it has no {CHECKPOINT_DIR}/) nor a Hugging "
-        f"Face checkpoint directory (it has no {pretrained.CONFIG_FILE}).")
+        f"Face checkpoint directory (it has no {hf.CONFIG_FILE}).")
   return HF
 
 
@@ -75,8 +75,8 @@ def describe_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, None, meta.get("tokenizer"), step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
-  directory = pretrained.resolve_checkpoint_dir(path)
-  cfg = pretrained.checkpoint_config(directory, dtype=dtype or "float32")
+  directory = hf.resolve_checkpoint_dir(path)
+  cfg = hf.checkpoint_config(directory, dtype=dtype or "float32")
   return Weights(cfg, None, None, None, path, HF)
 
 
@@ -96,7 +96,7 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, params, tokenizer, step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
-  cfg, params = pretrained.load_hf(path, dtype=dtype or "float32", **hf_overrides)
+  cfg, params = hf.load_hf(path, dtype=dtype or "float32", **hf_overrides)
   return Weights(cfg, place_params(params, cfg, mesh, rules), None, None, path, HF)
 
 
@@ -189,7 +189,7 @@ def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:
   cfg.block_size, vocabulary rows re-padded to cfg.padded_vocab_size (zeros), cfg's layer
   layout, cfg.param_dtype (cfg from `model_from_weights`)."""
   import numpy as np
-  from model.transformer import convert_layout, unstack_layers
+  from model.layout import convert_layout, unstack_layers
   w = load_weights(name_or_dir)
   params = unstack_layers(jax.device_get(w.params), w.cfg.num_layers)
   params = jax.tree_util.tree_map(np.asarray, params)

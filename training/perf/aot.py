@@ -43,7 +43,7 @@ import ml_collections
 from model import attention
 from model.config import ModelConfig
 from model.errors import UserError
-from model.transformer import num_params
+from model.families import num_params
 from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
 from training.perf import flops
 from training.run import build_run

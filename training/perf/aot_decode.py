@@ -6,7 +6,7 @@ chips' HBM?) and XLA's FLOPs and bytes accessed per decode step.
     report = compile_decode(config, tpu, batch=64, cache_len=512, position=64)
     print(format_decode_report(report)); sys.exit(0 if report.fits else 3)
 
-The step is model/sampling.py's `decode_step` (what each iteration of generate's while_loop
+The step is model/decode/sampling.py's `decode_step` (what each iteration of generate's while_loop
 runs): one token per row through the model, its keys and values written into the carried cache
 in place, attention over the cache chunks up to `position`, one sampled token per row. The
 parameters are in the compute dtype (as served), laid out on the config's mesh with its
@@ -36,9 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import cache_chunk_size, init_cache
-from model.logits import static_mode
-from model.sampling import DecodeState, SamplingSettings, decode_step
-from model.transformer import abstract_params, num_params
+from model.decode.logits import static_mode
+from model.decode.sampling import DecodeState, SamplingSettings, decode_step
+from model.families import abstract_params, num_params
 from sharding import activate, batch_axes, batch_size_multiple, describe, param_shardings
 from training.perf.aot import Memory, compiler_oom, gib, verdict, vocab_from_words
 from training.run import build_run

@@ -10,7 +10,7 @@ block_until_ready; step time median and p90, tokens/s, model TFLOP/s with FLOPs/
 6N + 12 L T D (training/perf/flops.py states N), MFU against the device's dense bf16 peak, and
 peak device memory where the backend reports it.
 
-Sample: `model.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
+Sample: `model.decode.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
 to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
 the first call of each shape compiles and is not timed. Achieved memory bandwidth counts, per
 decode step, the parameter bytes plus the KV-cache bytes the attention reads (the cache chunks
@@ -38,8 +38,8 @@ import numpy as np
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import cache_chunk_size
-from model.sampling import choose_buckets, generate
-from model.transformer import init_params
+from model.decode.sampling import choose_buckets, generate
+from model.families import init_params
 from sharding import shard_batch
 from training.perf import flops
 from training.run import Run
@@ -295,11 +295,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _hf_model(params: Any, cfg: ModelConfig, directory: str):
-  """transformers' GPT2LMHeadModel with our weights (model/pretrained.py's export; no hub)."""
+  """transformers' GPT2LMHeadModel with our weights (model/hf/gpt2.py's export; no hub)."""
   # pylint: disable=import-outside-toplevel  (optional dependencies: the "hf" extra)
   import torch
   import transformers
-  from model.pretrained import save_hf_gpt2
+  from model.hf import save_hf_gpt2
   save_hf_gpt2(params, cfg, directory)
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
   if dtype is None:
@@ -320,9 +320,9 @@ def _hf_generate(hf_model, prompts_BP: np.ndarray, new_tokens: int) -> np.ndarra
 
 def compare_transformers(run: Run, *, batch_sizes=(1, 8), prompt_len: int = 16,
                          new_tokens: int = 128, repeats: int = 3) -> list[dict[str, Any]]:
-  """Greedy generation by `model.sampling.generate` and by transformers' `generate` (dynamic
+  """Greedy generation by `model.decode.sampling.generate` and by transformers' `generate` (dynamic
   KV cache, torch on the CPU) from the same random weights (the run's model in its compute
-  dtype, exported with model/pretrained.py), no end-of-text stop, prompt_len random prompt
+  dtype, exported with model/hf/gpt2.py), no end-of-text stop, prompt_len random prompt
   tokens and exactly new_tokens new ones per row. Each side compiles / warms up once, then the
   two alternate `repeats` times; the best time of each is reported, with the fraction of new
   tokens on which the two agree (greedy on the same weights: ~1, up to float rounding)."""

@@ -23,7 +23,7 @@ compute dtype; devices not in the table (CPUs, unknown accelerators) have no MFU
 from __future__ import annotations
 
 from model.config import ModelConfig
-from model.transformer import count_params
+from model.families import count_params
 from training.tpu.slices import GENERATIONS
 
 # Dense (no sparsity) bf16 peak, TFLOP/s per device, from vendor datasheets; TPUs (per chip)

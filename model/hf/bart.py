@@ -1,6 +1,6 @@
 """Hugging Face BART checkpoints (BartForConditionalGeneration) -> (ModelConfig, params).
 
-Read through model/pretrained.py's `load_hf` (config.json + model.safetensors; model_type
+Read through model/hf's `load_hf` (config.json + model.safetensors; model_type
 "bart"). BART is model/encdec.py's EncoderDecoder with learned positions whose tables start at
 row 2 (position_offset 2), GELU, post-LN, a LayerNorm after the embeddings, and the logits bias
 final_logits_bias; token embeddings times sqrt(D) only with scale_embedding. The mapping
@@ -35,7 +35,8 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.pretrained import HFTensors, checked_config, finish_params, hf_activation, pad_rows
+from model.hf.tensors import HFTensors, checked_config, finish_params, hf_activation, pad_rows
+from model.hf.tokenizer import special_ids
 
 DEFAULTS = dict(vocab_size=50265, max_position_embeddings=1024, encoder_layers=12,
                 encoder_ffn_dim=4096, encoder_attention_heads=16, decoder_layers=12,
@@ -74,13 +75,21 @@ def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], so
   return checked_config(fields, overrides, FIXED, source)
 
 
+def checkpoint_config(directory: str, hf_config: dict[str, Any], *, source: str,
+                      **overrides) -> ModelConfig:
+  """model/hf's interface: the config, with the tokenizer files' special ids."""
+  return config_from_hf(hf_config, special_ids=special_ids(directory), source=source,
+                        **overrides)
+
+
 def _differs(decoder: int, encoder: int) -> int:
   return 0 if decoder == encoder else decoder
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, n_positions: int,
-                   source: str) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
+                   hf_config: dict[str, Any], source: str) -> dict:
   t = HFTensors(tensors, source, strip=("model.",))
+  n_positions = hf_config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
   D, V = cfg.d_model, cfg.vocab_size
   shared = "shared.weight" if t.has("shared.weight") else "encoder.embed_tokens.weight"
   positions = lambda side: t.get(f"{side}.embed_positions.weight",

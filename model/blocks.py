@@ -1,4 +1,8 @@
-"""The GPT-2 family as pure Flax (Linen) modules.
+"""The blocks every family of the Transformer is built from (Flax Linen): LayerNorm, attention
+(causal / bidirectional / cross; model/attention.py picks the kernel, model/kv_cache.py holds
+the cache), the MLP, a Block and the stack of them, the embeddings, the output head.
+model/gpt.py, model/encoder.py and model/encdec.py assemble them; model/families.py picks one by
+cfg.family.
 
 Shape letters used in names and einsums throughout the codebase:
 
@@ -6,25 +10,25 @@ Shape letters used in names and einsums throughout the codebase:
   D  model width           H  attention heads        K  head dimension (D = H * K)
   F  MLP hidden width      V  (padded) vocabulary    L  layers
   A  micro-batches of a step (gradient accumulation, training/step.py)
-  P  padded prompt length    M  sampled-token buffer length (both model/sampling.py)
+  P  padded prompt length    M  sampled-token buffer length (both model/decode/sampling.py)
 
 Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
 mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
-carry a leading L axis. Every parameter carries logical axis names; activations are constrained
-with logical names prefixed "act_". The mapping to mesh axes lives only in sharding/rules.py.
+carry a leading L axis (model/layout.py converts between the two layouts). Every parameter
+carries logical axis names; activations are constrained with logical names prefixed "act_".
+The mapping to mesh axes lives only in sharding/rules.py.
 
 The KV cache is an explicit pytree {"k": [L, B, S, H * K], "v": [L, B, S, H * K]} (see
-`init_cache`), passed in and returned. Each layer writes its new keys and values into the carried
-arrays in place (one scatter: row b's tokens go to slots positions_BT[b, :]), so a decode step
-never copies the cache, and attends to the slots <= each query's position by reading the cache in
-chunks of CACHE_CHUNK slots up to the longest row's position (`cached_attention`, an online
-softmax): a step reads only the filled part of the cache.
+`model.kv_cache.init_cache`), passed in and returned. Each layer writes its new keys and values
+into the carried arrays in place (one scatter: row b's tokens go to slots positions_BT[b, :]),
+so a decode step never copies the cache, and attends to the slots <= each query's position by
+reading the cache in chunks of CACHE_CHUNK slots up to the longest row's position
+(`cached_attention`, an online softmax): a step reads only the filled part of the cache.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,10 +36,8 @@ import jax.numpy as jnp
 
 from model import attention
 from model.config import ModelConfig
-from model.kv_cache import (CACHE_AXES, Cache, cached_attention, init_cache,  # noqa: F401
-                            write_cache)
+from model.kv_cache import cached_attention, write_cache
 
-# Logical axes of activations (mapped to mesh axes in sharding/rules.py).
 ACT_BTD = ("act_batch", "act_length", "act_embed")
 ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
@@ -240,8 +242,6 @@ class Attention(nn.Module):
     return y_BTD, kv_cache
 
 
-CausalSelfAttention = Attention  # GPT's name for it (kind="causal", the default)
-
 
 def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
   """A cross-attention layer's keys and values [B, S, H, K] from its c_kv parameters (kernel
@@ -441,153 +441,9 @@ def token_embedding(cfg: ModelConfig) -> nn.Embed:
                   name="wte")
 
 
-class GPT(nn.Module):
-  """GPT(cfg).apply({"params": params}, tokens_BT) -> float32 logits [B, T, V].
-
-  With `cache` (from `init_cache`) it returns (logits, new_cache); `positions_BT` then gives
-  each token's absolute position (default 0..T-1 for every row). With `return_hidden` the
-  final-norm hidden states [B, T, D] are returned instead of logits (for a chunked loss; see
-  `logits_from_hidden`). Padded-vocabulary logits are MASK_VALUE, so they are never
-  predicted and have zero probability. `cache_chunks` fixes how many cache chunks attention
-  reads (see `cached_attention`; for measurements), by default up to the longest position.
-  """
-  cfg: ModelConfig
-  cache_chunks: int | None = None
-
-  @nn.compact
-  def __call__(self, tokens_BT, *, positions_BT=None, cache: Cache | None = None,
-               deterministic: bool = True, return_hidden: bool = False):
-    cfg = self.cfg
-    B, T = tokens_BT.shape
-    default_positions = positions_BT is None
-    if default_positions:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    wte = token_embedding(cfg)
-    x_BTD = embed(cfg, wte, tokens_BT, positions_BT, deterministic=deterministic,
-                  default_positions=default_positions, norm_name="ln_emb")
-    if cache is None:
-      kv = None
-    else:
-      kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
-    x_BTD, kv = stack(cfg, x_BTD, kv, positions_BT, num_layers=cfg.num_layers, name="h",
-                      deterministic=deterministic, cache_chunks=self.cache_chunks)
-    if cfg.norm_placement == "pre":
-      x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    out = x_BTD if return_hidden else output_logits(self, wte, x_BTD)
-    if cache is None:
-      return out
-    return out, {"k": _constrain(kv[0], CACHE_AXES), "v": _constrain(kv[1], CACHE_AXES)}
-
-
 def _mask_padded(cfg: ModelConfig, logits_BTV):
   logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
   if cfg.padded_vocab_size > cfg.vocab_size:
     valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     logits_BTV = jnp.where(valid_V, logits_BTV, MASK_VALUE)
   return logits_BTV
-
-
-def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
-  """The [D, V] matrix of the LM head (the transposed token embedding when tied)."""
-  if cfg.tie_embeddings:
-    return params["wte"]["embedding"].T
-  return params["lm_head"]["kernel"]
-
-
-def logits_from_hidden(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
-  """The LM head applied to `return_hidden` outputs: the same float32 logits GPT returns."""
-  w_DV = lm_head_weight(params, cfg).astype(cfg.compute_dtype)
-  logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD.astype(cfg.compute_dtype), w_DV)
-  if cfg.head_bias:
-    logits_BTV = logits_BTV.astype(jnp.float32) + params["head_bias"].astype(jnp.float32)
-  return _mask_padded(cfg, logits_BTV)
-
-
-def init_params(cfg: ModelConfig, rng: jax.Array, *, batch_size: int = 1,
-                seq_len: int | None = None, unbox: bool = True):
-  """Parameters on the default device (for tests and small models; sharding/ creates them
-  already sharded for real runs). With unbox=False the logical-axis metadata is kept."""
-  seq_len = min(cfg.block_size, 8) if seq_len is None else seq_len
-  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-  if cfg.family == "encdec":
-    variables = build(cfg).init(rng, tokens, tokens)
-  else:
-    variables = build(cfg).init(rng, tokens)
-  return nn.unbox(variables["params"]) if unbox else variables["params"]
-
-
-def build(cfg: ModelConfig, **kwargs) -> nn.Module:
-  """The Flax module of cfg.family: GPT, Encoder (model/encoder.py) or EncoderDecoder
-  (model/encdec.py)."""
-  if cfg.family == "gpt":
-    return GPT(cfg, **kwargs)
-  if cfg.family == "bert":
-    from model.encoder import Encoder  # pylint: disable=import-outside-toplevel
-    return Encoder(cfg, **kwargs)
-  from model.encdec import EncoderDecoder  # pylint: disable=import-outside-toplevel
-  return EncoderDecoder(cfg, **kwargs)
-
-
-def abstract_params(cfg: ModelConfig, *, unbox: bool = True):
-  """Parameter shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
-  return jax.eval_shape(lambda rng: init_params(cfg, rng, unbox=unbox), jax.random.key(0))
-
-
-def num_params(params: Any) -> int:
-  """Number of parameters in a tree of arrays or ShapeDtypeStructs (e.g. TrainState.params)."""
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-
-
-def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
-  """Number of parameters (from abstract shapes). non_embedding drops the position tables (wpe,
-  wpe_dec), the token-type table (wtt) and, when the head is untied, wte (the convention of
-  nanoGPT's get_num_params subtracts wpe only)."""
-  shapes = abstract_params(cfg)
-  total = num_params(shapes)
-  if non_embedding:
-    for table in ("wpe", "wpe_dec", "wtt"):  # lookups (positions, token types)
-      if table in shapes:
-        total -= math.prod(shapes[table]["embedding"].shape)
-    if not cfg.tie_embeddings:
-      total -= math.prod(shapes["wte"]["embedding"].shape)
-  return total
-
-
-def layer_groups(cfg: ModelConfig) -> tuple[tuple[str, str, int], ...]:
-  """(scan-layout name, loop-layout prefix, count) of each stack of blocks: GPT and the encoder
-  h / h_<i>; the encoder-decoder enc / enc_<i> and dec / dec_<i>."""
-  if cfg.family == "encdec":
-    return (("enc", "enc", cfg.num_layers), ("dec", "dec", cfg.decoder_layers))
-  return (("h", "h", cfg.num_layers),)
-
-
-def _is_layer(key: str, prefix: str) -> bool:
-  return key.startswith(f"{prefix}_") and key[len(prefix) + 1:].isdigit()
-
-
-def stack_layers(params: dict, num_layers: int, name: str = "h", prefix: str = "h") -> dict:
-  """Loop layout (h_0 .. h_{L-1}) -> scan layout (h with a leading L axis)."""
-  if name in params:
-    return params
-  blocks = [params[f"{prefix}_{i}"] for i in range(num_layers)]
-  out = {k: v for k, v in params.items() if not _is_layer(k, prefix)}
-  out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
-  return out
-
-
-def unstack_layers(params: dict, num_layers: int, name: str = "h", prefix: str = "h") -> dict:
-  """Scan layout (h with a leading L axis) -> loop layout (h_0 .. h_{L-1})."""
-  if name not in params:
-    return params
-  out = {k: v for k, v in params.items() if k != name}
-  for i in range(num_layers):
-    out[f"{prefix}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
-  return out
-
-
-def convert_layout(params: dict, cfg: ModelConfig, scan_layers: bool | None = None) -> dict:
-  """Parameters in the layer layout `scan_layers` (default cfg.scan_layers) asks for."""
-  scan = cfg.scan_layers if scan_layers is None else scan_layers
-  for name, prefix, count in layer_groups(cfg):
-    params = (stack_layers if scan else unstack_layers)(params, count, name, prefix)
-  return params

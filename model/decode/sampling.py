@@ -1,11 +1,11 @@
-"""The jitted KV-cache generate loop (logits processing: model/logits.py).
+"""The jitted KV-cache generate loop (logits processing: model/decode/logits.py).
 
 `generate` right-pads the prompts, prefills them in one forward pass into a fixed-size KV cache
-(`model.transformer.init_cache`), then runs the whole decode loop as one jitted
+(`model.kv_cache.init_cache`), then runs the whole decode loop as one jitted
 `lax.while_loop` that stops when every row has produced `eot_id` or `max_new_tokens` tokens.
 Each iteration is `decode_step`: one token per row through the model, whose layers write their
 keys and values into the carried cache in place and read back only the filled chunks
-(model/transformer.py's `cached_attention`), then one sampled token per row.
+(model/kv_cache.py's `cached_attention`), then one sampled token per row.
 Row b's prompt fills cache slots 0..n_b-1 (its padding fills n_b..P-1 with garbage); its first
 new token is fed at position n_b, whose cache write overwrites the garbage slot before any query
 attends to it, and a query at position t only attends to slots <= t, so the padding is never
@@ -52,9 +52,11 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.logits import (is_python_number, check_settings, filter_logits, sample_filtered,
+from model.decode.logits import (is_python_number, check_settings, filter_logits, sample_filtered,
                           sample_token, static_mode)
-from model.transformer import GPT, Cache, convert_layout, init_cache, logits_from_hidden
+from model.gpt import GPT, logits_from_hidden
+from model.kv_cache import Cache, init_cache
+from model.layout import convert_layout
 
 __all__ = ["Buckets", "GenerateResult", "check_prompt", "check_settings", "check_window_shift",
            "choose_buckets", "filter_logits", "generate", "generate_stream", "sample_token",
@@ -186,7 +188,7 @@ def decode_step(params, state: DecodeState, settings: SamplingSettings, *, cfg: 
                 mode: int, cache_chunks: int | None = None) -> DecodeState:
   """One decode-loop iteration: feeds each row's last token at its position (its keys and
   values written into state.cache in place) and samples the next. `cache_chunks` as in
-  model.transformer.GPT (static, for measurements; by default attention reads the cache up to
+  model.gpt.GPT (static, for measurements; by default attention reads the cache up to
   the longest row's position)."""
   logits_B1V, cache = GPT(cfg, cache_chunks=cache_chunks).apply(
       {"params": params}, state.token_B[:, None], positions_BT=state.position_B[:, None],

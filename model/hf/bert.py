@@ -1,6 +1,6 @@
 """Hugging Face BERT checkpoints (BertForMaskedLM, BertModel) -> (ModelConfig, params).
 
-Read through model/pretrained.py's `load_hf` (config.json + model.safetensors; model_type
+Read through model/hf's `load_hf` (config.json + model.safetensors; model_type
 "bert"). The mapping to model/encoder.py's Encoder (torch Linear weights are [out, in]):
 
   embeddings.word_embeddings [V, D]        wte/embedding (rows padded to padded_vocab_size)
@@ -28,7 +28,9 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.pretrained import HFTensors, checked_config, finish_params, hf_activation, pad_rows
+from model.hf.files import tensor_names
+from model.hf.tensors import HFTensors, checked_config, finish_params, hf_activation, pad_rows
+from model.hf.tokenizer import special_ids
 
 # BertConfig's defaults, for fields a config.json leaves out.
 DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -64,13 +66,22 @@ def config_from_hf(hf_config: dict[str, Any], *, has_mlm_head: bool, special_ids
   return checked_config(fields, overrides, FIXED, source)
 
 
+def checkpoint_config(directory: str, hf_config: dict[str, Any], *, source: str,
+                      **overrides) -> ModelConfig:
+  """model/hf's interface: the config, with the tokenizer files' special ids and whether the
+  weights hold the masked-LM head (from the tensor names, no weights read)."""
+  return config_from_hf(hf_config, has_mlm_head=has_mlm_head(tensor_names(directory)),
+                        special_ids=special_ids(directory), source=source, **overrides)
+
+
 def has_mlm_head(tensor_names) -> bool:
   return any(k.startswith(MLM_PREFIX + ".transform") for k in tensor_names)
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, n_positions: int,
-                   source: str) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
+                   hf_config: dict[str, Any], source: str) -> dict:
   t = HFTensors(tensors, source, strip=("bert.",))
+  n_positions = hf_config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
   D, H, K, F, V = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp, cfg.vocab_size
   e = "embeddings"
   params = {

@@ -1,0 +1,71 @@
+"""Hugging Face checkpoints <-> (ModelConfig, params), one file per model type:
+
+    cfg, params = load_hf("path/to/checkpoint")   # or a Hub name; the family from model_type
+
+  gpt2.py       GPT2LMHeadModel (load_hf_gpt2, save_hf_gpt2)
+  bert.py       BertForMaskedLM / BertModel
+  bart.py       BartForConditionalGeneration
+  files.py      where a checkpoint is and what it holds (config.json, safetensors, a Hub name)
+  tensors.py    what the converters share (tensors by name and shape, checked configs)
+  tokenizer.py  tokenizer files: GPT-2's made from the packaged ranks; BERT / BART's read
+
+A new model type is one file with `checkpoint_config(directory, hf_config, source=...,
+**overrides)` and `params_from_hf(tensors, cfg, hf_config=..., source=...)`, and a row of
+MODEL_TYPES.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from model.config import ModelConfig
+from model.errors import UserError
+from model.hf import bart, bert, gpt2
+from model.hf.files import (CONFIG_FILE, HF_NAMES, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
+                            resolve_checkpoint_dir)
+from model.hf.gpt2 import check_hf_gpt2_shaped, load_hf_gpt2, save_hf_gpt2
+
+# config.json's model_type -> (our family, its converter)
+MODEL_TYPES = {"gpt2": ("gpt", gpt2), "bert": ("bert", bert), "bart": ("encdec", bart)}
+
+__all__ = ["CONFIG_FILE", "HF_NAMES", "MODEL_TYPES", "WEIGHTS_FILE", "check_hf_gpt2_shaped",
+           "checkpoint_config", "load_hf", "load_hf_gpt2", "model_type", "read_hf_config",
+           "resolve_checkpoint_dir", "save_hf_gpt2"]
+
+
+def model_type(hf_config: dict[str, Any], source: str = CONFIG_FILE) -> str:
+  """config.json's model_type (GPT-2 when absent); UserError for one not in MODEL_TYPES."""
+  kind = hf_config.get("model_type", "gpt2")
+  if kind not in MODEL_TYPES:
+    raise UserError(f"{source}: model_type {kind!r} is not supported; supported: "
+                    f"{', '.join(MODEL_TYPES)}.")
+  return kind
+
+
+def load_hf(name_or_path: str | os.PathLike, *, scan_layers: bool = False,
+            dtype: str = "float32", param_dtype: str = "float32",
+            **config_overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) of a Hugging Face checkpoint (directory or Hub name) of any model
+  type in MODEL_TYPES, read by its converter. Dropout rates come from config.json; override
+  them, and anything the weights do not fix (attention, remat, block_size up to the
+  checkpoint's positions, padded_vocab_size), with keyword arguments. Params are a plain nested
+  dict of arrays in `param_dtype`, in the layer layout `scan_layers` asks for."""
+  directory = resolve_checkpoint_dir(name_or_path)
+  hf_config = read_hf_config(directory)
+  cfg = checkpoint_config(directory, hf_config, scan_layers=scan_layers, dtype=dtype,
+                          param_dtype=param_dtype, **config_overrides)
+  tensors, weights_path = read_hf_tensors(directory)
+  converter = MODEL_TYPES[model_type(hf_config)][1]
+  return cfg, converter.params_from_hf(tensors, cfg, hf_config=hf_config, source=weights_path)
+
+
+def checkpoint_config(directory: str, hf_config: dict[str, Any] | None = None,
+                      **overrides) -> ModelConfig:
+  """The ModelConfig of a checkpoint directory of any model type, reading no weights (at most
+  the names of its tensors and its tokenizer files' special tokens)."""
+  if hf_config is None:
+    hf_config = read_hf_config(directory)
+  source = os.path.join(directory, CONFIG_FILE)
+  converter = MODEL_TYPES[model_type(hf_config, source)][1]
+  return converter.checkpoint_config(directory, hf_config, source=source, **overrides)
