@@ -17,7 +17,7 @@ def get_config():
   c = base_config()
   c.model = model_section("tiny", family="bert", block_size=64, num_layers=4, num_heads=4,
                           d_model=128, d_mlp=512, norm_placement="post", activation="gelu",
-                          embed_norm=True, head_bias=True, layer_norm_epsilon=1e-12)
+                          embed_norm=True, head_bias=True, norm_eps=1e-12)
   c.data.source = "text"
   c.data.path = ""  # tiny shakespeare
   c.data.tokenizer = "char"

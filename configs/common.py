@@ -29,8 +29,10 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
   d_mlp become placeholders unless given, so they follow the data and d_model."""
   fields = model_preset(preset, **overrides).to_dict()
   section = ml_collections.ConfigDict()
+  derived = {"vocab_size": True, "padded_vocab_size": fields["padded_vocab_size"] == fields[
+      "vocab_size"], "d_mlp": fields["d_mlp"] == 4 * fields["d_model"]}  # else the preset's own
   for name, value in fields.items():
-    if name in _DERIVED_MODEL_FIELDS and name not in overrides:
+    if name in _DERIVED_MODEL_FIELDS and name not in overrides and derived[name]:
       section[name] = config_dict.placeholder(int)
     else:
       section[name] = value

@@ -79,25 +79,35 @@ def implementation(cfg: ModelConfig, seq_len: int, dropout: bool,
   return "dot_product"
 
 
-def _kernel(num_heads: int, seq_len: int, interpret: bool):
+def _kernel(num_heads: int, seq_len: int, interpret: bool, mqa: bool = False):
+  """Splash for num_heads query heads: each with its own key/value head, or with `mqa` all
+  sharing one (make_splash_mqa: q [h, T, K], k and v [T, K])."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=import-outside-toplevel
   b = splash_block_size(seq_len)
   blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
   mask = sa.MultiHeadMask([sa.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
-  return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  make = sa.make_splash_mqa if mqa else sa.make_splash_mha
+  return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash_local(q_BTHK, k_BTHK, v_BTHK, interpret: bool):
-  """Splash on one device's shard: [b, T, h, K] -> [b, T, h, K]."""
-  _, T, H, K = q_BTHK.shape
-  kernel = _kernel(H, T, interpret)
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, T, K], what the kernel takes per row
+def _splash_local(q_BTHK, k_BTGK, v_BTGK, interpret: bool):
+  """Splash on one device's shard: [b, T, h, K] -> [b, T, h, K]; keys and values [b, T, g, K]
+  (g < h: grouped-query attention, each key/value head an MQA kernel over its h / g queries)."""
+  B, T, H, K = q_BTHK.shape
+  G = k_BTGK.shape[2]
   # The kernel does not scale the scores: scale q (exact in bf16 for power-of-two head dims).
-  q_BHTK = heads_first(q_BTHK * jnp.asarray(1.0 / math.sqrt(K), q_BTHK.dtype))
-  out_BHTK = jax.vmap(kernel)(q_BHTK, heads_first(k_BTHK), heads_first(v_BTHK))
-  return jnp.swapaxes(out_BHTK, 1, 2)
+  q_BTHK = q_BTHK * jnp.asarray(1.0 / math.sqrt(K), q_BTHK.dtype)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, T, K], what the kernel takes per row
+  if G == H:
+    out_BHTK = jax.vmap(_kernel(H, T, interpret))(heads_first(q_BTHK), heads_first(k_BTGK),
+                                                  heads_first(v_BTGK))
+    return jnp.swapaxes(out_BHTK, 1, 2)
+  R = H // G
+  q_BGRTK = jnp.transpose(q_BTHK.reshape(B, T, G, R, K), (0, 2, 3, 1, 4))
+  kernel = jax.vmap(jax.vmap(_kernel(R, T, interpret, mqa=True)))  # over b, then g
+  out_BGRTK = kernel(q_BGRTK, heads_first(k_BTGK), heads_first(v_BTGK))
+  return jnp.transpose(out_BGRTK, (0, 3, 1, 2, 4)).reshape(B, T, H, K)
 
 
 def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
@@ -118,14 +128,19 @@ def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
-def splash_attention(q_BTHK, k_BTHK, v_BTHK):
+def splash_attention(q_BTHK, k_BTGK, v_BTGK):
   """Causal softmax(q k^T / sqrt(K)) v by the splash kernel, [B, T, H, K] in and out (the
-  dtype of q). Under a mesh it runs per device with shard_map over batch and heads."""
+  dtype of q); keys and values may have G < H heads (grouped-query attention). Under a mesh it
+  runs per device with shard_map over batch and heads (heads split only where both the H query
+  and the G key/value heads divide, so each device holds whole groups)."""
   interpret = backend() != "tpu"
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return _splash_local(q_BTHK, k_BTHK, v_BTHK, interpret)
+    return _splash_local(q_BTHK, k_BTGK, v_BTGK, interpret)
   spec = _fit(nn.logical_to_mesh_axes(ACT_BTHK), q_BTHK.shape, mesh)
+  kv_spec = _fit(spec, k_BTGK.shape, mesh)
+  if kv_spec[2] != spec[2]:  # the key/value heads cannot be split as the queries are
+    spec = kv_spec = PartitionSpec(spec[0], None, None, None)
   local = jax.shard_map(lambda q, k, v: _splash_local(q, k, v, interpret), mesh=mesh,
-                        in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-  return local(q_BTHK, k_BTHK, v_BTHK)
+                        in_specs=(spec, kv_spec, kv_spec), out_specs=spec, check_vma=False)
+  return local(q_BTHK, k_BTGK, v_BTGK)

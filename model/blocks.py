@@ -18,7 +18,10 @@ carry a leading L axis (model/layout.py converts between the two layouts). Every
 carries logical axis names; activations are constrained with logical names prefixed "act_".
 The mapping to mesh axes lives only in sharding/rules.py.
 
-The KV cache is an explicit pytree {"k": [L, B, S, H * K], "v": [L, B, S, H * K]} (see
+Grouped-query attention (cfg.num_kv_heads = G < H): keys and values have G heads; query head h
+reads key/value head h // R, R = H / G (letters G and R in einsums).
+
+The KV cache is an explicit pytree {"k": [L, B, S, G * K], "v": [L, B, S, G * K]} (see
 `model.kv_cache.init_cache`), passed in and returned. Each layer writes its new keys and values
 into the carried arrays in place (one scatter: row b's tokens go to slots positions_BT[b, :]),
 so a decode step never copies the cache, and attends to the slots <= each query's position by
@@ -33,6 +36,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model import attention
 from model.config import ModelConfig
@@ -40,6 +44,7 @@ from model.kv_cache import cached_attention, write_cache
 
 ACT_BTD = ("act_batch", "act_length", "act_embed")
 ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
+ACT_BTGK = ("act_batch", "act_length", "act_kv_heads", "act_kv")  # keys, values of G heads
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
 ACT_BTV = ("act_batch", "act_length", "act_vocab")
 
@@ -63,6 +68,22 @@ def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+def _constrain_if_divisible(x, axes):
+  """_constrain, unless a mesh axis the rules give one of x's dimensions does not divide it (a
+  model with 2 key/value heads on tensor=4): then XLA places x as it sees fit."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    try:
+      spec = nn.logical_to_mesh_axes(axes)
+    except (ValueError, TypeError):  # no rules in context
+      return x
+    for dim, entry in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+      names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      if dim % math.prod(mesh.shape[n] for n in names):
+        return x
+  return _constrain(x, axes)
+
+
 # Tables with at most this many rows are read with a one-hot matmul instead of a gather: the
 # values are the same, and the gradient is a small matmul instead of a scatter-add, which
 # XLA:CPU runs slowly (a quarter of the quick start's step on 2 cores; docs/performance.md).
@@ -84,6 +105,26 @@ def _lookup(table: nn.Embed, ids_BT, rows_axis: str | None):
   return jnp.take(table_RD, ids_BT, axis=0)
 
 
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale over the last axis, statistics in float32 (Zhang and
+  Sennrich 2019; Llama's, as Hugging Face's LlamaRMSNorm: no mean, no bias)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    scale_D = self.param("scale", _ones(("norm",)), (x_BTD.shape[-1],), cfg.params_dtype)
+    x_BTD = x_BTD.astype(jnp.float32)
+    ms_BT1 = jnp.mean(x_BTD * x_BTD, axis=-1, keepdims=True)
+    y_BTD = x_BTD * jax.lax.rsqrt(ms_BT1 + cfg.norm_eps) * scale_D.astype(jnp.float32)
+    return y_BTD.astype(cfg.compute_dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """The normalisation cfg.norm names (LayerNorm or RMSNorm), as module `name`."""
+  return RMSNorm(cfg, name=name) if cfg.norm == "rmsnorm" else LayerNorm(cfg, name=name)
+
+
 class LayerNorm(nn.Module):
   """(x - mean) / sqrt(var + eps) * scale (+ bias) over the last axis, statistics in float32.
 
@@ -101,7 +142,7 @@ class LayerNorm(nn.Module):
     x_BTD = x_BTD.astype(jnp.float32)
     centred_BTD = x_BTD - jnp.mean(x_BTD, axis=-1, keepdims=True)
     var_BT1 = jnp.mean(centred_BTD * centred_BTD, axis=-1, keepdims=True)
-    y_BTD = centred_BTD * jax.lax.rsqrt(var_BT1 + cfg.layer_norm_epsilon)
+    y_BTD = centred_BTD * jax.lax.rsqrt(var_BT1 + cfg.norm_eps)
     y_BTD = y_BTD * scale_D.astype(jnp.float32)
     if cfg.use_bias:
       bias_D = self.param("bias", _zeros(("norm",)), (D,), cfg.params_dtype)
@@ -122,21 +163,66 @@ def sinusoidal_positions(positions_BT: jax.Array, d_model: int) -> jax.Array:
       *positions_BT.shape, d_model)
 
 
+def rope_inv_freq(cfg: ModelConfig):
+  """The K/2 rotary frequencies theta^(-2i/K) (float32, as Hugging Face computes them); with
+  rope_scaling "llama3", Llama 3.1's: wavelengths above original_positions / low_freq_factor
+  divided by rope_factor, below original_positions / high_freq_factor kept, a smooth blend
+  between (transformers' _compute_llama3_parameters)."""
+  K = cfg.head_dim
+  inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, K, 2, dtype=np.float32) / K))
+  inv_freq = inv_freq.astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_positions
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    inv_freq = np.where(medium, blended, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rotary(x_BTNK, positions_BT, cfg: ModelConfig):
+  """Rotary position embedding of queries or keys [B, T, N, K] at positions_BT, in Hugging
+  Face Llama's rotate-half pairing: x * cos + rotate_half(x) * sin, rotate_half(x) =
+  (-x[K/2:], x[:K/2]), angles p * inv_freq repeated for both halves; cos and sin in float32,
+  applied in x's dtype (as transformers does)."""
+  angles_BTk = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+  angles_BTK = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BTK).astype(x_BTNK.dtype), jnp.sin(angles_BTK).astype(x_BTNK.dtype)
+  half = x_BTNK.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNK[..., half:], x_BTNK[..., :half]], axis=-1)
+  return x_BTNK * cos + rotated * sin
+
+
 def causal_mask(positions_BT: jax.Array, num_slots: int) -> jax.Array:
   """[B, 1, T, S] boolean: query (b, t) may attend to key slot s iff s <= positions_BT[b, t]."""
   return (jnp.arange(num_slots)[None, None, :] <= positions_BT[:, :, None])[:, None]
 
 
-def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_B1TS, dropout: nn.Dropout | None = None):
-  """Plain softmax attention, scores and softmax in float32."""
-  scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
-  scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK,
-                           preferred_element_type=jnp.float32) * scale
+def reference_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, dropout: nn.Dropout | None = None):
+  """Plain softmax attention, scores and softmax in float32; keys and values may have fewer
+  heads G than the queries (grouped-query attention: query head h reads head h // (H / G))."""
+  B, T, H, K = q_BTHK.shape
+  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  scale = 1.0 / math.sqrt(K)
+  if G != H:
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BHTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK,
+                             preferred_element_type=jnp.float32).reshape(B, H, T, S) * scale
+  else:
+    scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSGK,
+                             preferred_element_type=jnp.float32) * scale
   scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, MASK_VALUE)
   probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
   if dropout is not None:
     probs_BHTS = dropout(probs_BHTS)
-  return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS.astype(v_BSHK.dtype), v_BSHK)
+  probs_BHTS = probs_BHTS.astype(v_BSGK.dtype)
+  if G != H:
+    return jnp.einsum("BGRTS,BSGK->BTGRK", probs_BHTS.reshape(B, G, H // G, T, S),
+                      v_BSGK).reshape(B, T, H, K)
+  return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSGK)
 
 
 class EinsumDense(nn.Module):
@@ -147,6 +233,7 @@ class EinsumDense(nn.Module):
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
   std: float
+  bias: bool = True  # and cfg.use_bias
 
   @nn.compact
   def __call__(self, x):
@@ -154,7 +241,7 @@ class EinsumDense(nn.Module):
     kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape,
                         cfg.params_dtype)
     y = jnp.einsum(self.spec, x.astype(dt), kernel.astype(dt))
-    if cfg.use_bias:
+    if cfg.use_bias and self.bias:
       in_letters, out_letters = self.spec.split("->")
       x_letters, k_letters = in_letters.split(",")
       n_out = sum(1 for c in k_letters if c not in x_letters)
@@ -178,8 +265,11 @@ class Attention(nn.Module):
                    of a cross-attention cache (`cross_kv`, computed once per source); keys
                    masked by key_mask_BS (the source padding)
 
-  Self-attention projects q, k, v with one fused c_attn [D, 3, H, K] (GPT-2's names);
+  Self-attention projects q, k, v with one fused c_attn [D, 3, H, K] (GPT-2's names), or with
+  grouped-query attention (G = cfg.kv_heads < H) c_q [D, H, K] and c_kv [D, 2, G, K];
   cross-attention with c_q [D, H, K] and c_kv [D, 2, H, K]; the output with c_proj [H, K, D].
+  Rotary positions (cfg.position_embedding) turn self-attention's queries and keys by
+  positions_BT before they are used or cached.
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -189,55 +279,72 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, positions_BT=None, kv_cache=None, key_mask_BS=None, memory=None):
     cfg = self.cfg
-    H, K = cfg.num_heads, cfg.head_dim
+    H, K, G = cfg.num_heads, cfg.head_dim, cfg.kv_heads
+    qkv_bias = cfg.qkv_bias_on
     if self.kind == "cross":
+      G = H
       q_BTHK = EinsumDense(cfg, "BTD,DHK->BTHK", (cfg.d_model, H, K), ("embed", "heads", "kv"),
-                           0.02, name="c_q")(x_BTD)
+                           0.02, qkv_bias, name="c_q")(x_BTD)
       if isinstance(memory, tuple):
-        k_BTHK, v_BTHK = memory
+        k_BTGK, v_BTGK = memory
       else:
         kv_BS2HK = EinsumDense(cfg, "BSD,DCHK->BSCHK", (cfg.d_model, 2, H, K),
-                               ("embed", "qkv", "heads", "kv"), 0.02, name="c_kv")(memory)
-        k_BTHK, v_BTHK = kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1]
-    else:
+                               ("embed", "qkv", "heads", "kv"), 0.02, qkv_bias,
+                               name="c_kv")(memory)
+        k_BTGK, v_BTGK = kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1]
+    elif G == H:
       qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
-                              ("embed", "qkv", "heads", "kv"), 0.02, name="c_attn")(x_BTD)
-      q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+                              ("embed", "qkv", "heads", "kv"), 0.02, qkv_bias,
+                              name="c_attn")(x_BTD)
+      q_BTHK, k_BTGK, v_BTGK = (qkv_BT3HK[:, :, i] for i in range(3))
+    else:
+      q_BTHK = EinsumDense(cfg, "BTD,DHK->BTHK", (cfg.d_model, H, K), ("embed", "heads", "kv"),
+                           0.02, qkv_bias, name="c_q")(x_BTD)
+      kv_BT2GK = EinsumDense(cfg, "BTD,DCGK->BTCGK", (cfg.d_model, 2, G, K),
+                             ("embed", "qkv", "kv_heads", "kv"), 0.02, qkv_bias,
+                             name="c_kv")(x_BTD)
+      k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+    if cfg.position_embedding == "rotary" and self.kind != "cross":
+      if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1], dtype=jnp.int32)[None],
+                                        x_BTD.shape[:2])
+      q_BTHK, k_BTGK = rotary(q_BTHK, positions_BT, cfg), rotary(k_BTGK, positions_BT, cfg)
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
-    k_BTHK = _constrain(k_BTHK, ACT_BTHK)
-    v_BTHK = _constrain(v_BTHK, ACT_BTHK)
+    kv_axes = ACT_BTHK if G == H else ACT_BTGK
+    k_BTGK = _constrain_if_divisible(k_BTGK, kv_axes)
+    v_BTGK = _constrain_if_divisible(v_BTGK, kv_axes)
 
     attn_dropout = cfg.attn_dropout > 0 and not self.deterministic
     dropout = nn.Dropout(cfg.attn_dropout, deterministic=False) if attn_dropout else None
     if self.kind != "causal":
-      B, T, S = q_BTHK.shape[0], q_BTHK.shape[1], k_BTHK.shape[1]
+      B, T, S = q_BTHK.shape[0], q_BTHK.shape[1], k_BTGK.shape[1]
       mask_B1TS = (jnp.ones((B, 1, T, S), bool) if key_mask_BS is None
                    else jnp.broadcast_to(key_mask_BS.astype(bool)[:, None, None, :],
                                          (B, 1, T, S)))
-      out_BTHK = reference_attention(q_BTHK, k_BTHK, v_BTHK, mask_B1TS, dropout)
+      out_BTHK = reference_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, dropout)
     elif kv_cache is None:
       T = x_BTD.shape[1]
       # model/attention.py; init only needs shapes (and traces a short dummy sequence)
       impl = "xla" if self.is_initializing() else attention.implementation(cfg, T, attn_dropout)
       if impl == "xla":
         mask_B1TS = causal_mask(jnp.arange(T)[None, :], T)
-        out_BTHK = reference_attention(q_BTHK, k_BTHK, v_BTHK, mask_B1TS, dropout)
+        out_BTHK = reference_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, dropout)
       elif impl == "splash":
-        out_BTHK = attention.splash_attention(q_BTHK, k_BTHK, v_BTHK)
+        out_BTHK = attention.splash_attention(q_BTHK, k_BTGK, v_BTGK)
       else:
         out_BTHK = jax.nn.dot_product_attention(
-            q_BTHK, k_BTHK, v_BTHK, is_causal=True,
+            q_BTHK, k_BTGK, v_BTGK, is_causal=True,
             implementation="cudnn" if impl == "cudnn" else None)
     else:
       k_LBSD, v_LBSD, layer = kv_cache
-      k_LBSD = write_cache(k_LBSD, layer, positions_BT, k_BTHK)
-      v_LBSD = write_cache(v_LBSD, layer, positions_BT, v_BTHK)
+      k_LBSD = write_cache(k_LBSD, layer, positions_BT, k_BTGK)
+      v_LBSD = write_cache(v_LBSD, layer, positions_BT, v_BTGK)
       kv_cache = (k_LBSD, v_LBSD, layer)
       out_BTHK = cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
                                   num_chunks=self.cache_chunks)
     out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
     y_BTD = EinsumDense(cfg, "BTHK,HKD->BTD", (H, K, cfg.d_model), ("heads", "kv", "embed"),
-                        _residual_std(cfg), name="c_proj")(out_BTHK)
+                        _residual_std(cfg), cfg.proj_bias_on, name="c_proj")(out_BTHK)
     y_BTD = nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
     return y_BTD, kv_cache
 
@@ -253,14 +360,15 @@ def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Arra
     kv = jnp.einsum("BSD,LDCHK->LBSCHK", enc_BSD.astype(dt), kernel)
   else:
     kv = jnp.einsum("BSD,DCHK->BSCHK", enc_BSD.astype(dt), kernel)
-  if cfg.use_bias:
+  if cfg.qkv_bias_on:
     bias = c_kv["bias"].astype(dt)
     kv = kv + (bias[:, None, None] if kernel.ndim == 5 else bias)
   return kv[..., 0, :, :], kv[..., 1, :, :]
 
 
 def activate(cfg: ModelConfig, h):
-  """cfg.activation: GELU (tanh approximation: GPT-2's gelu_new), exact GELU, or ReLU."""
+  """cfg.activation: GELU (tanh approximation: GPT-2's gelu_new), exact GELU, or ReLU (SwiGLU's
+  gate is applied by the MLP)."""
   if cfg.activation == "gelu_tanh":
     return jax.nn.gelu(h, approximate=True)
   if cfg.activation == "gelu":
@@ -269,17 +377,25 @@ def activate(cfg: ModelConfig, h):
 
 
 class MLP(nn.Module):
+  """c_proj(act(c_fc(x))), or with SwiGLU c_proj(silu(c_gate(x)) * c_fc(x)) (Llama's gate_proj,
+  up_proj and down_proj)."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    h_BTF = nn.Dense(cfg.d_mlp, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "mlp")),
-                     bias_init=_zeros(("mlp",)), name="c_fc")(x_BTD)
-    h_BTF = activate(cfg, _constrain(h_BTF, ACT_BTF))
-    y_BTD = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+    bias = cfg.mlp_bias_on
+    dense_DF = lambda name: nn.Dense(
+        cfg.d_mlp, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=_normal(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name=name)
+    h_BTF = _constrain(dense_DF("c_fc")(x_BTD), ACT_BTF)
+    if cfg.activation == "swiglu":
+      gate_BTF = _constrain(dense_DF("c_gate")(x_BTD), ACT_BTF)
+      h_BTF = jax.nn.silu(gate_BTF) * h_BTF
+    else:
+      h_BTF = activate(cfg, h_BTF)
+    y_BTD = nn.Dense(cfg.d_model, use_bias=bias, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype,
                      kernel_init=_normal(_residual_std(cfg), ("mlp", "embed")),
                      bias_init=_zeros(("embed",)), name="c_proj")(h_BTF)
@@ -307,11 +423,11 @@ class Block(nn.Module):
     cfg = self.cfg
     attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
     mlp = MLP(cfg, self.deterministic, name="mlp")
-    ln_1, ln_2 = LayerNorm(cfg, name="ln_1"), LayerNorm(cfg, name="ln_2")
+    ln_1, ln_2 = norm(cfg, "ln_1"), norm(cfg, "ln_2")
     cross = ln_x = None
     if self.cross:
       cross = Attention(cfg, self.deterministic, kind="cross", name="cross")
-      ln_x = LayerNorm(cfg, name="ln_x")
+      ln_x = norm(cfg, "ln_x")
     if cfg.norm_placement == "pre":
       y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache, key_mask_BS)
       x_BTD = x_BTD + y_BTD
@@ -371,8 +487,9 @@ def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, determini
       x_BTD = x_BTD + wpe_TD[None]
     else:
       x_BTD = x_BTD + _lookup(wpe, positions_BT + off, None)
-  else:
+  elif cfg.position_embedding == "sinusoidal":
     x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
+  # rotary positions are applied to queries and keys in Attention
   if cfg.type_vocab_size:
     wtt = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                    param_dtype=cfg.params_dtype,
@@ -381,7 +498,7 @@ def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, determini
                 else token_types_BT.astype(jnp.int32))
     x_BTD = x_BTD + _lookup(wtt, types_BT, None)
   if cfg.embed_norm:
-    x_BTD = LayerNorm(cfg, name=norm_name)(x_BTD)
+    x_BTD = norm(cfg, norm_name)(x_BTD)
   x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
   return _constrain(x_BTD, ACT_BTD)
 

@@ -8,6 +8,13 @@ The other fields mean the same in every family (for encdec, num_layers, num_head
 describe the encoder; num_decoder_layers, num_decoder_heads and decoder_d_mlp the decoder, 0
 meaning the same as the encoder).
 
+The decoder switches of today's models, each independent and each defaulting to GPT-2's
+behaviour: position_embedding learned | sinusoidal | rotary (rope_theta, rope_scaling); norm
+layernorm | rmsnorm (norm_eps); activation gelu_tanh | gelu | relu | swiglu; num_kv_heads
+(grouped-query attention; 1 is multi-query); use_bias and per-projection qkv_bias, proj_bias,
+mlp_bias; tie_embeddings. The presets llama-tiny, smollm2-135m, llama3.2-1b and llama3-8b set
+all four of Llama's (rotary, RMSNorm, SwiGLU, GQA) with no biases.
+
 A config is a static argument of jitted functions, so it must be hashable: all fields are
 plain Python scalars or strings (dtypes are names like "bfloat16", not numpy objects).
 """
@@ -21,9 +28,16 @@ import jax.numpy as jnp
 
 from model.errors import UserError
 
-POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+# rotary: RoPE (Su et al. 2021) on each head's queries and keys, in the rotate-half pairing of
+# Hugging Face's Llama (dimension i of a head pairs with i + K/2), at rope_theta.
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rotary")
+# rope_scaling "llama3": Llama 3.1's stretch of the low rotary frequencies (rope_factor,
+# rope_low_freq_factor, rope_high_freq_factor, rope_original_positions).
+ROPE_SCALINGS = ("none", "llama3")
+NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+# swiglu: silu(x W_gate) * (x W_up), then W_down (Shazeer 2020; Llama): three matrices of D x F.
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "swiglu")
 FAMILIES = ("gpt", "bert", "encdec")
 # Token ids a family may need (-1: none). A character or BPE run of bert / encdec appends them
 # after the data's vocabulary (training/data/tasks.py); imported checkpoints bring their own.
@@ -56,11 +70,27 @@ class ModelConfig:
   embd_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
+  # Key/value heads of self-attention (grouped-query attention: query head h reads key/value
+  # head h // (num_heads / num_kv_heads), as Hugging Face's repeat_kv); 1 is multi-query
+  # attention, 0 means num_heads (multi-head attention, GPT-2).
+  num_kv_heads: int = 0
+  # Biases: use_bias turns all of them off (nanoGPT's bias=False, Llama); with it on, each
+  # projection's may be turned off alone (Qwen2: q/k/v biases only).
   use_bias: bool = True
+  qkv_bias: bool = True  # the q, k, v projections
+  proj_bias: bool = True  # attention's output projection
+  mlp_bias: bool = True  # the MLP's matrices
   position_embedding: str = "learned"
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_positions: int = 8192
+  norm: str = "layernorm"  # layernorm | rmsnorm (x / rms(x) * scale, no mean, no bias)
   norm_placement: str = "pre"
   activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-5
+  norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
@@ -114,11 +144,15 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise UserError(f"ModelConfig.{name} must be a number in [0, 1), got {value!r}.")
-    if not isinstance(self.layer_norm_epsilon, (int, float)) or self.layer_norm_epsilon <= 0:
-      raise UserError(
-          f"ModelConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
+    for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"ModelConfig.{name} must be a positive number, got {value!r}.")
     for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
                           ("norm_placement", NORM_PLACEMENTS),
+                          ("norm", NORMS),
+                          ("rope_scaling", ROPE_SCALINGS),
                           ("activation", ACTIVATIONS),
                           ("attention", ATTENTION_IMPLEMENTATIONS),
                           ("dtype", DTYPES),
@@ -135,7 +169,7 @@ class ModelConfig:
       raise UserError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}; got "
                       f"{self.family!r}.")
     for name in ("num_decoder_layers", "num_decoder_heads", "decoder_d_mlp", "type_vocab_size",
-                 "position_offset"):
+                 "position_offset", "num_kv_heads"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UserError(f"ModelConfig.{name} must be a whole number >= 0, got {value!r}.")
@@ -146,6 +180,27 @@ class ModelConfig:
     if self.d_model % self.decoder_heads:
       raise UserError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
                       f"num_decoder_heads ({self.num_decoder_heads}).")
+    if self.num_heads % self.kv_heads:
+      raise UserError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                      f"num_kv_heads ({self.num_kv_heads}): each key/value head serves a whole "
+                      f"group of query heads.")
+    if self.position_embedding == "rotary" and self.head_dim % 2:
+      raise UserError(f"ModelConfig.position_embedding='rotary' needs an even head dimension, "
+                      f"got d_model / num_heads = {self.d_model} / {self.num_heads} = "
+                      f"{self.head_dim}.")
+    if self.family != "gpt":
+      for name, gpt_only in (("num_kv_heads", self.num_kv_heads not in (0, self.num_heads)),
+                             ("position_embedding", self.position_embedding == "rotary")):
+        if gpt_only:
+          raise UserError(f"ModelConfig.{name}={getattr(self, name)!r} is for family='gpt' "
+                          f"(the decoder-only model); family={self.family!r} has "
+                          f"multi-head attention with learned or sinusoidal positions.")
+    if self.rope_original_positions <= 0 or isinstance(self.rope_original_positions, bool):
+      raise UserError(f"ModelConfig.rope_original_positions must be a positive integer, got "
+                      f"{self.rope_original_positions!r}.")
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise UserError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must be "
+                      f"above rope_low_freq_factor ({self.rope_low_freq_factor}).")
     for name in SPECIAL_TOKENS:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -155,7 +210,8 @@ class ModelConfig:
     if self.family != "gpt" and self.attention == "splash":
       raise UserError(f"ModelConfig.attention='splash' is causal self-attention only; "
                       f"family={self.family!r} needs attention='auto' or 'xla'.")
-    for name in ("use_bias", "tie_embeddings", "scan_layers", "embed_norm", "embed_scale",
+    for name in ("use_bias", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings",
+                 "scan_layers", "embed_norm", "embed_scale",
                  "mlm_head", "head_bias"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
@@ -189,6 +245,23 @@ class ModelConfig:
     return self.decoder_layers if self.family == "encdec" else self.num_layers
 
   @property
+  def kv_heads(self) -> int:
+    """Key/value heads of self-attention (num_kv_heads, 0 meaning num_heads)."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def qkv_bias_on(self) -> bool:
+    return self.use_bias and self.qkv_bias
+
+  @property
+  def proj_bias_on(self) -> bool:
+    return self.use_bias and self.proj_bias
+
+  @property
+  def mlp_bias_on(self) -> bool:
+    return self.use_bias and self.mlp_bias
+
+  @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
@@ -220,9 +293,32 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
 
+# Fields renamed since: a config.json saved before reads the same (training/checkpoint.py).
+RENAMED_FIELDS = {"layer_norm_epsilon": "norm_eps"}
+
+
+def upgrade_fields(data: dict[str, Any]) -> dict[str, Any]:
+  """The fields of a model saved by an earlier version as this version names them: renamed
+  fields (RENAMED_FIELDS) under their new names, fields added since at their defaults (every
+  switch added defaults to the behaviour before it)."""
+  data = {RENAMED_FIELDS.get(k, k): v for k, v in data.items()}
+  for f in dataclasses.fields(ModelConfig):
+    if f.name not in data:
+      data[f.name] = f.default
+  return data
+
+
+def from_dict(data: dict[str, Any]) -> ModelConfig:
+  """ModelConfig of a saved config's model section (upgrade_fields first)."""
+  return ModelConfig(**upgrade_fields(data))
+
+
 def field_names() -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(ModelConfig))
 
+
+# What makes a decoder Llama-style (the presets below add their shapes).
+_LLAMA = dict(position_embedding="rotary", norm="rmsnorm", activation="swiglu", use_bias=False)
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # OpenAI GPT-2 family (Radford et al. 2019), as in Hugging Face's checkpoints.
@@ -236,10 +332,27 @@ _PRESETS: dict[str, dict[str, Any]] = {
                              resid_dropout=0.2, use_bias=False),
     # A few-thousand-parameter model for tests.
     "tiny": dict(vocab_size=128, block_size=64, num_layers=2, num_heads=4, d_model=64),
+    # Llama-style decoders (Touvron et al. 2023; Llama 3): rotary positions, RMSNorm, SwiGLU,
+    # grouped-query attention, no biases. A few-million-parameter one for tests and the CPU:
+    "llama-tiny": dict(vocab_size=4096, block_size=512, num_layers=4, num_heads=8,
+                       num_kv_heads=2, d_model=256, d_mlp=704, **_LLAMA),
+    # HuggingFaceTB/SmolLM2-135M's shapes (134.5M; tied head, 9 query / 3 key-value heads):
+    "smollm2-135m": dict(vocab_size=49152, block_size=8192, num_layers=30, num_heads=9,
+                         num_kv_heads=3, d_model=576, d_mlp=1536,
+                         **dict(_LLAMA, rope_theta=100000.0)),
+    # meta-llama/Llama-3.2-1B's (1.24B; tied head, Llama 3 rope scaling 32x from 8192):
+    "llama3.2-1b": dict(vocab_size=128256, block_size=131072, num_layers=16, num_heads=32,
+                        num_kv_heads=8, d_model=2048, d_mlp=8192,
+                        **dict(_LLAMA, rope_theta=500000.0, rope_scaling="llama3",
+                               rope_factor=32.0)),
+    # meta-llama/Meta-Llama-3-8B's (8.03B; untied head):
+    "llama3-8b": dict(vocab_size=128256, block_size=8192, num_layers=32, num_heads=32,
+                      num_kv_heads=8, d_model=4096, d_mlp=14336,
+                      **dict(_LLAMA, rope_theta=500000.0, tie_embeddings=False)),
     # BERT base (Devlin et al. 2018; bert-base-uncased's shapes): 110M parameters.
     "bert-base": dict(family="bert", vocab_size=30522, block_size=512, num_layers=12,
                       num_heads=12, d_model=768, type_vocab_size=2, embed_norm=True,
-                      norm_placement="post", activation="gelu", layer_norm_epsilon=1e-12,
+                      norm_placement="post", activation="gelu", norm_eps=1e-12,
                       head_bias=True, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1,
                       pad_id=0, mask_id=103),
     # The base Transformer of "Attention Is All You Need" (Vaswani et al. 2017): 6 + 6 layers,

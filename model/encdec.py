@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import CACHE_AXES, Cache, init_cache
-from model.blocks import (LayerNorm, _constrain, cross_kv, embed, output_logits, stack,
-                               token_embedding)
+from model.blocks import (_constrain, cross_kv, embed, norm, output_logits, stack,
+                          token_embedding)
 
 
 def _positions(B: int, T: int):
@@ -62,7 +62,7 @@ class EncoderDecoder(nn.Module):
                        deterministic=deterministic, kind="bidirectional",
                        key_mask_BS=src_padding_mask_BS)
       if cfg.norm_placement == "pre":
-        x_BSD = LayerNorm(cfg, name="ln_enc")(x_BSD)
+        x_BSD = norm(cfg, "ln_enc")(x_BSD)
       if tgt_BT is None:
         return x_BSD
       memory, memory_mask_BS, kv = x_BSD, src_padding_mask_BS, None
@@ -83,7 +83,7 @@ class EncoderDecoder(nn.Module):
                       name="dec", deterministic=deterministic, cache_chunks=self.cache_chunks,
                       cross=True, memory=memory, memory_mask_BS=memory_mask_BS)
     if cfg.norm_placement == "pre":
-      y_BTD = LayerNorm(cfg, name="ln_f")(y_BTD)
+      y_BTD = norm(cfg, "ln_f")(y_BTD)
     out = y_BTD if return_hidden else output_logits(self, wte, y_BTD)
     if cache is None:
       return out

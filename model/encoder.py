@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.blocks import (ACT_BTD, LayerNorm, _constrain, _normal, _zeros, activate,
-                               embed, output_logits, stack, token_embedding)
+from model.blocks import (ACT_BTD, _constrain, _normal, _zeros, activate,
+                          embed, norm, output_logits, stack, token_embedding)
 
 
 class Encoder(nn.Module):
@@ -41,7 +41,7 @@ class Encoder(nn.Module):
                      deterministic=deterministic, kind="bidirectional",
                      key_mask_BS=padding_mask_BT)
     if cfg.norm_placement == "pre":
-      x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
+      x_BTD = norm(cfg, "ln_f")(x_BTD)
     if return_hidden:
       return x_BTD
     if not cfg.mlm_head:
@@ -61,7 +61,7 @@ class MLMTransform(nn.Module):
                      param_dtype=cfg.params_dtype, kernel_init=_normal(0.02, ("embed", "mlp")),
                      bias_init=_zeros(("mlp",)), name="dense")(x_BTD)
     h_BTD = _constrain(activate(cfg, h_BTD), ACT_BTD)
-    return LayerNorm(cfg, name="ln")(h_BTD)
+    return norm(cfg, "ln")(h_BTD)
 
 
 def hidden_states(params, cfg: ModelConfig, tokens_BT, padding_mask_BT=None,

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import (LayerNorm, _constrain, _mask_padded, embed, output_logits, stack,
+from model.blocks import (_constrain, _mask_padded, embed, norm, output_logits, stack,
                           token_embedding)
 from model.config import ModelConfig
 from model.kv_cache import CACHE_AXES, Cache
@@ -48,7 +48,7 @@ class GPT(nn.Module):
     x_BTD, kv = stack(cfg, x_BTD, kv, positions_BT, num_layers=cfg.num_layers, name="h",
                       deterministic=deterministic, cache_chunks=self.cache_chunks)
     if cfg.norm_placement == "pre":
-      x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
+      x_BTD = norm(cfg, "ln_f")(x_BTD)
     out = x_BTD if return_hidden else output_logits(self, wte, x_BTD)
     if cache is None:
       return out

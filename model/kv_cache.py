@@ -1,7 +1,8 @@
 """The KV cache of model/gpt.py's GPT: its layout, the in-place write, and attention that
 reads only the filled part.
 
-A cache is the pytree {"k": [L, B, S, H * K], "v": [L, B, S, H * K]} (`init_cache`), passed into
+A cache is the pytree {"k": [L, B, S, G * K], "v": [L, B, S, G * K]} (`init_cache`; G = the
+key/value heads, num_heads / G times fewer bytes with grouped-query attention), passed into
 GPT.apply and returned (never a hidden mutable collection). Layer l of a forward pass writes its
 new keys and values for row b at slots positions_BT[b, :] of index l (`write_cache`: one scatter
 into the carried arrays, in place inside a jitted loop, so no step copies the cache) and attends
@@ -21,7 +22,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 
 Cache = dict[str, jax.Array]
-# Logical axes of the KV cache arrays [L, B, S, H * K] (the last axis split like the heads).
+# Logical axes of the KV cache arrays [L, B, S, G * K] (the last axis split like the heads).
 CACHE_AXES = ("cache_layers", "act_batch", "cache_length", "act_heads")
 
 # Slots per chunk that `cached_attention` reads from the KV cache (the whole cache if shorter, or
@@ -56,20 +57,21 @@ def cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
   is in every query's view, so every row has a finite maximum after the first chunk and later
   fully masked chunks add nothing."""
   B, T, H, K = q_BTHK.shape
-  S = k_LBSD.shape[2]
+  S, G = k_LBSD.shape[2], k_LBSD.shape[3] // K
+  R = H // G  # query heads per key/value head (grouped-query attention)
   C = cache_chunk_size(S)
   scale = 1.0 / math.sqrt(K)
-  q_BTHK = q_BTHK.astype(k_LBSD.dtype)
+  q_BTGRK = q_BTHK.astype(k_LBSD.dtype).reshape(B, T, G, R, K)
 
   def chunk(c, carry):
     max_BHT, norm_BHT, acc_BTHK = carry
     start = c * C
-    k_BCHK = jax.lax.dynamic_slice(k_LBSD, (layer, 0, start, 0), (1, B, C, H * K)).reshape(
-        B, C, H, K)
-    v_BCHK = jax.lax.dynamic_slice(v_LBSD, (layer, 0, start, 0), (1, B, C, H * K)).reshape(
-        B, C, H, K)
-    scores_BHTC = jnp.einsum("BTHK,BCHK->BHTC", q_BTHK, k_BCHK,
-                             preferred_element_type=jnp.float32) * scale
+    k_BCGK = jax.lax.dynamic_slice(k_LBSD, (layer, 0, start, 0), (1, B, C, G * K)).reshape(
+        B, C, G, K)
+    v_BCGK = jax.lax.dynamic_slice(v_LBSD, (layer, 0, start, 0), (1, B, C, G * K)).reshape(
+        B, C, G, K)
+    scores_BHTC = jnp.einsum("BTGRK,BCGK->BGRTC", q_BTGRK, k_BCGK,
+                             preferred_element_type=jnp.float32).reshape(B, H, T, C) * scale
     visible_BTC = start + jnp.arange(C)[None, None, :] <= positions_BT[:, :, None]
     scores_BHTC = jnp.where(visible_BTC[:, None], scores_BHTC, -jnp.inf)
     new_max_BHT = jnp.maximum(max_BHT, jnp.max(scores_BHTC, axis=-1))
@@ -77,8 +79,8 @@ def cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
     rescale_BHT = jnp.exp(max_BHT - new_max_BHT)
     norm_BHT = norm_BHT * rescale_BHT + jnp.sum(probs_BHTC, axis=-1)
     acc_BTHK = acc_BTHK * jnp.transpose(rescale_BHT, (0, 2, 1))[..., None] + jnp.einsum(
-        "BHTC,BCHK->BTHK", probs_BHTC.astype(v_BCHK.dtype), v_BCHK,
-        preferred_element_type=jnp.float32)
+        "BGRTC,BCGK->BTGRK", probs_BHTC.astype(v_BCGK.dtype).reshape(B, G, R, T, C), v_BCGK,
+        preferred_element_type=jnp.float32).reshape(B, T, H, K)
     return new_max_BHT, norm_BHT, acc_BTHK
 
   carry = (jnp.full((B, H, T), -jnp.inf, jnp.float32), jnp.zeros((B, H, T), jnp.float32),
@@ -94,7 +96,8 @@ def cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-  """A zeroed KV cache {"k", "v"} of shape [L, B, max_len, H * K] in the compute dtype (heads
+  """A zeroed KV cache {"k", "v"} of shape [L, B, max_len, G * K] in the compute dtype (G =
+  cfg.kv_heads, the key/value heads; heads
   and head dimension merged: the TPU's default layout of that shape keeps a slot's H * K values
   contiguous, the layout the write and the chunked reads want, so no step relayouts the cache)."""
   if max_len <= 0 or batch_size <= 0:
@@ -103,6 +106,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = Non
   if cfg.position_embedding == "learned" and max_len > cfg.block_size:
     raise UserError(f"KV cache length {max_len} exceeds the model's block_size "
                     f"{cfg.block_size} (learned positions stop there).")
-  shape = (cfg.cache_layers, batch_size, max_len, cfg.num_heads * cfg.head_dim)
+  shape = (cfg.cache_layers, batch_size, max_len, cfg.kv_heads * cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,11 +1,11 @@
 """The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
 
 Parameters (created with nn.with_logical_partitioning in model/blocks.py):
-  vocab, embed, mlp, heads, kv, qkv, norm, position, token_types, layers
+  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers
 (the same names for every family: BERT's token-type table is token_types x embed; the
 encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)
 Activations (constrained with nn.with_logical_constraint):
-  act_batch, act_length, act_embed, act_heads, act_kv, act_mlp, act_vocab,
+  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_kv, act_mlp, act_vocab,
   cache_layers, cache_length (the KV cache [L, B, S, H*K]; its last axis is "act_heads")
 
 Strategies, all at once on a (data, fsdp, tensor) mesh:
@@ -51,6 +51,7 @@ DEFAULT_RULES: Rules = (
     # parameters
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (c_kv [D, 2, G, K])
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
@@ -64,6 +65,7 @@ DEFAULT_RULES: Rules = (
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
     ("act_kv", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),

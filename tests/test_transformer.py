@@ -335,7 +335,7 @@ def test_layer_norm_equals_flax_layer_norm():
   params = {"scale": jax.random.normal(jax.random.key(2), (cfg.d_model,)),
             "bias": jax.random.normal(jax.random.key(3), (cfg.d_model,))}
   ours = lambda p, x: LayerNorm(cfg).apply({"params": p}, x)
-  ref = lambda p, x: nn.LayerNorm(epsilon=cfg.layer_norm_epsilon,
+  ref = lambda p, x: nn.LayerNorm(epsilon=cfg.norm_eps,
                                   use_fast_variance=False).apply({"params": p}, x)
   assert rel_err(ours(params, x), ref(params, x)) < TOL
   loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))

@@ -34,6 +34,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.config import from_dict as model_config_from_dict
 from model.errors import UserError
 from model.families import abstract_params
 from sharding import DEFAULT_RULES, make_mesh, param_shardings
@@ -332,7 +333,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
 
   def attempt(s: int):
     meta = _read_checked_meta(ckpt, s)
-    cfg = ModelConfig(**meta["model"])
+    cfg = model_config_from_dict(meta["model"])
     shardings = param_shardings(cfg, mesh, rules)
     abstract = jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),

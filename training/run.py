@@ -34,7 +34,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model.config import FAMILIES, ModelConfig
+from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import char_table_difference
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
@@ -251,7 +251,7 @@ def model_config(config, data_vocab_size: int,
                  specials: dict[str, int] | None = None) -> ModelConfig:
   """The ModelConfig of config.model, vocab_size defaulting to the data's vocabulary and the
   special token ids left at -1 to the data's (`specials`, training/data/tasks.py)."""
-  fields = dict(config.model.to_dict())
+  fields = {RENAMED_FIELDS.get(k, k): v for k, v in config.model.to_dict().items()}
   for name, value in (specials or {}).items():
     if fields.get(name, -1) == -1:
       fields[name] = value
@@ -306,7 +306,7 @@ def saved_model_fields(workdir: epath.Path) -> dict | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())["model"]
+    return upgrade_fields(json.loads(path.read_text())["model"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"{path} exists but is not a flaxgpt config ({e}); use another "
                     f"--workdir.") from None

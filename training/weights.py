@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from model import hf
 from model.config import ModelConfig
+from model.config import from_dict as model_config_from_dict
 from model.errors import NotFoundError, UserError
 from model.tokenizer import char_table_difference
 from sharding import DEFAULT_RULES, make_mesh, place_params
@@ -71,7 +72,7 @@ def describe_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
   path = os.fspath(name_or_dir)
   if (kind or source_kind(path)) == WORKDIR:
     step, meta = read_run_meta(path, step)
-    cfg = ModelConfig(**meta["model"])
+    cfg = model_config_from_dict(meta["model"])
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, None, meta.get("tokenizer"), step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)

@@ -5,6 +5,7 @@
   gpt2.py       GPT2LMHeadModel (load_hf_gpt2, save_hf_gpt2)
   bert.py       BertForMaskedLM / BertModel
   bart.py       BartForConditionalGeneration
+  llama.py      LlamaForCausalLM (load, and save_hf_llama)
   files.py      where a checkpoint is and what it holds (config.json, safetensors, a Hub name)
   tensors.py    what the converters share (tensors by name and shape, checked configs)
   tokenizer.py  tokenizer files: GPT-2's made from the packaged ranks; BERT / BART's read
@@ -21,13 +22,14 @@ from typing import Any
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.hf import bart, bert, gpt2
+from model.hf import bart, bert, gpt2, llama
 from model.hf.files import (CONFIG_FILE, HF_NAMES, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
                             resolve_checkpoint_dir)
 from model.hf.gpt2 import check_hf_gpt2_shaped, load_hf_gpt2, save_hf_gpt2
 
 # config.json's model_type -> (our family, its converter)
-MODEL_TYPES = {"gpt2": ("gpt", gpt2), "bert": ("bert", bert), "bart": ("encdec", bart)}
+MODEL_TYPES = {"gpt2": ("gpt", gpt2), "bert": ("bert", bert), "bart": ("encdec", bart),
+               "llama": ("gpt", llama)}
 
 __all__ = ["CONFIG_FILE", "HF_NAMES", "MODEL_TYPES", "WEIGHTS_FILE", "check_hf_gpt2_shaped",
            "checkpoint_config", "load_hf", "load_hf_gpt2", "model_type", "read_hf_config",

@@ -67,7 +67,7 @@ def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], so
       # the decoder's own, where they differ (0: the encoder's)
       num_decoder_heads=_differs(c["decoder_attention_heads"], c["encoder_attention_heads"]),
       decoder_d_mlp=_differs(c["decoder_ffn_dim"], c["encoder_ffn_dim"]),
-      activation=hf_activation(c["activation_function"], source), layer_norm_epsilon=1e-5,
+      activation=hf_activation(c["activation_function"], source), norm_eps=1e-5,
       position_embedding="learned", position_offset=OFFSET, norm_placement="post",
       embed_norm=True, embed_scale=bool(c["scale_embedding"]), head_bias=True,
       embd_dropout=c["dropout"], resid_dropout=c["dropout"], attn_dropout=c["attention_dropout"],

@@ -57,7 +57,7 @@ def config_from_hf(hf_config: dict[str, Any], *, has_mlm_head: bool, special_ids
       family="bert", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
       num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
       d_model=c["hidden_size"], d_mlp=c["intermediate_size"],
-      activation=hf_activation(c["hidden_act"], source), layer_norm_epsilon=c["layer_norm_eps"],
+      activation=hf_activation(c["hidden_act"], source), norm_eps=c["layer_norm_eps"],
       type_vocab_size=c["type_vocab_size"], embed_norm=True, norm_placement="post",
       tie_embeddings=c["tie_word_embeddings"], mlm_head=has_mlm_head, head_bias=has_mlm_head,
       embd_dropout=c["hidden_dropout_prob"], resid_dropout=c["hidden_dropout_prob"],

@@ -77,7 +77,7 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
   fields = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"],
                 num_layers=c["n_layer"], num_heads=c["n_head"], d_model=c["n_embd"],
                 d_mlp=c["n_inner"], activation=activation,
-                layer_norm_epsilon=c["layer_norm_epsilon"],
+                norm_eps=c["layer_norm_epsilon"],
                 tie_embeddings=c["tie_word_embeddings"], resid_dropout=c["resid_pdrop"],
                 embd_dropout=c["embd_pdrop"], attn_dropout=c["attn_pdrop"])
   return checked_config(fields, overrides, _FIXED_FIELDS, source, "n_positions")
@@ -202,7 +202,7 @@ def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> Non
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V,
       "n_positions": cfg.block_size, "n_embd": D, "n_layer": L, "n_head": cfg.num_heads,
       "n_inner": cfg.d_mlp, "activation_function": HF_ACTIVATIONS[cfg.activation],
-      "layer_norm_epsilon": cfg.layer_norm_epsilon, "tie_word_embeddings": cfg.tie_embeddings,
+      "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "resid_pdrop": cfg.resid_dropout, "embd_pdrop": cfg.embd_dropout,
       "attn_pdrop": cfg.attn_dropout, "scale_attn_weights": True,
       # GPT-2's <|endoftext|>; transformers' default (50256) is out of range for small vocabularies.

@@ -5,6 +5,9 @@ N = the parameters that take part in matmuls: all parameters except the position
 when the LM head is untied, the token embedding (a lookup) -- i.e. the non-embedding parameters
 plus the LM head, with the padded vocabulary. For GPT-2 124M (V = 50257, tied) N = 123,653,376.
 The 12 L T D term is attention's score and value matmuls (forward 2 * 2 * T * D per layer).
+Llama-style decoders need nothing else: N counts what their layers hold, SwiGLU's three D x F
+matrices and, with grouped-query attention, K/V projections of D x G*K (G key/value heads), and
+the attention term is the same (every query head still reads T keys of K dimensions).
 
 The same count for the other families, per position of a training row:
   bert    6 N + 12 L T D: bidirectional attention reads all T keys, as the causal formula
@@ -66,7 +69,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
 
 def formula(cfg: ModelConfig) -> str:
   """The FLOPs-per-token formula of cfg's family, in words (module docstring)."""
-  n = f"N = {non_embedding_params(cfg):,} (non-embedding parameters + LM head)"
+  parts = ["non-embedding parameters + LM head"]
+  if cfg.activation == "swiglu":
+    parts.append("SwiGLU's three D x F matrices per layer")
+  if cfg.kv_heads != cfg.num_heads:
+    parts.append(f"K/V projections of {cfg.kv_heads} key/value heads")
+  n = f"N = {non_embedding_params(cfg):,} ({'; '.join(parts)})"
   if cfg.family == "encdec":
     return (f"6N + 12*(L_enc + 2*L_dec)*T*D per target token, L_enc = {cfg.num_layers}, "
             f"L_dec = {cfg.decoder_layers}, {n}")
