@@ -1,4 +1,6 @@
-"""Export a training run to a Hugging Face GPT-2 checkpoint that transformers loads.
+"""Export a training run to a Hugging Face checkpoint that transformers loads: a GPT-2 run as
+GPT2LMHeadModel, a Llama-style run (rotary positions, RMSNorm, SwiGLU, grouped-query attention:
+configs/llama_shakespeare.py) as LlamaForCausalLM.
 
   python -m launch.export --workdir DIR [--step N] --out HF_DIR [--force]
 
@@ -7,11 +9,11 @@ plus the tokenizer: Hugging Face's GPT-2 tokenizer files (vocab.json, merges.txt
 GPT-2 BPE run, or, for a character-level run, its vocabulary as flaxgpt_tokenizer.json (id i is
 the i-th character of "chars"; transformers has no character tokenizer). Then
 
-  transformers.GPT2LMHeadModel.from_pretrained("HF_DIR")   # the same logits as the run's model
+  transformers.AutoModelForCausalLM.from_pretrained("HF_DIR")   # the same logits as the run's
 
 HF_DIR must be new or empty; --force replaces it (only once the new one is complete), never
-with the run itself. A model without biases is written with zero biases (the same function);
-models that Hugging Face GPT-2 cannot express (sinusoidal positions, post-LN) and other mistakes
+with the run itself. A GPT-2 model without biases is written with zero biases (the same
+function); models that neither class can express (sinusoidal positions, post-LN) and other mistakes
 print one `error:` line and exit with status 2, with nothing written.
 """
 
@@ -40,13 +42,14 @@ def _main(args: list[str]) -> int:
   r = export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, force=FLAGS.force)
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
+  cls = "LlamaForCausalLM" if r["model_type"] == "llama" else "GPT2LMHeadModel"
   if r["tokenizer"] == "gpt2":
-    print(f"load it: from transformers import AutoTokenizer, GPT2LMHeadModel; "
-          f"model = GPT2LMHeadModel.from_pretrained({r['out']!r}); "
+    print(f"load it: from transformers import AutoTokenizer, {cls}; "
+          f"model = {cls}.from_pretrained({r['out']!r}); "
           f"tokenizer = AutoTokenizer.from_pretrained({r['out']!r})")
   else:
-    print(f"load it: from transformers import GPT2LMHeadModel; "
-          f"model = GPT2LMHeadModel.from_pretrained({r['out']!r})")
+    print(f"load it: from transformers import {cls}; "
+          f"model = {cls}.from_pretrained({r['out']!r})")
     print(f"note: this is a character-level model and transformers has no tokenizer for it; "
           f"its vocabulary is in {r['out']}/flaxgpt_tokenizer.json: token id i is the i-th "
           f"character of \"chars\" (ids = [chars.index(c) for c in text]).")

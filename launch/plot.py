@@ -13,7 +13,6 @@ status 2, with nothing written.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags

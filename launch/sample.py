@@ -51,7 +51,7 @@ from model.errors import UserError
 from model.decode.sampling import (check_prompt, check_settings, check_window_shift, generate,
                                    generate_stream)
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
-from training.weights import WORKDIR, describe_weights, load_weights
+from training.weights import HF, WORKDIR, describe_weights, load_weights, source_kind
 
 STREAM_CHUNK = 8  # decode steps between printed pieces with --stream
 PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prompt file
@@ -163,8 +163,9 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
 
 
 def default_prompt(tokenizer) -> str:
-  """"<|endoftext|>" for GPT-2 BPE (an unconditional sample), "\\n" for a character model."""
-  return "<|endoftext|>" if tokenizer.eot_id is not None else "\n"
+  """"<|endoftext|>" for GPT-2 BPE (an unconditional sample), "\\n" for a character model or a
+  checkpoint's own tokenizer (which starts it with its begin-of-text token, if it has one)."""
+  return "<|endoftext|>" if tokenizer.name == "gpt2" else "\n"
 
 
 def _prompt_name(index: int, text: str, count: int) -> str:
@@ -174,7 +175,7 @@ def _prompt_name(index: int, text: str, count: int) -> str:
 
 def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int,
                    block_size: int) -> list[list[int]]:
-  """Token ids of each prompt, with the checks `generate` makes (model.decode.sampling.check_prompt),
+  """Token ids of each prompt, with the checks `generate` makes (its check_prompt),
   naming the prompt by its text."""
   if not texts:
     raise UserError("--prompt_file holds no prompts.")
@@ -194,12 +195,18 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int,
 # The model: its config and tokenizer first (to check the prompts), then the parameters.
 
 
-def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int):
-  """The tokenizer a checkpoint recorded (`to_dict()` form), or GPT-2 BPE when it recorded
-  none (a Hugging Face checkpoint, or a run on synthetic data); it must cover the model's
-  vocabulary."""
+def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int,
+                     hf_source: str | None = None):
+  """The tokenizer a checkpoint recorded (`to_dict()` form); for a Hugging Face checkpoint
+  (`hf_source`, recording none) GPT-2 BPE, or for a Llama its own tokenizer.json; GPT-2 BPE for
+  a run on synthetic data. It must cover the model's vocabulary."""
   try:
-    tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
+    if saved is None and hf_source is not None and _has_own_tokenizer(hf_source):
+      from model.hf import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
+      from model.hf.tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
+      tokenizer = load_hf_tokenizer(resolve_checkpoint_dir(hf_source))
+    else:
+      tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
   except UserError:
     raise
   except OSError:  # tiktoken's download failed
@@ -211,6 +218,16 @@ def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int):
         f"The model's vocabulary ({vocab_size} tokens) is larger than its tokenizer's "
         f"({tokenizer.name}, {tokenizer.vocab_size}), so its samples cannot be decoded.")
   return tokenizer
+
+
+def _has_own_tokenizer(hf_source: str) -> bool:
+  """Whether a Hugging Face checkpoint brings the tokenizer its ids mean (a Llama's
+  tokenizer.json), rather than being GPT-2 with GPT-2's BPE."""
+  from model.hf import (read_hf_config,  # pylint: disable=import-outside-toplevel
+                        resolve_checkpoint_dir)
+  if source_kind(hf_source) != HF:
+    return False
+  return read_hf_config(resolve_checkpoint_dir(hf_source)).get("model_type") == "llama"
 
 
 def stop_token(tokenizer, vocab_size: int, stop: bool = True) -> int | None:
@@ -263,7 +280,7 @@ def prepare() -> Batch:
     cfg, saved_tokenizer, step, label = describe_model()
     if cfg.family != "gpt":
       return _prepare_family(cfg, saved_tokenizer, label, prompts)
-    tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size)
+    tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size, FLAGS.init_from)
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
                              block_size=cfg.block_size)
@@ -280,7 +297,8 @@ def prepare() -> Batch:
 
 
 class FamilyBatch(NamedTuple):
-  """An encoder (fill-mask) or encoder-decoder (source -> target) job (launch/sample_families.py)."""
+  """An encoder (fill-mask) or encoder-decoder (source -> target) job
+  (launch/sample_families.py)."""
   cfg: Any
   params: Any
   tokenizer: Any

@@ -343,6 +343,52 @@ def test_decode_step_bytes_grow_with_the_position(tmp_path):
   assert full["flops_per_step"] > small["flops_per_step"] > 0
 
 
+def test_grouped_query_attention_divides_the_decode_steps_cache(tmp_path):
+  """configs/smollm2_135m.py (2 of its 30 layers) with its 3 key/value heads and with full heads
+  (9): the KV cache and the cache bytes a step must read are 3 times smaller, the weights a
+  little (the K/V projections), and so is the step's memory."""
+  reports, stdout = {}, {}
+  for kv in (3, 9):
+    out = tmp_path / f"kv{kv}.json"
+    result = _aot(_tpu_python(), "--step", "decode", "--config", "configs/smollm2_135m.py",
+                  "--topology", "v5litepod-1", "--config.model.num_layers=2", "--batch", "16",
+                  "--cache_len", "1024", f"--config.model.num_kv_heads={kv}", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports[kv], stdout[kv] = json.loads(out.read_text()), result.stdout
+  gqa, full = reports[3], reports[9]
+  assert "9 heads sharing 3 key/value heads" in stdout[3] and "sharing" not in stdout[9]
+  assert "must read per decode step per chip" in stdout[3]
+  assert (gqa["model"]["kv_heads"], full["model"]["kv_heads"]) == (3, 9)
+  assert full["cache_bytes_per_chip"] == 3 * gqa["cache_bytes_per_chip"] == 3 * (
+      2 * 2 * 16 * 1024 * 3 * 64 * 2)  # k and v, 2 layers, batch, slots, 3 heads of 64, bf16
+  assert full["cache_read_bytes_per_chip"] == 3 * gqa["cache_read_bytes_per_chip"]
+  assert 0 < full["weight_bytes_per_chip"] - gqa["weight_bytes_per_chip"] == (
+      2 * 576 * 2 * 6 * 64 * 2)  # the K/V projections of 6 more heads, 2 layers, bf16
+  assert gqa["memory"]["total"] < full["memory"]["total"]
+
+
+def test_llama_compiles_for_tpu_with_splash_and_its_flops_formula(tmp_path):
+  """configs/llama3_8b.py at 2 layers of width 256 (8 query heads sharing 2 key/value heads of
+  32, SwiGLU 512, T 128), unscanned: splash with grouped heads on the TPU, and XLA's FLOPs per
+  chip agree with 6N + 12LTD whose N counts SwiGLU's three matrices and the 2-head K/V
+  projections (the 128,256-row head keeps non-matmul FLOPs a small part)."""
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), "--config", "configs/llama3_8b.py", "--config.model.num_layers=2",
+                "--config.model.d_model=256", "--config.model.num_heads=8",
+                "--config.model.num_kv_heads=2", "--config.model.d_mlp=512",
+                "--config.model.block_size=128", "--config.model.scan_layers=False",
+                "--config.model.remat=none", "--config.train.batch_size=16",
+                "--config.train.grad_accum=1", "--topology", "v5litepod-8", "--json", str(out))
+  assert result.returncode == 0, result.stdout + result.stderr
+  r = json.loads(out.read_text())
+  assert r["fits"] and r["model"]["attention"] == "splash" and r["model"]["kv_heads"] == 2
+  assert "8 heads sharing 2 key/value heads, SwiGLU" in result.stdout
+  assert "SwiGLU's three D x F matrices per layer; K/V projections of 2 key/value heads" in (
+      result.stdout)
+  ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)
+  assert 0.9 < ratio < 1.25, ratio
+
+
 # The encoder and encoder-decoder base configs' layouts and GPT-2 vocabulary at the smallest
 # shapes that keep their paths and FLOPs formulas (width 128 in 2 heads of 64, MLP 512, T 128 for
 # the splash kernel, two layers / one of each; at their full widths the same checks took

@@ -60,10 +60,41 @@ def test_splash_matches_reference_attention(dtype, tol):
                              np.asarray(v[:, 0], np.float32), rtol=tol, atol=tol)
 
 
-def test_splash_inside_the_model_on_a_mesh():
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_splash_with_grouped_key_value_heads_matches_the_reference(kv_heads):
+  """Grouped-query (4 query heads, 2 key/value heads) and multi-query attention: splash's MQA
+  kernel per key/value head against the grouped reference attention, forward and gradients
+  (float32), and jax.nn.dot_product_attention (the XLA / cuDNN path) agrees."""
+  B, T, H, K = 2, 128, 4, 32
+  q = jax.random.normal(jax.random.key(0), (B, T, H, K), jnp.float32)
+  k, v = (jax.random.normal(jax.random.key(i), (B, T, kv_heads, K), jnp.float32)
+          for i in (1, 2))
+  (loss, grads), out = value_and_grads(attention.splash_attention, q, k, v)
+  (ref_loss, ref_grads), ref_out = value_and_grads(_reference, q, k, v)
+  assert out.shape == (B, T, H, K)
+  assert rel_err(out, ref_out) <= 1e-5
+  assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)) + 1e-5
+  for name, g, ref in zip("qkv", grads, ref_grads):
+    assert g.shape == ref.shape and rel_err(g, ref) <= 1e-5, name
+  xla = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  assert rel_err(xla, ref_out) <= 1e-5
+  # query head h reads key/value head h // (H / G): head 3 of MQA and GQA reads the last one
+  one = reference_attention(q[:, :, 3:], k[:, :, -1:], v[:, :, -1:],
+                            causal_mask(jnp.arange(T)[None, :], T))
+  assert rel_err(out[:, :, 3:], one) <= 1e-5
+
+
+LLAMA_GQA = dict(num_kv_heads=2, position_embedding="rotary", norm="rmsnorm",
+                 activation="swiglu", use_bias=False)
+
+
+@pytest.mark.parametrize("changes", [{}, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+def test_splash_inside_the_model_on_a_mesh(changes):
   """GPT with attention=splash on data=2 x tensor=4 (shard_map over batch and heads) gives
-  the reference attention's logits and gradients."""
-  cfg = ModelConfig(vocab_size=64, block_size=128, num_layers=1, num_heads=4, d_model=64)
+  the reference attention's logits and gradients; also a Llama-style one whose 2 key/value
+  heads cannot be split 4 ways (splash then keeps the heads whole on every device)."""
+  cfg = ModelConfig(vocab_size=64, block_size=128, num_layers=1, num_heads=4, d_model=64,
+                    **changes)
   params = init_params(cfg, jax.random.key(0, impl="rbg"))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 128)), jnp.int32)
   mesh = make_mesh(2, 1, 4)

@@ -1,6 +1,7 @@
-"""python -m launch.export: a trained run becomes a Hugging Face GPT-2 checkpoint that
-transformers loads with the same logits (character and GPT-2 BPE runs, biases or none, either
-layer layout, a padded vocabulary); a non-empty folder is refused and nothing is overwritten."""
+"""python -m launch.export: a trained run becomes a Hugging Face GPT-2 (or, for a Llama-style
+run, Llama) checkpoint that transformers loads with the same logits (character and GPT-2 BPE
+runs, biases or none, either layer layout, a padded vocabulary); a non-empty folder is refused
+and nothing is overwritten."""
 
 import json
 import os
@@ -44,6 +45,17 @@ def bpe_run(shakespeare_path):
       model__scan_layers=True, model__block_size=32))
 
 
+# A Llama-style run: rotary positions, RMSNorm, SwiGLU, 2 key/value heads of 4, no biases.
+LLAMA = dict(model__position_embedding="rotary", model__norm="rmsnorm",
+             model__activation="swiglu", model__num_kv_heads=2, model__use_bias=False,
+             model__d_mlp=96)
+
+
+@pytest.fixture(scope="module")
+def llama_run(shakespeare_path):
+  return built_once("export_llama_run", lambda path: _train(path, shakespeare_path, **LLAMA))
+
+
 def _export(capsys, *args):
   status = exit_status(export_cli.main, list(args))
   out = capsys.readouterr()
@@ -55,7 +67,7 @@ def _same_logits(workdir, out):
   V = w.cfg.vocab_size
   ids = np.random.default_rng(0).integers(0, V, (2, w.cfg.block_size))
   ours = np.asarray(GPT(w.cfg).apply({"params": w.params}, jnp.asarray(ids)))[..., :V]
-  model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   with torch.no_grad():
     theirs = model(torch.tensor(ids)).logits.numpy()
   assert theirs.shape == ours.shape
@@ -87,6 +99,24 @@ def test_gpt2_bpe_run_exports_a_tokenizer_transformers_loads(bpe_run, tmp_path, 
   text = shakespeare_path.read_text()[:2000] + "<|endoftext|>"
   assert hf.encode(text) == get_tokenizer("gpt2").encode(text)
   assert json.loads((out / "config.json").read_text())["vocab_size"] == 50257
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_llama_run_exports_as_llama_that_transformers_loads(llama_run, tmp_path, capsys,
+                                                            shakespeare_path, scan_layers):
+  run = llama_run
+  if scan_layers:  # the same model trained in the scan layout
+    run = _train(tmp_path / "scan", shakespeare_path, model__scan_layers=True, **LLAMA)
+  out = tmp_path / "hf"
+  status, stdout, err = _export(capsys, "--workdir", str(run), "--out", str(out))
+  assert status == 0, err
+  assert "LlamaForCausalLM.from_pretrained" in stdout
+  config = json.loads((out / "config.json").read_text())
+  assert (config["model_type"], config["num_key_value_heads"], config["hidden_act"]) == (
+      "llama", 2, "silu")
+  assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(out),
+                    transformers.LlamaForCausalLM)
+  _same_logits(run, out)
 
 
 def test_force_replaces_and_non_empty_is_refused(char_run, tmp_path, capsys):

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import optimizer_config, rel_err
+from conftest import exit_status, hf_window_loss, optimizer_config, rel_err
+from launch import eval as eval_cli
+from launch import export as export_cli
+from launch import sample as sample_cli
+from launch import train as train_cli
 from model.config import ModelConfig, get_config
 from model.decode.sampling import generate
 from model.errors import UserError
@@ -31,6 +35,7 @@ from sharding import DEFAULT_RULES, activate, make_mesh, place_params, shard_bat
 from training.optimizer import make_optimizer, schedule_from_config
 from training.perf.flops import flops_per_token, formula
 from training.state import abstract_train_state, create_train_state
+from training.weights import load_weights
 from training.step import compile_train_step
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -293,3 +298,115 @@ def test_a_gpt2_config_still_builds_gpt2():
   assert (cfg.kv_heads, cfg.norm, cfg.position_embedding, cfg.activation) == (
       12, "layernorm", "learned", "gelu_tanh")
   assert count_params(cfg) == 124_439_808
+
+
+@pytest.mark.parametrize("window_shift", [1, 4])
+def test_greedy_past_the_context_window_follows_the_sliding_rule(window_shift):
+  """The GQA fixture cut to block size 16: generating 40 tokens moves each row's window many
+  times (re-read at positions 0.., as for learned positions) and gives the documented rule's
+  tokens, with rotary positions and 2 key/value heads."""
+  from test_sampling import _sliding_greedy_without_cache  # pylint: disable=import-outside-toplevel
+  cfg, params = load_hf(FIXTURES / "hf_llama_gqa", block_size=16)
+  prompts = [[0, 5], [0, 53, 80, 269, 70, 13, 222, 275, 17, 40]]
+  result = generate(params, cfg, prompts, max_new_tokens=40, temperature=0.0,
+                    window_shift=window_shift)
+  assert result.tokens == [_sliding_greedy_without_cache(params, cfg, p, 40, window_shift)
+                           for p in prompts]
+
+
+# --- the command-line tools --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_llama_shakespeare_trains_fine_tunes_exports_evaluates_and_samples(tmp_path, capsys,
+                                                                          shakespeare_path):
+  """configs/llama_shakespeare.py:cpu trains (4 steps); configs/finetune_shakespeare.py (a GPT-2
+  config) fine-tunes from that run with the run's Llama shape, and a GPT-2 shape asked for on
+  the command line is one sentence; the fine-tuned run exports as LlamaForCausalLM with the
+  same logits, launch.eval scores it as transformers does, launch.sample continues greedily as
+  generate does."""
+  run, ft = tmp_path / "run", tmp_path / "ft"
+  common = [f"--config.data.path={shakespeare_path}", "--config.eval.every=0", "--quiet"]
+  assert exit_status(train_cli.main, [
+      "--config", "configs/llama_shakespeare.py:cpu", "--workdir", str(run), *common,
+      "--config.train.steps=4", "--config.train.batch_size=8", "--config.checkpoint.every=4"
+  ]) == 0, capsys.readouterr().err
+  model = json.loads((run / "config.json").read_text())["model"]
+  assert (model["position_embedding"], model["norm"], model["activation"], model["num_kv_heads"],
+          model["num_heads"], model["d_mlp"], model["vocab_size"]) == (
+              "rotary", "rmsnorm", "swiglu", 2, 4, 384, 65)
+
+  args = ["--config", "configs/finetune_shakespeare.py", "--workdir", str(ft), *common,
+          f"--config.init_from={run}", "--config.data.tokenizer=char", "--config.train.steps=2",
+          "--config.train.batch_size=8", "--config.train.grad_accum=1",
+          "--config.checkpoint.every=2", "--config.model.dtype=float32"]
+  capsys.readouterr()
+  assert exit_status(train_cli.main, [*args, "--config.model.position_embedding=learned"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "error: --config.model.position_embedding='learned' does not fit config.init_from=") and (
+          "its weights make model.position_embedding 'rotary'" in err[0]), err
+  assert not ft.exists()
+  assert exit_status(train_cli.main, args) == 0, capsys.readouterr().err
+  model = json.loads((ft / "config.json").read_text())["model"]
+  assert (model["position_embedding"], model["num_kv_heads"], model["block_size"]) == (
+      "rotary", 2, 64)
+
+  # launch.sample on the run: generate's greedy tokens
+  w = load_weights(ft)
+  capsys.readouterr()
+  assert exit_status(sample_cli.main, ["--workdir", str(ft), "--prompt", "ROMEO:",
+                                       "--temperature", "0", "--max_new_tokens", "24"]) == 0
+  out = capsys.readouterr().out
+  from model.tokenizer import tokenizer_from_dict  # pylint: disable=import-outside-toplevel
+  tok = tokenizer_from_dict(w.tokenizer)
+  want = generate(w.params, w.cfg, [tok.encode("ROMEO:")], max_new_tokens=24, temperature=0.0)
+  assert tok.decode(want.tokens[0]) in out
+
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_dir = tmp_path / "hf"
+  assert exit_status(export_cli.main, ["--workdir", str(ft), "--out", str(hf_dir)]) == 0
+  exported = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+  tokens = np.random.default_rng(0).integers(0, 65, (2, 64))
+  with torch.no_grad():
+    theirs = exported(torch.from_numpy(tokens)).logits.numpy()
+  assert rel_err(logits_of(w.cfg, w.params, tokens), theirs) < PARITY
+  held_out = tmp_path / "held_out.txt"
+  held_out.write_text(shakespeare_path.read_text()[-1500:])
+  capsys.readouterr()
+  assert exit_status(eval_cli.main, ["--workdir", str(ft), "--data", f"text:{held_out}",
+                                     "--json", "--quiet"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  ids = np.asarray(tok.encode(held_out.read_text()), np.int64)
+  hf_loss, count = hf_window_loss(exported, ids, 64, 64)
+  assert result["tokens"] == count and rel_err(result["loss"], hf_loss) < 1e-5
+
+
+def test_sample_and_eval_read_a_llama_checkpoint_with_its_own_tokenizer(tmp_path, capsys):
+  directory = FIXTURES / "hf_llama_mha"
+  cfg, params = load_hf(directory)
+  tok = load_hf_tokenizer(directory)
+  assert tok.eot_id == 1  # <|end_of_text|>, from tokenizer_config.json
+  capsys.readouterr()
+  assert exit_status(sample_cli.main, ["--init_from", str(directory), "--prompt", "To be",
+                                       "--temperature", "0", "--max_new_tokens", "20",
+                                       "--no_stop"]) == 0
+  out = capsys.readouterr().out
+  want = generate(params, cfg, [tok.encode("To be")], max_new_tokens=20, temperature=0.0)
+  assert tok.encode("To be")[0] == 0 and tok.decode(want.tokens[0]) in out
+  text = tmp_path / "text.txt"
+  text.write_text("To be, or not to be, that is the question:\n" * 6)
+  assert exit_status(eval_cli.main, ["--init_from", str(directory), "--data", f"text:{text}",
+                                     "--json", "--quiet"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  ids = np.asarray(tok.encode(text.read_text()), np.int32)
+  assert result["tokens"] == len(ids) - 1
+  T, nll = cfg.block_size, []  # windows of T inputs, each scoring targets not yet scored
+  for begin in range(0, len(ids) - 1, T):
+    inputs, targets = ids[begin:begin + T], ids[begin + 1:begin + T + 1]
+    logits = logits_of(cfg, params, inputs[None, :len(targets)])[0].astype(np.float64)
+    top = logits.max(-1)
+    logsumexp = np.log(np.exp(logits - top[:, None]).sum(-1)) + top
+    nll.extend(logsumexp - logits[np.arange(len(targets)), targets])
+  nll = np.mean(nll)
+  assert rel_err(result["loss"], nll) < 1e-5

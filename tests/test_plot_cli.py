@@ -4,7 +4,6 @@ bad input is one sentence, exit 2, and no file."""
 import json
 import os
 
-import pytest
 
 from conftest import exit_status, tiny_run_config
 from launch import plot as plot_cli

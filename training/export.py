@@ -1,10 +1,12 @@
-"""A training run's checkpoint as a Hugging Face GPT-2 checkpoint (behind `launch.export`).
+"""A training run's checkpoint as a Hugging Face checkpoint (behind `launch.export`): a GPT-2
+run as GPT2LMHeadModel, a Llama-style one (rotary, RMSNorm, SwiGLU, grouped-query attention)
+as LlamaForCausalLM.
 
     report = export_hf("runs/x", "hf/x")          # latest checkpoint; step=N for another
-    transformers.GPT2LMHeadModel.from_pretrained("hf/x")   # the same logits
+    transformers.AutoModelForCausalLM.from_pretrained("hf/x")   # the same logits
 
 Writes config.json and model.safetensors (float32; padded vocabulary rows dropped;
-model/hf/gpt2.py: save_hf_gpt2), and the tokenizer: GPT-2 BPE runs get Hugging Face's
+model/hf/__init__.py: save_hf), and the tokenizer: GPT-2 BPE runs get Hugging Face's
 tokenizer files (model/hf/tokenizer.py), character runs their vocabulary as
 flaxgpt_tokenizer.json (transformers has no character tokenizer: id i is the i-th character of
 its "chars"). The output folder must be new or empty unless `force`; everything is written into
@@ -61,13 +63,13 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
                       f"{os.fspath(workdir)!r} is {'it' if run == real_out else 'inside it'}); "
                       f"export to another folder.")
   described = describe_weights(workdir, step=step, kind=WORKDIR)
-  hf.check_hf_gpt2_shaped(described.cfg, "Exporting to Hugging Face GPT-2")
+  kind = hf.export_type(described.cfg)
   tokenizer = tokenizer_from_dict(described.tokenizer or {"name": "gpt2"})
   w = load_weights(workdir, step=step, kind=WORKDIR)
   tmp = f"{out}.export-tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    hf.save_hf_gpt2(w.params, w.cfg, tmp)
+    hf.save_hf(w.params, w.cfg, tmp)
     files = [hf.CONFIG_FILE, hf.WEIGHTS_FILE]
     if tokenizer.name == "gpt2":
       files += save_hf_gpt2_tokenizer(tokenizer, tmp, model_max_length=w.cfg.block_size)
@@ -87,7 +89,8 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"out": out, "step": w.step, "files": files, "tokenizer": tokenizer.name,
+  return {"out": out, "step": w.step, "files": files, "model_type": kind,
+          "tokenizer": tokenizer.name,
           "vocab_size": w.cfg.vocab_size, "block_size": w.cfg.block_size}
 
 

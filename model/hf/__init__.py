@@ -26,14 +26,16 @@ from model.hf import bart, bert, gpt2, llama
 from model.hf.files import (CONFIG_FILE, HF_NAMES, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
                             resolve_checkpoint_dir)
 from model.hf.gpt2 import check_hf_gpt2_shaped, load_hf_gpt2, save_hf_gpt2
+from model.hf.llama import check_llama_shaped, save_hf_llama
 
 # config.json's model_type -> (our family, its converter)
 MODEL_TYPES = {"gpt2": ("gpt", gpt2), "bert": ("bert", bert), "bart": ("encdec", bart),
                "llama": ("gpt", llama)}
 
 __all__ = ["CONFIG_FILE", "HF_NAMES", "MODEL_TYPES", "WEIGHTS_FILE", "check_hf_gpt2_shaped",
-           "checkpoint_config", "load_hf", "load_hf_gpt2", "model_type", "read_hf_config",
-           "resolve_checkpoint_dir", "save_hf_gpt2"]
+           "check_llama_shaped", "checkpoint_config", "export_type", "load_hf", "load_hf_gpt2",
+           "model_type", "read_hf_config", "resolve_checkpoint_dir", "save_hf",
+           "save_hf_gpt2", "save_hf_llama"]
 
 
 def model_type(hf_config: dict[str, Any], source: str = CONFIG_FILE) -> str:
@@ -71,3 +73,24 @@ def checkpoint_config(directory: str, hf_config: dict[str, Any] | None = None,
   source = os.path.join(directory, CONFIG_FILE)
   converter = MODEL_TYPES[model_type(hf_config, source)][1]
   return converter.checkpoint_config(directory, hf_config, source=source, **overrides)
+
+
+def export_type(cfg: ModelConfig, what: str = "Exporting to Hugging Face") -> str:
+  """The model_type a decoder is written as: "llama" when it has any of Llama's switches
+  (rotary positions, RMSNorm, SwiGLU, fewer key/value heads), else "gpt2"; UserError when
+  that class cannot express the model."""
+  llama = (cfg.position_embedding == "rotary" or cfg.norm == "rmsnorm"
+           or cfg.activation == "swiglu" or cfg.kv_heads != cfg.num_heads)
+  if llama:
+    check_llama_shaped(cfg, f"{what} Llama")
+    return "llama"
+  check_hf_gpt2_shaped(cfg, f"{what} GPT-2")
+  return "gpt2"
+
+
+def save_hf(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> str:
+  """Writes a decoder as the Hugging Face model its shape is (`export_type`): GPT2LMHeadModel
+  or LlamaForCausalLM (config.json + model.safetensors). Returns the model_type."""
+  kind = export_type(cfg)
+  (save_hf_llama if kind == "llama" else save_hf_gpt2)(params, cfg, path)
+  return kind

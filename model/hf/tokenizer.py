@@ -191,8 +191,10 @@ class HFTokenizer:
     self._tok.no_truncation()
     self.name = f"hf:{os.path.basename(os.path.normpath(directory))}"
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    self.eot_id: int | None = None
     names = special_tokens(directory)
+    # the end of a text, where sampling stops (a Llama's <|end_of_text|>; BERT has none)
+    eos = _token_text(_read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)).get("eos_token"))
+    self.eot_id: int | None = tokenizer.token_to_id(eos) if eos else None
     ids = {k: tokenizer.token_to_id(v) for k, v in names.items()}
     self.mask_token = names.get("mask", "[MASK]")
     self.mask_id, self.cls_id, self.sep_id, self.pad_id = (

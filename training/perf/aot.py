@@ -276,7 +276,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
                                              "block_size", "padded_vocab_size", "dtype",
                                              "scan_layers", "remat")},
-             "family": cfg.family, "vocab_from": run.vocab_from,
+             "family": cfg.family, "vocab_from": run.vocab_from, "kv_heads": cfg.kv_heads,
+             "activation": cfg.activation, "formula": flops.formula(cfg),
              **({"num_decoder_layers": cfg.decoder_layers, "num_decoder_heads": cfg.decoder_heads,
                  "decoder_d_mlp": cfg.decoder_mlp} if cfg.family == "encdec" else {}),
              # the kernel the no-cache causal attention runs on this slice (model/attention.py);
@@ -332,6 +333,13 @@ def verdict(total: int, hbm: int) -> str:
   return "fits, with less than 10% to spare" if total > 0.9 * hbm else "fits"
 
 
+def _kv_words(model: dict) -> str:
+  """" sharing G key/value heads" (grouped-query attention), " with SwiGLU" where they apply."""
+  kv = model.get("kv_heads", model["num_heads"])
+  return ((f" sharing {kv} key/value heads" if kv != model["num_heads"] else "")
+          + (", SwiGLU" if model.get("activation") == "swiglu" else ""))
+
+
 def _formula_name(r: "AotReport") -> str:
   return "6N+12(Le+2Ld)TD" if r.model.get("family") == "encdec" else "6N+12LTD"
 
@@ -348,7 +356,8 @@ def format_report(r: AotReport) -> str:
   accum = f" in {r.grad_accum} micro-batches" if r.grad_accum > 1 else ""
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
-      f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads, "
+      f"({_plural(m['num_layers'], 'layer')}, width {m['d_model']}, {m['num_heads']} heads"
+      f"{_kv_words(m)}, "
       + (f"decoder {_plural(m['num_decoder_layers'], 'layer')} of {m['num_decoder_heads']} "
          f"heads, MLP {m['decoder_d_mlp']}, " if "num_decoder_heads" in m else "") +
       f"context {m['block_size']}, vocab {m['padded_vocab_size']}{vocab_from_words(m)}), "
@@ -396,6 +405,8 @@ def format_report(r: AotReport) -> str:
       f"({_count(r.flops_per_token)} FLOPs "
       f"per token x {r.tokens_per_step:,} tokens) = {_flop(per_chip)} per chip",
   ]
+  if m.get("formula"):
+    lines.append(f"    ({m['formula']})")
   if r.xla_flops_per_chip is not None:
     note = (" (counts the scanned layers / micro-batch / loss-chunk loop body once: an "
             "undercount)"

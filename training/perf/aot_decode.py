@@ -66,6 +66,10 @@ class DecodeReport:
   cache_chunks: int  # chunks of chunk_size slots the step reads
   chunk_size: int
   cache_bytes_per_chip: int
+  # What one step must read from HBM at least, per chip: every weight once (in the compute
+  # dtype) and the KV cache's slots up to the chunks read (all layers, keys and values).
+  weight_bytes_per_chip: int
+  cache_read_bytes_per_chip: int
   hbm_bytes_per_chip: int
   compile_seconds: float
   memory: Memory | None
@@ -198,17 +202,21 @@ def compile_decode(config: ml_collections.ConfigDict, tpu: TpuSlice, *, batch: i
   counted = (f"{chunks} cache chunk(s) of {chunk} slots unrolled"
              + ("; layers unrolled (a second compile; scan_layers counts one layer)"
                 if cfg.scan_layers else "; layers unrolled (scan_layers=False)"))
-  cache_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                    for x in jax.tree_util.tree_leaves(state.cache))
+  shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                                 for x in jax.tree_util.tree_leaves(tree))
+  cache_bytes = shard_bytes(state.cache)
+  cache_read = cache_bytes * min(chunks * chunk, cache_len) // cache_len
   return DecodeReport(
       config_name=config_name, topology=tpu.name, chips=tpu.chips,
       device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
       params=num_params(params),
       model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "block_size",
                                              "padded_vocab_size", "dtype", "scan_layers")},
+             "kv_heads": cfg.kv_heads,
              "vocab_from": run.vocab_from},
       batch=batch, cache_len=cache_len, position=position, sampling=sampling,
       cache_chunks=chunks, chunk_size=chunk, cache_bytes_per_chip=cache_bytes,
+      weight_bytes_per_chip=shard_bytes(params), cache_read_bytes_per_chip=cache_read,
       hbm_bytes_per_chip=tpu.hbm_bytes, compile_seconds=seconds, memory=memory,
       compiler_error=error, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
       counted=counted)
@@ -221,12 +229,18 @@ def _abstract_params(cfg: ModelConfig, mesh, rules):
       abstract_params(cfg), param_shardings(cfg, mesh, rules))
 
 
+def _kv_words(model: dict[str, Any]) -> str:
+  kv = model.get("kv_heads", model["num_heads"])
+  return "" if kv == model["num_heads"] else f" sharing {kv} key/value heads"
+
+
 def format_decode_report(r: DecodeReport) -> str:
   m = r.model
   mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{r.params / 1e6:.1f}M parameters "
-      f"({m['num_layers']} layers, width {m['d_model']}, vocab {m['padded_vocab_size']}"
+      f"({m['num_layers']} layers, width {m['d_model']}, {m['num_heads']} heads"
+      f"{_kv_words(m)}, vocab {m['padded_vocab_size']}"
       f"{vocab_from_words(m)}), "
       f"{m['dtype']} compute and parameters, scan_layers={m['scan_layers']}",
       f"slice: {r.topology} = {r.chips} chips ({r.device_kind}), mesh {mesh}",
@@ -251,6 +265,14 @@ def format_decode_report(r: DecodeReport) -> str:
     ]
   else:
     lines.append(f"  DOES NOT FIT in {gib(hbm)} HBM; the compiler says: {r.compiler_error}")
+  lines += [
+      "",
+      f"must read per decode step per chip: {r.weight_bytes_per_chip / 1e9:.3f} GB of weights + "
+      f"{r.cache_read_bytes_per_chip / 1e9:.3f} GB of KV cache (slots up to "
+      f"{min(r.cache_chunks * r.chunk_size, r.cache_len)}, every layer) = "
+      f"{(r.weight_bytes_per_chip + r.cache_read_bytes_per_chip) / 1e9:.3f} GB: the floor of a "
+      f"step's HBM traffic",
+  ]
   if r.flops_per_chip is not None:
     lines += [
         "",

@@ -295,17 +295,19 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _hf_model(params: Any, cfg: ModelConfig, directory: str):
-  """transformers' GPT2LMHeadModel with our weights (model/hf/gpt2.py's export; no hub)."""
+  """transformers' GPT2LMHeadModel, or LlamaForCausalLM for a Llama-style model, with our
+  weights (model/hf's export; no hub)."""
   # pylint: disable=import-outside-toplevel  (optional dependencies: the "hf" extra)
   import torch
   import transformers
-  from model.hf import save_hf_gpt2
-  save_hf_gpt2(params, cfg, directory)
+  from model.hf import save_hf
+  kind = save_hf(params, cfg, directory)
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
   if dtype is None:
     raise UserError(f"--compare transformers needs model.dtype float32 or bfloat16, got "
                     f"{cfg.dtype!r}.")
-  return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
+  cls = transformers.LlamaForCausalLM if kind == "llama" else transformers.GPT2LMHeadModel
+  return cls.from_pretrained(directory, dtype=dtype).eval()
 
 
 def _hf_generate(hf_model, prompts_BP: np.ndarray, new_tokens: int) -> np.ndarray:
