@@ -1,6 +1,8 @@
-"""Tokenizers: GPT-2 byte-pair encoding (tiktoken) and a character vocabulary.
+"""Tokenizers: GPT-2 byte-pair encoding (tiktoken), a character vocabulary, and a Hugging Face
+checkpoint's own tokenizer ("hf:DIR": its tokenizer.json, model/hf/tokenizer.py; e.g. a
+Llama's, so that a run fine-tuning it reads data with the ids its weights mean).
 
-Both expose encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot_id (the
+All expose encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot_id (the
 end-of-text id, or None), name, and to_dict() so that a checkpoint can record its tokenizer
 (`tokenizer_from_dict` restores it; a character vocabulary is saved in full).
 
@@ -33,7 +35,8 @@ GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257  # 50,256 byte-pair tokens + <|endoftext|>
-TOKENIZER_NAMES = ("gpt2", "char")
+TOKENIZER_NAMES = ("gpt2", "char", "hf:DIR")
+HF_PREFIX = "hf:"  # data.tokenizer = "hf:DIR": a Hugging Face checkpoint directory's tokenizer
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 
 
@@ -189,6 +192,9 @@ def get_tokenizer(name: str = "gpt2", *, text: str | None = None,
     if text is None:
       raise UserError('get_tokenizer("char") needs text=... to build its vocabulary.')
     return CharTokenizer.from_text(text)
+  if isinstance(name, str) and name.startswith(HF_PREFIX) and name[len(HF_PREFIX):]:
+    from model.hf.tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_hf_tokenizer(os.path.expanduser(name[len(HF_PREFIX):]))
   raise UserError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")
 
 
@@ -201,6 +207,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if not isinstance(d.get("chars"), str):
       raise UserError("A saved char tokenizer needs its 'chars' string.")
     return CharTokenizer(d["chars"])
+  if name == "hf" and isinstance(d.get("path"), str):
+    return get_tokenizer(HF_PREFIX + d["path"])
   raise UserError(f"Unknown saved tokenizer {name!r}; expected a dict whose 'name' is one of "
                   f"{', '.join(TOKENIZER_NAMES)}.")
 

@@ -410,3 +410,54 @@ def test_sample_and_eval_read_a_llama_checkpoint_with_its_own_tokenizer(tmp_path
     nll.extend(logsumexp - logits[np.arange(len(targets)), targets])
   nll = np.mean(nll)
   assert rel_err(result["loss"], nll) < 1e-5
+
+
+def test_fine_tuning_a_hugging_face_llama_reads_the_data_with_its_tokenizer(tmp_path, capsys,
+                                                                           shakespeare_path):
+  """configs/finetune_shakespeare.py from the GQA fixture: with the config's GPT-2 BPE data it
+  is one sentence naming data.tokenizer=hf:DIR; with it, the data is read with the
+  checkpoint's tokenizer.json (no <|begin_of_text|> inside the text), the first logged loss is
+  the checkpoint's loss on the first batch, and launch.sample on the run uses that tokenizer."""
+  from launch.cli import check_config  # pylint: disable=import-outside-toplevel
+  from training.data import make_source  # pylint: disable=import-outside-toplevel
+  from training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from training.run import build_run  # pylint: disable=import-outside-toplevel
+  directory = FIXTURES / "hf_llama_gqa"
+  ft = tmp_path / "ft"
+  args = ["--config", "configs/finetune_shakespeare.py", "--workdir", str(ft),
+          f"--config.init_from={directory}", f"--config.data.path={shakespeare_path}",
+          "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.grad_accum=1",
+          "--config.eval.every=0", "--config.checkpoint.every=2", "--config.model.dtype=float32",
+          "--config.model.block_size=64", "--quiet"]
+  capsys.readouterr()
+  assert exit_status(train_cli.main, args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "whose ids are its own tokenizer's" in err[0] and (
+      f"--config.data.tokenizer=hf:{directory}" in err[0]), err
+  assert not ft.exists()
+
+  args.append(f"--config.data.tokenizer=hf:{directory}")
+  assert exit_status(train_cli.main, args) == 0, capsys.readouterr().err
+  saved = json.loads((ft / "config.json").read_text())
+  assert saved["model"]["num_kv_heads"] == 2 and saved["model"]["rope_scaling"] == "llama3"
+  assert load_weights(ft).tokenizer == {"name": "hf", "path": str(directory), "vocab_size": 300}
+  run = build_run(check_config("configs/finetune_shakespeare.py",
+                               [f"--config.data.path={shakespeare_path}", args[-1],
+                                f"--config.init_from={directory}",
+                                "--config.model.block_size=64"]))
+  data = make_source(run.config.data, seq_len=64, global_batch_size=8,
+                     seed=saved["train"]["seed"])
+  batch = data.get_batch("train", 0)
+  assert 0 not in batch[:, 1:]  # <|begin_of_text|> (id 0) only where a document starts
+  cfg, params = load_hf(directory, block_size=64)
+  logits = logits_of(cfg, params, batch[:, :-1]).astype(np.float64)
+  top = logits.max(-1)
+  logsumexp = np.log(np.exp(logits - top[..., None]).sum(-1)) + top
+  rows, cols = np.meshgrid(np.arange(8), np.arange(64), indexing="ij")
+  loss = np.mean(logsumexp - logits[rows, cols, batch[:, 1:]])
+  assert rel_err(read_metrics(ft)[0]["loss"], loss) < 1e-5
+
+  capsys.readouterr()
+  assert exit_status(sample_cli.main, ["--workdir", str(ft), "--prompt", "ROMEO:",
+                                       "--temperature", "0", "--max_new_tokens", "8"]) == 0
+  assert "hf:hf_llama_gqa tokenizer" in capsys.readouterr().err

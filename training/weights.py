@@ -166,6 +166,12 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
   """The data must fit the weights' vocabulary, and a run's weights must have been trained on
   the data's tokenizer (a character table of the same size with other characters would give
   the ids other meanings)."""
+  own = own_tokenizer_dir(weights)
+  if own is not None:  # a Llama checkpoint: its ids are its own tokenizer's
+    if not _same_hf_tokenizer(own, data_tokenizer):
+      raise UserError(f"config.init_from={name_or_dir!r} is a Hugging Face checkpoint whose "
+                      f"ids are its own tokenizer's ({own}/tokenizer.json); read the data with "
+                      f"it: --config.data.tokenizer=hf:{name_or_dir}.")
   if data_vocab > weights.cfg.vocab_size:
     kind = (data_tokenizer or {}).get("name", "the data's")
     raise UserError(f"config.init_from={name_or_dir!r} has a vocabulary of "
@@ -183,6 +189,27 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
   raise UserError(f"config.init_from={name_or_dir!r} was trained on another character table "
                   f"than the data here has ({difference}); fine-tune on text with its "
                   f"characters.")
+
+
+def own_tokenizer_dir(weights: Weights) -> str | None:
+  """The directory of a Hugging Face checkpoint that brings the tokenizer its ids mean (a
+  Llama's tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE), else None."""
+  if weights.kind != HF:
+    return None
+  directory = hf.resolve_checkpoint_dir(weights.label)
+  return directory if hf.read_hf_config(directory).get("model_type") == "llama" else None
+
+
+def _same_hf_tokenizer(directory: str, data_tokenizer: dict | None) -> bool:
+  """Whether the data's tokenizer is the checkpoint's: "hf" with the same tokenizer.json."""
+  if not data_tokenizer or data_tokenizer.get("name") != "hf":
+    return False
+  mine, theirs = (os.path.join(d, "tokenizer.json") for d in (directory, data_tokenizer["path"]))
+  try:
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+      return a.read() == b.read()
+  except OSError:
+    return False
 
 
 def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:

@@ -182,13 +182,15 @@ def special_ids(directory: str) -> dict[str, int]:
 class HFTokenizer:
   """A Hugging Face checkpoint's own tokenizer, with the interface of model/tokenizer.py's:
   `encode` adds the model's special tokens as transformers does ([CLS] ... [SEP] for BERT,
-  <s> ... </s> for BART) and reads a literal mask token ("[MASK]", "<mask>") as mask_id;
-  `decode` drops the special tokens."""
+  <s> ... </s> for BART, <|begin_of_text|> first for Llama 3) and reads a literal mask token
+  ("[MASK]", "<mask>") as mask_id; `encode_batch` (pieces of a training text, joined by eot_id
+  between documents) adds none; `decode` drops the special tokens."""
 
   def __init__(self, tokenizer, directory: str):
     self._tok = tokenizer
     self._tok.no_padding()
     self._tok.no_truncation()
+    self.directory = os.path.abspath(directory)
     self.name = f"hf:{os.path.basename(os.path.normpath(directory))}"
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     names = special_tokens(directory)
@@ -204,7 +206,7 @@ class HFTokenizer:
     return list(self._tok.encode(text).ids)
 
   def encode_batch(self, texts) -> list[list[int]]:
-    return [self.encode(t) for t in texts]
+    return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -213,7 +215,8 @@ class HFTokenizer:
     return len(self.decode(ids).encode("utf-8"))
 
   def to_dict(self) -> dict:
-    return {"name": self.name}
+    """What a run records (model.tokenizer.tokenizer_from_dict reads the files again)."""
+    return {"name": "hf", "path": self.directory, "vocab_size": self.vocab_size}
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from model.errors import UserError
-from model.tokenizer import TOKENIZER_NAMES
+from model.tokenizer import HF_PREFIX, TOKENIZER_NAMES
 
 META_NAME = "meta.json"
 BIN_NAMES = {"train": "train.bin", "val": "val.bin"}
@@ -303,5 +303,7 @@ def write_prepared(out_dir, tokenizer, meta: dict[str, Any], pieces) -> dict[str
 
 
 def check_tokenizer(name: str) -> None:
+  if isinstance(name, str) and name.startswith(HF_PREFIX) and name[len(HF_PREFIX):]:
+    return
   if name not in TOKENIZER_NAMES:
     raise UserError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}.")

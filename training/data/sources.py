@@ -48,7 +48,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # text: a file, comma-separated files or a glob; "" = tiny shakespeare (the package's copy, or
   # $FLAXGPT_DATA_DIR's). bin: a directory with train.bin, val.bin, meta.json.
   cfg.path = ""
-  cfg.tokenizer = "char"  # char | gpt2 (text and tfds sources; bin reads it from meta.json)
+  # char | gpt2 | hf:DIR (a Hugging Face checkpoint's tokenizer.json, e.g. the Llama a run
+  # fine-tunes); text and tfds sources (bin reads it from meta.json)
+  cfg.tokenizer = "char"
   cfg.tfds_name = "tiny_shakespeare"
   cfg.tfds_train_split = "train"
   cfg.tfds_val_split = "validation"

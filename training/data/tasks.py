@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from model.errors import NotFoundError, UserError
-from model.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
+from model.tokenizer import GPT2_VOCAB_SIZE, HF_PREFIX, get_tokenizer
 from training.data import remote
 from training.data.bin import check_tokenizer, read_meta
 from training.data.sources import DataSource, make_source
@@ -376,6 +376,9 @@ def data_tokenizer(data_cfg, task: str = "lm") -> tuple[int, str, dict[str, Any]
   check_tokenizer(data_cfg.tokenizer)
   if data_cfg.tokenizer == "gpt2":
     return GPT2_VOCAB_SIZE, "GPT-2 BPE", get_tokenizer("gpt2").to_dict()
+  if data_cfg.tokenizer.startswith(HF_PREFIX):
+    tok = get_tokenizer(data_cfg.tokenizer)
+    return tok.vocab_size, f"the tokenizer.json of {tok.directory}", tok.to_dict()
   if source == "tfds":
     raise UserError("config.model.vocab_size is unset and the character table of a tfds data "
                     "set is only known once it is read; set it (e.g. "

@@ -18,7 +18,7 @@ import urllib.request
 from typing import Any
 
 from model.errors import NotFoundError, UserError
-from model.tokenizer import get_tokenizer
+from model.tokenizer import HF_PREFIX, get_tokenizer
 from training.data.bin import (BinWriter, Progress, build_cached, cache_key, cache_root,
                                check_out_dir, check_tokenizer, write_prepared)
 
@@ -86,13 +86,27 @@ def _download(url: str, path: pathlib.Path, sha256: str) -> None:
   os.replace(tmp, path)
 
 
+def tokenizer_key(name: str) -> Any:
+  """What identifies a tokenizer in a cache key: its name, and for "hf:DIR" the path, size and
+  mtime of DIR/tokenizer.json (another tokenizer there is another cache entry)."""
+  if not name.startswith(HF_PREFIX):
+    return name
+  path = os.path.join(os.path.abspath(os.path.expanduser(name[len(HF_PREFIX):])),
+                      "tokenizer.json")
+  if not os.path.isfile(path):
+    raise NotFoundError(f"data.tokenizer={name!r}: {path} does not exist (hf:DIR names a "
+                        f"Hugging Face checkpoint directory with a tokenizer.json).")
+  stat = os.stat(path)
+  return [path, stat.st_size, stat.st_mtime_ns]
+
+
 def cached_text_dir(paths: list[str], tokenizer_name: str, val_fraction: float, *,
                     cache_dir: str = "", quiet: bool = False) -> pathlib.Path:
   """Prepared directory for text files, keyed by their paths, sizes and mtimes."""
   check_tokenizer(tokenizer_name)
   _check_val_fraction(val_fraction)
   stats = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-  key = cache_key({"kind": "text", "files": stats, "tokenizer": tokenizer_name,
+  key = cache_key({"kind": "text", "files": stats, "tokenizer": tokenizer_key(tokenizer_name),
                    "val_fraction": val_fraction})
   out_dir = cache_root(cache_dir) / "text" / f"{pathlib.Path(paths[0]).stem}-{key}"
   return build_cached(out_dir, lambda d: prepare_text(paths, tokenizer_name, d,
