@@ -29,8 +29,8 @@ flags.DEFINE_string("out_dir", None, "Directory for train.bin, val.bin, meta.jso
                     "it must be empty unless --force).", flag_values=FLAGS)
 flags.DEFINE_bool("force", False, "Write into a non-empty --out_dir: its train.bin, val.bin "
                   "and meta.json are replaced when the new ones are complete.", flag_values=FLAGS)
-flags.DEFINE_string("tokenizer", "gpt2", "gpt2 (BPE) or char (vocabulary from the text).",
-                    flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "gpt2", "gpt2 (BPE), char (vocabulary from the text) or "
+                    "hf:DIR (a Hugging Face checkpoint's tokenizer.json).", flag_values=FLAGS)
 flags.DEFINE_float("val_fraction", 0.1, "--input: the last fraction of the characters is val.",
                    flag_values=FLAGS)
 flags.DEFINE_string("split", "train", "--tfds: the train split; slicing works, e.g. "
