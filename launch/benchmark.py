@@ -57,6 +57,10 @@ flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row (capped by blo
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 3, "Timed generate calls per case (best is reported).",
                      lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("cache_reads", "auto", ["auto", "filled", "all"],
+                  "Sampling: how much of the KV cache each decode step reads (auto: every chunk "
+                  "on a GPU, the filled chunks elsewhere; model/decode/sampling.py).",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("compare", None, ["transformers"], "With --mode sample: time greedy "
                   "generation against this peer on the same weights instead.", flag_values=FLAGS)
 flags.mark_flags_as_required(["config"], flag_values=FLAGS)
@@ -106,7 +110,7 @@ def _main(args: list[str]) -> int:
   elif FLAGS.mode == "sample" or (FLAGS.mode == "all" and run.model.family == "gpt"):
     report["sample"] = benchmark.benchmark_sample(
         run, batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len,
-        new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)
+        new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats, cache_reads=FLAGS.cache_reads)
   print(benchmark.format_table(report))
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:

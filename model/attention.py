@@ -71,6 +71,9 @@ def implementation(cfg: ModelConfig, seq_len: int, dropout: bool,
     check_splash_length(seq_len)
     return "splash"
   if cfg.attention == "cudnn":
+    if platform != "gpu":
+      raise UserError(f"model.attention='cudnn' needs a GPU (cuDNN's flash attention), not "
+                      f"{platform}; use model.attention=auto.")
     return "cudnn"
   if platform == "tpu" and seq_len % SPLASH_BLOCK == 0:
     return "splash"

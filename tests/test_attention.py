@@ -146,3 +146,19 @@ def test_splash_errors():
     get_config("tiny", attention="splash")
   with pytest.raises(UserError, match="attention must be one of xla, cudnn, splash, auto"):
     ModelConfig(attention="flash")
+
+
+def test_cudnn_forced_without_a_gpu_is_one_sentence_before_anything_runs(tmp_path, capsys):
+  """model.attention=cudnn on a CPU: the kernel check, and launch.train stops in build_run
+  (exit 2, one line, no workdir) instead of failing inside the compile."""
+  from conftest import exit_status  # pylint: disable=import-outside-toplevel
+  from launch import train as train_cli  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match=r"model.attention='cudnn' needs a GPU .* not cpu"):
+    attention.implementation(ModelConfig(attention="cudnn"), 1024, False, "cpu")
+  workdir = tmp_path / "run"
+  assert exit_status(train_cli.main, ["--config", "configs/tiny.py", "--workdir", str(workdir),
+                                      "--config.model.attention=cudnn"]) == 2
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+  assert errors == ["error: model.attention='cudnn' needs a GPU (cuDNN's flash attention), not "
+                    "cpu; use model.attention=auto."]
+  assert not workdir.exists()

@@ -5,6 +5,7 @@ checks it."""
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -47,6 +48,13 @@ def test_train_fields(report):
       train["tokens_per_sec"] * train["flops_per_token"] / 1e12)
   assert data["device"]["peak_entry"] == "unknown" and train["mfu"] is None  # CPU: no peak
   assert "tokens/s" in stdout and "MFU n/a" in stdout
+  # what XLA ran with, and the attention kernel the step used (tiny: no dropout, the CPU)
+  from training.step import CPU_COMPILER_OPTIONS  # pylint: disable=import-outside-toplevel
+  assert data["device"]["compiler_options"] == CPU_COMPILER_OPTIONS
+  assert data["device"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+  assert "XLA_FLAGS: " in stdout and "xla_cpu_experimental_ynn_fusion_type" in stdout
+  assert train["attention_kernel"] == "dot_product"
+  assert "attention kernel: dot_product (model.attention=auto)" in stdout
 
 
 def test_sample_fields(report):
@@ -58,7 +66,8 @@ def test_sample_fields(report):
     assert r["new_tokens"] == 8 and r["prompt_len"] == 16
     assert r["tokens_per_sec"] == pytest.approx(r["batch_size"] * 8 / r["seconds"])
     assert r["achieved_gb_per_sec"] > 0 and r["bytes_per_decode_step"] > 0
-  assert "greedy" in stdout
+    assert r["floor_ms_per_step"] is None  # a CPU: no datasheet bandwidth
+  assert "greedy" in stdout and "ms/token" in stdout and "floor ms" in stdout
 
 
 def test_decode_bytes_counts_params_and_the_cache_chunks_read():
@@ -167,3 +176,18 @@ def test_the_report_names_the_host_cpu_and_its_extensions(report):
   zen = benchmark.host_cpu("model name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n")
   zen["cores"] = 2
   assert benchmark.describe_host_cpu(zen) == "AMD EPYC, 2 cores, AVX-512, no AMX"
+
+
+def test_decode_floor_and_grouped_heads_bytes():
+  """The floor's bandwidth comes from the datasheet table; the cache of a GQA model holds
+  its G key/value heads per slot (not d_model values); reading every chunk (a GPU's
+  cache_reads) counts the whole cache at every step."""
+  from training.perf import flops  # pylint: disable=import-outside-toplevel
+  assert flops.peak_bandwidth("NVIDIA H200") == 4.8e12
+  assert flops.peak_bandwidth("TPU v5 lite") == 819e9 and flops.peak_bandwidth("cpu") is None
+  cfg = get_config("llama-tiny", num_layers=2)  # 8 heads of 32 sharing 2
+  params = {"w": np.zeros((10,), np.float32)}
+  per_slot = 2 * 2 * 1 * 2 * 32 * 4  # k and v, 2 layers, batch 1, 2 heads of 32, float32
+  assert benchmark._decode_bytes_per_step(cfg, params, 1, 256, 8, 8) == 40 + 128 * per_slot
+  assert benchmark._decode_bytes_per_step(cfg, params, 1, 256, 8, 8, every_chunk=True) == (
+      40 + 256 * per_slot)

@@ -412,6 +412,7 @@ def test_sample_and_eval_read_a_llama_checkpoint_with_its_own_tokenizer(tmp_path
   assert rel_err(result["loss"], nll) < 1e-5
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_hugging_face_llama_reads_the_data_with_its_tokenizer(tmp_path, capsys,
                                                                            shakespeare_path):
   """configs/finetune_shakespeare.py from the GQA fixture: with the config's GPT-2 BPE data it

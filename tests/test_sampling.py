@@ -1,10 +1,12 @@
-"""Logits filtering, sampling statistics and the KV-cache generate loop (model/decode/sampling.py)."""
+"""Logits filtering, sampling statistics and the KV-cache generate loop
+(model/decode/sampling.py)."""
 
 import functools
 import importlib.util
 import pathlib
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,7 +78,8 @@ def _greedy_without_cache(params, cfg, prompt, new_tokens):
 
 
 def _sliding_greedy_without_cache(params, cfg, prompt, new_tokens, window_shift):
-  """The documented rule of model/decode/sampling.py, written out with full forward passes: the token
+  """The documented rule of model/decode/sampling.py, written out with full forward passes: the
+  token
   at index n of the sequence is the argmax of a forward pass over seq[w:n] at positions 0..,
   where w moves to n - (T - W + 1) whenever n - w would exceed T."""
   T, W = cfg.block_size, window_shift
@@ -247,10 +250,13 @@ def test_greedy_with_cache_equals_full_forward_argmax(cfg, params, scan_layers):
   assert result.stopped == [False] * 3 and result.decode_steps == 11
 
 
-def test_rows_stop_independently_on_eot_and_the_loop_ends_early(cfg, params):
+@pytest.mark.parametrize("cache_reads", ["filled", "all"])
+def test_rows_stop_independently_on_eot_and_the_loop_ends_early(cfg, params, cache_reads):
+  """Rows stop inside a chunk of DECODE_CHUNK tokens and stay stopped; the loop's step count
+  is the tokens', not a multiple of the chunk."""
   new_tokens = 12
   greedy = functools.partial(generate, params, cfg, max_new_tokens=new_tokens, temperature=0.0,
-                             buckets=BUCKETS)
+                             buckets=BUCKETS, cache_reads=cache_reads)
   row0, row_never = [9, 2, 33], [5]
   full0, full_never = greedy([row0, row_never]).tokens
   row1 = row0 + full0[:3]  # three tokens further along the same greedy path
@@ -469,8 +475,11 @@ def test_top_k_by_lax_top_k_keeps_the_sorted_set(top_k, top_p):
 SAMPLING_BEFORE = FIXTURES / "sampling_before.npz"
 
 
-def test_same_tokens_as_the_sampler_before_the_rewrite(cfg, params):
-  """tests/fixtures/make_sampling_fixture.py recorded these with main's sampler (a5b278f)."""
+@pytest.mark.parametrize("cache_reads", ["filled", "all"])
+def test_same_tokens_as_the_sampler_before_the_rewrite(cfg, params, cache_reads):
+  """tests/fixtures/make_sampling_fixture.py recorded these with main's sampler (a5b278f), one
+  token per loop iteration: the same with DECODE_CHUNK tokens per iteration, reading the
+  filled cache or all of it."""
   spec = importlib.util.spec_from_file_location("make_sampling_fixture",
                                                 FIXTURES / "make_sampling_fixture.py")
   fixture = importlib.util.module_from_spec(spec)
@@ -481,7 +490,7 @@ def test_same_tokens_as_the_sampler_before_the_rewrite(cfg, params):
   for name, (temperature, top_k, top_p, seed) in fixture.CASES.items():
     result = generate(params, cfg, prompts, max_new_tokens=fixture.NEW_TOKENS,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                      buckets=fixture.BUCKETS)
+                      buckets=fixture.BUCKETS, cache_reads=cache_reads)
     assert result.tokens == data[name].tolist(), name
 
 
@@ -492,3 +501,51 @@ def test_greedy_over_many_cache_chunks_equals_full_forward(cfg, params, monkeypa
   result = generate(params, cfg, prompts, max_new_tokens=20, temperature=0.0,
                     buckets=Buckets(batch=4, prompt_len=16, cache_len=48, out_len=32))
   assert result.tokens == [_greedy_without_cache(params, cfg, p, 20) for p in prompts]
+
+
+def _host_tests_per_chunk(closed_jaxpr) -> int:
+  """How many while-loop tests one iteration of the decode loop runs (on a GPU each is a copy
+  of the predicate to the host): the outer loop's own, plus the loops inside its body times
+  the static trip counts around them (fori_loop with a fixed count is a scan, none)."""
+  def count(jaxpr, times):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "while":
+        n += times + count(eqn.params["body_jaxpr"].jaxpr, times)
+      elif eqn.primitive.name == "scan":
+        n += count(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"])
+      else:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          n += count(sub, times)
+    return n
+  (outer,) = [e for e in closed_jaxpr.jaxpr.eqns if e.primitive.name == "jit"]
+  (loop,) = [e for e in outer.params["jaxpr"].jaxpr.eqns if e.primitive.name == "while"]
+  return 1 + count(loop.params["body_jaxpr"].jaxpr, 1)
+
+
+@pytest.mark.parametrize("cache_reads", ["all", "filled"])
+def test_the_decode_loop_tests_on_the_host_once_per_chunk_of_tokens(cfg, params, cache_reads):
+  """From the decode loop's jaxpr: reading every cache chunk (a GPU's default), one host test
+  per DECODE_CHUNK tokens; reading the filled part, each layer's attention adds a loop of its
+  own per token (what a GPU pays per layer and token)."""
+  run = sampling._start(params, cfg, [[1, 2, 3]], 16, 0.0, 0, 1.0, 0, None, BUCKETS,
+                        cache_reads=cache_reads)  # pylint: disable=protected-access
+  decode = functools.partial(sampling._decode,  # pylint: disable=protected-access
+                             cfg=cfg, mode=run.mode, cache_chunks=run.cache_chunks)
+  jaxpr = jax.make_jaxpr(decode)(params, run.state, jnp.int32(16), run.settings)
+  per_chunk = _host_tests_per_chunk(jaxpr)
+  chunk = sampling.DECODE_CHUNK
+  assert chunk >= 8
+  if cache_reads == "all":
+    assert run.cache_chunks == 1 and per_chunk == 1  # 1 / DECODE_CHUNK per token
+  else:
+    assert run.cache_chunks is None and per_chunk == 1 + chunk * cfg.num_layers
+
+
+def test_cache_reads_auto_is_every_chunk_on_a_gpu_only():
+  assert sampling.cache_chunks_for("auto", 512, platform="gpu") == 4
+  assert sampling.cache_chunks_for("auto", 512, platform="tpu") is None
+  assert sampling.cache_chunks_for("auto", 512, platform="cpu") is None
+  assert sampling.cache_chunks_for("all", 96) == 1  # not a multiple of 128: one chunk
+  with pytest.raises(UserError, match=r"cache_reads must be one of auto, filled, all; got 'some'"):
+    sampling.cache_chunks_for("some", 512)

@@ -34,6 +34,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
+from model import attention
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import char_table_difference
@@ -454,13 +455,16 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
   cfg = model_config(config, data_vocab, specials)
+  mesh = make_mesh(*mesh_shape, devices=devices)
+  if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
+    attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
+                             platform=mesh.devices.flat[0].platform)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:
     check_writable(path)
   steps = config.train.steps
-  return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg,
-             mesh=make_mesh(*mesh_shape, devices=devices), rules=rules,
+  return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg, mesh=mesh, rules=rules,
              tx=make_optimizer(config.optimizer, steps),
              schedule=schedule_from_config(config.optimizer, steps), source=source,
              workdir=path, init_from=init_from, task=task, vocab_from=vocab_from)

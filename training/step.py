@@ -263,17 +263,20 @@ def _batch_struct(mesh: Mesh, batch_shape: tuple[int, int]) -> jax.ShapeDtypeStr
   return jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32, sharding=batch_sharding(mesh))
 
 
-# XLA:CPU: hand only the matmuls to YNNPACK instead of also fusing elementwise ops into its
-# graphs; the quick start's training step is ~10-15% faster with it (docs/performance.md).
-_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# The XLA options the project sets, all of them (launch.benchmark prints them beside the user's
+# XLA_FLAGS, which the project never changes): XLA:CPU hands only the matmuls to YNNPACK
+# instead of also fusing elementwise ops into its graphs; the quick start's training step is
+# ~10-15% faster with it (docs/performance.md). None on GPU or TPU (issue 23's GPU flag sets
+# are still to be measured there).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 def _compile(lowered, mesh: Mesh):
-  """lowered.compile(), with _CPU_COMPILER_OPTIONS on a CPU mesh (skipped by an XLA that does
+  """lowered.compile(), with CPU_COMPILER_OPTIONS on a CPU mesh (skipped by an XLA that does
   not know them)."""
   if is_cpu(mesh):
     try:
-      return lowered.compile(_CPU_COMPILER_OPTIONS)
+      return lowered.compile(CPU_COMPILER_OPTIONS)
     except jax.errors.JaxRuntimeError as e:
       if "xla_cpu_experimental_ynn_fusion_type" not in str(e):
         raise

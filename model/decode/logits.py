@@ -2,7 +2,7 @@
 
 `filter_logits` / `sample_token` are pure and jittable. Their temperature, top_k and top_p may
 be Python numbers (the filtering mode is then chosen while tracing) or traced scalars (the
-mode is a `lax.switch`, so changing them does not recompile). model/decode/sampling.py's generate loop
+mode is a `lax.switch`, so changing them does not recompile). decode/sampling.py's generate loop
 uses the same functions per row.
 
 Top-k (with or without top-p) takes the TOP_K_BOUND largest logits with `lax.top_k` when

@@ -3,9 +3,12 @@
 `generate` right-pads the prompts, prefills them in one forward pass into a fixed-size KV cache
 (`model.kv_cache.init_cache`), then runs the whole decode loop as one jitted
 `lax.while_loop` that stops when every row has produced `eot_id` or `max_new_tokens` tokens.
-Each iteration is `decode_step`: one token per row through the model, whose layers write their
-keys and values into the carried cache in place and read back only the filled chunks
-(model/kv_cache.py's `cached_attention`), then one sampled token per row.
+Each iteration samples DECODE_CHUNK tokens (a static inner loop, so the loop's test, which a GPU
+copies to the host, runs once per chunk; steps after the work is done change nothing), each a
+`decode_step`: one token per row through the model, whose layers write their keys and values
+into the carried cache in place and read back the filled chunks (model/kv_cache.py's
+`cached_attention`; on a GPU every chunk, a fixed count: `cache_reads`), then one sampled token
+per row.
 Row b's prompt fills cache slots 0..n_b-1 (its padding fills n_b..P-1 with garbage); its first
 new token is fed at position n_b, whose cache write overwrites the garbage slot before any query
 attends to it, and a query at position t only attends to slots <= t, so the padding is never
@@ -55,7 +58,7 @@ from model.errors import UserError
 from model.decode.logits import (is_python_number, check_settings, filter_logits, sample_filtered,
                           sample_token, static_mode)
 from model.gpt import GPT, logits_from_hidden
-from model.kv_cache import Cache, init_cache
+from model.kv_cache import Cache, cache_chunk_size, init_cache
 from model.layout import convert_layout
 
 __all__ = ["Buckets", "GenerateResult", "check_prompt", "check_settings", "check_window_shift",
@@ -159,7 +162,8 @@ def _sample_rows(row_keys_B, step, logits_BV, settings: SamplingSettings, mode: 
                  vocab_size: int):
   """Row b's token from logits_BV[b] with key fold_in(row_keys_B[b], step)."""
   keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
-  sample = functools.partial(sample_filtered, temperature=settings.temperature, top_k=settings.top_k,
+  sample = functools.partial(sample_filtered, temperature=settings.temperature,
+                             top_k=settings.top_k,
                              top_p=settings.top_p, mode=mode, vocab_size=vocab_size)
   return jax.vmap(sample)(keys_B, logits_BV)
 
@@ -238,16 +242,48 @@ def _restart(params, state: DecodeState, window_BN, settings: SamplingSettings, 
                      jnp.where(restart_B, N, decoded.position_B), settings)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode"), donate_argnames=("state",))
+def _masked_step(params, state: DecodeState, go, settings: SamplingSettings, *,
+                 cfg: ModelConfig, mode: int, cache_chunks: int | None) -> DecodeState:
+  """decode_step when `go`; otherwise the same state (only its cache is written: each row's
+  pending token at its own position, the values the step that feeds it will write again, or,
+  for a row done or whose window must move, into its own last slot, which it never reads)."""
+  S = state.cache["k"].shape[2]
+  fed = state._replace(position_B=jnp.minimum(state.position_B, S - 1))
+  new = decode_step(params, fed, settings, cfg=cfg, mode=mode, cache_chunks=cache_chunks)
+  new = new._replace(position_B=jnp.where(state.done_B, state.position_B, new.position_B))
+  keep = lambda a, b: jnp.where(go, a, b)
+  return DecodeState(cache=new.cache, token_B=keep(new.token_B, state.token_B),
+                     position_B=keep(new.position_B, state.position_B),
+                     done_B=keep(new.done_B, state.done_B), out_BM=keep(new.out_BM, state.out_BM),
+                     step=keep(new.step, state.step), row_keys_B=state.row_keys_B)
+
+
+# Tokens each iteration of the decode loop samples (a static inner loop). The loop's test runs
+# once per chunk: on a GPU, XLA copies a while loop's predicate to the host every iteration, so
+# this divides the host round trips per token by DECODE_CHUNK. Steps past the end of a chunk's
+# work (the last rows done, max_new_tokens reached, a window to move) change nothing.
+DECODE_CHUNK = 8
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "cache_chunks"),
+                   donate_argnames=("state",))
 def _decode(params, state: DecodeState, stop_at, settings: SamplingSettings, *,
-            cfg: ModelConfig, mode: int) -> DecodeState:
+            cfg: ModelConfig, mode: int, cache_chunks: int | None = None) -> DecodeState:
   """Samples tokens until `state.step == stop_at`, every row is done, or a row's window must
-  move (`_restart`): one while_loop."""
+  move (`_restart`): one while_loop whose body samples DECODE_CHUNK tokens (a static loop).
+  `cache_chunks` (static) makes each step read that many cache chunks (`cached_attention`):
+  with every chunk, a step has no loop of its own, so the only test left on the host's path
+  is the outer loop's, once per chunk of tokens."""
   def keep_going(s: DecodeState):
     return (s.step < stop_at) & ~jnp.all(s.done_B) & ~jnp.any(_needs_restart(s))
 
-  step = functools.partial(decode_step, params, settings=settings, cfg=cfg, mode=mode)
-  return jax.lax.while_loop(keep_going, step, state)
+  def chunk(s: DecodeState) -> DecodeState:
+    def one(_, s):
+      return _masked_step(params, s, keep_going(s), settings, cfg=cfg, mode=mode,
+                          cache_chunks=cache_chunks)
+    return jax.lax.fori_loop(0, DECODE_CHUNK, one, s)
+
+  return jax.lax.while_loop(keep_going, chunk, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +334,25 @@ def _check_buckets(buckets: Buckets, cfg: ModelConfig, batch: int, longest: int,
                     f"({cfg.block_size}).")
 
 
+# How each decode step reads the KV cache (model/kv_cache.py's cached_attention):
+#   filled  the chunks up to the longest row's position (a loop whose length the step computes:
+#           the fewest bytes; on a GPU each such loop is a host round trip per layer and token)
+#   all     every chunk, a fixed number (no loop left in the step: one host round trip per
+#           DECODE_CHUNK tokens on a GPU; reads up to cache_len slots every step)
+#   auto    all on a GPU, filled elsewhere (TPU and CPU run device-side loops without the host)
+CACHE_READS = ("auto", "filled", "all")
+
+
+def cache_chunks_for(cache_reads: str, cache_len: int, platform: str | None = None) -> int | None:
+  """The static chunk count a decode step reads (None: up to the filled position)."""
+  if cache_reads not in CACHE_READS:
+    raise UserError(f"cache_reads must be one of {', '.join(CACHE_READS)}; got "
+                    f"{cache_reads!r}.")
+  if cache_reads == "auto":
+    cache_reads = "all" if (platform or jax.default_backend()) == "gpu" else "filled"
+  return -(-cache_len // cache_chunk_size(cache_len)) if cache_reads == "all" else None
+
+
 class _Run(NamedTuple):
   state: DecodeState
   settings: SamplingSettings
@@ -306,12 +361,14 @@ class _Run(NamedTuple):
   batch: int  # real rows
   rows: list[np.ndarray]  # the prompts
   window_len: int  # N = T - W + 1: the tokens a moved window starts with
+  cache_chunks: int | None  # cache_chunks_for(cache_reads, ...)
 
 
 def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-           buckets, window_shift=None) -> _Run:
+           buckets, window_shift=None, cache_reads: str = "auto") -> _Run:
   """Validates, pads to buckets and prefills. `params` are already in cfg's layer layout."""
   rows = _validate(cfg, prompts, max_new_tokens, eot_id, temperature, top_k, top_p, seed)
+  cache_chunks_for(cache_reads, 1)  # checked before anything runs
   window_shift = check_window_shift(window_shift, cfg.block_size)
   longest = max(len(r) for r in rows)
   if buckets is None:
@@ -333,7 +390,8 @@ def _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed
                    settings, cfg=cfg, mode=mode, cache_len=buckets.cache_len,
                    out_len=buckets.out_len)
   return _Run(state, settings, mode, buckets, len(rows), rows,
-              cfg.block_size - window_shift + 1)
+              cfg.block_size - window_shift + 1,
+              cache_chunks_for(cache_reads, buckets.cache_len))
 
 
 def _run_until(params, cfg: ModelConfig, run: _Run, state: DecodeState,
@@ -351,7 +409,7 @@ def _run_until(params, cfg: ModelConfig, run: _Run, state: DecodeState,
       state = _restart(params, state, window_BN, run.settings, cfg=cfg, mode=run.mode)
     else:
       state = _decode(params, state, jnp.asarray(stop_at, jnp.int32), run.settings, cfg=cfg,
-                      mode=run.mode)
+                      mode=run.mode, cache_chunks=run.cache_chunks)
   return state
 
 
@@ -371,7 +429,8 @@ def _cut_rows(out_bm: np.ndarray, eot_id, include_eot: bool):
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eot_id: int | None = None, include_eot: bool = False,
-             buckets: Buckets | None = None, window_shift: int | None = None) -> GenerateResult:
+             buckets: Buckets | None = None, window_shift: int | None = None,
+             cache_reads: str = "auto") -> GenerateResult:
   """Continues each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
 
   temperature 0 is greedy; top_k / top_p as in `filter_logits`. A row stops after it produces
@@ -380,13 +439,15 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   `buckets` fixes the padded shapes (e.g. `choose_buckets` of the largest request a server
   expects, so that it compiles once); by default `choose_buckets` picks them per call.
   Past cfg.block_size the context window slides by `window_shift` (module docstring).
-  Raises UserError for empty prompts, a prompt longer than cfg.block_size, or buckets too
+  `cache_reads` (CACHE_READS) is how much of the KV cache each step reads; the tokens are the
+  same whichever it is. Raises UserError for empty prompts, a prompt longer than
+  cfg.block_size, or buckets too
   small.
   """
   start = time.perf_counter()
   params = convert_layout(params, cfg)
   run = _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-               buckets, window_shift)
+               buckets, window_shift, cache_reads)
   state = _run_until(params, cfg, run, run.state, max_new_tokens)
   step = int(state.step)
   out_bm = np.asarray(state.out_BM[:run.batch, :step])
@@ -400,8 +461,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
                     max_new_tokens: int, chunk_size: int = 16, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     eot_id: int | None = None, include_eot: bool = False,
-                    buckets: Buckets | None = None,
-                    window_shift: int | None = None) -> Iterator[list[list[int]]]:
+                    buckets: Buckets | None = None, window_shift: int | None = None,
+                    cache_reads: str = "auto") -> Iterator[list[list[int]]]:
   """Like `generate`, but yields each row's tokens that are new since the last yield (an
   empty list for rows with nothing new): once after the prefill, then after every
   `chunk_size` decode steps (one call each of the same compiled loop as `generate`). The
@@ -411,7 +472,7 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
   params = convert_layout(params, cfg)
   # Validation and prefill happen here, before the first next().
   run = _start(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, eot_id,
-               buckets, window_shift)
+               buckets, window_shift, cache_reads)
   return _stream(params, cfg, run, max_new_tokens, chunk_size, eot_id, include_eot)
 
 

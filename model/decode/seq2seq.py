@@ -9,7 +9,7 @@ jitted `lax.while_loop` per batch.
 
 `sources` are lists of token ids (at most block_size each); each output is the list of
 generated ids after the decoder's start token (cfg.bos_id), cut before the first cfg.eos_id,
-plus whether it ended at eos. Sampling settings mean what they mean for GPT (model/decode/logits.py);
+plus whether it ended at eos. Sampling settings mean what they mean for GPT (decode/logits.py);
 `seed` keys the draws.
 
 Beam search follows Hugging Face transformers' (5.x, `GenerationMixin._beam_search`), so that

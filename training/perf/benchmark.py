@@ -10,8 +10,9 @@ block_until_ready; step time median and p90, tokens/s, model TFLOP/s with FLOPs/
 6N + 12 L T D (training/perf/flops.py states N), MFU against the device's dense bf16 peak, and
 peak device memory where the backend reports it.
 
-Sample: `model.decode.sampling.generate` (prefill + one jitted decode loop) with random parameters cast
-to the compute dtype, no end-of-text stop, for several batch sizes, greedy and with top-k/top-p;
+Sample: `model.decode.sampling.generate` (prefill + one jitted decode loop) with random
+parameters cast to the compute dtype, no end-of-text stop, for several batch sizes, greedy and
+with top-k/top-p;
 the first call of each shape compiles and is not timed. Achieved memory bandwidth counts, per
 decode step, the parameter bytes plus the KV-cache bytes the attention reads (the cache chunks
 up to the filled length, model/kv_cache.py, averaged over the steps), over the mean decode-step
@@ -35,14 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import attention
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import cache_chunk_size
-from model.decode.sampling import choose_buckets, generate
+from model.decode.sampling import cache_chunks_for, choose_buckets, generate
 from model.families import init_params
 from sharding import shard_batch
 from training.perf import flops
 from training.run import Run
+from training.step import CPU_COMPILER_OPTIONS
 
 
 def device_info() -> dict[str, Any]:
@@ -56,6 +59,10 @@ def device_info() -> dict[str, Any]:
       "peak_tflops_per_device": None if peak is None else peak / 1e12,
       "jax_version": jax.__version__,
       "host_cpu": host_cpu(),
+      # what XLA runs with: the user's XLA_FLAGS (never changed here) and the compile options
+      # the project adds (training/step.py, the one place)
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "compiler_options": dict(CPU_COMPILER_OPTIONS) if dev.platform == "cpu" else {},
   }
 
 
@@ -161,6 +168,10 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
       "model": {"layers": cfg.num_layers, "d_model": cfg.d_model, "heads": cfg.num_heads,
                 "vocab": cfg.padded_vocab_size, "dtype": cfg.dtype,
                 "attention": cfg.attention, "scan_layers": cfg.scan_layers, "remat": cfg.remat},
+      # the kernel the training step's causal attention ran (model/attention.py's choice for
+      # this platform, length and dropout; bidirectional attention is always XLA's einsums)
+      "attention_kernel": ("xla" if cfg.family == "bert" else attention.implementation(
+          cfg, T, cfg.attn_dropout > 0, platform=info["platform"])),
       "batch_size": B, "seq_len": T, "grad_accum": k,
       "mesh": dict(mesh.shape),
       "compile_s": compile_s,
@@ -179,15 +190,17 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
 
 
 def _decode_bytes_per_step(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
-                           prompt_len: int, new_tokens: int) -> int:
+                           prompt_len: int, new_tokens: int, every_chunk: bool = False) -> int:
   """Parameters + the cache chunks attention reads, averaged over the decode steps (step i
-  attends to prompt_len + i + 1 slots, rounded up to whole chunks)."""
+  attends to prompt_len + i + 1 slots, rounded up to whole chunks; all cache_len slots when
+  the steps read `every_chunk`, model.decode.sampling's cache_reads="all"); the cache holds
+  the key/value heads' G * K values per slot, layer, keys and values."""
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   chunk = cache_chunk_size(cache_len)
-  slots = [min(cache_len, -(-(prompt_len + i + 1) // chunk) * chunk)
+  slots = [cache_len if every_chunk else min(cache_len, -(-(prompt_len + i + 1) // chunk) * chunk)
            for i in range(max(1, new_tokens - 1))]
-  kv_bytes = (2 * cfg.num_layers * batch * (sum(slots) / len(slots)) * cfg.d_model
-              * jnp.dtype(cfg.compute_dtype).itemsize)
+  kv_bytes = (2 * cfg.num_layers * batch * (sum(slots) / len(slots)) * cfg.kv_heads
+              * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize)
   return int(param_bytes + kv_bytes)
 
 
@@ -203,7 +216,8 @@ SAMPLE_CASES = (SampleCase("greedy", 0.0, 0, 1.0), SampleCase("top_k40_top_p0.9"
 
 
 def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
-                     new_tokens: int = 256, repeats: int = 3) -> list[dict[str, Any]]:
+                     new_tokens: int = 256, repeats: int = 3,
+                     cache_reads: str = "auto") -> list[dict[str, Any]]:
   cfg = run.model
   if cfg.family != "gpt":
     raise UserError(f"--mode sample times GPT's KV-cache decode loop; this is a "
@@ -221,7 +235,7 @@ def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
     buckets = choose_buckets(batch, prompt_len, new_tokens, cfg.block_size)
     for case in SAMPLE_CASES:
       kwargs = dict(max_new_tokens=new_tokens, temperature=case.temperature, top_k=case.top_k,
-                    top_p=case.top_p, eot_id=None)
+                    top_p=case.top_p, eot_id=None, cache_reads=cache_reads)
       generate(params, cfg, prompts, seed=0, **kwargs)  # compiles
       seconds = []
       for r in range(repeats):
@@ -229,14 +243,18 @@ def benchmark_sample(run: Run, *, batch_sizes=(1, 8, 64), prompt_len: int = 16,
         seconds.append(result.seconds)
       best = min(seconds)
       step_s = best / new_tokens
+      every_chunk = cache_chunks_for(cache_reads, buckets.cache_len) is not None
       bytes_per_step = _decode_bytes_per_step(cfg, params, buckets.batch, buckets.cache_len,
-                                              prompt_len, new_tokens)
+                                              prompt_len, new_tokens, every_chunk)
+      bandwidth = flops.peak_bandwidth(jax.devices()[0].device_kind)
       rows.append({
           "batch_size": batch, "mode": case.name, "prompt_len": prompt_len,
           "new_tokens": new_tokens, "seconds": best, "tokens_per_sec": batch * new_tokens / best,
-          "ms_per_token_step": step_s * 1e3,
+          "ms_per_token_step": step_s * 1e3, "cache_reads": cache_reads,
           "bytes_per_decode_step": bytes_per_step,
           "achieved_gb_per_sec": bytes_per_step / step_s / 1e9,
+          # the step's bytes at the device's datasheet bandwidth: the floor of ms_per_token_step
+          "floor_ms_per_step": None if bandwidth is None else bytes_per_step / bandwidth * 1e3,
           "buckets": dict(buckets._asdict()),
       })
   return rows
@@ -248,6 +266,10 @@ def format_table(report: dict[str, Any]) -> str:
            f"peak entry: {dev['peak_entry']}, jax {dev['jax_version']}"]
   if dev.get("host_cpu"):
     lines.append(f"host CPU: {describe_host_cpu(dev['host_cpu'])}")
+  if "xla_flags" in dev:
+    options = " ".join(f"{k}={v}" for k, v in dev["compiler_options"].items()) or "none"
+    lines.append(f"XLA_FLAGS: {dev['xla_flags'] or '(not set)'}; the project's compile options: "
+                 f"{options}")
   vocab = report.get("vocabulary")
   if vocab:
     padded = f", padded to {vocab['padded']:,}" if vocab["padded"] != vocab["size"] else ""
@@ -266,6 +288,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"MFU {mfu} | peak memory "
         f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
         f"  FLOPs/token {train['flops_per_token']:,} = {train['flops_formula']}",
+        f"  attention kernel: {train['attention_kernel']} (model.attention="
+        f"{train['model']['attention']})",
     ]
   compare = report.get("compare")
   if compare:
@@ -279,14 +303,18 @@ def format_table(report: dict[str, Any]) -> str:
                  "same weights, alternating in one run; best of repeats, prefill included)")
   sample = report.get("sample")
   if sample:
-    lines += ["", f"{'sample':<8}{'batch':>6}  {'mode':<18}{'tokens/s':>12}{'ms/step':>10}"
-              f"{'GB/s':>9}"]
+    lines += ["", f"{'sample':<8}{'batch':>6}  {'mode':<18}{'tokens/s':>12}{'ms/token':>10}"
+              f"{'floor ms':>10}{'GB/s':>9}"]
     for row in sample:
+      floor = row.get("floor_ms_per_step")
       lines.append(f"{'':<8}{row['batch_size']:>6}  {row['mode']:<18}"
                    f"{row['tokens_per_sec']:>12,.0f}{row['ms_per_token_step']:>10.3f}"
+                   f"{'n/a' if floor is None else f'{floor:.3f}':>10}"
                    f"{row['achieved_gb_per_sec']:>9.1f}")
     lines.append(f"  (prompt {sample[0]['prompt_len']}, {sample[0]['new_tokens']} new tokens, "
-                 "timing includes the prefill; best of repeats)")
+                 "timing includes the prefill; best of repeats; ms/token is one decode step of "
+                 "every row; floor: the weights and the KV cache a step reads at the device's "
+                 "datasheet bandwidth, flops.PEAK_HBM_GBPS, n/a where unknown)")
   return "\n".join(lines)
 
 

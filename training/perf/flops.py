@@ -39,6 +39,19 @@ PEAK_BF16_TFLOPS = {
     **{f"tpu {g.name}": g.peak_bf16_tflops for g in GENERATIONS.values()},
 }
 
+# HBM bandwidth, GB/s per device, from the same datasheets (what a memory-bound step, e.g. one
+# token of batch-1 decoding, cannot beat: the bytes it must read over this).
+PEAK_HBM_GBPS = {
+    "h100 sxm": 3350.0,
+    "h100 pcie": 2000.0,
+    "h200": 4800.0,
+    "a100": 2039.0,
+    "tpu v4": 1228.0,
+    "tpu v5e": 819.0,
+    "tpu v5p": 2765.0,
+    "tpu v6e": 1640.0,
+}
+
 # jax's device_kind strings -> table keys.
 _KIND_ALIASES = (
     ("h100 pcie", "h100 pcie"),
@@ -94,6 +107,13 @@ def peak_flops(device_kind: str) -> float | None:
   """Dense bf16 peak FLOP/s of one device of this jax device_kind, or None if unknown."""
   key = peak_entry(device_kind)
   return None if key is None else PEAK_BF16_TFLOPS[key] * 1e12
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+  """HBM bytes/s of one device of this jax device_kind, or None if unknown (CPUs)."""
+  key = peak_entry(device_kind)
+  gbps = None if key is None else PEAK_HBM_GBPS.get(key)
+  return None if gbps is None else gbps * 1e9
 
 
 def mfu(tokens_per_sec: float, flops_per_tok: float, device_kind: str,
