@@ -99,9 +99,10 @@ def test_cached_decode_equals_the_full_forward(expected, name):
   assert rel_err(got, expected[f"{name}_logits"]) <= PARITY
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_greedy_generation_equals_transformers_over_64_tokens(expected, name):
-  cfg, params = load_hf(FIXTURES / f"hf_llama_{name}")
+@pytest.mark.parametrize("name, scan_layers", [("mha", False), ("gqa", True), ("mqa", False),
+                                               ("mqa", True)])
+def test_greedy_generation_equals_transformers_over_64_tokens(expected, name, scan_layers):
+  cfg, params = load_hf(FIXTURES / f"hf_llama_{name}", scan_layers=scan_layers)
   prompt = expected[f"{name}_prompt"][0].tolist()
   out = generate(params, cfg, [prompt], max_new_tokens=64, temperature=0.0)
   np.testing.assert_array_equal(out.tokens[0], expected[f"{name}_greedy"])
