@@ -50,6 +50,10 @@ SPECIAL_TOKENS = ("pad_id", "bos_id", "eos_id", "mask_id")
 # The choice is made in model/attention.py; cached decoding always uses the einsum attention.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+# The generator of dropout masks: threefry (JAX's default; the same masks on any mesh) or rbg
+# (XLA's RngBitGenerator, much cheaper on GPUs; its bits may depend on how an array is
+# sharded, so a resume on another mesh may draw other masks). training/step.py: dropout_key.
+DROPOUT_RNGS = ("threefry", "rbg")
 # Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -95,6 +99,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
   attention: str = "auto"
+  dropout_rng: str = "threefry"
   scan_layers: bool = False
   remat: str = "none"
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
@@ -155,6 +160,7 @@ class ModelConfig:
                           ("rope_scaling", ROPE_SCALINGS),
                           ("activation", ACTIVATIONS),
                           ("attention", ATTENTION_IMPLEMENTATIONS),
+                          ("dropout_rng", DROPOUT_RNGS),
                           ("dtype", DTYPES),
                           ("param_dtype", DTYPES),
                           ("remat", REMAT_POLICIES)):

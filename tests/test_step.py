@@ -137,3 +137,38 @@ def test_loss_chunk_must_divide_the_sequence():
   with pytest.raises(UserError, match=r"loss_chunk \(10\) must divide the sequence length 24"):
     chunked_cross_entropy({}, get_config("tiny"), jnp.zeros((2, 24, 64)),
                           jnp.zeros((2, 24), jnp.int32), 10)
+
+
+def test_dropout_masks_from_rbg_keep_their_rate_and_follow_the_key():
+  """model.dropout_rng='rbg': masks from XLA's RngBitGenerator keep 1 - p of the entries, the
+  same key draws the same mask and another key another; threefry's masks are today's."""
+  from training.step import dropout_key  # pylint: disable=import-outside-toplevel
+  rbg = get_config("tiny", dropout_rng="rbg")
+  key = jax.random.fold_in(jax.random.key(3), 7)
+  mask = lambda k: np.asarray(jax.random.bernoulli(k, 0.8, (1 << 20,)))
+  assert jax.random.key_impl(dropout_key(key, rbg)) == jax.random.key_impl(
+      jax.random.key(0, impl="rbg"))
+  assert abs(mask(dropout_key(key, rbg)).mean() - 0.8) < 0.002  # 5 sigma at 2^20 draws
+  np.testing.assert_array_equal(mask(dropout_key(key, rbg)), mask(dropout_key(key, rbg)))
+  other = jax.random.fold_in(jax.random.key(3), 8)
+  assert (mask(dropout_key(key, rbg)) != mask(dropout_key(other, rbg))).mean() > 0.2
+  assert dropout_key(key, get_config("tiny")) is key
+
+
+def test_the_dropout_generator_changes_only_dropout_losses():
+  """Losses of one step: with dropout, rbg draws other masks than threefry (and the same ones
+  twice); without dropout the generator changes nothing."""
+  params = init_params(get_config("tiny"), jax.random.key(0))
+  tokens = jnp.asarray(random_batch(4, 16, 64))
+  key = jax.random.key(5)
+
+  def loss(**changes):
+    cfg = get_config("tiny", **changes)
+    return float(jax.jit(lambda p: loss_fn(p, cfg, tokens, key, True))(params))
+
+  drop = dict(embd_dropout=0.2, attn_dropout=0.2, resid_dropout=0.2)
+  assert loss(dropout_rng="rbg", **drop) == loss(dropout_rng="rbg", **drop)
+  assert loss(dropout_rng="rbg", **drop) != loss(**drop)
+  assert loss(dropout_rng="rbg") == loss()
+  with pytest.raises(UserError, match="dropout_rng must be one of threefry, rbg; got 'philox'"):
+    get_config("tiny", dropout_rng="philox")

@@ -120,6 +120,14 @@ def split_seq2seq(cfg: ModelConfig, batch_BW: jax.Array):
   return batch_BW[:, :S], batch_BW[:, S:-1], batch_BW[:, S + 1:]
 
 
+def dropout_key(key: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The key the model's dropout masks are drawn with: `key` itself (threefry), or with
+  cfg.dropout_rng="rbg" an rbg key made from its bits (the same key gives the same masks)."""
+  if cfg.dropout_rng == "rbg":
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  return key
+
+
 def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.Array | None,
                      train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -132,7 +140,7 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
             target tokens (padding masked); the source padding masked in attention
   label_smoothing applies to bert and encdec (training/data/tasks.py has the batch formats)."""
   dropout = train and uses_dropout(cfg)
-  rngs = {"dropout": key} if dropout else None
+  rngs = {"dropout": dropout_key(key, cfg)} if dropout else None
   if cfg.family == "bert":
     T = cfg.block_size
     inputs_BT, targets_BT = batch[:, :T], batch[:, T:]

@@ -114,7 +114,7 @@ def _no_step(path: str, step: int | None) -> None:
 # what the parameters are. block_size may be lowered (positions cropped) and padded_vocab_size
 # raised (rows re-padded); every other field is the weights'.
 RUN_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dtype", "param_dtype",
-              "attention", "scan_layers", "remat")
+              "attention", "dropout_rng", "scan_layers", "remat")
 
 
 def describe_init_from(name_or_dir: str) -> Weights:
