@@ -24,6 +24,11 @@ def _benchmark(*args):
   return status, out.getvalue(), err.getvalue()
 
 
+# One worker for the whole file, so that the module's benchmark run (the `report` fixture) is
+# made once, not once on each xdist worker.
+pytestmark = pytest.mark.xdist_group("benchmark")
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"

@@ -5,6 +5,8 @@ comes out of the cache trains to the same numbers, bit for bit, as what was comp
 import os
 import re
 
+import pytest
+
 from conftest import COMPILATION_CACHE, ONE_DEVICE_XLA_FLAGS, run_module, subprocess_env
 from training.metrics import read_metrics
 
@@ -19,6 +21,7 @@ def test_subprocesses_share_the_runs_cache():
   assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(COMPILATION_CACHE)  # this process too
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_every_program_and_trains_the_same(tmp_path):
   """Two launch.train processes with one config and an empty cache of their own: the first
   compiles and writes each program, the second finds every one (JAX's compile log) and writes

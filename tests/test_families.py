@@ -258,7 +258,7 @@ def _two_steps(cfg, mesh, host_state=None):
   return out, initial
 
 
-@pytest.mark.parametrize("family", ["bert", "encdec"])
+@pytest.mark.parametrize("family", ["bert", pytest.param("encdec", marks=pytest.mark.slow)])
 def test_one_training_step_is_the_same_on_every_mesh(family):
   """Two steps (label smoothing on) give the single-device losses on (8,1,1), (1,8,1),
   (2,2,2) and (1,2,4) (data, fsdp, tensor): 8 heads (the encdec decoder's 4, and its own MLP

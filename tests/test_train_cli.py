@@ -177,6 +177,7 @@ def test_bad_input_in_a_real_process_is_one_line(env, tmp_path):
   assert out.stdout == "" and not workdir.exists()
 
 
+@pytest.mark.slow
 def test_cpu_devices_split_the_batch_over_cores(env, tmp_path):
   """mesh.cpu_devices makes JAX's CPU backend that many devices and the mesh data-parallel
   (a real process: the devices are chosen before JAX starts)."""
@@ -248,6 +249,7 @@ def _blocked_writing(pid: int) -> bool:
   return "pipe_write" in pathlib.Path(f"/proc/{pid}/wchan").read_text()
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(env, tmp_path):
   """The second Ctrl-C comes while the first one's stop is still under way. To be sure it is
   (a tiny run finishes its step and save in a fraction of a second), the run's stdout is a
@@ -273,6 +275,7 @@ def test_second_ctrl_c_exits_at_once(env, tmp_path):
   assert "error: interrupted; exiting at once without saving." in stderr
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(env, tmp_path,
                                                                      reference_losses):
   first = _start(_cmd(tmp_path, *RESUME_ARGS, "--quiet"), env)
