@@ -255,10 +255,12 @@ def test_live_bert_parity_on_fresh_inputs(hf):
     assert rel_err(bert_forward(cfg, params, tokens, mask, types), want) <= PARITY
 
 
-def test_live_bart_parity_and_beam_search(hf):
+def _live_bart_check(hf, directory, seed: int, scan_layers: bool) -> None:
+  """Logits and beams of the checkpoint in `directory` on fresh inputs against transformers'
+  model itself."""
   torch, transformers = hf
-  model = transformers.BartForConditionalGeneration.from_pretrained(BART_DIR).eval()
-  rng = np.random.default_rng(12)
+  model = transformers.BartForConditionalGeneration.from_pretrained(directory).eval()
+  rng = np.random.default_rng(seed)
   src = rng.integers(3, 300, (3, 16)).astype(np.int32)
   mask = (np.arange(16)[None] < np.array([[16], [9], [4]])).astype(np.int32)
   tgt = rng.integers(3, 300, (3, 11)).astype(np.int32)
@@ -270,40 +272,23 @@ def test_live_bart_parity_and_beam_search(hf):
                            max_new_tokens=BEAM_TOKENS, do_sample=False, early_stopping=False,
                            length_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
                            forced_bos_token_id=None, forced_eos_token_id=None).numpy()
-  cfg, params = load_hf(BART_DIR, scan_layers=True)
+  cfg, params = load_hf(directory, scan_layers=scan_layers)
   assert rel_err(bart_forward(cfg, params, src, tgt, mask), want.numpy()) <= PARITY
   want_ids = []
   for row in beams[:, 1:]:
     ids = [int(i) for i in row]
     want_ids.append(ids[:ids.index(2) + 1] if 2 in ids else ids)
   assert _ours(cfg, params, _beam_rows(src, mask), cfg.eos_id) == want_ids
+
+
+def test_live_bart_parity_and_beam_search(hf):
+  _live_bart_check(hf, BART_DIR, seed=12, scan_layers=True)
 
 
 @pytest.mark.parametrize("name", list(UNEQUAL))
 def test_live_bart_with_unequal_halves(hf, name):
   """The same on fresh inputs against transformers' model itself."""
-  torch, transformers = hf
-  directory = FIXTURES / f"hf_bart_unequal_{name}"
-  model = transformers.BartForConditionalGeneration.from_pretrained(directory).eval()
-  rng = np.random.default_rng(13)
-  src = rng.integers(3, 300, (3, 16)).astype(np.int32)
-  mask = (np.arange(16)[None] < np.array([[16], [9], [4]])).astype(np.int32)
-  tgt = rng.integers(3, 300, (3, 11)).astype(np.int32)
-  tgt[:, 0] = 2
-  t = lambda x: torch.from_numpy(x).long()
-  with torch.no_grad():
-    want = model(input_ids=t(src), attention_mask=t(mask), decoder_input_ids=t(tgt)).logits
-    beams = model.generate(input_ids=t(src), attention_mask=t(mask), num_beams=BEAMS,
-                           max_new_tokens=BEAM_TOKENS, do_sample=False, early_stopping=False,
-                           length_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
-                           forced_bos_token_id=None, forced_eos_token_id=None).numpy()
-  cfg, params = load_hf(directory)
-  assert rel_err(bart_forward(cfg, params, src, tgt, mask), want.numpy()) <= PARITY
-  want_ids = []
-  for row in beams[:, 1:]:
-    ids = [int(i) for i in row]
-    want_ids.append(ids[:ids.index(2) + 1] if 2 in ids else ids)
-  assert _ours(cfg, params, _beam_rows(src, mask), cfg.eos_id) == want_ids
+  _live_bart_check(hf, FIXTURES / f"hf_bart_unequal_{name}", seed=13, scan_layers=False)
 
 
 def test_live_tokenizers_equal_autotokenizer(hf):
