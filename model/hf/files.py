@@ -156,3 +156,19 @@ def _read_torch_tensors(path: str) -> dict[str, np.ndarray]:
     raise UserError(f"{path} is not a readable PyTorch state dict ({e}).") from None
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in state.items()}
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     hf_config: dict[str, Any]) -> None:
+  """Writes `path`/model.safetensors (the tensors, as given) and config.json, what
+  `from_pretrained` reads; the weights file gets the permissions of any new file."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  weights = os.path.join(path, WEIGHTS_FILE)
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, weights,
+            metadata={"format": "pt"})
+  umask = os.umask(0)  # safetensors writes 0600
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)
+  with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f, indent=2)

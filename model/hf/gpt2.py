@@ -12,7 +12,6 @@ Hugging Face's Conv1D stores weights as [in, out]; the mapping to our layout is
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from model.config import ModelConfig
 from model.errors import UserError
 from model.hf.files import (CONFIG_FILE, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
-                            resolve_checkpoint_dir)
+                            resolve_checkpoint_dir, write_checkpoint)
 from model.hf.tensors import ACTIVATIONS, HF_ACTIVATIONS, checked_config, map_tree, pad_rows
 from model.layout import convert_layout, unstack_layers
 
@@ -173,7 +172,6 @@ def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> Non
   (use_bias=False) gets zero biases, which compute the same function; padded vocabulary rows
   are dropped. Weights are saved as float32.
   """
-  from safetensors.numpy import save_file
   check_hf_gpt2_shaped(cfg)
   D, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
   p = map_tree(lambda x: np.asarray(x, np.float32), unstack_layers(params, L))
@@ -209,12 +207,4 @@ def save_hf_gpt2(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> Non
       "bos_token_id": GPT2_EOT_ID if V > GPT2_EOT_ID else None,
       "eos_token_id": GPT2_EOT_ID if V > GPT2_EOT_ID else None,
   }
-  os.makedirs(path, exist_ok=True)
-  weights = os.path.join(path, WEIGHTS_FILE)
-  save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, weights,
-            metadata={"format": "pt"})
-  umask = os.umask(0)  # safetensors writes 0600; give it the permissions of any new file
-  os.umask(umask)
-  os.chmod(weights, 0o666 & ~umask)
-  with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf_config, f, indent=2)
+  write_checkpoint(path, t, hf_config)

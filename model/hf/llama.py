@@ -23,7 +23,6 @@ uses (each head's first K/2 dimensions pair with its last K/2), which is ours: n
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from model.config import ROPE_SCALINGS, ModelConfig
 from model.errors import UserError
-from model.hf.files import CONFIG_FILE, WEIGHTS_FILE
+from model.hf.files import CONFIG_FILE, WEIGHTS_FILE, write_checkpoint
 from model.hf.tensors import HFTensors, checked_config, finish_params, map_tree, pad_rows
 from model.layout import unstack_layers
 
@@ -123,17 +122,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
                    hf_config: dict[str, Any] | None = None,  # pylint: disable=unused-argument
                    source: str = WEIGHTS_FILE) -> dict:
   t = HFTensors(tensors, source, strip=("model.",))
-  D, H, G, K, F, V = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_mlp,
-                      cfg.vocab_size)
-
-  def linear(name, n_in, n_out, bias):
-    p = {"kernel": t.get(f"{name}.weight", (n_out, n_in)).T}
-    if bias:
-      p["bias"] = t.get(f"{name}.bias", (n_out,))
-    return p
-
-  def heads(p, n):  # [D, n*K] -> [D, n, K]
-    return {k: v.reshape(*v.shape[:-1], n, K) for k, v in p.items()}
+  D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
 
   params = {"wte": {"embedding": pad_rows(t.get("embed_tokens.weight", (V, D)),
                                           cfg.padded_vocab_size)},
@@ -141,21 +130,16 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
   for i in range(cfg.num_layers):
     p = f"layers.{i}"
     a = f"{p}.self_attn"
-    q = heads(linear(f"{a}.q_proj", D, H * K, cfg.qkv_bias_on), H)
-    k = heads(linear(f"{a}.k_proj", D, G * K, cfg.qkv_bias_on), G)
-    v = heads(linear(f"{a}.v_proj", D, G * K, cfg.qkv_bias_on), G)
-    fuse = lambda parts: {key: np.stack([x[key] for x in parts],
-                                        axis=1 if key == "kernel" else 0) for key in parts[0]}
-    attn = {"c_attn": fuse([q, k, v])} if G == H else {"c_q": q, "c_kv": fuse([k, v])}
-    o = linear(f"{a}.o_proj", H * K, D, cfg.proj_bias_on)
-    attn["c_proj"] = dict(o, kernel=o["kernel"].reshape(H, K, D))
+    attn = t.attention(f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.o_proj", D,
+                       cfg.num_heads, cfg.head_dim, kv_heads=cfg.kv_heads,
+                       qkv_bias=cfg.qkv_bias_on, out_bias=cfg.proj_bias_on)
     params[f"h_{i}"] = {
         "ln_1": {"scale": t.get(f"{p}.input_layernorm.weight", (D,))},
         "attn": attn,
         "ln_2": {"scale": t.get(f"{p}.post_attention_layernorm.weight", (D,))},
-        "mlp": {"c_gate": linear(f"{p}.mlp.gate_proj", D, F, cfg.mlp_bias_on),
-                "c_fc": linear(f"{p}.mlp.up_proj", D, F, cfg.mlp_bias_on),
-                "c_proj": linear(f"{p}.mlp.down_proj", F, D, cfg.mlp_bias_on)},
+        "mlp": {"c_gate": t.linear(f"{p}.mlp.gate_proj", D, F, cfg.mlp_bias_on),
+                "c_fc": t.linear(f"{p}.mlp.up_proj", D, F, cfg.mlp_bias_on),
+                "c_proj": t.linear(f"{p}.mlp.down_proj", F, D, cfg.mlp_bias_on)},
     }
   if not cfg.tie_embeddings:
     head_VD = t.get("lm_head.weight", (V, D))
@@ -201,7 +185,6 @@ def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
 def save_hf_llama(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> None:
   """Writes `path`/config.json and model.safetensors that transformers' LlamaForCausalLM loads
   (float32; padded vocabulary rows dropped)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   check_llama_shaped(cfg)
   D, H, G, K, V = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
   p = map_tree(lambda x: np.asarray(x, np.float32), unstack_layers(params, cfg.num_layers))
@@ -216,13 +199,12 @@ def save_hf_llama(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> No
   for i in range(cfg.num_layers):
     b, pre = p[f"h_{i}"], f"model.layers.{i}"
     a = b["attn"]
+    # part j of a fused c_attn [D, 3, H, K] / c_kv [D, 2, G, K] (bias [3, H, K] / [2, G, K])
+    part = lambda x, j: {key: (val[:, j] if key == "kernel" else val[j]) for key, val in x.items()}
     if "c_attn" in a:
-      split = lambda x, j: {k: (v[:, j] if k == "kernel" else v[j]) for k, v in x.items()}
-      q, k, v = (split(a["c_attn"], j) for j in range(3))
+      q, k, v = (part(a["c_attn"], j) for j in range(3))
     else:
-      q = a["c_q"]
-      k, v = ({key: (val[:, j] if key == "kernel" else val[j]) for key, val in a["c_kv"].items()}
-              for j in range(2))
+      q, (k, v) = a["c_q"], (part(a["c_kv"], j) for j in range(2))
     put(f"{pre}.self_attn.q_proj", q, H * K)
     put(f"{pre}.self_attn.k_proj", k, G * K)
     put(f"{pre}.self_attn.v_proj", v, G * K)
@@ -234,12 +216,4 @@ def save_hf_llama(params: dict, cfg: ModelConfig, path: str | os.PathLike) -> No
     put(f"{pre}.mlp.down_proj", b["mlp"]["c_proj"], D)
   if not cfg.tie_embeddings:
     t["lm_head.weight"] = p["lm_head"]["kernel"][:, :V].T
-  os.makedirs(path, exist_ok=True)
-  weights = os.path.join(path, WEIGHTS_FILE)
-  save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, weights,
-            metadata={"format": "pt"})
-  umask = os.umask(0)  # safetensors writes 0600; give it the permissions of any new file
-  os.umask(umask)
-  os.chmod(weights, 0o666 & ~umask)
-  with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf_config_of(cfg), f, indent=2)
+  write_checkpoint(path, t, hf_config_of(cfg))

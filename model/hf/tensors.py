@@ -52,26 +52,31 @@ class HFTensors:
   def ln(self, prefix: str, d: int) -> dict:
     return {"scale": self.get(f"{prefix}.weight", (d,)), "bias": self.get(f"{prefix}.bias", (d,))}
 
-  def linear(self, prefix: str, n_in: int, n_out: int) -> dict:
-    """torch.nn.Linear (weight [out, in]) as a Dense: kernel [in, out], bias [out]."""
-    return {"kernel": self.get(f"{prefix}.weight", (n_out, n_in)).T,
-            "bias": self.get(f"{prefix}.bias", (n_out,))}
+  def linear(self, prefix: str, n_in: int, n_out: int, bias: bool = True) -> dict:
+    """torch.nn.Linear (weight [out, in]) as a Dense: kernel [in, out], bias [out] (if `bias`)."""
+    p = {"kernel": self.get(f"{prefix}.weight", (n_out, n_in)).T}
+    if bias:
+      p["bias"] = self.get(f"{prefix}.bias", (n_out,))
+    return p
 
   def attention(self, q: str, k: str, v: str, out: str, D: int, H: int, K: int, *,
-                cross: bool = False) -> dict:
-    """Separate q / k / v / output Linears as our Attention: fused c_attn [D, 3, H, K] (or, with
-    `cross`, c_q [D, H, K] and c_kv [D, 2, H, K]) and c_proj [H, K, D]."""
-    qkv = [self.linear(name, D, D) for name in (q, k, v)]
-    heads = lambda d: {"kernel": d["kernel"].reshape(D, H, K), "bias": d["bias"].reshape(H, K)}
-    proj = self.linear(out, D, D)
-    p = {"c_proj": {"kernel": proj["kernel"].reshape(H, K, D), "bias": proj["bias"]}}
-    parts = [heads(d) for d in qkv]
-    fuse = lambda ds: {"kernel": np.stack([d["kernel"] for d in ds], axis=1),
-                       "bias": np.stack([d["bias"] for d in ds], axis=0)}
-    if cross:
-      p.update(c_q=parts[0], c_kv=fuse(parts[1:]))
+                cross: bool = False, kv_heads: int | None = None, qkv_bias: bool = True,
+                out_bias: bool = True) -> dict:
+    """Separate q / k / v / output Linears as our Attention: fused c_attn [D, 3, H, K], or with
+    `cross` or G = kv_heads < H key/value heads c_q [D, H, K] and c_kv [D, 2, G, K]; c_proj
+    [H, K, D]. Biases of q / k / v with qkv_bias, of the output with out_bias."""
+    G = H if kv_heads is None else kv_heads
+    heads = lambda d, n: {key: x.reshape(*x.shape[:-1], n, K) for key, x in d.items()}
+    q_part = heads(self.linear(q, D, H * K, qkv_bias), H)
+    k_part, v_part = (heads(self.linear(name, D, G * K, qkv_bias), G) for name in (k, v))
+    proj = self.linear(out, H * K, D, out_bias)
+    p = {"c_proj": dict(proj, kernel=proj["kernel"].reshape(H, K, D))}
+    fuse = lambda ds: {key: np.stack([d[key] for d in ds], axis=1 if key == "kernel" else 0)
+                       for key in ds[0]}
+    if cross or G != H:
+      p.update(c_q=q_part, c_kv=fuse([k_part, v_part]))
     else:
-      p["c_attn"] = fuse(parts)
+      p["c_attn"] = fuse([q_part, k_part, v_part])
     return p
 
 
