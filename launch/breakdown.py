@@ -60,22 +60,16 @@ def resolve_flag_sets(values: list[str]) -> dict[str, tuple[str, ...]]:
     elif value in FLAG_SETS:
       out[value] = FLAG_SETS[value]
     elif value.startswith("--"):
-      own = tuple(value.split("+--"))
-      own = tuple(f if f.startswith("--") else "--" + f for f in own)
-      for flag in own:
-        if not XLA_FLAG.match(flag):
-          raise UserError(f"--flag_sets: {flag!r} is not an XLA flag of the form "
-                          f"--xla_name=value (letters, digits, underscores; value without "
-                          f"spaces).")
-      out[value] = own
+      out[value] = tuple(f if f.startswith("--") else "--" + f for f in value.split("+--"))
     else:
       raise UserError(f"--flag_sets: unknown set {value!r}; use all, "
                       f"{', '.join(FLAG_SETS)}, or flags --xla_name=value joined by +.")
-  for name, set_flags in out.items():
-    bad = [f for f in set_flags if not XLA_FLAG.match(f)]
-    if bad:
-      raise UserError(f"--flag_sets {name}: {bad[0]!r} is not an XLA flag of the form "
-                      f"--xla_name=value.")
+  for set_flags in out.values():  # the user's and the project's own sets alike
+    for flag in set_flags:
+      if not XLA_FLAG.match(flag):
+        raise UserError(f"--flag_sets: {flag!r} is not an XLA flag of the form "
+                        f"--xla_name=value (letters, digits, underscores; value without "
+                        f"spaces).")
   return out
 
 
@@ -93,11 +87,13 @@ def _parts() -> tuple[str, ...]:
 
 def _step_under(set_flags: tuple[str, ...]) -> float:
   """The whole step's ms in a fresh process with set_flags after the user's XLA_FLAGS."""
-  keep, skip_next = [], False
-  for arg in _ARGV:  # this run's arguments without the ones the child gets its own of
-    name = arg.split("=", 1)[0].lstrip("-")
-    if skip_next or name in ("flag_sets", "parts", "json"):
-      skip_next = not skip_next and "=" not in arg and name in ("flag_sets", "parts", "json")
+  keep, skip_value = [], False
+  for arg in _ARGV:  # this run's arguments without the ones the child is given its own of
+    if skip_value:  # the value of a flag written "--json FILE"
+      skip_value = False
+      continue
+    if arg.split("=", 1)[0].lstrip("-") in ("flag_sets", "parts", "json"):
+      skip_value = "=" not in arg
       continue
     keep.append(arg)
   with tempfile.TemporaryDirectory() as tmp:

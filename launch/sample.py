@@ -51,7 +51,7 @@ from model.errors import UserError
 from model.decode.sampling import (check_prompt, check_settings, check_window_shift, generate,
                                    generate_stream)
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
-from training.weights import HF, WORKDIR, describe_weights, load_weights, source_kind
+from training.weights import WORKDIR, describe_weights, load_weights, own_tokenizer_dir
 
 STREAM_CHUNK = 8  # decode steps between printed pieces with --stream
 PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prompt file
@@ -201,10 +201,10 @@ def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int,
   (`hf_source`, recording none) GPT-2 BPE, or for a Llama its own tokenizer.json; GPT-2 BPE for
   a run on synthetic data. It must cover the model's vocabulary."""
   try:
-    if saved is None and hf_source is not None and _has_own_tokenizer(hf_source):
-      from model.hf import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
+    own = None if saved is not None or hf_source is None else own_tokenizer_dir(hf_source)
+    if own is not None:
       from model.hf.tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
-      tokenizer = load_hf_tokenizer(resolve_checkpoint_dir(hf_source))
+      tokenizer = load_hf_tokenizer(own)
     else:
       tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
   except UserError:
@@ -218,16 +218,6 @@ def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int,
         f"The model's vocabulary ({vocab_size} tokens) is larger than its tokenizer's "
         f"({tokenizer.name}, {tokenizer.vocab_size}), so its samples cannot be decoded.")
   return tokenizer
-
-
-def _has_own_tokenizer(hf_source: str) -> bool:
-  """Whether a Hugging Face checkpoint brings the tokenizer its ids mean (a Llama's
-  tokenizer.json), rather than being GPT-2 with GPT-2's BPE."""
-  from model.hf import (read_hf_config,  # pylint: disable=import-outside-toplevel
-                        resolve_checkpoint_dir)
-  if source_kind(hf_source) != HF:
-    return False
-  return read_hf_config(resolve_checkpoint_dir(hf_source)).get("model_type") == "llama"
 
 
 def stop_token(tokenizer, vocab_size: int, stop: bool = True) -> int | None:

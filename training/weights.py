@@ -166,7 +166,7 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
   """The data must fit the weights' vocabulary, and a run's weights must have been trained on
   the data's tokenizer (a character table of the same size with other characters would give
   the ids other meanings)."""
-  own = own_tokenizer_dir(weights)
+  own = own_tokenizer_dir(weights.label) if weights.kind == HF else None
   if own is not None:  # a Llama checkpoint: its ids are its own tokenizer's
     if not _same_hf_tokenizer(own, data_tokenizer):
       raise UserError(f"config.init_from={name_or_dir!r} is a Hugging Face checkpoint whose "
@@ -191,12 +191,12 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
                   f"characters.")
 
 
-def own_tokenizer_dir(weights: Weights) -> str | None:
+def own_tokenizer_dir(name_or_dir: str) -> str | None:
   """The directory of a Hugging Face checkpoint that brings the tokenizer its ids mean (a
-  Llama's tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE), else None."""
-  if weights.kind != HF:
+  Llama's tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE), else None (a workdir too)."""
+  if source_kind(name_or_dir) != HF:
     return None
-  directory = hf.resolve_checkpoint_dir(weights.label)
+  directory = hf.resolve_checkpoint_dir(name_or_dir)
   return directory if hf.read_hf_config(directory).get("model_type") == "llama" else None
 
 
