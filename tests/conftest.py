@@ -365,3 +365,11 @@ def gcs():
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def transformers_lib():
+  """(torch, transformers) for the live Hugging Face comparisons; the test is skipped where
+  they are not installed (the committed fixtures are checked either way)."""
+  torch = pytest.importorskip("torch")
+  return torch, pytest.importorskip("transformers")

@@ -169,12 +169,6 @@ def test_save_and_load_round_trip(tmp_path, expected):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.fixture(scope="module")
-def transformers_lib():
-  torch = pytest.importorskip("torch")
-  return torch, pytest.importorskip("transformers")
-
-
 def hf_logits(transformers_lib, directory, tokens):
   torch, transformers = transformers_lib
   model = transformers.LlamaForCausalLM.from_pretrained(directory).eval()

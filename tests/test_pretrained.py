@@ -251,12 +251,6 @@ def test_pytorch_bin_checkpoint(tmp_path, expected):
   assert rel_err(forward(cfg, params, tokens), logits) <= PARITY
 
 
-@pytest.fixture(scope="module")
-def transformers_lib():
-  torch = pytest.importorskip("torch")
-  return torch, pytest.importorskip("transformers")
-
-
 def hf_logits(transformers_lib, directory, tokens):
   torch, transformers = transformers_lib
   model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()

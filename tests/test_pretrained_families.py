@@ -234,14 +234,8 @@ def test_unsupported_model_type_and_bad_overrides(tmp_path):
 # Live comparison with transformers
 
 
-@pytest.fixture(scope="module")
-def hf():
-  torch = pytest.importorskip("torch")
-  return torch, pytest.importorskip("transformers")
-
-
-def test_live_bert_parity_on_fresh_inputs(hf):
-  torch, transformers = hf
+def test_live_bert_parity_on_fresh_inputs(transformers_lib):
+  torch, transformers = transformers_lib
   model = transformers.BertForMaskedLM.from_pretrained(BERT_DIR).eval()
   rng = np.random.default_rng(11)
   tokens = rng.integers(0, 120, (3, 32)).astype(np.int32)
@@ -255,10 +249,10 @@ def test_live_bert_parity_on_fresh_inputs(hf):
     assert rel_err(bert_forward(cfg, params, tokens, mask, types), want) <= PARITY
 
 
-def _live_bart_check(hf, directory, seed: int, scan_layers: bool) -> None:
+def _live_bart_check(transformers_lib, directory, seed: int, scan_layers: bool) -> None:
   """Logits and beams of the checkpoint in `directory` on fresh inputs against transformers'
   model itself."""
-  torch, transformers = hf
+  torch, transformers = transformers_lib
   model = transformers.BartForConditionalGeneration.from_pretrained(directory).eval()
   rng = np.random.default_rng(seed)
   src = rng.integers(3, 300, (3, 16)).astype(np.int32)
@@ -281,18 +275,19 @@ def _live_bart_check(hf, directory, seed: int, scan_layers: bool) -> None:
   assert _ours(cfg, params, _beam_rows(src, mask), cfg.eos_id) == want_ids
 
 
-def test_live_bart_parity_and_beam_search(hf):
-  _live_bart_check(hf, BART_DIR, seed=12, scan_layers=True)
+def test_live_bart_parity_and_beam_search(transformers_lib):
+  _live_bart_check(transformers_lib, BART_DIR, seed=12, scan_layers=True)
 
 
 @pytest.mark.parametrize("name", list(UNEQUAL))
-def test_live_bart_with_unequal_halves(hf, name):
+def test_live_bart_with_unequal_halves(transformers_lib, name):
   """The same on fresh inputs against transformers' model itself."""
-  _live_bart_check(hf, FIXTURES / f"hf_bart_unequal_{name}", seed=13, scan_layers=False)
+  _live_bart_check(transformers_lib, FIXTURES / f"hf_bart_unequal_{name}", seed=13,
+                   scan_layers=False)
 
 
-def test_live_tokenizers_equal_autotokenizer(hf):
-  _, transformers = hf
+def test_live_tokenizers_equal_autotokenizer(transformers_lib):
+  _, transformers = transformers_lib
   for directory in (BERT_DIR, BART_DIR):
     want = transformers.AutoTokenizer.from_pretrained(directory)
     ours = load_hf_tokenizer(directory)

@@ -76,7 +76,8 @@ def _records(result):
 
 def _check_against_generate(records, params, cfg, tokenizer, prompts, num_samples,
                             **settings):
-  """The CLI's samples equal model.decode.sampling.generate's with the same settings, prompt-major."""
+  """The CLI's samples equal model.decode.sampling.generate's with the same settings,
+  prompt-major."""
   rows = [tokenizer.encode(p) for p in prompts for _ in range(num_samples)]
   expected = generate(params, cfg, rows, max_new_tokens=records[0]["num_tokens"], **settings)
   assert [r["token_ids"] for r in records] == expected.tokens

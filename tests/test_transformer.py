@@ -1,5 +1,5 @@
-"""model/gpt.py and model/blocks.py: the GPT module's presets, causality, KV cache, layouts, variants, init
-statistics, LayerNorm and embedding lookups.
+"""model/gpt.py and model/blocks.py: the GPT module's presets, causality, KV cache, layouts,
+variants, init statistics, LayerNorm and embedding lookups.
 
 Relative error throughout: rel(a, b) = max|a - b| / max|b| (b the reference).
 Most of this file's time is XLA compiling, so tests share jitted functions (one compile per
