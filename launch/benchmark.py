@@ -84,19 +84,8 @@ def _main(args: list[str]) -> int:
   if FLAGS.compare and FLAGS.mode != "sample":
     raise UserError(f"--compare {FLAGS.compare} needs --mode sample, got --mode {FLAGS.mode}.")
   config = cli.load_config(FLAGS)
-  # pylint: disable=import-outside-toplevel  (they import jax)
-  from training.data.tasks import data_vocabulary, resolve_task
-  from training.perf import benchmark
-  from training.run import build_run
-  family = config.model.get("family", "gpt")
-  if config.model.get("vocab_size") is not None:
-    vocab, where = config.model.vocab_size, "config.model.vocab_size"
-  else:  # the data's, as training finds it (its tokenizer or metadata; no tokens are read)
-    vocab, where = data_vocabulary(config.data, resolve_task(family, config.data))
-  config.data.source, config.data.vocab_size = "synthetic", vocab
-  if family == "encdec":  # synthetic tokens make denoising pairs
-    config.data.task = "denoise"
-  run = build_run(config)  # applies mesh.cpu_devices before anything starts JAX's backends
+  from training.perf import benchmark  # pylint: disable=import-outside-toplevel  (jax)
+  run, where = benchmark.random_token_run(config)
   report = {"device": benchmark.device_info(), "command": " ".join(sys.argv),
             "vocabulary": {"size": run.model.vocab_size, "padded": run.model.padded_vocab_size,
                            "from": where}}

@@ -117,16 +117,11 @@ def _main(args: list[str]) -> int:
   flag_sets = resolve_flag_sets(FLAGS.flag_sets)
   config = cli.load_config(FLAGS)
   # pylint: disable=import-outside-toplevel  (they import jax)
-  from training.data.tasks import data_vocabulary, resolve_task
   from training.perf import benchmark, breakdown
-  from training.run import build_run
   if config.model.get("family", "gpt") != "gpt":
     raise UserError(f"launch.breakdown times GPT-family steps; this config's model.family is "
                     f"{config.model.family!r}.")
-  if config.model.get("vocab_size") is None:
-    config.model.vocab_size = data_vocabulary(config.data, resolve_task("gpt", config.data))[0]
-  config.data.source, config.data.vocab_size = "synthetic", config.model.vocab_size
-  run = build_run(config)
+  run, _ = benchmark.random_token_run(config)
   ms = breakdown.measure(run, parts, steps=FLAGS.steps, warmup=FLAGS.warmup)
   under = {name: _step_under(set_flags) for name, set_flags in flag_sets.items()}
   report = {"device": benchmark.device_info(), "command": " ".join(["launch.breakdown", *_ARGV]),

@@ -44,8 +44,26 @@ from model.decode.sampling import cache_chunks_for, choose_buckets, generate
 from model.families import init_params
 from sharding import shard_batch
 from training.perf import flops
-from training.run import Run
+from training.data.tasks import data_vocabulary, resolve_task
+from training.run import Run, build_run
 from training.step import CPU_COMPILER_OPTIONS
+
+
+def random_token_run(config) -> tuple[Run, str]:
+  """(run, where its vocabulary comes from): the config built as launch.train builds it, on
+  random tokens over the vocabulary the model trains with: config.model.vocab_size, or what
+  the configured data gives (its tokenizer or metadata; no tokens are read). An
+  encoder-decoder trains on random denoising pairs. What launch.benchmark and launch.breakdown
+  time (speed does not depend on the tokens)."""
+  family = config.model.get("family", "gpt")
+  if config.model.get("vocab_size") is not None:
+    vocab, where = config.model.vocab_size, "config.model.vocab_size"
+  else:
+    vocab, where = data_vocabulary(config.data, resolve_task(family, config.data))
+  config.data.source, config.data.vocab_size = "synthetic", vocab
+  if family == "encdec":  # synthetic tokens make denoising pairs
+    config.data.task = "denoise"
+  return build_run(config), where  # applies mesh.cpu_devices before JAX's backends start
 
 
 def device_info() -> dict[str, Any]:
