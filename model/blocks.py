@@ -304,10 +304,7 @@ class Attention(nn.Module):
                              ("embed", "qkv", "kv_heads", "kv"), 0.02, qkv_bias,
                              name="c_kv")(x_BTD)
       k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
-    if cfg.position_embedding == "rotary" and self.kind != "cross":
-      if positions_BT is None:
-        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1], dtype=jnp.int32)[None],
-                                        x_BTD.shape[:2])
+    if cfg.position_embedding == "rotary" and self.kind != "cross":  # GPT: positions given
       q_BTHK, k_BTGK = rotary(q_BTHK, positions_BT, cfg), rotary(k_BTGK, positions_BT, cfg)
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
     kv_axes = ACT_BTHK if G == H else ACT_BTGK
