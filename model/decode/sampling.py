@@ -55,8 +55,8 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.decode.logits import (is_python_number, check_settings, filter_logits, sample_filtered,
-                          sample_token, static_mode)
+from model.decode.logits import (check_settings, filter_logits, is_python_number,
+                                 sample_filtered, sample_token, static_mode)
 from model.gpt import GPT, logits_from_hidden
 from model.kv_cache import Cache, cache_chunk_size, init_cache
 from model.layout import convert_layout
