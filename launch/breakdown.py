@@ -10,7 +10,8 @@ in a fresh process (XLA reads its flags once): `all`, names from
 training/perf/breakdown.py's FLAG_SETS (latency_hiding, cublas_gemms, fp_conversion,
 command_buffers; GPU flags: elsewhere XLA accepts and ignores them), or your own flags written
 `--xla_name=value` (several joined by `+`). Your XLA_FLAGS are kept in every process; a set's
-flags come after them. A malformed flag or an unknown set name is one `error:` line, exit 2,
+flags come after them. A malformed flag, a flag XLA does not know (XLA's own parser is asked
+first: training/xla_flags.py) or an unknown set name is one `error:` line, exit 2,
 before anything compiles. The config is built as launch.benchmark builds it (random tokens over
 the model's vocabulary); GPT-family configs.
 """
@@ -51,7 +52,8 @@ _ARGV: list[str] = []
 
 
 def resolve_flag_sets(values: list[str]) -> dict[str, tuple[str, ...]]:
-  """--flag_sets as {name: flags}; UserError for an unknown name or a malformed flag."""
+  """--flag_sets as {name: flags}; UserError for an unknown name, a malformed flag or one XLA
+  does not know."""
   from training.perf.breakdown import FLAG_SETS  # pylint: disable=import-outside-toplevel
   out: dict[str, tuple[str, ...]] = {}
   for value in values:
@@ -70,6 +72,10 @@ def resolve_flag_sets(values: list[str]) -> dict[str, tuple[str, ...]]:
         raise UserError(f"--flag_sets: {flag!r} is not an XLA flag of the form "
                         f"--xla_name=value (letters, digits, underscores; value without "
                         f"spaces).")
+  if out:  # XLA itself, once for all the sets, before anything is measured
+    from training.xla_flags import check_xla_flags  # pylint: disable=import-outside-toplevel
+    every = [os.environ.get("XLA_FLAGS", ""), *(f for fs in out.values() for f in fs)]
+    check_xla_flags(" ".join(every).strip(), "--flag_sets")
   return out
 
 

@@ -5,7 +5,11 @@ imported side by side, as the tests do); experiment configs are ml_collections c
 (`--config path[:variant]`, any field overridable as `--config.<section>.<key>=value`). A
 mistake in the input ends the program with one `error: <sentence>` line naming the bad value
 and exit status 2: a bad flag or config override (explained here, where absl and ml_collections
-would print tracebacks or several lines), or a UserError raised by the library.
+would print tracebacks or several lines), a non-finite value of a float flag, an XLA_FLAGS
+value XLA would refuse (training/xla_flags.py, asked before anything runs), or a UserError
+raised by the library. Ctrl-C anywhere is one line, `interrupted; <what it left>`, and exit
+status 130 (the entry point says what an interruption leaves; a library step that must not be
+cut in half raises training.interrupts.Interrupted with its own note once it is done).
 
     FLAGS = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Where the run lives.", flag_values=FLAGS)
@@ -24,10 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import importlib.util
+import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable, NoReturn, Sequence
 
@@ -50,16 +58,53 @@ def fail(message: str, status: int = 2) -> NoReturn:
 
 
 def run(body: Callable[[list[str]], int | None], flag_values: flags.FlagValues, doc: str,
-        argv: Sequence[str] | None = None) -> int:
-  """Parse `argv` (default sys.argv[1:]) into `flag_values`, then return body(positional
-  arguments) (None counts as 0). --help prints `doc` and the flags and exits 0; a bad flag or a
-  UserError from `body` is one `error:` line and exit status 2."""
-  args = parse(flag_values, doc, argv)
-  try:
-    status = body(args)
-  except UserError as e:
-    fail(str(e))
+        argv: Sequence[str] | None = None, *, interrupted: str = "nothing written",
+        xla: bool = True) -> int:
+  """Parse `argv` (default sys.argv[1:]) into `flag_values`, check $XLA_FLAGS (unless not
+  `xla`: the entry point starts no XLA here), then return body(positional arguments) (None
+  counts as 0). --help prints `doc` and the flags and exits 0; a bad flag or a UserError from
+  `body` is one `error:` line and exit status 2; Ctrl-C is the line "interrupted;
+  `interrupted`" (or the note of a training.interrupts.Interrupted) and exit status 130."""
+  with _interrupts_raised():
+    try:
+      args = parse(flag_values, doc, argv)
+      if xla:
+        from training.xla_flags import check_xla_flags  # pylint: disable=import-outside-toplevel
+        check_xla_flags()
+      status = body(args)
+    except UserError as e:
+      fail(str(e))
+    except KeyboardInterrupt as e:
+      note = getattr(e, "note", None) or interrupted
+      print(f"interrupted; {note}", file=sys.stderr, flush=True)
+      # Exit now: no waiting for background threads, nor for a stdout that may be blocked.
+      os._exit(130)  # pylint: disable=protected-access
   return 0 if status is None else status
+
+
+@contextlib.contextmanager
+def _interrupts_raised():
+  """SIGINT raises KeyboardInterrupt, but never inside a garbage-collection callback or a
+  __del__ (JAX runs one at every collection), where Python would print "Exception ignored" and
+  go on: there it is sent again 50 ms later, once that code has returned."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    finalizers = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+      if frame.f_code in finalizers or frame.f_code.co_name == "__del__":
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+      frame = frame.f_back
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def no_arguments(args: Sequence[str]) -> None:
@@ -93,9 +138,15 @@ def parse(flag_values: flags.FlagValues, doc: str, argv: Sequence[str] | None = 
     # ml_collections finds the overrides in sys.argv, not in the list being parsed, so `argv`
     # is sys.argv while absl parses it (for callers that pass their own, e.g. tests).
     with _as_sys_argv(full_argv if takes_config else None):
-      return flag_values(full_argv)[1:]
+      args = flag_values(full_argv)[1:]
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except  (a bad flag, or the
     fail(explain_flag_error(e, argv, flag_values))  # config file's own error)
+  for name in flag_values:  # nan and inf parse as floats; no flag here means them (a
+    value = flag_values[name].value  # config file's are checked with the config: run.py)
+    if (flag_values[name].flag_type() == "float" and not name.startswith("config.")
+        and isinstance(value, float) and not math.isfinite(value)):
+      fail(f"--{name} must be a finite number, got {value!r}.")
+  return args
 
 
 @contextlib.contextmanager

@@ -77,7 +77,7 @@ def _main(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.run(_main, FLAGS, __doc__, argv)
+  return cli.run(_main, FLAGS, __doc__, argv, interrupted="nothing written; --out_dir is as it was")
 
 
 if __name__ == "__main__":

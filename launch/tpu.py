@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
   # `train` hands --config.<key>=value overrides to launch.train on the workers unchanged.
   overrides = [a for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]
-  return cli.run(lambda args: _run(args, overrides), FLAGS, __doc__, rest)
+  return cli.run(lambda args: _run(args, overrides), FLAGS, __doc__, rest,
+                 xla=False)  # it starts no XLA here (the TPU VMs have their own XLA_FLAGS)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ all processes save and restore the checkpoints together.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags, logging
@@ -68,15 +67,14 @@ def _main(args: list[str]) -> int:
           explicit=cli.overridden_keys(FLAGS))
   except (TrainingDiverged, CheckpointWriteFailed) as e:
     cli.fail(str(e), status=1)
-  except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): exit now
-    print("error: interrupted; exiting at once without saving.", file=sys.stderr,
-          flush=True)
-    os._exit(130)  # pylint: disable=protected-access
   return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.run(_main, FLAGS, __doc__, argv)
+  # A first Ctrl-C while training saves and returns (training/loop.py); a second one, or one
+  # before training starts, ends the program at once:
+  return cli.run(_main, FLAGS, __doc__, argv,
+                 interrupted="exited at once without saving (checkpoints saved before are kept)")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,17 @@ def transformers_lib():
   they are not installed (the committed fixtures are checked either way)."""
   torch = pytest.importorskip("torch")
   return torch, pytest.importorskip("transformers")
+
+
+def tree_fingerprint(path) -> dict[str, str]:
+  """{relative path: sha256 of the file's bytes, or "dir"} of everything under `path` ({} when
+  it does not exist): taken before and after a command that must leave `path` as it was."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(path)
+  if not root.exists():
+    return {}
+  out = {}
+  for p in sorted(root.rglob("*")):
+    key = str(p.relative_to(root))
+    out[key] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+  return out

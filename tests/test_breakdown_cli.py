@@ -57,3 +57,15 @@ def test_bad_input_is_one_sentence_before_compiling(args, message, capsys):
   assert exit_status(breakdown_cli.main, [*ARGS, *args]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_flag_xla_does_not_know_is_refused_before_anything_is_measured(monkeypatch, capsys):
+  """XLA's own parser is asked first: the parent measures nothing (measure fails the test if
+  called) and no child runs a step."""
+  def measured(*args, **kwargs):
+    raise AssertionError("the step was measured before the flag sets were checked")
+  monkeypatch.setattr(breakdown, "measure", measured)
+  assert exit_status(breakdown_cli.main, [*ARGS, "--flag_sets=--xla_bogus_flag=1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "error: --flag_sets holds a flag XLA does not know: --xla_bogus_flag=1 (XLA_FLAGS="), err

@@ -1,14 +1,17 @@
 """launch/cli.py: every entry point fails the same way, in one `error:` sentence with status 2:
 a config file that raises anything (or exits), a missing config, an unknown key, a bad value
-(a key given twice names the value that failed), non-finite numbers, bad flags; and overrides
-given to main(argv) in-process reach the config (ml_collections reads them from sys.argv).
-All in-process: nothing here compiles a step."""
+(a key given twice names the value that failed), non-finite numbers, bad flags, an XLA_FLAGS
+value XLA refuses (asked of XLA before anything runs, once per value); overrides given to
+main(argv) in-process reach the config (ml_collections reads them from sys.argv); a Ctrl-C
+that lands in a garbage-collection callback still ends the program (a real process: the
+signal is the point). Nothing here compiles a step."""
 
+import subprocess
 import sys
 
 import pytest
 
-from conftest import exit_status
+from conftest import REPO, exit_status, subprocess_env
 from launch import aot as aot_cli
 from launch import benchmark as benchmark_cli
 from launch import cli
@@ -148,3 +151,82 @@ def test_overrides_reach_the_config_in_process(tmp_path):
         "prepare-float"])
 def test_other_flag_errors_are_one_sentence(main, argv, message, capsys):
   assert _one_error(capsys, main, argv) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA_FLAGS, asked of XLA before anything runs; Ctrl-C, one line and status 130
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--xla_bogus_flag=1", "XLA_FLAGS holds a flag XLA does not know: --xla_bogus_flag=1 "
+                           "(XLA_FLAGS='--xla_bogus_flag=1'); correct or remove it."),
+    ("--xla_cpu_use_fusion_emitters=false --xla_bogus_flag=1 --xla_other_bogus=2",
+     "XLA_FLAGS holds flags XLA does not know: --xla_bogus_flag=1, --xla_other_bogus=2"),
+    ("--xla_backend_optimization_level=abc",
+     "XLA_FLAGS: XLA cannot read the value 'abc' of --xla_backend_optimization_level"),
+    ("xla_bogus", "XLA_FLAGS 'xla_bogus' does not start with --, so XLA reads it as a file of "
+                  "flags, and there is no such file"),
+])
+def test_a_bad_xla_flags_is_one_sentence_before_anything_runs(flags, message, tiny_run, tmp_path,
+                                                              capsys, monkeypatch):
+  """In-process, XLA has parsed the test's own flags already: without the check the commands
+  below would succeed. Nothing is written."""
+  workdir, _ = tiny_run
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert message in _one_error(capsys, sample_cli.main, ["--workdir", str(workdir),
+                                                         "--max_new_tokens", "2"])
+  assert message in _one_error(capsys, train_cli.main, ["--config", TINY, "--workdir",
+                                                        str(tmp_path / "run")])
+  assert not (tmp_path / "run").exists()
+
+
+GC_INTERRUPT = """
+import gc, os, signal, sys, time
+from absl import flags
+from launch import cli
+
+def during_collection(phase, info):  # JAX runs a gc callback of its own at every collection
+  if phase == "start" and not getattr(during_collection, "sent", False):
+    during_collection.sent = True
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(100000))  # Python code runs here: the signal arrives inside the callback
+
+def body(args):
+  gc.callbacks.append(during_collection)
+  gc.collect()
+  gc.callbacks.remove(during_collection)
+  time.sleep(2)
+  print("went on")
+  return 0
+
+sys.exit(cli.run(body, flags.FlagValues(), "", [], interrupted="nothing written"))
+"""
+
+
+def test_ctrl_c_inside_a_garbage_collection_callback_still_stops(tmp_path):
+  """Python ignores (prints and drops) an exception raised in a gc callback or __del__; a
+  Ctrl-C that lands there must still end the program: exit 130, one line, nothing after."""
+  script = tmp_path / "gc_interrupt.py"
+  script.write_text(GC_INTERRUPT)
+  out = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                       env=subprocess_env(XLA_FLAGS=""), timeout=60)
+  assert out.returncode == 130, out.stderr
+  assert out.stderr.strip().splitlines() == ["interrupted; nothing written"]
+  assert "went on" not in out.stdout
+
+
+def test_xla_flags_accepted_once_are_not_asked_again(monkeypatch, tmp_path):
+  """The child process runs once per new XLA_FLAGS value: then this process remembers it, and
+  a new process finds the file under the cache directory."""
+  from training import xla_flags  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("FLAXGPT_CACHE_DIR", str(tmp_path))
+  flags = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+  children, real_run = [], subprocess.run
+  monkeypatch.setattr(xla_flags.subprocess, "run",
+                      lambda *args, **kwargs: children.append(args) or real_run(*args, **kwargs))
+  xla_flags.check_xla_flags(flags)
+  xla_flags.check_xla_flags(flags)
+  assert len(children) == 1
+  monkeypatch.setattr(xla_flags, "_PARSED", set())  # as a new process
+  xla_flags.check_xla_flags(flags)
+  assert len(children) == 1 and list((tmp_path / "xla_flags").iterdir())

@@ -1,11 +1,19 @@
-"""python -m launch.prepare: text and TFDS corpora to token files, one-sentence errors."""
+"""python -m launch.prepare: text and TFDS corpora to token files, one-sentence errors; Ctrl-C
+writes nothing (a real process)."""
 
 import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import exit_status
+from conftest import REPO, exit_status, subprocess_env, tree_fingerprint
 from launch import prepare as prepare_cli
+
+HF_TOKENIZER = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf_llama_mha"
 
 
 def test_prepare_cli_on_tfds_under_mock_data(tmp_path, capsys):
@@ -72,3 +80,41 @@ def test_prepare_cli_with_a_bad_bpe_file_is_one_sentence(content, message, small
   err = capsys.readouterr().err
   assert err.startswith(f"error: GPT-2 BPE file '{bpe}' ") and message in err, err
   assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def _interrupted_prepare(args, out_dir):
+  """`python -m launch.prepare args` sent SIGINT once it writes (its temporary token file is
+  in `out_dir`): (returncode, stderr)."""
+  proc = subprocess.Popen([sys.executable, "-m", "launch.prepare", *args], cwd=REPO,
+                          env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  while (not list(out_dir.glob("train.bin.tmp-*")) and proc.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_preparing_writes_nothing_and_a_rerun_prepares(shakespeare_path, small_text,
+                                                                    tmp_path):
+  """SIGINT while tiny shakespeare is tokenized (the Llama fixture's tokenizer: seconds): exit
+  130, one line, no traceback; a new --out_dir is not left behind (empty, a rerun would take
+  it), an earlier dataset --force was replacing is byte for byte as it was; the rerun prepares
+  the whole dataset, the same files as a run never interrupted."""
+  new, earlier, reference = tmp_path / "new", tmp_path / "earlier", tmp_path / "reference"
+  assert exit_status(prepare_cli.main, [f"--input={small_text}", "--tokenizer=char",
+                                        f"--out_dir={earlier}", "--quiet"]) == 0
+  before = tree_fingerprint(earlier)
+  args = [f"--input={shakespeare_path}", f"--tokenizer=hf:{HF_TOKENIZER}", "--quiet"]
+  for out_dir, force in ((new, []), (earlier, ["--force"])):
+    returncode, stderr = _interrupted_prepare([*args, f"--out_dir={out_dir}", *force], out_dir)
+    assert returncode == 130, stderr
+    assert stderr.strip().splitlines() == [
+        "interrupted; nothing written; --out_dir is as it was"], stderr
+    assert not new.exists() and tree_fingerprint(earlier) == before
+  assert exit_status(prepare_cli.main, [*args, f"--out_dir={new}"]) == 0
+  assert exit_status(prepare_cli.main, [*args, f"--out_dir={reference}"]) == 0
+  assert tree_fingerprint(new) == tree_fingerprint(reference)

@@ -27,6 +27,7 @@ import numpy as np
 
 from model.errors import UserError
 from model.tokenizer import HF_PREFIX, TOKENIZER_NAMES
+from training.interrupts import uninterrupted
 
 META_NAME = "meta.json"
 BIN_NAMES = {"train": "train.bin", "val": "val.bin"}
@@ -279,26 +280,46 @@ def refuse_non_empty(out_dir: str, entries: list[str]) -> None:
                     f"{', '.join([*BIN_NAMES.values(), META_NAME])}.")
 
 
-def _make_out_dir(out_dir: str | os.PathLike) -> pathlib.Path:
+def _make_out_dir(out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """(the output directory, created; the topmost folder this call created, None if none)."""
   out_dir = check_out_dir(out_dir, force=True)  # checked before the work began
+  created = None
+  for folder in (out_dir, *out_dir.parents):
+    if folder.exists():
+      break
+    created = folder
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"Cannot create output directory {str(out_dir)!r}: {e.strerror}.") from None
-  return out_dir
+  return out_dir, created
 
 
 def write_prepared(out_dir, tokenizer, meta: dict[str, Any], pieces) -> dict[str, Any]:
-  """Runs `pieces(writer)` (which writes the splits), then commits; returns meta with counts."""
-  writer = BinWriter(_make_out_dir(out_dir), token_dtype(tokenizer.vocab_size))
+  """Runs `pieces(writer)` (which writes the splits), then commits; returns meta with counts.
+  A failure or Ctrl-C leaves `out_dir` as it was (folders this call made are removed again);
+  the commit itself is not cut in half by Ctrl-C (training/interrupts.py)."""
+  out_dir, created = _make_out_dir(out_dir)
   start = time.perf_counter()
   try:
-    pieces(writer)
+    writer = BinWriter(out_dir, token_dtype(tokenizer.vocab_size))
+    try:
+      pieces(writer)
+      with uninterrupted(f"{out_dir} was written completely before it stopped"):
+        meta = writer.commit({"vocab_size": tokenizer.vocab_size,
+                              "tokenizer": tokenizer.to_dict(), **meta})
+    except BaseException:
+      writer.abort()
+      raise
   except BaseException:
-    writer.abort()
+    for folder in (out_dir, *out_dir.parents) if created is not None else ():
+      try:
+        folder.rmdir()  # only while empty
+      except OSError:
+        break
+      if folder == created:
+        break
     raise
-  meta = writer.commit({"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.to_dict(),
-                        **meta})
   return {**meta, "seconds": time.perf_counter() - start}
 
 
