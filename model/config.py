@@ -22,6 +22,7 @@ plain Python scalars or strings (dtypes are names like "bfloat16", not numpy obj
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -152,8 +153,10 @@ class ModelConfig:
     for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
                  "rope_high_freq_factor"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise UserError(f"ModelConfig.{name} must be a positive number, got {value!r}.")
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          0 < value < math.inf):
+        raise UserError(f"ModelConfig.{name} must be a positive (finite) number, got "
+                        f"{value!r}.")
     for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
                           ("norm_placement", NORM_PLACEMENTS),
                           ("norm", NORMS),

@@ -457,3 +457,53 @@ def test_fine_tuning_a_hugging_face_llama_reads_the_data_with_its_tokenizer(tmp_
   assert exit_status(sample_cli.main, ["--workdir", str(ft), "--prompt", "ROMEO:",
                                        "--temperature", "0", "--max_new_tokens", "8"]) == 0
   assert "hf:hf_llama_gqa tokenizer" in capsys.readouterr().err
+
+
+# config.json values that today's Llama configs hold, each made bad: (edit, field, message)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64, "rope_theta": 1e4}
+BAD_CONFIG_VALUES = {
+    "heads-0": (dict(num_attention_heads=0),
+                "num_attention_heads must be a positive integer, got 0."),
+    "theta-null": (dict(rope_parameters=None, rope_theta=None),
+                   "rope_theta must be a positive number, got None."),
+    "eps-null": (dict(rms_norm_eps=None), "rms_norm_eps must be a positive number, got None."),
+    "original-positions-null": (
+        dict(rope_parameters=dict(LLAMA3, original_max_position_embeddings=None)),
+        "rope_parameters.original_max_position_embeddings must be a positive integer, got None."),
+    "hidden-size-string": (dict(hidden_size="32"),
+                           "hidden_size must be a positive integer, got '32'."),
+    "rope-factor-abc": (dict(rope_parameters=None, rope_theta=1e4,
+                             rope_scaling=dict(LLAMA3, factor="abc")),
+                        "rope_scaling.factor must be a positive number, got 'abc'."),
+    "eps-nan": (dict(rms_norm_eps=float("nan")),
+                "rms_norm_eps must be a positive number, got nan."),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIG_VALUES)
+def test_a_bad_config_json_value_is_one_sentence_naming_file_and_field(case, tmp_path, capsys):
+  """launch.sample --init_from a checkpoint whose config.json holds a value of the wrong type or
+  range: exit 2 and one line "<dir>/config.json: <field> must be ..." (not a traceback)."""
+  changes, message = BAD_CONFIG_VALUES[case]
+  out = tmp_path / "ckpt"
+  shutil.copytree(FIXTURES / "hf_llama_mha", out)
+  data = json.loads((out / "config.json").read_text())
+  data.update(changes)  # None stays: JSON's null
+  (out / "config.json").write_text(json.dumps(data))
+  status = exit_status(sample_cli.main, ["--init_from", str(out), "--prompt", "To be"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 2 and err == [f"error: {out}/config.json: {message}"], err
+
+
+def test_a_config_json_without_model_type_is_one_sentence_not_a_guess(tmp_path, capsys):
+  out = tmp_path / "ckpt"
+  shutil.copytree(FIXTURES / "hf_llama_mha", out)
+  data = json.loads((out / "config.json").read_text())
+  del data["model_type"]
+  (out / "config.json").write_text(json.dumps(data))
+  status = exit_status(sample_cli.main, ["--init_from", str(out), "--prompt", "To be"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 2 and err == [
+      f"error: {out}/config.json has no model_type; a Hugging Face checkpoint's config.json "
+      f"names its model (\"model_type\": one of gpt2, bert, bart, llama)."], err

@@ -8,6 +8,7 @@
   llama.py      LlamaForCausalLM (load, and save_hf_llama)
   files.py      where a checkpoint is and what it holds (config.json, safetensors, a Hub name)
   tensors.py    what the converters share (tensors by name and shape, checked configs)
+  fields.py     config.json's values, each checked for type and range (file and field named)
   tokenizer.py  tokenizer files: GPT-2's made from the packaged ranks; BERT / BART's read
 
 A new model type is one file with `checkpoint_config(directory, hf_config, source=...,
@@ -23,6 +24,7 @@ from typing import Any
 from model.config import ModelConfig
 from model.errors import UserError
 from model.hf import bart, bert, gpt2, llama
+from model.hf.fields import read_model_type
 from model.hf.files import (CONFIG_FILE, HF_NAMES, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
                             resolve_checkpoint_dir)
 from model.hf.gpt2 import check_hf_gpt2_shaped, load_hf_gpt2, save_hf_gpt2
@@ -39,12 +41,8 @@ __all__ = ["CONFIG_FILE", "HF_NAMES", "MODEL_TYPES", "WEIGHTS_FILE", "check_hf_g
 
 
 def model_type(hf_config: dict[str, Any], source: str = CONFIG_FILE) -> str:
-  """config.json's model_type (GPT-2 when absent); UserError for one not in MODEL_TYPES."""
-  kind = hf_config.get("model_type", "gpt2")
-  if kind not in MODEL_TYPES:
-    raise UserError(f"{source}: model_type {kind!r} is not supported; supported: "
-                    f"{', '.join(MODEL_TYPES)}.")
-  return kind
+  """config.json's model_type; UserError when it is absent (no guess) or not in MODEL_TYPES."""
+  return read_model_type(hf_config, source, tuple(MODEL_TYPES))
 
 
 def load_hf(name_or_path: str | os.PathLike, *, scan_layers: bool = False,

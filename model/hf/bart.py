@@ -35,15 +35,20 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.hf.fields import read_fields
 from model.hf.tensors import HFTensors, checked_config, finish_params, hf_activation, pad_rows
 from model.hf.tokenizer import special_ids
 
-DEFAULTS = dict(vocab_size=50265, max_position_embeddings=1024, encoder_layers=12,
-                encoder_ffn_dim=4096, encoder_attention_heads=16, decoder_layers=12,
-                decoder_ffn_dim=4096, decoder_attention_heads=16, d_model=1024,
-                activation_function="gelu", dropout=0.1, attention_dropout=0.0,
-                scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                decoder_start_token_id=2, tie_word_embeddings=True)
+# The fields read from config.json: (BartConfig's default for one left out, its kind).
+SCHEMA = dict(vocab_size=(50265, "int+"), max_position_embeddings=(1024, "int+"),
+              encoder_layers=(12, "int+"), encoder_ffn_dim=(4096, "int+"),
+              encoder_attention_heads=(16, "int+"), decoder_layers=(12, "int+"),
+              decoder_ffn_dim=(4096, "int+"), decoder_attention_heads=(16, "int+"),
+              d_model=(1024, "int+"), activation_function=("gelu", "str"),
+              dropout=(0.1, "prob"), attention_dropout=(0.0, "prob"),
+              scale_embedding=(False, "bool"), pad_token_id=(1, "id?"),
+              bos_token_id=(0, "id?"), eos_token_id=(2, "id?"),
+              decoder_start_token_id=(2, "id?"), tie_word_embeddings=(True, "bool"))
 FIXED = ("family", "vocab_size", "num_layers", "num_decoder_layers", "num_heads",
          "num_decoder_heads", "d_model", "d_mlp", "decoder_d_mlp", "position_embedding",
          "position_offset", "norm_placement", "activation",
@@ -53,7 +58,7 @@ OFFSET = 2  # BartLearnedPositionalEmbedding's
 
 def config_from_hf(hf_config: dict[str, Any], *, special_ids: dict[str, int], source: str,
                    **overrides) -> ModelConfig:
-  c = {**DEFAULTS, **{k: v for k, v in hf_config.items() if k in DEFAULTS}}
+  c = read_fields(hf_config, SCHEMA, source)
   if not c["tie_word_embeddings"]:
     raise UserError(f"{source}: tie_word_embeddings=False is not supported (BART ties the "
                     f"output to the shared embedding).")
@@ -89,7 +94,7 @@ def _differs(decoder: int, encoder: int) -> int:
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
                    hf_config: dict[str, Any], source: str) -> dict:
   t = HFTensors(tensors, source, strip=("model.",))
-  n_positions = hf_config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
+  n_positions = hf_config.get("max_position_embeddings", SCHEMA["max_position_embeddings"][0])
   D, V = cfg.d_model, cfg.vocab_size
   shared = "shared.weight" if t.has("shared.weight") else "encoder.embed_tokens.weight"
   positions = lambda side: t.get(f"{side}.embed_positions.weight",

@@ -28,16 +28,19 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.hf.fields import read_fields
 from model.hf.files import tensor_names
 from model.hf.tensors import HFTensors, checked_config, finish_params, hf_activation, pad_rows
 from model.hf.tokenizer import special_ids
 
-# BertConfig's defaults, for fields a config.json leaves out.
-DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
-                attention_probs_dropout_prob=0.1, max_position_embeddings=512,
-                type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0,
-                position_embedding_type="absolute", tie_word_embeddings=True)
+# The fields read from config.json: (BertConfig's default for one left out, its kind).
+SCHEMA = dict(vocab_size=(30522, "int+"), hidden_size=(768, "int+"),
+              num_hidden_layers=(12, "int+"), num_attention_heads=(12, "int+"),
+              intermediate_size=(3072, "int+"), hidden_act=("gelu", "str"),
+              hidden_dropout_prob=(0.1, "prob"), attention_probs_dropout_prob=(0.1, "prob"),
+              max_position_embeddings=(512, "int+"), type_vocab_size=(2, "int0"),
+              layer_norm_eps=(1e-12, "float+"), pad_token_id=(0, "id?"),
+              position_embedding_type=("absolute", "str"), tie_word_embeddings=(True, "bool"))
 FIXED = ("family", "vocab_size", "num_layers", "num_heads", "d_model", "d_mlp", "type_vocab_size",
          "position_embedding", "norm_placement", "activation", "mlm_head", "head_bias",
          "tie_embeddings", "embed_norm")
@@ -46,7 +49,7 @@ MLM_PREFIX = "cls.predictions"
 
 def config_from_hf(hf_config: dict[str, Any], *, has_mlm_head: bool, special_ids: dict[str, int],
                    source: str, **overrides) -> ModelConfig:
-  c = {**DEFAULTS, **{k: v for k, v in hf_config.items() if k in DEFAULTS}}
+  c = read_fields(hf_config, SCHEMA, source)
   for key, supported in (("position_embedding_type", "absolute"), ("is_decoder", False),
                          ("add_cross_attention", False)):
     if hf_config.get(key, supported) != supported:
@@ -81,7 +84,7 @@ def has_mlm_head(tensor_names) -> bool:
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
                    hf_config: dict[str, Any], source: str) -> dict:
   t = HFTensors(tensors, source, strip=("bert.",))
-  n_positions = hf_config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
+  n_positions = hf_config.get("max_position_embeddings", SCHEMA["max_position_embeddings"][0])
   D, H, K, F, V = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp, cfg.vocab_size
   e = "embeddings"
   params = {

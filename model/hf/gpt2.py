@@ -20,17 +20,19 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.hf.fields import read_fields, read_model_type
 from model.hf.files import (CONFIG_FILE, WEIGHTS_FILE, read_hf_config, read_hf_tensors,
                             resolve_checkpoint_dir, write_checkpoint)
 from model.hf.tensors import ACTIVATIONS, HF_ACTIVATIONS, checked_config, map_tree, pad_rows
 from model.layout import convert_layout, unstack_layers
 
 GPT2_EOT_ID = 50256
-# GPT2Config's defaults, used for fields a config.json leaves out.
-_HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                    n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
-                    embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
-                    tie_word_embeddings=True)
+# The fields read from config.json: (GPT2Config's default for one left out, its kind).
+SCHEMA = dict(vocab_size=(50257, "int+"), n_positions=(1024, "int+"), n_embd=(768, "int+"),
+              n_layer=(12, "int+"), n_head=(12, "int+"), n_inner=(None, "int+?"),
+              activation_function=("gelu_new", "str"), resid_pdrop=(0.1, "prob"),
+              embd_pdrop=(0.1, "prob"), attn_pdrop=(0.1, "prob"),
+              layer_norm_epsilon=(1e-5, "float+"), tie_word_embeddings=(True, "bool"))
 # Fields the checkpoint fixes; block_size may be lowered (wpe is cropped), padded_vocab_size
 # raised (wte is padded with zero rows).
 _FIXED_FIELDS = ("vocab_size", "num_layers", "num_heads", "d_model", "d_mlp", "use_bias",
@@ -59,7 +61,7 @@ def load_hf_gpt2(name_or_path: str | os.PathLike, *, scan_layers: bool = False,
 def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
                    **overrides) -> ModelConfig:
   """ModelConfig for a Hugging Face GPT2Config dict (plus overrides not fixed by weights)."""
-  kind = hf_config.get("model_type", "gpt2")
+  kind = hf_config.get("model_type") or read_model_type(hf_config, source, ("gpt2",))
   if kind != "gpt2":
     raise UserError(f"{source}: model_type {kind!r} is not a GPT-2 checkpoint "
                     f"(expected 'gpt2'); model.hf.load_hf reads the other model types too.")
@@ -68,7 +70,7 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
     if hf_config.get(key, supported) != supported:
       raise UserError(f"{source}: {key}={hf_config[key]!r} is not supported (only "
                       f"{supported}).")
-  c = {**_HF_DEFAULTS, **{k: v for k, v in hf_config.items() if k in _HF_DEFAULTS}}
+  c = read_fields(hf_config, SCHEMA, source)
   activation = ACTIVATIONS.get(c["activation_function"])
   if activation is None:
     raise UserError(f"{source}: activation_function {c['activation_function']!r} is not "
@@ -94,7 +96,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
   """Our parameter tree (layout of `cfg.scan_layers`, dtype `cfg.param_dtype`) from HF tensors;
   the position table has config.json's n_positions rows (`n_positions`, else cfg.block_size)."""
   if hf_config is not None and n_positions is None:
-    n_positions = hf_config.get("n_positions", _HF_DEFAULTS["n_positions"])
+    n_positions = hf_config.get("n_positions", SCHEMA["n_positions"][0])  # checked in
+    # config_from_hf
   D, H, K, F, L = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_mlp, cfg.num_layers
   V, P = cfg.vocab_size, n_positions or cfg.block_size
   tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}

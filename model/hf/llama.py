@@ -30,17 +30,20 @@ import numpy as np
 
 from model.config import ROPE_SCALINGS, ModelConfig
 from model.errors import UserError
+from model.hf.fields import read_fields
 from model.hf.files import CONFIG_FILE, WEIGHTS_FILE, write_checkpoint
 from model.hf.tensors import HFTensors, checked_config, finish_params, map_tree, pad_rows
 from model.layout import unstack_layers
 
-# LlamaConfig's defaults, for fields a config.json leaves out.
-DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
-                head_dim=None, hidden_act="silu", max_position_embeddings=2048,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                mlp_bias=False, attention_dropout=0.0, pretraining_tp=1, bos_token_id=1,
-                eos_token_id=2, pad_token_id=None)
+# The fields read from config.json: (LlamaConfig's default for one left out, its kind).
+SCHEMA = dict(vocab_size=(32000, "int+"), hidden_size=(4096, "int+"),
+              intermediate_size=(11008, "int+"), num_hidden_layers=(32, "int+"),
+              num_attention_heads=(32, "int+"), num_key_value_heads=(None, "int+?"),
+              head_dim=(None, "int+?"), hidden_act=("silu", "str"),
+              max_position_embeddings=(2048, "int+"), rms_norm_eps=(1e-6, "float+"),
+              tie_word_embeddings=(False, "bool"), attention_bias=(False, "bool"),
+              mlp_bias=(False, "bool"), attention_dropout=(0.0, "prob"),
+              pretraining_tp=(1, "int+?"))
 FIXED = ("family", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "d_model", "d_mlp",
          "position_embedding", "rope_theta", "rope_scaling", "rope_factor",
          "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_positions", "norm",
@@ -55,15 +58,19 @@ LLAMA3_ROPE = (("factor", "rope_factor"), ("low_freq_factor", "rope_low_freq_fac
 def rope_fields(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
   """rope_theta and the rope scaling of a config.json, as ModelConfig fields: transformers 4's
   `rope_theta` + `rope_scaling`, or transformers 5's `rope_parameters` (with `rope_type`).
-  UserError for a scaling other than none / default / llama3."""
+  UserError for a scaling other than none / default / llama3, or a bad value."""
   params = hf_config.get("rope_parameters")
   scaling = hf_config.get("rope_scaling")
-  theta = hf_config.get("rope_theta", 10000.0)
+  if params is not None and not isinstance(params, dict):
+    raise UserError(f"{source}: rope_parameters must be null or an object, got {params!r}.")
+  if isinstance(params, dict) and "rope_theta" in params:
+    fields = read_fields(params, {"rope_theta": (None, "float+")}, source, "rope_parameters.")
+  else:
+    fields = read_fields(hf_config, {"rope_theta": (10000.0, "float+")}, source)
   if isinstance(params, dict):
-    theta = params.get("rope_theta", theta)
     scaling = params if params.get("rope_type", params.get("type", "default")) != "default" \
         else scaling
-  fields: dict[str, Any] = {"rope_theta": float(theta)}
+  where = "rope_parameters." if scaling is params and params is not None else "rope_scaling."
   if scaling is None:
     return fields
   if not isinstance(scaling, dict):
@@ -77,18 +84,20 @@ def rope_fields(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
                     f"{', '.join(ROPE_SCALINGS)}).")
   missing = [name for name, _ in LLAMA3_ROPE if name not in scaling]
   if missing:
-    raise UserError(f"{source}: the llama3 rope scaling needs {missing[0]!r}.")
+    raise UserError(f"{source}: the llama3 rope scaling needs {missing[0]!r} (in "
+                    f"{where.rstrip('.')}).")
+  values = read_fields(scaling, {name: (None, "int+" if field == "rope_original_positions"
+                                            else "float+") for name, field in LLAMA3_ROPE},
+                       source, where)
   fields["rope_scaling"] = "llama3"
-  for name, field in LLAMA3_ROPE:
-    value = scaling[name]
-    fields[field] = int(value) if field == "rope_original_positions" else float(value)
+  fields.update({field: values[name] for name, field in LLAMA3_ROPE})
   return fields
 
 
 def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
                    **overrides) -> ModelConfig:
   """ModelConfig for a LlamaConfig dict (plus overrides the weights do not fix)."""
-  c = {**DEFAULTS, **{k: v for k, v in hf_config.items() if k in DEFAULTS}}
+  c = read_fields(hf_config, SCHEMA, source)
   if c["hidden_act"] != "silu":
     raise UserError(f"{source}: hidden_act {c['hidden_act']!r} is not supported; Llama's MLP "
                     f"here is SwiGLU (hidden_act 'silu').")
@@ -104,10 +113,9 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = CONFIG_FILE,
       family="gpt", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
       num_layers=c["num_hidden_layers"], num_heads=H, d_model=D, d_mlp=c["intermediate_size"],
       num_kv_heads=c["num_key_value_heads"] or H, position_embedding="rotary", norm="rmsnorm",
-      norm_eps=float(c["rms_norm_eps"]), activation="swiglu",
-      use_bias=bias or bool(c["mlp_bias"]), qkv_bias=bias, proj_bias=bias,
-      mlp_bias=bool(c["mlp_bias"]),
-      tie_embeddings=bool(c["tie_word_embeddings"]), attn_dropout=float(c["attention_dropout"]),
+      norm_eps=c["rms_norm_eps"], activation="swiglu",
+      use_bias=bias or c["mlp_bias"], qkv_bias=bias, proj_bias=bias, mlp_bias=c["mlp_bias"],
+      tie_embeddings=c["tie_word_embeddings"], attn_dropout=c["attention_dropout"],
       embd_dropout=0.0, resid_dropout=0.0, **rope_fields(hf_config, source))
   return checked_config(fields, overrides, FIXED, source)
 
