@@ -42,8 +42,8 @@ from training import fingerprint
 from training.checkpoint_errors import (QUIET_FAILED_SAVES, CheckpointWriteFailed, Damaged,
                                         damage_reason, first_line, is_tree_mismatch, warn,
                                         write_failure_reason)
+from training.workdir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 # The longest an asynchronous save may take in the background before it counts as failed.
 SAVE_TIMEOUT_SECONDS = 1200
 __all__ = ["CHECKPOINT_DIR", "CheckpointWriteFailed", "Checkpointer", "checkpoint_dir",

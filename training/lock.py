@@ -36,8 +36,7 @@ from etils import epath
 from model.errors import UserError
 from training import storage
 from training.checkpoint import warn
-
-LOCK_NAME = "run.lock"
+from training.workdir import LOCK_NAME
 
 
 def _pid_start(pid: int) -> str | None:

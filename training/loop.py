@@ -40,6 +40,7 @@ from training.perf import flops
 from training.lock import workdir_lock
 from training.run import (CONFIG_NAME, Run, build_run, check_same_model,
                           check_same_tokenizer, config_json)
+from training.workdir import missing_folders, remove_empty
 
 __all__ = ["CheckpointWriteFailed", "TrainingDiverged", "train"]
 
@@ -173,22 +174,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   NaN/Inf and CheckpointWriteFailed when a checkpoint cannot be written. `explicit`: the config
   keys the command line set (build_run: with init_from, the weights give the model's shape)."""
   t_start = time.perf_counter()
-  run = build_run(config, workdir=workdir, explicit=explicit)
-  console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
-  # The lock comes first: opening the Checkpointer removes unfinished saves' directories.
-  with workdir_lock(run.workdir, force=force):
-    ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
-    failed = False
-    try:
-      with StopRequest().installed() as stop:
-        return _Trainer(run, ckpt, console, t_start).run(stop)
-    except (CheckpointWriteFailed, KeyboardInterrupt):
-      failed = True
-      raise
-    finally:
-      if not failed:
-        ckpt.wait()
-        ckpt.close()
+  new_folders = missing_folders(workdir)  # a run that fails before saving leaves none of them
+  try:
+    run = build_run(config, workdir=workdir, explicit=explicit)
+    console = Console(run.config.train.steps, 0, quiet=quiet or jax.process_index() != 0)
+    # The lock comes first: opening the Checkpointer removes unfinished saves' directories.
+    with workdir_lock(run.workdir, force=force):
+      ckpt = Checkpointer(run.workdir, keep=run.config.checkpoint.keep)
+      failed = False
+      try:
+        with StopRequest().installed() as stop:
+          return _Trainer(run, ckpt, console, t_start).run(stop)
+      except (CheckpointWriteFailed, KeyboardInterrupt):
+        failed = True
+        raise
+      finally:
+        if not failed:
+          ckpt.wait()
+          ckpt.close()
+  except BaseException:
+    remove_empty(new_folders)
+    raise
 
 
 def _write_atomically(path, text: str) -> None:

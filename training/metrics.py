@@ -19,7 +19,8 @@ from typing import Any
 
 from etils import epath
 
-METRICS_NAME = "metrics.jsonl"
+from training.workdir import METRICS_NAME
+
 # A remote workdir (gs://...): objects cannot be appended to, so each flush writes the rows
 # logged since the last one as a new object METRICS_PARTS/<seq>.jsonl (O(new rows) per flush);
 # a resumed run first writes a part holding only {"resume_from": step}, and readers drop the

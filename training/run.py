@@ -50,8 +50,8 @@ from training.state import (TrainState, abstract_train_state, create_train_state
 from training.step import check_loss_chunk, compile_eval_step, compile_train_step
 from training.weights import (check_init_vocabulary, describe_init_from, init_params,
                               model_from_weights)
+from training.workdir import CONFIG_NAME
 
-CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
 # computation runs, not what the parameters are.
 RUNTIME_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dropout_rng", "dtype",
