@@ -90,7 +90,7 @@ def _main(args: list[str]) -> int:
       raise UserError(f"launch.eval measures a causal language model's perplexity, and "
                       f"{w.label} is a model.family={w.cfg.family!r} model (launch.train's "
                       f"eval reports its masked-token or exact-match accuracy).")
-    tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size, FLAGS.init_from)
+    tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size)
     stride = ev.check_stride(FLAGS.stride, w.cfg.block_size)
     tokens, desc = ev.read_tokens(FLAGS.data, tokenizer, block_size=w.cfg.block_size,
                                   max_tokens=FLAGS.max_tokens, quiet=FLAGS.quiet)

@@ -5,16 +5,22 @@ configs/llama_shakespeare.py) as LlamaForCausalLM.
   python -m launch.export --workdir DIR [--step N] --out HF_DIR [--force]
 
 Writes HF_DIR/config.json and model.safetensors from the run's latest (or --step) checkpoint,
-plus the tokenizer: Hugging Face's GPT-2 tokenizer files (vocab.json, merges.txt, ...) for a
-GPT-2 BPE run, or, for a character-level run, its vocabulary as flaxgpt_tokenizer.json (id i is
-the i-th character of "chars"; transformers has no character tokenizer). Then
+the tokenizer, and flaxgpt_tokenizer.json (what the ids mean, which `launch.sample --init_from
+HF_DIR` and `launch.eval --init_from HF_DIR` read): Hugging Face's GPT-2 tokenizer files
+(vocab.json, merges.txt, ...) for a GPT-2 BPE run; a copy of the tokenizer files a
+data.tokenizer=hf:DIR run recorded (tokenizer.json, ...); for a character-level run its
+vocabulary (id i is the i-th character of "chars"; transformers has no character tokenizer).
+Then
 
   transformers.AutoModelForCausalLM.from_pretrained("HF_DIR")   # the same logits as the run's
 
 HF_DIR must be new or empty; --force replaces it (only once the new one is complete), never
-with the run itself. A GPT-2 model without biases is written with zero biases (the same
-function); models that neither class can express (sinusoidal positions, post-LN) and other mistakes
-print one `error:` line and exit with status 2, with nothing written.
+with a run's workdir or anything inside one or holding one. The export is written beside
+HF_DIR and put in place only if HF_DIR is still what was checked, so of two exports to one
+folder the later fails. A GPT-2 model without biases is written with zero biases (the same
+function); models that neither class can express (sinusoidal positions, post-LN) and other
+mistakes print one `error:` line and exit with status 2, with nothing written; Ctrl-C prints
+one line and exits 130, with nothing written.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def _main(args: list[str]) -> int:
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
   cls = "LlamaForCausalLM" if r["model_type"] == "llama" else "GPT2LMHeadModel"
-  if r["tokenizer"] == "gpt2":
+  if r["tokenizer"] in ("gpt2", "hf"):
     print(f"load it: from transformers import AutoTokenizer, {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r}); "
           f"tokenizer = AutoTokenizer.from_pretrained({r['out']!r})")
@@ -57,7 +63,7 @@ def _main(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.run(_main, FLAGS, __doc__, argv)
+  return cli.run(_main, FLAGS, __doc__, argv, interrupted="nothing written; --out is as it was")
 
 
 if __name__ == "__main__":

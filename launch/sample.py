@@ -8,9 +8,10 @@ search); an encoder (a bert run, a BERT checkpoint) fills each [MASK] of the pro
   python -m launch.sample --init_from gpt2|gpt2-medium|gpt2-large|gpt2-xl|HF_DIR ...
 
 --workdir samples the latest checkpoint of a `launch.train` run (or --step) with the run's
-tokenizer; --init_from a Hugging Face GPT-2 (a Hub name, downloaded once, or a local
-directory with config.json and model.safetensors) with GPT-2 BPE (its ranks ship with the
-package). All prompts x --num_samples run as one batch.
+tokenizer; --init_from a Hugging Face checkpoint (a Hub name, downloaded once, or a local
+directory with config.json and model.safetensors) with the tokenizer its ids mean: a
+launch.export folder's own (flaxgpt_tokenizer.json), a Llama's tokenizer.json, else GPT-2 BPE
+(its ranks ship with the package). All prompts x --num_samples run as one batch.
 
 Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as one prompt),
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
@@ -51,7 +52,7 @@ from model.errors import UserError
 from model.decode.sampling import (check_prompt, check_settings, check_window_shift, generate,
                                    generate_stream)
 from model.tokenizer import GPT2_BPE_ENV, TextStream, get_tokenizer, tokenizer_from_dict
-from training.weights import WORKDIR, describe_weights, load_weights, own_tokenizer_dir
+from training.weights import WORKDIR, describe_weights, load_weights
 
 STREAM_CHUNK = 8  # decode steps between printed pieces with --stream
 PROMPT_SEPARATOR = "---"  # a line holding only this separates prompts in a prompt file
@@ -195,18 +196,13 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, vocab_size: int,
 # The model: its config and tokenizer first (to check the prompts), then the parameters.
 
 
-def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int,
-                     hf_source: str | None = None):
-  """The tokenizer a checkpoint recorded (`to_dict()` form); for a Hugging Face checkpoint
-  (`hf_source`, recording none) GPT-2 BPE, or for a Llama its own tokenizer.json; GPT-2 BPE for
-  a run on synthetic data. It must cover the model's vocabulary."""
+def choose_tokenizer(saved: dict[str, Any] | None, vocab_size: int):
+  """The tokenizer the weights' ids mean (`to_dict()` form: what a run recorded, or for a
+  Hugging Face checkpoint training.weights.checkpoint_tokenizer); GPT-2 BPE where that is
+  unknown (a run on synthetic data, a GPT-2 checkpoint of another vocabulary). It must cover
+  the model's vocabulary."""
   try:
-    own = None if saved is not None or hf_source is None else own_tokenizer_dir(hf_source)
-    if own is not None:
-      from model.hf.tokenizer import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
-      tokenizer = load_hf_tokenizer(own)
-    else:
-      tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
+    tokenizer = get_tokenizer("gpt2") if saved is None else tokenizer_from_dict(saved)
   except UserError:
     raise
   except OSError:  # tiktoken's download failed
@@ -268,9 +264,10 @@ def prepare() -> Batch:
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about read-only directories
   try:
     cfg, saved_tokenizer, step, label = describe_model()
+    sample_families.check_family_flags(FLAGS, cfg.family)
     if cfg.family != "gpt":
       return _prepare_family(cfg, saved_tokenizer, label, prompts)
-    tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size, FLAGS.init_from)
+    tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size)
     prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
     encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
                              block_size=cfg.block_size)
@@ -430,15 +427,13 @@ def _main(args: list[str]) -> int:
   except BrokenPipeError:  # e.g. piped into `head`: stop quietly
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
-  except KeyboardInterrupt:
-    return 130
   _status(f"{num_tokens} new tokens in {seconds:.2f}s ({num_tokens / seconds:,.0f} "
           f"tokens/s, compilation included)")
   return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.run(_main, FLAGS, __doc__, argv)
+  return cli.run(_main, FLAGS, __doc__, argv, interrupted="stopped sampling")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ hold the mask token ("[MASK]"); for every mask the --top_k likeliest tokens (def
 printed with their probabilities; --json gives {"prompt_index", "prompt", "filled" (each mask
 replaced by its likeliest token), "masks": [{"position", "candidates": [{"token", "token_id",
 "probability"}]}]}.
+
+A flag that acts only on other families (FAMILY_FLAGS: --num_beams on a GPT, --window_shift on
+a BERT, ...) is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +31,30 @@ from model.tokenizer import WithSpecials, tokenizer_from_dict
 
 SEPARATOR = "---------------"
 DEFAULT_CANDIDATES = 5
+
+# The flags that act only on some model families; given for another family they would do
+# nothing, so they are refused (decoders have no beam search: they sample, or decode greedily
+# with --temperature 0).
+FAMILY_FLAGS = {
+    "num_beams": ("encdec",), "length_penalty": ("encdec",), "window_shift": ("gpt",),
+    "stream": ("gpt",), "no_stop": ("gpt",), "temperature": ("gpt", "encdec"),
+    "top_p": ("gpt", "encdec"), "seed": ("gpt", "encdec"), "num_samples": ("gpt", "encdec"),
+    "max_new_tokens": ("gpt", "encdec"),
+}
+FAMILY_NAMES = {"gpt": "decoder-only (gpt)", "bert": "encoder (bert)",
+                "encdec": "encoder-decoder (encdec)"}
+
+
+def check_family_flags(flags, family: str) -> None:
+  """Each flag given must act on this model family (FAMILY_FLAGS)."""
+  for name, families in FAMILY_FLAGS.items():
+    if flags[name].present and family not in families:
+      raise UserError(f"--{name} is for {' and '.join(FAMILY_NAMES[f] for f in families)} "
+                      f"models and would do nothing for this {FAMILY_NAMES[family]} model; "
+                      f"leave it out.")
+  if flags["length_penalty"].present and flags.num_beams == 1:
+    raise UserError("--length_penalty scores beam search's hypotheses and would do nothing "
+                    "without --num_beams above 1; give both, or leave it out.")
 
 
 def family_tokenizer(saved: dict[str, Any] | None, cfg, directory: str | None = None):
@@ -57,8 +84,6 @@ def check_prompts(flags, cfg, tokenizer, prompts: list[str], name_of) -> list[li
       raise UserError("Give --prompt: the source text (an encoder-decoder model has no "
                       "unconditional sample).")
     raise UserError(f"Give --prompt: a text holding {tokenizer.mask_token} to fill.")
-  if flags.stream:
-    raise UserError(f"--stream is for GPT models; this is a {cfg.family} model.")
   rows = []
   for i, text in enumerate(prompts):
     name = name_of(i, text, len(prompts))
@@ -74,8 +99,6 @@ def check_prompts(flags, cfg, tokenizer, prompts: list[str], name_of) -> list[li
     rows.append(ids)
   if cfg.family == "encdec" and flags.num_beams < 1:
     raise UserError(f"--num_beams must be at least 1, got {flags.num_beams}.")
-  if cfg.family == "bert" and flags.num_beams != 1:
-    raise UserError("--num_beams is for encoder-decoder models; this is a bert model.")
   return rows
 
 

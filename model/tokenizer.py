@@ -208,9 +208,57 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
       raise UserError("A saved char tokenizer needs its 'chars' string.")
     return CharTokenizer(d["chars"])
   if name == "hf" and isinstance(d.get("path"), str):
-    return get_tokenizer(HF_PREFIX + d["path"])
+    tokenizer = get_tokenizer(HF_PREFIX + d["path"])
+    recorded, now = d.get("sha256"), tokenizer.to_dict().get("sha256")
+    if recorded and recorded != now:
+      raise UserError(f"The tokenizer files in {d['path']} are not the ones recorded with these "
+                      f"weights (content {recorded[:12]} then, {now[:12]} now); put the "
+                      f"original tokenizer files back.")
+    return tokenizer
   raise UserError(f"Unknown saved tokenizer {name!r}; expected a dict whose 'name' is one of "
                   f"{', '.join(TOKENIZER_NAMES)}.")
+
+
+def tokenizer_identity(d: dict[str, Any]) -> tuple:
+  """What makes two recorded tokenizers (`to_dict()` forms) give ids the same meaning: the
+  kind, a character table's characters, a Hugging Face tokenizer's content hash (its
+  tokenizer.json and special tokens; a record from before hashes existed: its path)."""
+  name = d.get("name")
+  if name == "char":
+    return ("char", d.get("chars"))
+  if name == "hf":
+    if d.get("sha256"):
+      return ("hf", d["sha256"])
+    return ("hf path", os.path.realpath(str(d.get("path"))))
+  return (name,)
+
+
+def same_tokenizer(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+  """Whether two recorded tokenizers give ids the same meaning (None, unknown, matches any)."""
+  return a is None or b is None or tokenizer_identity(a) == tokenizer_identity(b)
+
+
+def describe_tokenizer(d: dict[str, Any]) -> str:
+  """A recorded tokenizer in words: "GPT-2 BPE", "a 65-character table", "the tokenizer of
+  DIR (content 0123456789ab)"."""
+  name = d.get("name")
+  if name == "gpt2":
+    return "GPT-2 BPE"
+  if name == "char":
+    return f"a {len(d.get('chars') or '')}-character table"
+  if name == "hf":
+    content = f" (content {d['sha256'][:12]})" if d.get("sha256") else ""
+    return f"the tokenizer of {d.get('path')}{content}"
+  return f"the tokenizer {d!r}"
+
+
+def tokenizer_difference(there: dict[str, Any], here: dict[str, Any]) -> str:
+  """How two recorded tokenizers differ, in words ("GPT-2 BPE there, a 65-character table
+  here"; for two character tables `char_table_difference`)."""
+  if there.get("name") == here.get("name") == "char":
+    return char_table_difference(there.get("chars", ""), here.get("chars", ""))
+  return f"{describe_tokenizer(there)} there, {describe_tokenizer(here)} here"
+
 
 
 class TextStream:

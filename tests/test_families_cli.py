@@ -207,7 +207,7 @@ def test_bad_tsv_is_one_sentence(case, tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
-def test_bad_sampling_input_is_one_sentence(bert_run, encdec_run, capsys):
+def test_bad_sampling_input_is_one_sentence(bert_run, encdec_run, capsys, tmp_path):
   _one_line_error(*_main(capsys, sample_cli.main, "--init_from", BERT_DIR, "--prompt",
                          "no mask"), "has no [MASK]: fill-mask needs at least one [MASK]")
   _one_line_error(*_main(capsys, sample_cli.main, "--workdir", bert_run, "--prompt", "plain"),
@@ -219,4 +219,4 @@ def test_bad_sampling_input_is_one_sentence(bert_run, encdec_run, capsys):
                   "measures a causal language model's perplexity, and "
                   f"{BERT_DIR} is a model.family='bert' model")
   _one_line_error(*_main(capsys, export_cli.main, "--workdir", bert_run, "--out",
-                         encdec_run / "x"), "needs model.family='gpt'")
+                         tmp_path / "x"), "needs model.family='gpt'")

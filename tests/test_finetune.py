@@ -7,12 +7,13 @@ sentence before anything is written."""
 
 import json
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import exit_status, hf_window_loss, rel_err, tiny_run_config
+from conftest import exit_status, hf_window_loss, rel_err, tiny_run_config, tree_fingerprint
 from launch import eval as eval_cli
 from launch import export as export_cli
 from launch import train as train_cli
@@ -203,3 +204,58 @@ def test_finetune_config_takes_any_gpt2_shape_from_its_weights(tmp_path, capsys,
   ids = np.asarray(get_tokenizer("gpt2").encode(held_out.read_text()), np.int64)
   expected, count = hf_window_loss(exported, ids, 64, 64)
   assert result["tokens"] == count and rel_err(result["loss"], expected) < 1e-5
+
+
+def _one_error(capsys) -> str:
+  err = [line for line in capsys.readouterr().err.strip().splitlines()
+         if not line.startswith("tokenizing ")]  # the data cache's progress, when it builds
+  assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+  return err[0]
+
+
+def test_gpt2_vocabulary_weights_on_character_data_are_refused(tmp_path, capsys,
+                                                               shakespeare_path,
+                                                               transformers_lib):
+  """A GPT-2 of GPT-2's 50,257 tokens means GPT-2 BPE ids: fine-tuning it on character ids
+  (the tiny config's data) is one sentence with the fix, as for a Llama; nothing written."""
+  torch, transformers = transformers_lib
+  torch.manual_seed(0)
+  weights = tmp_path / "gpt2_vocabulary"
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=50257, n_positions=64, n_embd=8, n_layer=1, n_head=2)).save_pretrained(weights)
+  capsys.readouterr()
+  before = tree_fingerprint(weights)
+  workdir = tmp_path / "run"
+  status = exit_status(train_cli.main, [
+      "--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.init_from={weights}",
+      f"--config.data.path={shakespeare_path}", "--config.train.steps=2", "--quiet"])
+  assert status == 2
+  assert _one_error(capsys) == (
+      f"error: config.init_from='{weights}' was trained with GPT-2 BPE, but the data here is "
+      f"read with a 65-character table; read the data with its tokenizer: "
+      f"--config.data.tokenizer=gpt2.")
+  assert not workdir.exists() and tree_fingerprint(weights) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_init_from_leaves_no_folder_behind(existing, tmp_path, capsys,
+                                                    shakespeare_path):
+  """Weights whose config.json reads but whose tensors do not fail once the run has made its
+  workdir: the folders it made are gone again (a folder that was there, empty, stays so)."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  weights = tmp_path / "weights"
+  shutil.copytree(HF_DIR, weights)
+  tensors = load_file(weights / "model.safetensors")
+  tensors = {k: v for k, v in tensors.items() if not k.endswith("wte.weight")}
+  save_file(tensors, weights / "model.safetensors", metadata={"format": "pt"})
+  workdir = tmp_path / "runs" / "ft"
+  if existing:
+    workdir.mkdir(parents=True)
+  status = exit_status(train_cli.main, [
+      "--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.init_from={weights}",
+      f"--config.data.path={shakespeare_path}", "--config.train.steps=2", "--quiet"])
+  assert status == 2 and "has no tensor 'wte.weight'" in _one_error(capsys)
+  if existing:
+    assert workdir.is_dir() and not list(workdir.iterdir())
+  else:
+    assert not (tmp_path / "runs").exists()

@@ -436,7 +436,9 @@ def test_fine_tuning_a_hugging_face_llama_reads_the_data_with_its_tokenizer(tmp_
   assert exit_status(train_cli.main, args) == 0, capsys.readouterr().err
   saved = json.loads((ft / "config.json").read_text())
   assert saved["model"]["num_kv_heads"] == 2 and saved["model"]["rope_scaling"] == "llama3"
-  assert load_weights(ft).tokenizer == {"name": "hf", "path": str(directory), "vocab_size": 300}
+  from model.hf.tokenizer import content_sha256  # pylint: disable=import-outside-toplevel
+  assert load_weights(ft).tokenizer == {"name": "hf", "path": str(directory), "vocab_size": 300,
+                                        "sha256": content_sha256(directory)}
   run = build_run(check_config("configs/finetune_shakespeare.py",
                                [f"--config.data.path={shakespeare_path}", args[-1],
                                 f"--config.init_from={directory}",

@@ -157,9 +157,17 @@ def test_resume_needs_the_same_tokenizer():
   char = {"name": "char", "chars": "abc"}
   check_same_tokenizer(char, dict(char), where)
   check_same_tokenizer(None, char, where)  # checkpoints from before tokenizers were saved
-  with pytest.raises(UserError, match=rf"^{where} was trained on char tokens, but the data here "
-                                      r"is gpt2 tokens; use the same data.tokenizer"):
+  with pytest.raises(UserError, match=rf"^{where} was trained with a 3-character table, but "
+                                      r"the data here is read with GPT-2 BPE; use the same "
+                                      r"data.tokenizer"):
     check_same_tokenizer(char, {"name": "gpt2"}, where)
+  # Hugging Face tokenizers are compared by content, not by folder.
+  hf = {"name": "hf", "path": "/a", "vocab_size": 300, "sha256": "1" * 64}
+  check_same_tokenizer(hf, dict(hf, path="/b"), where)
+  with pytest.raises(UserError, match=rf"^{where} was trained with the tokenizer of /a \(content "
+                                      r"111111111111\), but the data here is read with the "
+                                      r"tokenizer of /a \(content 222222222222\)"):
+    check_same_tokenizer(hf, dict(hf, sha256="2" * 64), where)
   with pytest.raises(UserError, match=r"another character table than the data here has \(3 "
                                       r"characters there, 4 here; only here: 'd'\)"):
     check_same_tokenizer(char, {"name": "char", "chars": "abcd"}, where)

@@ -22,6 +22,7 @@ from training.checkpoint import load_for_inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HF_DIR = REPO / "tests" / "fixtures" / "hf_gpt2_tiny"  # vocab 96: GPT-2 ids 0..95, block 32
+BART_DIR = REPO / "tests" / "fixtures" / "hf_bart_tiny"
 RECORD_KEYS = {"prompt_index", "sample_index", "prompt", "completion", "token_ids",
                "num_tokens", "stop_reason", "seconds", "tokens_per_sec"}
 HF_PROMPTS = ("Q@Z", "(x)")  # GPT-2 BPE ids below 96
@@ -165,6 +166,14 @@ BAD_INPUTS = {
     "bad-dtype": (["--dtype", "float64"], "--dtype must be one of float32, bfloat16, got "
                                           "'float64'"),
     "not-a-number": (["--num_samples", "two"], "--num_samples must be an integer, got 'two'"),
+    # flags that would do nothing for a decoder, and a float that is not a number
+    "beams-on-gpt": (["--num_beams", "2"], "--num_beams is for encoder-decoder (encdec) models "
+                                           "and would do nothing for this decoder-only (gpt) "
+                                           "model; leave it out."),
+    "length-penalty-on-gpt": (["--length_penalty", "0.5"], "--length_penalty is for "
+                                                           "encoder-decoder (encdec) models"),
+    "nan-length-penalty": (["--length_penalty", "nan"], "--length_penalty must be a finite "
+                                                        "number, got nan."),
 }
 BAD_SOURCES = {
     "no-source": ([], "Give --workdir"),
@@ -176,6 +185,13 @@ BAD_SOURCES = {
     "prompt-outside-vocab": (["--init_from", str(HF_DIR), "--prompt", "Hello"],
                              "The prompt 'Hello' has token id 15496, outside [0, 96), the "
                              "model's vocabulary"),
+    "nan-length-penalty-with-beams": (["--init_from", str(BART_DIR), "--prompt", "Good morrow",
+                                       "--num_beams", "2", "--length_penalty", "nan"],
+                                      "--length_penalty must be a finite number, got nan."),
+    "length-penalty-without-beams": (["--init_from", str(BART_DIR), "--prompt", "Good morrow",
+                                      "--length_penalty", "2"],
+                                     "--length_penalty scores beam search's hypotheses and "
+                                     "would do nothing without --num_beams above 1"),
 }
 
 

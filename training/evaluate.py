@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.errors import NotFoundError, UserError
+from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
 from sharding import (DEFAULT_RULES, batch_size_multiple, is_cpu, param_shardings,
                       process_batch_indices, shard_batch)
 from training.data.bin import Progress
@@ -199,7 +200,6 @@ def read_tokens(spec: str, tokenizer, *, block_size: int, max_tokens: int | None
                 quiet: bool = False) -> tuple[np.ndarray, str]:
   """The token stream of --data (tokenized with the model's `tokenizer`; a bin directory must
   have been prepared with it), cut to max_tokens, and a description."""
-  from training.run import check_same_tokenizer  # pylint: disable=import-outside-toplevel
   kind, where, split = parse_data_spec(spec)
   if kind == "text":
     path = os.path.expanduser(where)
@@ -217,7 +217,13 @@ def read_tokens(spec: str, tokenizer, *, block_size: int, max_tokens: int | None
     from training.data.sources import TokenFileSource  # pylint: disable=import-outside-toplevel
     source = TokenFileSource(os.path.expanduser(where), name="bin", seq_len=block_size,
                              global_batch_size=1, seed=0, process_index=0, process_count=1)
-    check_same_tokenizer(source.tokenizer, tokenizer.to_dict(), f"--data {spec!r}")
+    model_tokenizer = tokenizer.to_dict()
+    if not same_tokenizer(source.tokenizer, model_tokenizer):
+      tables = (f" ({tokenizer_difference(source.tokenizer, model_tokenizer)})"
+                if source.tokenizer.get("name") == model_tokenizer.get("name") == "char" else "")
+      raise UserError(f"--data {spec!r} was prepared with {describe_tokenizer(source.tokenizer)}, "
+                      f"but the model reads {describe_tokenizer(model_tokenizer)}{tables}; "
+                      f"prepare the data with the model's tokenizer.")
     tokens = np.asarray(source.tokens[split][:max_tokens], np.int32)
     desc = f"bin {where} ({split}.bin)"
   else:

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from model import attention
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
-from model.tokenizer import char_table_difference
+from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
@@ -324,20 +324,18 @@ def check_same_model(saved: dict, cfg: ModelConfig, where: str) -> None:
 
 def check_same_tokenizer(saved: dict | None, current: dict | None, where: str) -> None:
   """A resumed run's data must use the tokenizer its checkpoint was trained with: the same
-  kind, and for characters the same table (a table of the same size with other characters
-  would silently give the ids other meanings)."""
-  if saved is None or current is None or saved == current:
+  kind, for characters the same table, for a Hugging Face tokenizer the same content (a table
+  or a tokenizer.json of the same size with other tokens would silently give the ids other
+  meanings); compared by content, not by path."""
+  if same_tokenizer(saved, current):
     return
-  name, other = saved.get("name"), current.get("name")
-  if name != other:
-    raise UserError(f"{where} was trained on {name} tokens, but the data here is {other} "
-                    f"tokens; use the same data.tokenizer or another --workdir.")
-  if name == "char":
+  if saved.get("name") == current.get("name") == "char":
     raise UserError(f"{where} was trained on another character table than the data here has "
-                    f"({char_table_difference(saved.get('chars', ''), current.get('chars', ''))}"
-                    f"); resume on the same text or use another --workdir.")
-  raise UserError(f"{where} was trained with the tokenizer {saved!r}, the data here has "
-                  f"{current!r}; use the same data or another --workdir.")
+                    f"({tokenizer_difference(saved, current)}); resume on the same text or use "
+                    f"another --workdir.")
+  raise UserError(f"{where} was trained with {describe_tokenizer(saved)}, but the data here is "
+                  f"read with {describe_tokenizer(current)}; use the same data.tokenizer (the "
+                  f"same files) or another --workdir.")
 
 
 def check_workdir(workdir: str | os.PathLike) -> epath.Path:

@@ -12,14 +12,17 @@ weights by a name or a path:
     w = load_weights("gpt2", mesh=mesh)     # params placed on the mesh with their shardings
     w.cfg, w.params, w.tokenizer, w.step, w.label
 
-`tokenizer` is the tokenizer a run recorded (`model.tokenizer.tokenizer_from_dict`), or None
-for a Hugging Face checkpoint (GPT-2 BPE; a BERT / BART checkpoint's own tokenizer files,
-model/hf/tokenizer.py).
+`tokenizer` is the tokenizer the weights' ids mean, recorded as `model.tokenizer`'s to_dict()
+(`tokenizer_from_dict` makes it again): the one a run recorded; for a Hugging Face decoder
+`checkpoint_tokenizer` (an export's TOKENIZER_RECORD_FILE, a Llama's own tokenizer files, GPT-2
+BPE for GPT-2's vocabulary); None where that is unknown (a GPT-2 of another vocabulary, read
+with GPT-2 BPE; a BERT / BART checkpoint's own tokenizer files, model/hf/tokenizer.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Collection
 
@@ -30,11 +33,16 @@ from model import hf
 from model.config import ModelConfig
 from model.config import from_dict as model_config_from_dict
 from model.errors import NotFoundError, UserError
-from model.tokenizer import char_table_difference
+from model.hf.tokenizer import content_sha256
+from model.tokenizer import (GPT2_VOCAB_SIZE, HF_PREFIX, describe_tokenizer, same_tokenizer,
+                             tokenizer_difference)
 from sharding import DEFAULT_RULES, make_mesh, place_params
 from training.checkpoint import CHECKPOINT_DIR, load_for_inference, read_run_meta
 
 WORKDIR, HF = "workdir", "hf"
+# What an export (training/export.py) writes beside config.json: the tokenizer its ids mean, as
+# model.tokenizer's to_dict() ({"name": "hf"} without a path: the folder's own tokenizer files).
+TOKENIZER_RECORD_FILE = "flaxgpt_tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +86,7 @@ def describe_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
   _no_step(path, step)
   directory = hf.resolve_checkpoint_dir(path)
   cfg = hf.checkpoint_config(directory, dtype=dtype or "float32")
-  return Weights(cfg, None, None, None, path, HF)
+  return Weights(cfg, None, checkpoint_tokenizer(directory, cfg), None, path, HF)
 
 
 def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
@@ -98,7 +106,36 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
     return Weights(cfg, params, tokenizer, step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
   cfg, params = hf.load_hf(path, dtype=dtype or "float32", **hf_overrides)
-  return Weights(cfg, place_params(params, cfg, mesh, rules), None, None, path, HF)
+  tokenizer = checkpoint_tokenizer(hf.resolve_checkpoint_dir(path), cfg)
+  return Weights(cfg, place_params(params, cfg, mesh, rules), tokenizer, None, path, HF)
+
+
+def checkpoint_tokenizer(directory: str, cfg: ModelConfig) -> dict | None:
+  """The tokenizer a Hugging Face decoder checkpoint's ids mean (a to_dict() record): an
+  export's TOKENIZER_RECORD_FILE (a character table, GPT-2 BPE, or the folder's own tokenizer
+  files), a Llama's own tokenizer files, GPT-2 BPE for a GPT-2 of GPT-2's 50,257 tokens; None
+  where that is unknown (another GPT-2, read with GPT-2 BPE; BERT / BART, their own files)."""
+  if cfg.family != "gpt":
+    return None
+  path = os.path.join(directory, TOKENIZER_RECORD_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path} is not a readable tokenizer record ({e}).") from None
+    if not isinstance(record, dict) or record.get("name") not in ("gpt2", "char", "hf"):
+      raise UserError(f"{path} is not a tokenizer record (its 'name' must be gpt2, char or "
+                      f"hf).")
+    if record["name"] == "hf":  # the export's own tokenizer files
+      record = dict(record, path=os.path.abspath(directory))
+    return record
+  if hf.read_hf_config(directory).get("model_type") == "llama":
+    directory = os.path.abspath(directory)
+    return {"name": "hf", "path": directory, "sha256": content_sha256(directory)}
+  if cfg.vocab_size == GPT2_VOCAB_SIZE:
+    return {"name": "gpt2"}
+  return None
 
 
 def _no_step(path: str, step: int | None) -> None:
@@ -163,53 +200,30 @@ def model_from_weights(model: dict[str, Any], weights: ModelConfig, label: str,
 
 def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dict | None,
                           name_or_dir: str) -> None:
-  """The data must fit the weights' vocabulary, and a run's weights must have been trained on
-  the data's tokenizer (a character table of the same size with other characters would give
-  the ids other meanings)."""
-  own = own_tokenizer_dir(weights.label) if weights.kind == HF else None
-  if own is not None:  # a Llama checkpoint: its ids are its own tokenizer's
-    if not _same_hf_tokenizer(own, data_tokenizer):
-      raise UserError(f"config.init_from={name_or_dir!r} is a Hugging Face checkpoint whose "
-                      f"ids are its own tokenizer's ({own}/tokenizer.json); read the data with "
-                      f"it: --config.data.tokenizer=hf:{name_or_dir}.")
+  """The weights must have been trained on the data's tokenizer (the same ids meaning the same
+  tokens: a character table of the same size with other characters, GPT-2 BPE ids read as
+  characters or another tokenizer.json of the same size would not), and the data must fit
+  their vocabulary."""
+  saved, label = weights.tokenizer, f"config.init_from={name_or_dir!r}"
+  if not same_tokenizer(saved, data_tokenizer):
+    if saved["name"] == data_tokenizer["name"] == "char":
+      raise UserError(f"{label} was trained on another character table than the data here "
+                      f"has ({tokenizer_difference(saved, data_tokenizer)}); fine-tune on text "
+                      f"with its characters.")
+    fix = (f"--config.data.tokenizer={HF_PREFIX}{saved.get('path')}" if saved["name"] == "hf"
+           else f"--config.data.tokenizer={saved['name']}")
+    what = (f"is a Hugging Face checkpoint whose ids are its own tokenizer's "
+            f"({describe_tokenizer(saved)})" if weights.kind == HF and saved["name"] == "hf"
+            else f"was trained with {describe_tokenizer(saved)}")
+    raise UserError(f"{label} {what}, but the data here is read with "
+                    f"{describe_tokenizer(data_tokenizer)}; read the data with its tokenizer: "
+                    f"{fix}.")
   if data_vocab > weights.cfg.vocab_size:
     kind = (data_tokenizer or {}).get("name", "the data's")
-    raise UserError(f"config.init_from={name_or_dir!r} has a vocabulary of "
+    raise UserError(f"{label} has a vocabulary of "
                     f"{weights.cfg.vocab_size:,} tokens, fewer than the data's {data_vocab:,} "
                     f"({kind} tokens); use data its vocabulary covers (GPT-2 weights: "
                     f"data.tokenizer=gpt2).")
-  saved = weights.tokenizer
-  if saved is None or data_tokenizer is None or saved == data_tokenizer:
-    return
-  if saved.get("name") != data_tokenizer.get("name"):
-    raise UserError(f"config.init_from={name_or_dir!r} was trained on {saved.get('name')} "
-                    f"tokens, the data here is {data_tokenizer.get('name')} tokens; use "
-                    f"data.tokenizer={saved.get('name')}.")
-  difference = char_table_difference(saved.get("chars", ""), data_tokenizer.get("chars", ""))
-  raise UserError(f"config.init_from={name_or_dir!r} was trained on another character table "
-                  f"than the data here has ({difference}); fine-tune on text with its "
-                  f"characters.")
-
-
-def own_tokenizer_dir(name_or_dir: str) -> str | None:
-  """The directory of a Hugging Face checkpoint that brings the tokenizer its ids mean (a
-  Llama's tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE), else None (a workdir too)."""
-  if source_kind(name_or_dir) != HF:
-    return None
-  directory = hf.resolve_checkpoint_dir(name_or_dir)
-  return directory if hf.read_hf_config(directory).get("model_type") == "llama" else None
-
-
-def _same_hf_tokenizer(directory: str, data_tokenizer: dict | None) -> bool:
-  """Whether the data's tokenizer is the checkpoint's: "hf" with the same tokenizer.json."""
-  if not data_tokenizer or data_tokenizer.get("name") != "hf":
-    return False
-  mine, theirs = (os.path.join(d, "tokenizer.json") for d in (directory, data_tokenizer["path"]))
-  try:
-    with open(mine, "rb") as a, open(theirs, "rb") as b:
-      return a.read() == b.read()
-  except OSError:
-    return False
 
 
 def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:

@@ -12,11 +12,17 @@ with only the ranks below its own ends in exactly two parts, the pair whose merg
 
     tok = load_hf_tokenizer("bert-dir/")   # tokenizer.json, or BERT's vocab.txt
     tok.encode("the [MASK] of it")         # [CLS] ... [SEP] ids, as AutoTokenizer gives them
+    tok.to_dict()                          # what a run records: the folder and content_sha256
+
+A tokenizer is known by its content (`content_sha256`: the tokenizer.json or vocab.txt bytes and
+the special tokens read beside them), not by its folder: another file of the same size is
+another tokenizer, a byte-identical copy elsewhere the same one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 
@@ -188,6 +194,7 @@ class HFTokenizer:
 
   def __init__(self, tokenizer, directory: str):
     self._tok = tokenizer
+    self._sha256: str | None = None
     self._tok.no_padding()
     self._tok.no_truncation()
     self.directory = os.path.abspath(directory)
@@ -215,11 +222,52 @@ class HFTokenizer:
     return len(self.decode(ids).encode("utf-8"))
 
   def to_dict(self) -> dict:
-    """What a run records (model.tokenizer.tokenizer_from_dict reads the files again)."""
-    return {"name": "hf", "path": self.directory, "vocab_size": self.vocab_size}
+    """What a run records: the files' folder (model.tokenizer.tokenizer_from_dict reads them
+    again) and their content's hash (`content_sha256`; what is compared, not the path)."""
+    if self._sha256 is None:
+      self._sha256 = content_sha256(self.directory)
+    return {"name": "hf", "path": self.directory, "vocab_size": self.vocab_size,
+            "sha256": self._sha256}
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_file(directory: str | os.PathLike) -> str:
+  """The file a checkpoint directory's tokenizer is read from: its tokenizer.json, else BERT's
+  vocab.txt. UserError naming the path when it is missing, a file, or has neither."""
+  directory = os.fspath(directory)
+  if os.path.isfile(directory):
+    folder = os.path.dirname(directory) or "."
+    raise UserError(f"{directory} is a file; a Hugging Face tokenizer is named by the folder "
+                    f"that holds its {TOKENIZER_FILE} (hf:{folder}).")
+  if not os.path.isdir(directory):
+    raise UserError(f"The tokenizer folder {directory} does not exist (hf:DIR names a Hugging "
+                    f"Face checkpoint folder with a {TOKENIZER_FILE}).")
+  for name in (TOKENIZER_FILE, WORDPIECE_FILE):
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise UserError(f"{directory} has no tokenizer files ({TOKENIZER_FILE}, or BERT's "
+                  f"{WORDPIECE_FILE}); copy the checkpoint's tokenizer next to its config.json.")
+
+
+def content_sha256(directory: str | os.PathLike) -> str:
+  """The hash of what decides a checkpoint tokenizer's ids: its tokenizer.json (or vocab.txt)
+  and the special tokens and options HFTokenizer reads from tokenizer_config.json and
+  special_tokens_map.json. Two folders with the same content have the same hash."""
+  directory = os.fspath(directory)
+  path = tokenizer_file(directory)
+  digest = hashlib.sha256(os.path.basename(path).encode() + b"\0")
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
+  settings = {"eos": _token_text(config.get("eos_token")), **special_tokens(directory)}
+  if path.endswith(WORDPIECE_FILE):
+    settings.update({k: config.get(k) for k in ("do_lower_case", "strip_accents",
+                                                "tokenize_chinese_chars", "unk_token")})
+  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  return digest.hexdigest()
 
 
 def load_hf_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
@@ -227,17 +275,17 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
   vocab.txt with tokenizer_config.json's do_lower_case (default True). UserError when it has
   neither, or when the `tokenizers` library is missing."""
   directory = os.fspath(directory)
+  path = tokenizer_file(directory)
   try:
     import tokenizers  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise UserError(f"Reading the tokenizer of {directory} needs the tokenizers library (pip "
                     f"install 'flaxgpt[hf]').") from None
-  path = os.path.join(directory, TOKENIZER_FILE)
   wordpiece = os.path.join(directory, WORDPIECE_FILE)
   try:
-    if os.path.isfile(path):
+    if path.endswith(TOKENIZER_FILE):
       tok = tokenizers.Tokenizer.from_file(path)
-    elif os.path.isfile(wordpiece):
+    else:
       config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
       names = special_tokens(directory)
       tok = tokenizers.BertWordPieceTokenizer(
@@ -247,10 +295,6 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
           unk_token=_token_text(config.get("unk_token")) or "[UNK]",
           sep_token=names.get("sep", "[SEP]"), cls_token=names.get("cls", "[CLS]"),
           pad_token=names.get("pad", "[PAD]"), mask_token=names.get("mask", "[MASK]"))
-    else:
-      raise UserError(f"{directory} has no tokenizer files ({TOKENIZER_FILE}, or BERT's "
-                      f"{WORDPIECE_FILE}); copy the checkpoint's tokenizer next to its "
-                      f"config.json.")
   except Exception as e:  # tokenizers raises its own Exception type for bad files
     if isinstance(e, UserError):
       raise

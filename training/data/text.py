@@ -87,17 +87,17 @@ def _download(url: str, path: pathlib.Path, sha256: str) -> None:
 
 
 def tokenizer_key(name: str) -> Any:
-  """What identifies a tokenizer in a cache key: its name, and for "hf:DIR" the path, size and
-  mtime of DIR/tokenizer.json (another tokenizer there is another cache entry)."""
+  """What identifies a tokenizer in a cache key: its name, and for "hf:DIR" the folder and the
+  hash of its tokenizer's content (model/hf/tokenizer.py: content_sha256; other files there
+  are another cache entry, whatever their size or time)."""
   if not name.startswith(HF_PREFIX):
     return name
-  path = os.path.join(os.path.abspath(os.path.expanduser(name[len(HF_PREFIX):])),
-                      "tokenizer.json")
-  if not os.path.isfile(path):
-    raise NotFoundError(f"data.tokenizer={name!r}: {path} does not exist (hf:DIR names a "
-                        f"Hugging Face checkpoint directory with a tokenizer.json).")
-  stat = os.stat(path)
-  return [path, stat.st_size, stat.st_mtime_ns]
+  from model.hf.tokenizer import content_sha256  # pylint: disable=import-outside-toplevel
+  directory = os.path.abspath(os.path.expanduser(name[len(HF_PREFIX):]))
+  try:
+    return [directory, content_sha256(directory)]
+  except UserError as e:
+    raise UserError(f"data.tokenizer={name!r}: {e}") from None
 
 
 def cached_text_dir(paths: list[str], tokenizer_name: str, val_fraction: float, *,

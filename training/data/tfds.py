@@ -18,6 +18,7 @@ from model.errors import UserError
 from model.tokenizer import get_tokenizer
 from training.data.bin import (BinWriter, Progress, build_cached, cache_key, cache_root,
                                check_out_dir, check_tokenizer, write_prepared)
+from training.data.text import tokenizer_key
 
 TFDS_GROUP = 256  # documents read and encoded together
 
@@ -31,7 +32,8 @@ def cached_tfds_dir(name: str, *, train_split: str, val_split: str, tokenizer_na
   info = getattr(sources["train"], "dataset_info", None)
   key = cache_key({"kind": "tfds", "name": getattr(info, "full_name", name),
                    "splits": [train_split, val_split], "sizes": [len(s) for s in sources.values()],
-                   "data_dir": data_dir, "text_key": text_key, "tokenizer": tokenizer_name})
+                   "data_dir": data_dir, "text_key": text_key,
+                   "tokenizer": tokenizer_key(tokenizer_name)})
   safe_name = name.replace("/", "_").replace(":", "_")
   out_dir = cache_root(cache_dir) / "tfds" / f"{safe_name}-{key}"
   return build_cached(out_dir, lambda d: _prepare_tfds_sources(
