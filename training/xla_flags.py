@@ -8,7 +8,8 @@ in this one, and it ends the process that makes it): the child builds XLA's comp
 which parses the flags exactly as every XLA client does. A bad flag is one UserError sentence
 naming it. Flags that parsed are remembered (this process, and a file per flags string and
 jaxlib version under the cache directory, $FLAXGPT_CACHE_DIR or ~/.cache/flaxgpt), so the
-child runs once per new XLA_FLAGS value: measured ~0.4 s on a 2-vCPU VM, nothing after.
+child runs once per new XLA_FLAGS value: 0.54-0.67 s, then 0.1-0.3 ms (2 vCPUs of an Intel Xeon
+under load, 2026-12-05; launch.* imports this module's own imports anyway).
 
     check_xla_flags()                                     # $XLA_FLAGS (nothing when unset)
     check_xla_flags(flags + " --xla_gpu_enable_triton_gemm=false", "--flag_sets cublas_gemms")
