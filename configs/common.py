@@ -67,19 +67,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = "cosine"
   c.optimizer.lr = 6e-4  # peak learning rate, after warmup_steps of linear warmup
   c.optimizer.min_lr = 6e-5  # cosine decay ends here at decay_steps
-  c.optimizer.warmup_steps = 100
+  c.optimizer.warmup_steps = 100  # steps of linear warmup to lr
   c.optimizer.decay_steps = config_dict.placeholder(int)  # None: train.steps
   c.optimizer.weight_decay = 0.1  # on weight matrices only
   c.optimizer.decay_embeddings = False  # also decay wte / wpe (nanoGPT does)
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
+  c.optimizer.b1 = 0.9  # AdamW: decay of the gradient's running mean
+  c.optimizer.b2 = 0.95  # AdamW: decay of the squared gradient's running mean
+  c.optimizer.eps = 1e-8  # AdamW: added to the denominator
   c.optimizer.clip = 1.0  # global gradient-norm clipping; 0 disables
 
   c.mesh = ml_collections.ConfigDict()  # device counts; one axis may be -1 ("the rest")
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.data = -1  # data parallel: each device holds all weights and a share of the batch
+  c.mesh.fsdp = 1  # FSDP (ZeRO-3): weights, gradients, optimizer state split too
+  c.mesh.tensor = 1  # tensor parallel: heads, MLP width and vocabulary split
   # CPU-only hosts: split the CPU into this many JAX devices, data parallel over the cores
   # (-1: one per core, as many as divide train.batch_size; 0: JAX's default, one device).
   c.mesh.cpu_devices = 0

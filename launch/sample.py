@@ -9,9 +9,9 @@ search); an encoder (a bert run, a BERT checkpoint) fills each [MASK] of the pro
 
 --workdir samples the latest checkpoint of a `launch.train` run (or --step) with the run's
 tokenizer; --init_from a Hugging Face checkpoint (a Hub name, downloaded once, or a local
-directory with config.json and model.safetensors) with the tokenizer its ids mean: a
-launch.export folder's own (flaxgpt_tokenizer.json), a Llama's tokenizer.json, else GPT-2 BPE
-(its ranks ship with the package). All prompts x --num_samples run as one batch.
+GPT-2, Llama, BERT or BART directory with config.json and model.safetensors) with the tokenizer
+its ids mean: a launch.export folder's own (flaxgpt_tokenizer.json), a Llama's tokenizer.json,
+else GPT-2 BPE (its ranks ship with the package). All prompts x --num_samples run as one batch.
 
 Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as one prompt),
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
@@ -65,7 +65,7 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A launch.train workdir: its latest checkpoint.",
                     flag_values=FLAGS)
 flags.DEFINE_string("init_from", None, "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or another Hub "
-                    "repo id, downloaded once) or a local Hugging Face GPT-2, BERT or BART "
+                    "repo id, downloaded once) or a local Hugging Face GPT-2, Llama, BERT or BART "
                     "checkpoint directory.", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "--workdir: this checkpoint instead of the latest.",
                      flag_values=FLAGS)
@@ -103,7 +103,8 @@ def check_flags() -> None:
   if FLAGS.workdir is not None and FLAGS.init_from is not None:
     raise UserError("--init_from is not allowed with --workdir: give one of them.")
   if FLAGS.workdir is None and FLAGS.init_from is None:
-    raise UserError("Give --workdir (a training run) or --init_from (a Hugging Face GPT-2).")
+    raise UserError("Give --workdir (a training run) or --init_from (a Hugging Face "
+                    "checkpoint).")
   if FLAGS.step is not None and FLAGS.workdir is None:
     raise UserError("--step needs --workdir.")
   if FLAGS.stream and FLAGS.json:

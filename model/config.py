@@ -57,24 +57,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 DROPOUT_RNGS = ("threefry", "rbg")
 # Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# The fields that take one of a few names, and those names (validate checks them;
+# docs/configuration.md lists them).
+CHOICES = {"position_embedding": POSITION_EMBEDDINGS, "norm_placement": NORM_PLACEMENTS,
+           "norm": NORMS, "rope_scaling": ROPE_SCALINGS, "activation": ACTIVATIONS,
+           "attention": ATTENTION_IMPLEMENTATIONS, "dropout_rng": DROPOUT_RNGS, "dtype": DTYPES,
+           "param_dtype": DTYPES, "remat": REMAT_POLICIES, "family": FAMILIES}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a Transformer (family: gpt, bert or encdec). Defaults are GPT-2 small (124M)."""
 
-  vocab_size: int = 50257
+  vocab_size: int = 50257  # tokens the model reads and predicts (ids 0 .. vocab_size - 1)
   # Rows of the embedding / columns of the logits. None means vocab_size. A larger value
   # (50304 = 393 * 128 for GPT-2) makes the matmuls faster; the extra logits are masked out.
   padded_vocab_size: int | None = None
   block_size: int = 1024  # maximum number of positions
-  num_layers: int = 12
-  num_heads: int = 12
-  d_model: int = 768
-  d_mlp: int | None = None  # None means 4 * d_model
-  embd_dropout: float = 0.0
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
+  num_layers: int = 12  # blocks (encdec: the encoder's)
+  num_heads: int = 12  # attention (query) heads (encdec: the encoder's); divides d_model
+  d_model: int = 768  # width of the residual stream
+  d_mlp: int | None = None  # the MLP's hidden width; None means 4 * d_model
+  embd_dropout: float = 0.0  # dropout on the embeddings, in [0, 1)
+  attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
+  resid_dropout: float = 0.0  # dropout on each sublayer's output, in [0, 1)
   # Key/value heads of self-attention (grouped-query attention: query head h reads key/value
   # head h // (num_heads / num_kv_heads), as Hugging Face's repeat_kv); 1 is multi-query
   # attention, 0 means num_heads (multi-head attention, GPT-2).
@@ -85,31 +91,36 @@ class ModelConfig:
   qkv_bias: bool = True  # the q, k, v projections
   proj_bias: bool = True  # attention's output projection
   mlp_bias: bool = True  # the MLP's matrices
-  position_embedding: str = "learned"
-  rope_theta: float = 10000.0
-  rope_scaling: str = "none"
-  rope_factor: float = 8.0
+  position_embedding: str = "learned"  # a learned table, the 2017 sines, or rotary (gpt only)
+  rope_theta: float = 10000.0  # rotary: the base of the rotation frequencies
+  rope_scaling: str = "none"  # rotary: llama3 stretches the low frequencies (Llama 3.1)
+  rope_factor: float = 8.0  # llama3 scaling: low frequencies are divided by this
+  # llama3 scaling: wavelengths above rope_original_positions / rope_low_freq_factor are
+  # scaled, those below rope_original_positions / rope_high_freq_factor kept, those between
+  # interpolated.
   rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_positions: int = 8192
+  rope_high_freq_factor: float = 4.0  # llama3 scaling: see rope_low_freq_factor
+  rope_original_positions: int = 8192  # llama3 scaling: the context trained before scaling
   norm: str = "layernorm"  # layernorm | rmsnorm (x / rms(x) * scale, no mean, no bias)
-  norm_placement: str = "pre"
-  activation: str = "gelu_tanh"
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = True
+  norm_placement: str = "pre"  # pre: before each sublayer, a final norm (GPT-2); post: after
+  activation: str = "gelu_tanh"  # the MLP's nonlinearity (swiglu: gate, up, down matrices)
+  norm_eps: float = 1e-5  # epsilon of every norm, > 0
+  tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
   dtype: str = "float32"  # compute dtype of activations and matmuls
-  param_dtype: str = "float32"
-  attention: str = "auto"
+  param_dtype: str = "float32"  # dtype parameters (and AdamW's moments) are stored in
+  attention: str = "auto"  # kernel: auto = splash on TPU, cuDNN on GPU in bf16, else XLA
+  # The generator of dropout masks: threefry (the same masks on any mesh) or rbg (cheaper on
+  # GPUs; a resume on another mesh may draw other masks).
   dropout_rng: str = "threefry"
-  scan_layers: bool = False
-  remat: str = "none"
+  scan_layers: bool = False  # the blocks as one nn.scan (fast compiles) or a Python loop
+  remat: str = "none"  # what each block recomputes in the backward pass (jax.checkpoint_policies)
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
-  family: str = "gpt"
+  family: str = "gpt"  # gpt: decoder-only; bert: encoder-only; encdec: encoder-decoder
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
   # encdec: the decoder's heads (its self- and cross-attention) and MLP width; 0: the encoder's
   # num_heads / d_mlp (BART's decoder_attention_heads and decoder_ffn_dim may differ)
   num_decoder_heads: int = 0
-  decoder_d_mlp: int = 0
+  decoder_d_mlp: int = 0  # encdec: the decoder's MLP width (see num_decoder_heads)
   type_vocab_size: int = 0  # token-type (segment) embeddings, BERT's 2; 0: none
   embed_norm: bool = False  # LayerNorm after the embeddings (BERT, BART)
   embed_scale: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al. 2017)
@@ -117,10 +128,10 @@ class ModelConfig:
   position_offset: int = 0
   mlm_head: bool = True  # bert: the masked-LM head (False: a BertModel, hidden states only)
   head_bias: bool = False  # a [V] bias on the logits (BERT's MLM head, BART's final_logits_bias)
-  pad_id: int = -1
+  pad_id: int = -1  # the padding token (-1: none)
   bos_id: int = -1  # encdec: the decoder's first input (BART's decoder_start_token_id)
-  eos_id: int = -1
-  mask_id: int = -1
+  eos_id: int = -1  # the end-of-sequence token (-1: none)
+  mask_id: int = -1  # bert: the [MASK] token (-1: none)
 
   def __post_init__(self):
     if self.d_mlp is None:
@@ -157,16 +168,7 @@ class ModelConfig:
           0 < value < math.inf):
         raise UserError(f"ModelConfig.{name} must be a positive (finite) number, got "
                         f"{value!r}.")
-    for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
-                          ("norm_placement", NORM_PLACEMENTS),
-                          ("norm", NORMS),
-                          ("rope_scaling", ROPE_SCALINGS),
-                          ("activation", ACTIVATIONS),
-                          ("attention", ATTENTION_IMPLEMENTATIONS),
-                          ("dropout_rng", DROPOUT_RNGS),
-                          ("dtype", DTYPES),
-                          ("param_dtype", DTYPES),
-                          ("remat", REMAT_POLICIES)):
+    for name, allowed in CHOICES.items():
       value = getattr(self, name)
       if value not in allowed:
         raise UserError(
@@ -174,9 +176,6 @@ class ModelConfig:
     if self.attention == "splash" and self.block_size % 128:
       raise UserError(f"ModelConfig.attention='splash' needs block_size to be a multiple of 128, "
                       f"got {self.block_size}; use attention='auto' or 'xla'.")
-    if self.family not in FAMILIES:
-      raise UserError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}; got "
-                      f"{self.family!r}.")
     for name in ("num_decoder_layers", "num_decoder_heads", "decoder_d_mlp", "type_vocab_size",
                  "position_offset", "num_kv_heads"):
       value = getattr(self, name)

@@ -44,18 +44,18 @@ SPLIT_IDS = {"train": 0, "val": 1}
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` part of an experiment config (see the module docstring for the sources)."""
   cfg = ml_collections.ConfigDict()
-  cfg.source = "text"  # text | bin | tfds | synthetic
+  cfg.source = "text"  # text files | bin (prepared token files) | tfds | synthetic (random)
   # text: a file, comma-separated files or a glob; "" = tiny shakespeare (the package's copy, or
   # $FLAXGPT_DATA_DIR's). bin: a directory with train.bin, val.bin, meta.json.
   cfg.path = ""
   # char | gpt2 | hf:DIR (a Hugging Face checkpoint's tokenizer.json, e.g. the Llama a run
   # fine-tunes); text and tfds sources (bin reads it from meta.json)
   cfg.tokenizer = "char"
-  cfg.tfds_name = "tiny_shakespeare"
-  cfg.tfds_train_split = "train"
-  cfg.tfds_val_split = "validation"
-  cfg.tfds_text_key = "text"
-  cfg.tfds_data_dir = ""
+  cfg.tfds_name = "tiny_shakespeare"  # tfds: the TFDS data set
+  cfg.tfds_train_split = "train"  # tfds: the split training reads
+  cfg.tfds_val_split = "validation"  # tfds: the split evaluation reads
+  cfg.tfds_text_key = "text"  # tfds: the feature holding each document's text
+  cfg.tfds_data_dir = ""  # tfds: where TFDS keeps its data ("": its default)
   cfg.val_fraction = 0.1  # text: the last 10% of the characters is the val split
   cfg.cache_dir = ""  # "" = $FLAXGPT_CACHE_DIR or ~/.cache/flaxgpt
   cfg.prefetch = 2  # batches a background thread keeps ready (0 = none)
