@@ -42,8 +42,9 @@ from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules
 from training import storage
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource
-from training.data.tasks import (NUM_SPECIALS, batch_width, data_tokenizer, data_vocabulary,
-                                 make_task_source, resolve_task, special_ids)
+from training.data.sources import NUM_SPECIALS, special_ids
+from training.data.tasks import (batch_width, data_tokenizer, data_vocabulary, make_task_source,
+                                 resolve_task)
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state,
                             train_state_from_params)
