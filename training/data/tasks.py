@@ -4,6 +4,7 @@ layout, its source and its vocabulary. A new task is a file under training/data/
     task = resolve_task("gpt", config.data)                    # "" -> the family's default
     source = make_task_source(config.data, task, seq_len=T, global_batch_size=B, seed=0)
     batch_layout(task)   # "tokens" [B, T + 1] | "mlm" [B, 2T] | "seq2seq" [B, S + T + 1]
+                         # | "packed" [B, 3 (T + 1)]
 
     task     family  file       batches
     lm       gpt     lm.py      windows of T + 1 tokens of one token stream (data.source)
@@ -11,6 +12,10 @@ layout, its source and its vocabulary. A new task is a file under training/data/
     reverse  encdec  pairs.py   each line of a text -> the line reversed
     denoise  encdec  pairs.py   BART text infilling of windows of the stream
     tsv      encdec  pairs.py   source<TAB>target lines
+    prefix_lm gpt    prefix_lm.py  a prefix seen both ways, the loss on the continuation
+    chat     gpt     chat.py    conversations, the loss on the assistant's tokens
+The last two are packed: examples of different lengths in rows of T + 1 (packing.py),
+[B, 3 (T + 1)] = tokens | segment ids | loss mask.
 
 A config travels one way: this table -> the task's file -> the stream's sources (lm.py) ->
 the corpora (text.py, tfds.py, remote.py) -> the prepared token files (bin.py).
@@ -24,10 +29,10 @@ from typing import Any, Callable
 import ml_collections
 
 from model.errors import UserError
-from training.data import lm, mlm, pairs
+from training.data import chat, examples, lm, mlm, pairs, prefix_lm
 from training.data.sources import DataSource
 
-LAYOUTS = ("tokens", "mlm", "seq2seq")
+LAYOUTS = ("tokens", "mlm", "seq2seq", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Task:
   # without tokenizing anything (launch.benchmark and launch.aot read no data)
   tokenizer: Callable[[Any], tuple[int, str, dict[str, Any] | None]]
   add_config: Callable[[ml_collections.ConfigDict], None] | None = None  # its data.* keys
+  prefix_lm: bool = False  # the model attends bidirectionally inside each example's prefix
 
 
 TASKS: dict[str, Task] = {
@@ -50,6 +56,9 @@ TASKS: dict[str, Task] = {
                     pairs.add_config),
     "denoise": Task(("encdec",), "seq2seq", pairs.make_denoise_source, lm.stream_tokenizer),
     "tsv": Task(("encdec",), "seq2seq", pairs.make_tsv_source, pairs.tsv_tokenizer),
+    "prefix_lm": Task(("gpt",), "packed", prefix_lm.make_source, prefix_lm.vocabulary,
+                      prefix_lm.add_config, prefix_lm=True),
+    "chat": Task(("gpt",), "packed", chat.make_source, chat.chat_vocabulary, chat.add_config),
 }
 SEQ2SEQ_TASKS = tuple(name for name, t in TASKS.items() if t.layout == "seq2seq")
 
@@ -57,7 +66,7 @@ SEQ2SEQ_TASKS = tuple(name for name, t in TASKS.items() if t.layout == "seq2seq"
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` part of an experiment config: the stream's keys (lm.py), then each task's."""
   cfg = ml_collections.ConfigDict()
-  cfg.source = "text"  # text | bin | tfds | synthetic (lm.py)
+  cfg.source = "text"  # text | bin | tfds | synthetic (lm.py); jsonl: examples (chat, prefix_lm)
   # text: a file, comma-separated files or a glob; "" = tiny shakespeare (the package's copy, or
   # $FLAXGPT_DATA_DIR's). bin: a directory with train.bin, val.bin, meta.json.
   cfg.path = ""
@@ -76,12 +85,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # and memory-mapped.
   cfg.local_copy = ""
   cfg.vocab_size = 50257  # synthetic only
-  # What the batches teach (training/data/tasks.py): lm | mlm | reverse | denoise | tsv;
-  # "": the model family's default (gpt: lm, bert: mlm).
+  # What the batches teach (training/data/tasks.py): lm | prefix_lm | chat | mlm | reverse |
+  # denoise | tsv; "": the model family's default (gpt: lm, bert: mlm).
   cfg.task = ""
   for task in TASKS.values():
     if task.add_config is not None:
       task.add_config(cfg)
+  examples.add_config(cfg)
   return cfg
 
 
@@ -110,9 +120,17 @@ def batch_layout(task: str) -> str:
   return TASKS[task].layout
 
 
+def is_prefix_lm(task: str) -> bool:
+  """Whether `task` trains the prefix-LM objective (the model's prefix_lm)."""
+  return TASKS[task].prefix_lm
+
+
 def batch_width(task: str, block_size: int) -> int:
-  """Tokens per row of one batch: T + 1 (tokens), 2T (mlm), S + T + 1 (seq2seq; S = T)."""
+  """Tokens per row of one batch: T + 1 (tokens), 2T (mlm), S + T + 1 (seq2seq; S = T),
+  3 (T + 1) (packed: tokens | segment ids | loss mask, packing.py)."""
   layout = batch_layout(task)
+  if layout == "packed":
+    return 3 * (block_size + 1)
   if layout == "tokens":
     return block_size + 1
   if layout == "mlm":
