@@ -66,8 +66,25 @@ def resolve_task(family: str, data_cfg) -> str:
   return task
 
 
+# Tasks of examples packed into rows (training/lm_inputs.py's packed layout).
+PACKED_TASKS = ("prefix_lm", "chat")
+
+
+def batch_layout(task: str) -> str:
+  """How a step reads a batch of `task`: tokens (lm), mlm, seq2seq, or packed (three planes
+  tokens | segment_ids | loss_mask; training/lm_inputs.py)."""
+  if task == "mlm":
+    return "mlm"
+  if task in SEQ2SEQ_TASKS:
+    return "seq2seq"
+  return "packed" if task in PACKED_TASKS else "tokens"
+
+
 def batch_width(task: str, block_size: int) -> int:
-  """Tokens per row of one batch: T + 1 (lm), 2T (mlm), S + T + 1 (seq2seq; S = T)."""
+  """Tokens per row of one batch: T + 1 (lm), 2T (mlm), S + T + 1 (seq2seq; S = T),
+  3 (T + 1) (packed)."""
+  if task in PACKED_TASKS:
+    return 3 * (block_size + 1)
   if task == "lm":
     return block_size + 1
   if task == "mlm":
