@@ -460,6 +460,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     source = make_task_source(config.data, task, seq_len=block_size,
                               global_batch_size=config.train.batch_size,
                               seed=config.train.seed)
+  if getattr(source, "template", None) is not None:  # chat: the run records the template text
+    config.data.chat_template = source.template.text
   specials = getattr(source, "specials", None)
   if source is None:
     data_vocab, vocab_from = vocab_size_without_data(config, task)

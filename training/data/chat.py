@@ -43,15 +43,17 @@ def chat_path(data_cfg) -> str:
   return data_cfg.path or str(SHIPPED_CHATS)
 
 
-def messages_of(value: Any, where: str) -> list[dict[str, str]]:
-  """The messages of one JSONL line, checked (one UserError sentence naming the line)."""
+def messages_of(value: Any, where: str, for_training: bool = True) -> list[dict[str, str]]:
+  """The messages of one JSONL line, checked (one UserError sentence naming the line); for
+  training it must hold an assistant message."""
   if not isinstance(value, dict):
     raise UserError(f"{where}: a line must be a JSON object with \"messages\" (or \"prompt\" "
                     f"and \"completion\"), not a {type(value).__name__}.")
   if "messages" not in value:
-    if "prompt" in value and "completion" in value:
-      value = {"messages": [{"role": "user", "content": value["prompt"]},
-                            {"role": "assistant", "content": value["completion"]}]}
+    if "prompt" in value and ("completion" in value or not for_training):
+      value = {"messages": [{"role": "user", "content": value["prompt"]}] + (
+          [{"role": "assistant", "content": value["completion"]}] if "completion" in value
+          else [])}
     else:
       raise UserError(f"{where}: the line has no \"messages\" (nor \"prompt\" and "
                       f"\"completion\"); it has {', '.join(map(repr, value)) or 'no keys'}.")
@@ -71,7 +73,7 @@ def messages_of(value: Any, where: str) -> list[dict[str, str]]:
       raise UserError(f"{where}: message {n}'s content is a {type(m['content']).__name__}, "
                       f"not a string.")
     out.append({"role": m["role"], "content": m["content"]})
-  if not any(m["role"] == "assistant" for m in out):
+  if for_training and not any(m["role"] == "assistant" for m in out):
     raise UserError(f"{where}: the conversation has no assistant message, so nothing in it "
                     f"is learned.")
   return out
