@@ -38,7 +38,7 @@ from sharding import (DEFAULT_RULES, batch_size_multiple, is_cpu, param_sharding
 from training.data.bin import Progress
 from training.step import compile_score_step
 
-DATA_KINDS = ("text", "bin", "tfds")
+DATA_KINDS = ("text", "bin", "tfds", "chat")  # chat: training/evaluate_chat.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +178,9 @@ def parse_data_spec(spec: str) -> tuple[str, str, str]:
   """(kind, path or name, split) of a --data value."""
   kind, sep, rest = (spec or "").partition(":")
   if not sep or kind not in DATA_KINDS or not rest:
-    raise UserError(f"--data must be text:PATH, bin:DIR[:train|val] or tfds:NAME:SPLIT, got "
-                    f"{spec!r}.")
-  if kind == "text":
+    raise UserError(f"--data must be text:PATH, bin:DIR[:train|val], tfds:NAME:SPLIT or "
+                    f"chat:FILE, got {spec!r}.")
+  if kind in ("text", "chat"):
     return kind, rest, ""
   if kind == "bin":
     path, _, split = rest.rpartition(":") if rest.rsplit(":", 1)[-1] in ("train", "val") else (
