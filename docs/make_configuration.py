@@ -7,7 +7,8 @@ The keys and defaults are configs/common.py's base_config(); a key's documentati
 comment beside its default or the comment lines just above it, in the file that sets it:
 
   configs/common.py          init_from, train, optimizer, mesh, eval, checkpoint, log
-  training/data/sources.py   data (default_data_config)
+  training/data/tasks.py     data (default_data_config), and each task file's add_config
+                             (training/data/*.py)
   sharding/rules.py          mesh.rules (DEFAULT_RULES)
   model/config.py            model (ModelConfig's fields; ModelConfig's defaults are GPT-2 small)
 
@@ -35,7 +36,9 @@ from configs import common  # noqa: E402  (after the repository is on the path)
 from model import config as model_config  # noqa: E402
 from model.tokenizer import TOKENIZER_NAMES  # noqa: E402
 from sharding import rules  # noqa: E402
-from training.data.sources import SOURCES  # noqa: E402
+from training.data import SOURCES  # noqa: E402
+from training.data.examples import OVERLONG  # noqa: E402
+from training.data.packing import PACKINGS  # noqa: E402
 from training.data.tasks import TASKS  # noqa: E402
 from training.optimizer import SCHEDULES  # noqa: E402
 
@@ -44,7 +47,7 @@ REGENERATE = "python docs/make_configuration.py"
 
 # Where each section's documentation lives (a key's comment), and the variable its function
 # assigns to: c.<section>.<key> in base_config, cfg.<key> in default_data_config.
-COMMON, DATA, RULES, MODEL = ("configs/common.py", "training/data/sources.py",
+COMMON, DATA, RULES, MODEL = ("configs/common.py", "training/data/tasks.py",
                               "sharding/rules.py", "model/config.py")
 SECTION_INTROS = {
     "init_from": "Fine-tuning: the weights a new run starts from.",
@@ -58,7 +61,8 @@ SECTION_INTROS = {
     "log": "metrics.jsonl, TensorBoard and the console.",
 }
 CONFIG_CHOICES = {"optimizer.schedule": SCHEDULES, "data.source": SOURCES,
-                  "data.task": ("",) + TASKS, "data.tokenizer": TOKENIZER_NAMES}
+                  "data.task": ("",) + tuple(TASKS),
+                  "data.overlong": OVERLONG, "data.packing": PACKINGS, "data.tokenizer": TOKENIZER_NAMES}
 TYPE_WORDS = {int: "integer", float: "number", bool: "True, False", str: "string"}
 
 
@@ -152,6 +156,8 @@ def key_docs() -> dict[str, str]:
   """Every config key's documentation, from the comments in the code."""
   docs = _function_docs(COMMON, "base_config", "c", "")
   docs.update(_function_docs(DATA, "default_data_config", "cfg", "data."))
+  for path in sorted((REPO / "training" / "data").glob("*.py")):  # each task's own keys
+    docs.update(_function_docs(str(path.relative_to(REPO)), "add_config", "cfg", "data."))
   docs.update(_rules_docs())
   docs.update(_model_docs())
   return docs

@@ -78,8 +78,8 @@ def test_text_output_and_max_tokens(run, held_out, capsys):
 
 BAD = {
     "short": (["--data", "text:{short}"], "fewer than one window of the model's block_size + 1"),
-    "kind": (["--data", "csv:x"], "--data must be text:PATH, bin:DIR[:train|val] or "
-                                  "tfds:NAME:SPLIT, got 'csv:x'"),
+    "kind": (["--data", "csv:x"], "--data must be text:PATH, bin:DIR[:train|val], "
+                                  "tfds:NAME:SPLIT or chat:FILE, got 'csv:x'"),
     "missing-text": (["--data", "text:{tmp}/none.txt"], "does not exist"),
     "stride": (["--data", "text:{held_out}", "--stride", "65"],
                "--stride must be an integer in [1, block_size = 64], got 65"),
