@@ -260,16 +260,44 @@ def test_an_imported_llamas_packed_row_is_transformers_on_each_document(transfor
 
 def test_prefix_lm_sampling_prefills_the_prompt_both_ways():
   """launch.sample's generate on a prefix-LM run: greedy tokens from the KV-cache loop equal
-  the argmax of a non-cached forward over prompt + tokens so far with the prompt as the prefix,
-  and the prefill's first token differs from a causal model's logits."""
+  the argmax of a non-cached forward over prompt + tokens so far with the prompt as the
+  prefix, and differ from the same weights' causal greedy tokens (weights scaled by 8, so the
+  random model's choices depend on what it sees)."""
   from model.decode.sampling import generate  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(**dict(GPT2, block_size=64), prefix_lm=True)
-  params = init_params(cfg, jax.random.key(3))
+  params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim >= 2 else x,
+                                  init_params(cfg, jax.random.key(2)))
   prompt = [5, 17, 3, 40, 22, 9, 61]
   out = generate(params, cfg, [prompt], max_new_tokens=12, temperature=0.0).tokens[0]
   seq = jnp.asarray([prompt + out], jnp.int32)
   prefix = jnp.arange(seq.shape[1])[None] < len(prompt)
-  logits = GPT(cfg).apply({"params": params}, seq, prefix_BT=prefix)
+  logits = jax.jit(lambda s, p: GPT(cfg).apply({"params": params}, s, prefix_BT=p))(seq, prefix)
   assert list(np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1))) == out
-  causal = GPT(cfg).apply({"params": params}, seq)
-  assert np.abs(np.asarray(causal[0, len(prompt) - 1] - logits[0, len(prompt) - 1])).max() > 1e-3
+  causal = generate(params, cfg.replace(prefix_lm=False), [prompt], max_new_tokens=12,
+                    temperature=0.0).tokens[0]
+  assert causal != out
+
+
+@pytest.mark.slow
+def test_launch_train_with_document_masks(tmp_path, capsys):
+  """data.document_mask=true through launch.train: the windows' documents (joined by
+  <|endoftext|>, GPT-2 BPE) are kept apart in the step, so the first step's loss differs from
+  the same run without it; both train, and the run records the setting."""
+  import json  # pylint: disable=import-outside-toplevel
+  from conftest import exit_status  # pylint: disable=import-outside-toplevel
+  from launch import train as train_cli  # pylint: disable=import-outside-toplevel
+  text = tmp_path / "docs.txt"
+  text.write_text("<|endoftext|>".join(f"Document {i}: " + "speak, speak. " * (3 + i % 7)
+                                       for i in range(60)))
+  losses = {}
+  for mask in (False, True):
+    workdir = tmp_path / f"run_{mask}"
+    assert exit_status(train_cli.main, [
+        "--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.data.path={text}",
+        "--config.data.tokenizer=gpt2", "--config.model.num_layers=1",
+        "--config.train.steps=2", "--config.log.every=1", "--config.eval.every=0",
+        f"--config.data.document_mask={str(mask).lower()}"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses[mask] = rows[0]["loss"]
+    assert json.loads((workdir / "config.json").read_text())["data"]["document_mask"] is mask
+  assert abs(losses[True] - losses[False]) > 1e-4
