@@ -17,10 +17,7 @@ from model.families import init_params
 from model.gpt import GPT
 from sharding import DEFAULT_RULES, activate, make_mesh
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
+from conftest import rel_err
 
 
 def _reference(q, k, v):

@@ -21,14 +21,12 @@ from model.blocks import MASK_VALUE
 from model.families import abstract_params
 from model.gpt import GPT
 
+from conftest import rel_err
+
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 HF_DIR = FIXTURES / "hf_gpt2_tiny"
 PARITY = 1e-4
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -25,6 +25,8 @@ from model.hf.tokenizer import load_hf_tokenizer
 from model.hf import checkpoint_config, load_hf, load_hf_gpt2
 from model.families import abstract_params
 
+from conftest import rel_err
+
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 BERT_DIR, BART_DIR = FIXTURES / "hf_bert_tiny", FIXTURES / "hf_bart_tiny"
 PARITY = 1e-4
@@ -33,10 +35,6 @@ PARITY = 1e-4
 # no_repeat_ngram_size=0, min_length=0, no forced bos / eos tokens.
 BEAMS, BEAM_TOKENS = 4, 12
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

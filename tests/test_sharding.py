@@ -26,6 +26,8 @@ import sharding as S
 from model import GPT, get_config, init_params
 from model.errors import UserError
 
+from conftest import rel_err
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Heads (8), width (64), MLP width (256) and vocabulary (128) divide by 8: tensor=8 splits all.
 CFG = get_config("tiny", num_heads=8)
@@ -48,10 +50,6 @@ grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
 def forward(params, tokens_BT):
   return GPT(CFG).apply({"params": params}, tokens_BT)
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def shard_shapes(x: jax.Array) -> set[tuple[int, ...]]:

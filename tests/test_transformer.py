@@ -22,15 +22,13 @@ from model.gpt import GPT, logits_from_hidden
 from model.kv_cache import init_cache
 from model.layout import stack_layers, unstack_layers
 
+from conftest import rel_err
+
 TOL = 1e-5  # float32, same weights, different computation order
 # LLVM optimisation level 0 halves CPU compile time; XLA's graph passes (and numerics) are
 # unchanged, only the generated machine code is slower, which these tiny shapes don't notice.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def base_config(**overrides) -> ModelConfig:
