@@ -71,7 +71,7 @@ def _same_logits(workdir, out):
   with torch.no_grad():
     theirs = model(torch.tensor(ids)).logits.numpy()
   assert theirs.shape == ours.shape
-  assert rel_err(ours, theirs) < 1e-4
+  assert rel_err(ours, theirs) < 1e-5  # float32 (measured 4e-7)
 
 
 def test_character_run_exports_with_its_vocabulary(char_run, tmp_path, capsys):

@@ -191,7 +191,7 @@ def test_finetune_config_takes_any_gpt2_shape_from_its_weights(tmp_path, capsys,
   ours = GPT(w.cfg).apply({"params": w.params}, jnp.asarray(tokens))[..., :50257]
   with torch.no_grad():
     theirs = exported(torch.from_numpy(tokens)).logits.numpy()
-  assert rel_err(ours, theirs) < 1e-4
+  assert rel_err(ours, theirs) < 1e-5  # float32 (measured 5e-7)
 
   # launch.eval on the run: transformers' loss of the export on the same windows.
   held_out = tmp_path / "held_out.txt"
