@@ -1,8 +1,9 @@
 """Hugging Face GPT-2 import/export: parity with transformers' logits, and clear errors.
 
 Relative error: conftest.rel_err(a, b) = max|a - b| / max|b| with b the transformers logits;
-parity means rel <= 1e-5 in float32 (measured <= 5e-7). The fixture (tests/fixtures/make_hf_fixture.py) is a tiny random
-GPT2LMHeadModel with random layer norms and biases.
+parity means rel <= 1e-5 in float32 (measured <= 5e-7). The fixture
+(tests/fixtures/make_hf_fixture.py) is a tiny random GPT2LMHeadModel with random layer norms
+and biases.
 """
 
 import functools
