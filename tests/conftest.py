@@ -62,6 +62,10 @@ from training.step import compile_train_step  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The summary lists the skips; with FLAXGPT_STRICT_SKIPS=1 (.ci/run) a skip it does not allow
+# fails the run.
+pytest_plugins = ["skip_policy"]
+
 # This process's persistent-cache lookups (subprocesses count their own; the summary at the end
 # adds up the test processes and counts the programs in the cache).
 _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
