@@ -28,12 +28,13 @@ def test_subprocesses_and_this_process_share_the_runs_cache(tmp_path):
   script = ("import jax, jax.numpy as jnp, numpy as np\n"
             f"print(jax.jit(lambda x: jnp.sin(x) * 31.4159 + {salt!r})(np.arange(3.0)))\n")
   env = subprocess_env(JAX_LOG_COMPILES="1")
-  before = set(COMPILATION_CACHE.iterdir()) if COMPILATION_CACHE.exists() else set()
+  cached = lambda: set(COMPILATION_CACHE.glob("*")) if COMPILATION_CACHE.exists() else set()
+  before = cached()
   outs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=240, check=True) for _ in range(2)]
   hit = "Persistent compilation cache hit"
   assert hit not in outs[0].stderr, outs[0].stderr[-2000:]
-  assert len(set(COMPILATION_CACHE.iterdir()) - before) == 1
+  assert len(cached() - before) == 1, "the first subprocess wrote nothing to the run's cache"
   assert hit in outs[1].stderr, outs[1].stderr[-2000:]
   hits = CACHE_COUNTS["hits"]
   assert str(jax.jit(program)(np.arange(3.0))) == outs[0].stdout.strip()
