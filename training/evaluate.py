@@ -214,7 +214,7 @@ def read_tokens(spec: str, tokenizer, *, block_size: int, max_tokens: int | None
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     desc = f"text {where}"
   elif kind == "bin":
-    from training.data.sources import TokenFileSource  # pylint: disable=import-outside-toplevel
+    from training.data.lm import TokenFileSource  # pylint: disable=import-outside-toplevel
     source = TokenFileSource(os.path.expanduser(where), name="bin", seq_len=block_size,
                              global_batch_size=1, seed=0, process_index=0, process_count=1)
     check_same_tokenizer(source.tokenizer, tokenizer.to_dict(), f"--data {spec!r}")
