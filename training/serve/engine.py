@@ -148,7 +148,7 @@ class Engine:
       self._state = init_slots(cfg, c.slots, c.max_len)
       admit = _admit_arrays(0, 1, Request(prompt=[0], max_tokens=1), ())
       for bucket in self.buckets:
-        for scored in (False, True):
+        for scored in (False, True)[:1 + c.prompt_logprobs]:
           self._programs[bucket, scored] = prefill_insert.lower(
               self.params, self._state, np.zeros(bucket, np.int32), admit, cfg=cfg,
               top_n=c.top_n, prompt_logprobs=scored).compile()
@@ -210,6 +210,8 @@ class Engine:
                       f"{n + request.max_tokens} tokens, more than the {limit} this server "
                       f"holds per sequence; shorten the prompt or lower max_tokens.")
     check_settings(request.temperature, request.top_k, request.top_p, seed=request.seed)
+    if request.prompt_logprobs and not self.config.prompt_logprobs:
+      raise UserError("This server does not score prompts (prompt log-probabilities).")
     if request.logprobs is not None and not 0 <= request.logprobs <= self.config.top_n:
       raise UserError(f"logprobs must be in [0, {self.config.top_n}], got {request.logprobs}.")
     if len(set(request.stop_ids) | set(self.stop_ids)) > MAX_STOP_IDS:

@@ -25,6 +25,7 @@ class EngineConfig:
   max_prefills: int = 2     # prompts prefilled per loop iteration (then one decode call)
   max_queue: int = 256      # sequences waiting for a slot before submit raises QueueFull
   top_n: int = 20           # most alternatives per token (logprobs)
+  prompt_logprobs: bool = True  # compile the prefills that score the prompt (echo + logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
