@@ -85,8 +85,9 @@ def _parts() -> tuple[str, ...]:
   return tuple(names)
 
 
-def _step_under(set_flags: tuple[str, ...]) -> float:
-  """The whole step's ms in a fresh process with set_flags after the user's XLA_FLAGS."""
+def _step_under(set_flags: tuple[str, ...]) -> tuple[float, str]:
+  """The whole step's ms in a fresh process with set_flags after the user's XLA_FLAGS, and the
+  XLA_FLAGS that process ran with (from its report)."""
   keep, skip_value = [], False
   for arg in _ARGV:  # this run's arguments without the ones the child is given its own of
     if skip_value:  # the value of a flag written "--json FILE"
@@ -107,7 +108,8 @@ def _step_under(set_flags: tuple[str, ...]) -> float:
       last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
       raise UserError(f"the step under {' '.join(set_flags)} failed: {last}")
     with open(out, encoding="utf-8") as f:
-      return json.load(f)["parts"]["step"]
+      child = json.load(f)
+    return child["parts"]["step"], child["device"]["xla_flags"]
 
 
 def _main(args: list[str]) -> int:
@@ -123,10 +125,12 @@ def _main(args: list[str]) -> int:
                     f"{config.model.family!r}.")
   run, _ = benchmark.random_token_run(config)
   ms = breakdown.measure(run, parts, steps=FLAGS.steps, warmup=FLAGS.warmup)
-  under = {name: _step_under(set_flags) for name, set_flags in flag_sets.items()}
+  children = {name: _step_under(set_flags) for name, set_flags in flag_sets.items()}
+  under = {name: step_ms for name, (step_ms, _) in children.items()}
   report = {"device": benchmark.device_info(), "command": " ".join(["launch.breakdown", *_ARGV]),
             "batch": list(run.batch_shape), "parts": ms, "flag_sets": under,
-            "flag_set_flags": {k: list(v) for k, v in flag_sets.items()}}
+            "flag_set_flags": {k: list(v) for k, v in flag_sets.items()},
+            "flag_set_xla_flags": {name: flags for name, (_, flags) in children.items()}}
   dev = report["device"]
   print(f"device: {dev['device_kind']} x{dev['num_devices']}, jax {dev['jax_version']}; "
         f"XLA_FLAGS: {dev['xla_flags'] or '(not set)'}")

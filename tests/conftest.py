@@ -62,6 +62,10 @@ from training.step import compile_train_step  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The summary lists the skips; with FLAXGPT_STRICT_SKIPS=1 (.ci/run) a skip it does not allow
+# fails the run.
+pytest_plugins = ["skip_policy"]
+
 # This process's persistent-cache lookups (subprocesses count their own; the summary at the end
 # adds up the test processes and counts the programs in the cache).
 _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
@@ -143,9 +147,30 @@ MESH_CFG = dict(num_layers=1, num_heads=8, d_model=64, vocab_size=64, block_size
 
 
 def rel_err(a, b) -> float:
-  """||a - b|| / ||b|| (Frobenius; b the reference)."""
+  """The largest per-element error, relative to the reference's largest magnitude:
+  max|a - b| / max|b| (b the reference). One wrong element shows at its full size (a norm over
+  the whole array would average it away); an element near zero is held to the array's scale, as
+  float rounding is."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+  assert a.shape == b.shape, f"shapes differ: {a.shape} vs the reference's {b.shape}"
+  return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-30))
+
+
+def assert_close(actual, expected, rtol: float, what: str = "") -> None:
+  """rel_err(actual, expected) <= rtol for two arrays, or for two pytrees of arrays with the
+  same structure (compared first); the failure names the leaf and the worst element. rtol as
+  the dtype justifies: float32 ~1e-5, bfloat16 ~1e-2."""
+  leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
+  leaves_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
+  assert tree_a == tree_e, f"{what}: tree structures differ:\n{tree_a}\nvs\n{tree_e}"
+  for (path, a), (_, e) in zip(leaves_a, leaves_e, strict=True):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    name = f"{what}{jax.tree_util.keystr(path)}"
+    err = rel_err(a, e)
+    if not err <= rtol:
+      at = np.unravel_index(np.argmax(np.abs(a - e)), a.shape) if a.size else ()
+      raise AssertionError(f"{name}: relative error {err:.3g} > {rtol:g} (worst at {at}: "
+                           f"{a[at]!r} vs expected {e[at]!r})")
 
 
 def hf_window_loss(model, ids, T: int, stride: int) -> tuple[float, int]:

@@ -2,6 +2,9 @@
 flag sets in fresh processes; bad sets and flags are one sentence before anything compiles."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +22,17 @@ ARGS = ["--config", "configs/tiny.py", "--config.model.num_layers=1", "--steps",
 
 
 def test_every_part_is_timed_and_the_step_under_a_flag_set(tmp_path, capsys):
+  """The child process that times the step under a set runs with the user's XLA_FLAGS (here
+  the tests') and the set's flags after them."""
   out = tmp_path / "b.json"
+  flag = "--xla_gpu_enable_triton_gemm=false"
   assert exit_status(breakdown_cli.main, [
-      *ARGS, "--flag_sets=--xla_gpu_enable_triton_gemm=false", "--json", str(out)]) == 0
+      *ARGS, f"--flag_sets={flag}", "--json", str(out)]) == 0
   report = json.loads(out.read_text())
   assert list(report["parts"]) == list(breakdown.PARTS)
   assert all(ms > 0 for ms in report["parts"].values())
-  assert report["flag_sets"]["--xla_gpu_enable_triton_gemm=false"] > 0  # a child process
+  assert report["flag_sets"][flag] > 0  # a child process
+  assert report["flag_set_xla_flags"] == {flag: f"{os.environ['XLA_FLAGS']} {flag}"}
   stdout = capsys.readouterr().out
   assert "no attention" in stdout and "step, flags --xla_gpu_enable_triton_gemm=false" in stdout
 
@@ -40,6 +47,22 @@ def test_attention_as_identity_drops_the_attention_but_not_the_projections():
   assert identity.shape == normal.shape and not np.allclose(identity, normal)
   # position 0 attends only to itself: identity there is exact attention
   np.testing.assert_allclose(identity[:, 0], normal[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_every_project_flag_set_is_one_xla_knows():
+  """XLA parses XLA_FLAGS when its CPU client starts and aborts on a flag it does not know or
+  a value it cannot read (GPU flags included): every flag of FLAG_SETS starts it, a misspelt one
+  does not."""
+  def start(flags):
+    return subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"],
+                          env=dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=240, check=False)
+  every = [flag for flags in breakdown.FLAG_SETS.values() for flag in flags]
+  assert len(every) >= 4
+  ok = start(every)
+  assert ok.returncode == 0 and ok.stdout.strip() == "cpu", ok.stderr[-2000:]
+  misspelt = start([every[0].replace("enable", "enabel")])
+  assert misspelt.returncode != 0 and "Unknown flag in XLA_FLAGS" in misspelt.stderr
 
 
 @pytest.mark.parametrize("args, message", [

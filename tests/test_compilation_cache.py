@@ -4,21 +4,40 @@ comes out of the cache trains to the same numbers, bit for bit, as what was comp
 
 import os
 import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from conftest import COMPILATION_CACHE, ONE_DEVICE_XLA_FLAGS, run_module, subprocess_env
+from conftest import (CACHE_COUNTS, COMPILATION_CACHE, ONE_DEVICE_XLA_FLAGS, run_module,
+                      subprocess_env)
 from training.metrics import read_metrics
 
 ARGS = ("--config", "configs/tiny.py", "--config.train.steps=4", "--config.eval.every=2",
         "--config.log.every=1", "--config.model.num_layers=1", "--quiet")
 
 
-def test_subprocesses_share_the_runs_cache():
-  env = subprocess_env()
-  assert env["JAX_COMPILATION_CACHE_DIR"] == str(COMPILATION_CACHE)
-  assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
-  assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(COMPILATION_CACHE)  # this process too
+def test_subprocesses_and_this_process_share_the_runs_cache(tmp_path):
+  """A program one subprocess (started with subprocess_env) compiles is written to the run's
+  cache: a second subprocess and this test process load it from there instead of compiling."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  salt = float(int.from_bytes(os.urandom(3), "little"))  # a program no earlier test compiled
+  program = lambda x: jnp.sin(x) * 31.4159 + salt
+  script = ("import jax, jax.numpy as jnp, numpy as np\n"
+            f"print(jax.jit(lambda x: jnp.sin(x) * 31.4159 + {salt!r})(np.arange(3.0)))\n")
+  env = subprocess_env(JAX_LOG_COMPILES="1")
+  before = set(COMPILATION_CACHE.iterdir()) if COMPILATION_CACHE.exists() else set()
+  outs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=240, check=True) for _ in range(2)]
+  hit = "Persistent compilation cache hit"
+  assert hit not in outs[0].stderr, outs[0].stderr[-2000:]
+  assert len(set(COMPILATION_CACHE.iterdir()) - before) == 1
+  assert hit in outs[1].stderr, outs[1].stderr[-2000:]
+  hits = CACHE_COUNTS["hits"]
+  assert str(jax.jit(program)(np.arange(3.0))) == outs[0].stdout.strip()
+  assert CACHE_COUNTS["hits"] == hits + 1
 
 
 @pytest.mark.slow

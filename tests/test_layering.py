@@ -45,8 +45,9 @@ def _module_name(path, root=REPO) -> str:
 
 def import_graph(package: str, root=REPO) -> dict[str, set[str]]:
   """module -> the modules of the same package it imports: `import a.b` imports a.b, `from a
-  import b` imports a.b where that is a module, else a (importing a submodule does not count as
-  importing the packages above it)."""
+  import b` imports a.b where that is a module, else a; importing a module also runs the
+  `__init__.py` of every package above it (a.b imports a), except the importer's own packages,
+  which Python has already started before it."""
   modules = {_module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
   graph = {}
   for name, path in modules.items():
@@ -64,7 +65,10 @@ def import_graph(package: str, root=REPO) -> dict[str, set[str]]:
                   for a in node.names]
       else:
         continue
-      targets.update(w for w in wanted if w in modules and w != name)
+      for w in wanted:
+        parts = w.split(".")
+        targets.update(m for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                       if m in modules and m != name and not _within(name, m))
     graph[name] = targets
   return graph
 
@@ -128,7 +132,8 @@ def test_no_import_cycle_inside_a_package(package):
 
 def test_the_cycle_check_finds_cycles(tmp_path):
   """A cycle through a function-level import, a relative import and a package's __init__ is
-  found; the same package without it is not."""
+  found; the same package without it is not; a cycle through the __init__.py that importing a
+  subpackage's module runs first is found."""
   pkg = tmp_path / "pkg"
   (pkg / "sub").mkdir(parents=True)
   (pkg / "__init__.py").write_text("")
@@ -142,6 +147,13 @@ def test_the_cycle_check_finds_cycles(tmp_path):
   (pkg / "sub" / "b.py").write_text("import pkg.c\n")
   (pkg / "c.py").write_text("")
   assert find_cycle(import_graph("pkg", tmp_path)) is None
+  # pkg.c imports only pkg.sub.b, but that runs pkg/sub/__init__.py, which imports pkg.c.
+  (pkg / "sub" / "__init__.py").write_text("from pkg.c import f\n")
+  (pkg / "sub" / "b.py").write_text("")
+  (pkg / "c.py").write_text("from pkg.sub.b import g\n\ndef f():\n  pass\n")
+  graph = import_graph("pkg", tmp_path)
+  assert graph["pkg.c"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.sub.b"] == set()
+  assert find_cycle(graph) == ["pkg.sub", "pkg.c", "pkg.sub"]
 
 
 @pytest.mark.parametrize("package", ["model", "sharding", "training", "configs"])

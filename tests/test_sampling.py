@@ -13,6 +13,7 @@ import pytest
 
 import model
 import model.kv_cache
+from model.decode import logits as logits_lib
 from model.decode import sampling
 from model.errors import UserError
 from model.decode.sampling import (Buckets, choose_buckets, filter_logits, generate,
@@ -46,18 +47,23 @@ def cfg():
   return model.get_config("tiny")
 
 
-@pytest.fixture(scope="module")
-def params(cfg):
-  """Random tiny-model params, N(0, 0.3) around GPT-2's init (1 for layer-norm scales, 0
-  elsewhere), drawn with numpy (fast, no compilation). Freshly initialised params only echo
-  the last token under greedy decoding, which would make the generation tests weak."""
-  rng = np.random.default_rng(0)
+def _random_params(cfg, seed=0):
+  """N(0, 0.3) around GPT-2's init (1 for norm scales, 0 elsewhere), drawn with numpy (fast,
+  no compilation). Freshly initialised params only echo the last token under greedy
+  decoding, which would make the generation tests weak."""
+  rng = np.random.default_rng(seed)
 
   def draw(path, shape):
     base = 1.0 if path[-1].key == "scale" else 0.0
     return jnp.asarray(base + 0.3 * rng.standard_normal(shape.shape), jnp.float32)
 
   return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+  """Random tiny-model params (`_random_params`)."""
+  return _random_params(cfg)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -159,6 +165,33 @@ def test_traced_settings_match_python_settings_without_recompiling():
                  vocab_size=14)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert jitted._cache_size() == 1
+
+
+def test_each_row_takes_its_own_settings_and_every_variant_serves_its_rows():
+  """One value per row: each row filtered as alone; a row gets the same result from the
+  smallest variant that serves it and from every larger one (logits.VARIANTS); static_mode
+  picks the smallest variant serving all rows."""
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(np.round(rng.normal(0, 2, (5, 300)) * 2) / 2, jnp.float32)  # ties
+  # greedy, temperature only, top-k with top-p (TOP_K); top-p alone, top_k > 128 (SORTED)
+  t, k, p = (np.array([0.0, 0.7, 1.0, 1.3, 0.9], np.float32), np.array([0, 0, 5, 0, 150]),
+             np.array([1.0, 1.0, 0.9, 0.6, 0.8], np.float32))
+  got = np.asarray(filter_logits(logits, t, k, p, vocab_size=290))
+  for b in range(5):
+    alone = filter_logits(logits[b], float(t[b]), int(k[b]), float(p[b]), vocab_size=290)
+    np.testing.assert_array_equal(got[b], alone)
+  assert [logits_lib.static_mode(t[:n], k[:n], p[:n]) for n in (1, 2, 3, 4, 5)] == [
+      logits_lib.GREEDY, logits_lib.PLAIN, logits_lib.TOP_K, logits_lib.SORTED,
+      logits_lib.SORTED]
+  for n, smallest in ((1, logits_lib.GREEDY), (2, logits_lib.PLAIN), (3, logits_lib.TOP_K)):
+    for mode in range(smallest, len(logits_lib.VARIANTS)):
+      out = logits_lib._filter_jit(  # pylint: disable=protected-access
+          logits[:n], t[:n], k[:n], p[:n], mode=mode, vocab_size=290)
+      np.testing.assert_array_equal(out, got[:n], err_msg=logits_lib.VARIANTS[mode])
+  # Drawn: the greedy row is its argmax; every row draws from what its filter kept.
+  drawn = np.asarray(sample_token(jax.random.key(0), logits, t, k, p, vocab_size=290))
+  assert drawn[0] == np.argmax(np.asarray(logits[0]))
+  assert np.isfinite(got[np.arange(5), drawn]).all()
 
 
 def test_invalid_python_settings_raise():
@@ -376,13 +409,18 @@ def test_no_recompilation_within_a_bucket(cfg, params):
                     max_new_tokens=16, temperature=0.0, seed=3, eot_id=1)
   assert result.buckets == BUCKETS
   assert cache_sizes() == before
-  # Sampling settings within one mode (here: top-k / top-p on) are traced values too.
+  # Sampling settings within one variant (model/decode/logits.py) are traced values too:
+  # top-k up to TOP_K_BOUND with or without top-p, and the full sort.
   generate(params, cfg, [[1, 2]], max_new_tokens=12, temperature=0.7, top_k=5, top_p=0.9,
            buckets=BUCKETS)
-  before = cache_sizes()
   generate(params, cfg, [[3], [4, 5, 6]], max_new_tokens=10, temperature=1.3, top_k=0,
            top_p=0.5, seed=7, buckets=BUCKETS)
+  before = cache_sizes()
   generate(params, cfg, [[3]], max_new_tokens=12, temperature=0.2, top_k=9, buckets=BUCKETS)
+  generate(params, cfg, [[3]], max_new_tokens=12, temperature=1.1, top_k=128, top_p=0.7,
+           buckets=BUCKETS)
+  generate(params, cfg, [[3], [9]], max_new_tokens=12, temperature=0.9, top_k=300, top_p=0.8,
+           buckets=BUCKETS)
   assert cache_sizes() == before
   # A new bucket compiles once more (so the checks above can fail).
   result = generate(params, cfg, [[1]], max_new_tokens=3, temperature=0.0)
@@ -399,12 +437,30 @@ def test_stream_yields_the_same_tokens_as_generate(cfg, params):
   assert joined == generate(params, cfg, prompts, **kwargs).tokens
 
 
-def test_bfloat16_generation(cfg, params):
+def test_bfloat16_tokens_are_float32_tokens_where_the_logits_decide(cfg, params):
+  """bf16 compute (scan layout), greedy: at every step the float32 forward over the same
+  prefix picks the same token wherever its top-two gap is over 6% of the logits' scale (bf16's
+  logits are within ~3% of float32's here: measured 0.3 at a scale of 10; a gap moves by twice
+  that at most); at least 16 of the 48 steps are such. Sampling with top-k 1 draws the same
+  tokens as greedy."""
   cfg16 = cfg.replace(dtype="bfloat16", scan_layers=True)
-  result = generate(params, cfg16, [[1, 2, 3], [9]], max_new_tokens=6, temperature=0.8,
-                    buckets=BUCKETS)
-  assert [len(row) for row in result.tokens] == [6, 6]
-  assert all(0 <= t < cfg.vocab_size for row in result.tokens for t in row)
+  prompts = [[1, 2, 3], [9], [40, 41, 42, 43, 44], [100]]
+  run = functools.partial(generate, params, cfg16, prompts, max_new_tokens=12, buckets=BUCKETS)
+  tokens16 = run(temperature=0.0).tokens
+  assert run(temperature=0.8, top_k=1, seed=4).tokens == tokens16
+  decided = 0
+  for prompt, row in zip(prompts, tokens16):
+    seq = prompt + row
+    buf = np.zeros((1, cfg.block_size), np.int32)
+    buf[0, :len(seq)] = seq
+    logits_NV = np.asarray(_forward(cfg, params, buf))[0, len(prompt) - 1:len(seq) - 1]
+    top2_N2 = np.sort(logits_NV, axis=-1)[:, -2:]
+    margin = 0.06 * np.abs(logits_NV).max()
+    must_agree = top2_N2[:, 1] - top2_N2[:, 0] > margin
+    np.testing.assert_array_equal(np.asarray(row)[must_agree],
+                                  np.argmax(logits_NV, axis=-1)[must_agree])
+    decided += int(must_agree.sum())
+  assert decided >= 16, decided
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,52 +550,110 @@ def test_same_tokens_as_the_sampler_before_the_rewrite(cfg, params, cache_reads)
     assert result.tokens == data[name].tolist(), name
 
 
-def test_greedy_over_many_cache_chunks_equals_full_forward(cfg, params, monkeypatch):
-  """Chunks of 8 slots: ragged rows read 2 to 6 chunks of a 48-slot cache as they grow."""
-  monkeypatch.setattr(model.kv_cache, "CACHE_CHUNK", 8)
-  prompts = [[7], [3, 1, 4, 1, 5, 9, 2, 6, 5], list(range(20, 35))]
-  result = generate(params, cfg, prompts, max_new_tokens=20, temperature=0.0,
-                    buckets=Buckets(batch=4, prompt_len=16, cache_len=48, out_len=32))
-  assert result.tokens == [_greedy_without_cache(params, cfg, p, 20) for p in prompts]
+@pytest.fixture(scope="module")
+def grouped_long_model():
+  """A Llama-style model (rotary positions, 4 query heads on 2 key/value heads) with room for
+  a 384-slot cache, three chunks of model.kv_cache.CACHE_CHUNK (128); random params as
+  `params`'s."""
+  cfg = model.get_config("llama-tiny", vocab_size=128, block_size=384, num_layers=2,
+                         num_heads=4, num_kv_heads=2, d_model=32, d_mlp=48)
+  return cfg, _random_params(cfg, seed=1)
 
 
-def _host_tests_per_chunk(closed_jaxpr) -> int:
-  """How many while-loop tests one iteration of the decode loop runs (on a GPU each is a copy
-  of the predicate to the host): the outer loop's own, plus the loops inside its body times
-  the static trip counts around them (fori_loop with a fixed count is a scan, none)."""
-  def count(jaxpr, times):
+def test_cache_reads_all_and_filled_over_many_chunks_equal_the_uncached_forward(
+    grouped_long_model):
+  """Rows of 1, 140 and 270 prompt tokens in a cache of three 128-slot chunks, grouped heads:
+  reading every chunk (a GPU's default: the short rows' chunks mostly masked) and reading the
+  filled ones give the uncached forward's greedy tokens, and the same sampled tokens."""
+  cfg, params = grouped_long_model
+  assert model.kv_cache.cache_chunk_size(384) * 3 == 384 and cfg.kv_heads < cfg.num_heads
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 128, n).tolist() for n in (1, 140, 270)]
+  run = functools.partial(generate, params, cfg, prompts, max_new_tokens=12,
+                          buckets=Buckets(batch=4, prompt_len=384, cache_len=384, out_len=16))
+  greedy = {reads: run(temperature=0.0, cache_reads=reads).tokens for reads in ("all", "filled")}
+  assert greedy["all"] == greedy["filled"] == [
+      _greedy_without_cache(params, cfg, p, 12) for p in prompts]
+  sampled = {reads: run(temperature=1.0, top_k=20, seed=3, cache_reads=reads).tokens
+             for reads in ("all", "filled")}
+  assert sampled["all"] == sampled["filled"] != greedy["all"]
+
+
+# name: (temperature, top_k, top_p, eot_id): launch.sample's default (0.8, top-k 200) sorts.
+SETTINGS = {"greedy": (0.0, 0, 1.0, None), "temperature": (0.8, 0, 1.0, None),
+            "top_k": (1.0, 40, 1.0, None), "top_k_200": (0.8, 200, 1.0, None),
+            "top_p": (1.0, 0, 0.9, None), "top_k_top_p": (1.2, 20, 0.9, None),
+            "eos": (0.9, 20, 1.0, 5)}
+
+
+def host_tests(jaxpr, trips: tuple[int, ...]) -> int:
+  """How many times a GPU reads a predicate on the host running `jaxpr`: XLA's GPU backend
+  copies to the host the test of a while loop, each time it runs (n + 1 times for a loop of n
+  iterations), and the predicate or index of a conditional (`cond`, which `lax.switch` is too),
+  each time it runs (then the branch taken: the costliest one is counted). A loop or
+  conditional inside a scan (a `fori_loop` with a static trip count) counts once per
+  iteration of the scan. A while loop at depth d (0: the outermost) runs trips[d] iterations
+  each time (the decode loop's chunks; the attention's filled cache chunks)."""
+  def count(jaxpr, times, depth):
     n = 0
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "while":
-        n += times + count(eqn.params["body_jaxpr"].jaxpr, times)
-      elif eqn.primitive.name == "scan":
-        n += count(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"])
+      name = eqn.primitive.name
+      if name == "while":
+        iters = trips[depth]
+        n += times * (iters + 1)
+        n += count(eqn.params["cond_jaxpr"].jaxpr, times * (iters + 1), depth + 1)
+        n += count(eqn.params["body_jaxpr"].jaxpr, times * iters, depth + 1)
+      elif name == "cond":
+        n += times + max(count(b.jaxpr, times, depth) for b in eqn.params["branches"])
+      elif name == "scan":
+        n += count(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"], depth)
       else:
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-          n += count(sub, times)
+        n += sum(count(sub, times, depth) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
     return n
-  (outer,) = [e for e in closed_jaxpr.jaxpr.eqns if e.primitive.name == "jit"]
-  (loop,) = [e for e in outer.params["jaxpr"].jaxpr.eqns if e.primitive.name == "while"]
-  return 1 + count(loop.params["body_jaxpr"].jaxpr, 1)
+  return count(jaxpr.jaxpr, 1, 0)
+
+
+def _decode_jaxpr(cfg, params, settings, cache_reads):
+  temperature, top_k, top_p, eot_id = settings
+  run = sampling._start(params, cfg, [[1, 2, 3], [4]], 16, temperature, top_k, top_p, 0, eot_id,
+                        BUCKETS, cache_reads=cache_reads)  # pylint: disable=protected-access
+  decode = functools.partial(sampling._decode,  # pylint: disable=protected-access
+                             cfg=cfg, mode=run.mode, cache_chunks=run.cache_chunks)
+  return run, jax.make_jaxpr(decode)(params, run.state, jnp.int32(16), run.settings)
 
 
 @pytest.mark.parametrize("cache_reads", ["all", "filled"])
-def test_the_decode_loop_tests_on_the_host_once_per_chunk_of_tokens(cfg, params, cache_reads):
-  """From the decode loop's jaxpr: reading every cache chunk (a GPU's default), one host test
-  per DECODE_CHUNK tokens; reading the filled part, each layer's attention adds a loop of its
-  own per token (what a GPU pays per layer and token)."""
-  run = sampling._start(params, cfg, [[1, 2, 3]], 16, 0.0, 0, 1.0, 0, None, BUCKETS,
-                        cache_reads=cache_reads)  # pylint: disable=protected-access
-  decode = functools.partial(sampling._decode,  # pylint: disable=protected-access
-                             cfg=cfg, mode=run.mode, cache_chunks=run.cache_chunks)
-  jaxpr = jax.make_jaxpr(decode)(params, run.state, jnp.int32(16), run.settings)
-  per_chunk = _host_tests_per_chunk(jaxpr)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_the_decode_loop_tests_on_the_host_once_per_chunk_of_tokens(cfg, params, setting,
+                                                                    cache_reads):
+  """From the decode loop's jaxpr (`host_tests`' rule), two chunks of DECODE_CHUNK tokens:
+  reading every cache chunk (a GPU's default), one host test per chunk and one at the end,
+  whatever the sampling setting; reading the filled part (one chunk of the 32-slot cache),
+  each layer's attention adds a loop of its own per token (2 tests for its 1 iteration)."""
+  run, jaxpr = _decode_jaxpr(cfg, params, SETTINGS[setting], cache_reads)
   chunk = sampling.DECODE_CHUNK
   assert chunk >= 8
-  if cache_reads == "all":
-    assert run.cache_chunks == 1 and per_chunk == 1  # 1 / DECODE_CHUNK per token
+  if cache_reads == "all":  # 1 / DECODE_CHUNK per token
+    assert run.cache_chunks == 1
+    count, expected = host_tests(jaxpr, (2,)), 3
   else:
-    assert run.cache_chunks is None and per_chunk == 1 + chunk * cfg.num_layers
+    assert run.cache_chunks is None
+    count, expected = host_tests(jaxpr, (2, 1)), 3 + 2 * chunk * cfg.num_layers * 2
+  assert count == expected, f"{setting}: {count} host tests in 2 chunks, not {expected}"
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_top_k_up_to_the_bound_never_sorts_the_vocabulary(cfg, params, setting):
+  """The decode loop sorts the whole vocabulary only for settings lax.top_k cannot serve
+  (top-p without top-k, top_k > TOP_K_BOUND)."""
+  _, jaxpr = _decode_jaxpr(cfg, params, SETTINGS[setting], "all")
+  V = cfg.padded_vocab_size
+  def sorts(jaxpr):
+    return [e for e in jaxpr.eqns if e.primitive.name == "sort"
+            and e.invars[0].aval.shape[-1] == V] + [
+                s for e in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(e.params)
+                for s in sorts(sub)]
+  assert bool(sorts(jaxpr.jaxpr)) == (setting in ("top_k_200", "top_p"))
 
 
 def test_cache_reads_auto_is_every_chunk_on_a_gpu_only():

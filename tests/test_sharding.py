@@ -26,6 +26,8 @@ import sharding as S
 from model import GPT, get_config, init_params
 from model.errors import UserError
 
+from conftest import assert_close, rel_err
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Heads (8), width (64), MLP width (256) and vocabulary (128) divide by 8: tensor=8 splits all.
 CFG = get_config("tiny", num_heads=8)
@@ -48,10 +50,6 @@ grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
 def forward(params, tokens_BT):
   return GPT(CFG).apply({"params": params}, tokens_BT)
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def shard_shapes(x: jax.Array) -> set[tuple[int, ...]]:
@@ -186,8 +184,7 @@ def test_fit_spec_drops_or_moves_axes_that_do_not_divide():
 def test_forward_loss_and_grads_match_single_device(mesh_run, reference):
   assert rel_err(mesh_run.loss, reference.loss) < RTOL
   assert rel_err(mesh_run.logits, reference.logits) < RTOL
-  errs = jax.tree_util.tree_map(rel_err, mesh_run.grads, reference.grads)
-  assert max(jax.tree_util.tree_leaves(errs)) < RTOL, errs
+  assert_close(mesh_run.grads, reference.grads, RTOL, "grads")
 
 
 def test_tensor_parallel_splits_heads_eightfold(reference):
@@ -271,14 +268,12 @@ def test_fsdp_splits_embedding_and_mlp_kernels_eightfold(fsdp_state):
 def test_optimizer_state_is_sharded_like_params(fsdp_state):
   state, shardings = fsdp_state.state, fsdp_state.shardings
   adam = state["opt_state"][0]
+  placement = lambda tree: jax.tree_util.tree_map(lambda x: (x.sharding, x.shape), tree)
   for moments in (adam.mu, adam.nu):
-    for moment, param in zip(jax.tree_util.tree_leaves(moments),
-                             jax.tree_util.tree_leaves(state["params"])):
-      assert moment.sharding == param.sharding and moment.shape == param.shape
+    assert placement(moments) == placement(state["params"])
   assert adam.count.sharding.spec == P()
   # the returned shardings describe the arrays (what a train step's out_shardings needs)
-  for x, sharding in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
-    assert x.sharding == sharding
+  assert jax.tree_util.tree_map(lambda x: x.sharding, state) == shardings
   abstract = S.abstract_sharded(S.params_and_opt_state_init(CFG, ADAMW), fsdp_state.mesh,
                                 S.DEFAULT_RULES, jax.random.key(0))
   assert jax.tree_util.tree_map(lambda a: a.sharding, abstract) == shardings

@@ -22,15 +22,13 @@ from model.gpt import GPT, logits_from_hidden
 from model.kv_cache import init_cache
 from model.layout import stack_layers, unstack_layers
 
+from conftest import assert_close, rel_err
+
 TOL = 1e-5  # float32, same weights, different computation order
 # LLVM optimisation level 0 halves CPU compile time; XLA's graph passes (and numerics) are
 # unchanged, only the generated machine code is slower, which these tiny shapes don't notice.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def base_config(**overrides) -> ModelConfig:
@@ -248,8 +246,7 @@ def test_variant_trains(name, base, base_run, train_tokens):
   if cfg.remat != "none":  # same weights, same gradients
     base_grads = base_run[1]
     expected = stack_layers(base_grads, cfg.num_layers) if cfg.scan_layers else base_grads
-    for g, e in zip(leaves, jax.tree_util.tree_leaves(expected)):
-      assert rel_err(g, e) <= TOL, name
+    assert_close(grads, expected, TOL, name)
 
 
 def test_variant_parameter_sets():
@@ -339,9 +336,8 @@ def test_layer_norm_equals_flax_layer_norm():
                                   use_fast_variance=False).apply({"params": p}, x)
   assert rel_err(ours(params, x), ref(params, x)) < TOL
   loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  for g_ours, g_ref in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), (0, 1))(params, x)),
-                           jax.tree_util.tree_leaves(jax.grad(loss(ref), (0, 1))(params, x))):
-    assert rel_err(g_ours, g_ref) < TOL
+  assert_close(jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(ref), (0, 1))(params, x),
+               TOL, "grads")
 
 
 @pytest.mark.parametrize("rows", [65, 2048])  # one-hot matmul / gather

@@ -1,14 +1,23 @@
 """Logits processing: temperature, top-k, top-p, and drawing a token.
 
 `filter_logits` / `sample_token` are pure and jittable. Their temperature, top_k and top_p may
-be Python numbers (the filtering mode is then chosen while tracing) or traced scalars (the
-mode is a `lax.switch`, so changing them does not recompile). decode/sampling.py's generate loop
-uses the same functions per row.
+be Python numbers, traced scalars, or arrays with one value per row of the logits (numpy or
+jax). Nothing in them is a `lax.cond` or `lax.switch` on a setting: every row takes the same
+ops and picks its result with `jnp.where` (on a GPU a conditional's predicate is copied to the
+host, once per token in a decode loop). What is computed is one of four VARIANTS, chosen while
+tracing from what the rows may need (`static_mode`: Python numbers or numpy arrays; traced
+settings get SORTED, which serves every row):
 
-Top-k (with or without top-p) takes the TOP_K_BOUND largest logits with `lax.top_k` when
-0 < top_k <= TOP_K_BOUND (a `lax.cond` on the traced value), and only top-p without top-k, or a
-larger top_k, sorts the whole vocabulary. Both rank equal logits by index (lower first) and keep
-the same set.
+  GREEDY  every row greedy: the argmax only
+  PLAIN   rows greedy or temperature only (the logits divided by it)
+  TOP_K   also rows with 0 < top_k <= TOP_K_BOUND, with or without top-p: `lax.top_k` of the
+          TOP_K_BOUND largest logits ranks them (no sort of the vocabulary)
+  SORTED  also top-p without top-k and larger top_k: a stable sort of the whole row
+
+Each variant gives every row it serves the same result as the larger ones. Both rankings put
+equal logits in index order (lower first) and keep the same set. decode/sampling.py's generate
+loop compiles the variant of its settings (their values are traced: changing them within a
+variant does not recompile).
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import numpy as np
 
 from model.errors import UserError
 
-# Filtering modes of `filter_logits`, chosen from (temperature, top_k, top_p).
-_PLAIN, _GREEDY, _SORTED = 0, 1, 2
+# The filtering variants, smallest first (module docstring).
+GREEDY, PLAIN, TOP_K, SORTED = 0, 1, 2, 3
+VARIANTS = ("greedy", "plain", "top_k", "sorted")
 # The largest top_k served by `lax.top_k` of that many logits instead of a full sort.
 TOP_K_BOUND = 128
 
@@ -66,25 +76,16 @@ def check_settings(temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0, *,
 
 
 def static_mode(temperature, top_k, top_p) -> int | None:
-  """For Python-number settings: _GREEDY if temperature is 0, else _SORTED if top-k or top-p is
-  on, else _PLAIN. None for traced settings (see `_traced_mode`)."""
-  if not is_python_number(temperature, top_k, top_p):
+  """The smallest variant that serves every row, for settings known on the host (Python
+  numbers, or numpy arrays of per-row values); None for traced settings (SORTED is used)."""
+  if not all(is_python_number(v) or isinstance(v, np.ndarray)
+             for v in (temperature, top_k, top_p)):
     return None
-  if temperature <= 0:
-    return _GREEDY
-  return _SORTED if top_k > 0 or top_p < 1 else _PLAIN
-
-
-def _traced_mode(temperature, top_k, top_p) -> jax.Array:
-  greedy = jnp.asarray(temperature) <= 0
-  sort = (jnp.asarray(top_k) > 0) | (jnp.asarray(top_p) < 1)
-  return jnp.where(greedy, _GREEDY, jnp.where(sort, _SORTED, _PLAIN)).astype(jnp.int32)
-
-
-def _switch(mode, branches, *args):
-  if isinstance(mode, (bool, int)):
-    return branches[mode](*args)
-  return jax.lax.switch(mode, branches, *args)
+  t, k, p = (np.asarray(v) for v in (temperature, top_k, top_p))
+  need = np.where(t <= 0, GREEDY,
+                  np.where((k > 0) & (k <= TOP_K_BOUND), TOP_K,
+                           np.where((k > 0) | (p < 1), SORTED, PLAIN)))
+  return int(need.max(initial=GREEDY))
 
 
 def _keep_argmax(logits_V: jax.Array) -> jax.Array:
@@ -127,14 +128,13 @@ def _top_k_1d(logits_V: jax.Array, top_k, top_p) -> jax.Array:
   return _put(_keep_ranked(ranked_N, top_k, top_p), order_N, logits_V)
 
 
-def _top_k_top_p(logits: jax.Array, top_k, top_p) -> jax.Array:
-  bound = min(TOP_K_BOUND, logits.shape[-1])
-  sorted_rows = jnp.vectorize(_sorted_1d, signature="(v),(),()->(v)")
-  top_k_rows = jnp.vectorize(_top_k_1d, signature="(v),(),()->(v)")
-  if is_python_number(top_k):
-    return (top_k_rows if 0 < top_k <= bound else sorted_rows)(logits, top_k, top_p)
-  return jax.lax.cond((top_k > 0) & (top_k <= bound), top_k_rows, sorted_rows,
-                      logits, top_k, top_p)
+_sorted_rows = jnp.vectorize(_sorted_1d, signature="(v),(),()->(v)")
+_top_k_rows = jnp.vectorize(_top_k_1d, signature="(v),(),()->(v)")
+
+
+def _row_setting(value) -> jax.Array:
+  """A setting (a scalar, or one value per row [...]) as [..., 1], to broadcast over [..., V]."""
+  return jnp.asarray(value)[..., None]
 
 
 def _filter(logits, temperature, top_k, top_p, mode: int | None, vocab_size: int | None):
@@ -142,29 +142,31 @@ def _filter(logits, temperature, top_k, top_p, mode: int | None, vocab_size: int
   V = logits.shape[-1]
   if vocab_size is not None and vocab_size < V:
     logits = jnp.where(jnp.arange(V) < vocab_size, logits, -jnp.inf)
-  branches = (
-      lambda x: x / temperature,
-      _keep_argmax,
-      lambda x: _top_k_top_p(x / temperature, top_k, top_p),
-  )
-  if mode is None:
-    mode = _traced_mode(temperature, top_k, top_p)
-  return _switch(mode, branches, logits)
+  if mode == GREEDY:
+    return _keep_argmax(logits)
+  greedy_1 = _row_setting(temperature) <= 0
+  scaled = logits / jnp.where(greedy_1, 1.0, _row_setting(temperature))
+  if mode == PLAIN:
+    filtered = scaled
+  elif mode == TOP_K:  # rows with top_k 0 are plain here (top-p alone needs SORTED)
+    filtered = jnp.where(_row_setting(top_k) > 0, _top_k_rows(scaled, top_k, top_p), scaled)
+  else:  # SORTED, or None: traced settings, any row
+    filtered = _sorted_rows(scaled, top_k, top_p)
+  return jnp.where(greedy_1, _keep_argmax(logits), filtered)
 
 
 def sample_filtered(rng, logits, temperature, top_k, top_p, mode: int | None,
                     vocab_size: int | None):
-  """`sample_token` with the mode given (static_mode's value, or None to trace it)."""
+  """`sample_token` with the variant given (static_mode's value, or None: SORTED)."""
   filtered = _filter(logits, temperature, top_k, top_p, mode, vocab_size)
-  draw = lambda x: jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
-  pick = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
-  if mode is None:
-    return jax.lax.cond(jnp.asarray(temperature) <= 0, pick, draw, filtered)
-  return pick(filtered) if mode == _GREEDY else draw(filtered)
+  if mode == GREEDY:
+    return jnp.argmax(filtered, axis=-1).astype(jnp.int32)
+  # A greedy row's filtered logits have one finite entry: the draw is that entry.
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
 # Jitted whole (inlined when called under an outer jit), so eager calls compile one program
-# per (shape, mode) instead of one per operation.
+# per (shape, variant) instead of one per operation.
 _filter_jit = jax.jit(_filter, static_argnames=("mode", "vocab_size"))
 _sample_jit = jax.jit(sample_filtered, static_argnames=("mode", "vocab_size"))
 
@@ -179,8 +181,9 @@ def filter_logits(logits: jax.Array, temperature: Any = 1.0, top_k: Any = 0, top
   (1.0 = off). The most likely token is always kept. Ties are broken by index: among equal
   logits the lower index ranks first, so top-k keeps exactly k entries. `temperature == 0`
   (or <= 0 when traced) is greedy: only the argmax (lowest index on ties) stays, with its
-  logit unscaled. Python-number settings are validated and pick the computation while
-  tracing; traced scalars select it with `lax.switch` (no recompilation when they change).
+  logit unscaled. Each setting is one value for all rows or one per row (shape [...]).
+  Python-number settings are validated; settings known on the host pick the variant while
+  tracing (`static_mode`), traced ones take SORTED (no recompilation when they change).
   """
   check_settings(temperature, top_k, top_p)
   return _filter_jit(logits, temperature, top_k, top_p,

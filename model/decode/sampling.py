@@ -14,9 +14,11 @@ new token is fed at position n_b, whose cache write overwrites the garbage slot 
 attends to it, and a query at position t only attends to slots <= t, so the padding is never
 seen. Shapes are rounded up to buckets (`choose_buckets`, or fixed ones passed as `buckets`)
 so that new prompts, batch sizes or token counts within a bucket reuse the compiled prefill and
-decode functions. The sampling mode (greedy, temperature only, or with top-k / top-p) is
-compiled in (at most three variants per bucket); within a mode the temperature, top_k, top_p
-values, the seed, eot_id and max_new_tokens are traced and never recompile.
+decode functions. The sampling variant (model/decode/logits.py: greedy, temperature only,
+top-k with or without top-p, or a full sort) is compiled in (at most four per bucket); within a
+variant the temperature, top_k, top_p values, the seed, eot_id and max_new_tokens are traced and
+never recompile, and no step has a conditional on them (nothing is read back to the host per
+token but the loop's test, once per DECODE_CHUNK tokens).
 `generate_stream` runs the same compiled decode loop in chunks.
 
 Randomness: row b's token at step i is drawn with fold_in(fold_in(key(seed), b), i), so a row's
