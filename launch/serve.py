@@ -165,7 +165,8 @@ def _main(args: list[str]) -> int:
   _status(f"serving {w.label} as {name!r}: {config.slots} slots x {engine.config.max_len} "
           f"positions, {tokenizer.name} tokenizer, {w.cfg.dtype} compute, chat "
           f"{'on' if template is not None else 'off (no chat template)'}; compiling "
-          f"{len(engine.buckets) * 2 + 1} programs")
+          f"prefills for prompts of {', '.join(map(str, engine.buckets))} tokens and the "
+          f"decode step")
   seconds = engine.compile()
   served = protocol.Served(model=name, tokenizer=tokenizer, max_len=engine.config.max_len,
                            max_n=config.slots, top_n=config.top_n, chat_template=template,

@@ -116,16 +116,19 @@ def _top(logprobs_V: jax.Array, top_n: int):
   return jax.lax.top_k(logprobs_V, top_n)  # ties: lower index first
 
 
-def sample_rows(keys_B, logits_BV, temperature_B, top_k_B, top_p_B, vocab_size: int):
+def sample_rows(keys_B, logits_BV, temperature_B, top_k_B, top_p_B, vocab_size: int,
+                mode: int | None = None):
   """Row b's token from logits_BV[b] with key keys_B[b] and the row's own settings (what
-  `sample_token` gives that row alone)."""
-  sample = functools.partial(sample_filtered, mode=None, vocab_size=vocab_size)
+  `sample_token` gives that row alone). `mode`: model.decode.logits' variant that serves every
+  row (static_mode of the rows' settings; None: SORTED, which serves any)."""
+  sample = functools.partial(sample_filtered, mode=mode, vocab_size=vocab_size)
   return jax.vmap(sample)(keys_B, logits_BV, temperature_B, top_k_B, top_p_B)
 
 
 def _sample(keys_B, logits_BV, temperature_B, top_k_B, top_p_B, emitted_B, cfg: ModelConfig,
-            top_n: int) -> Sampled:
-  token_B = sample_rows(keys_B, logits_BV, temperature_B, top_k_B, top_p_B, cfg.vocab_size)
+            top_n: int, mode: int | None = None) -> Sampled:
+  token_B = sample_rows(keys_B, logits_BV, temperature_B, top_k_B, top_p_B, cfg.vocab_size,
+                        mode)
   logprobs_BV = _log_softmax(logits_BV)
   top_lp, top_ids = _top(logprobs_BV, top_n)
   return Sampled(token_B, emitted_B,
@@ -179,7 +182,8 @@ def prefill_insert(params, state: SlotState, tokens_P: jax.Array, admit: Admit, 
 
 
 def decode_step(params, state: SlotState, *, cfg: ModelConfig, top_n: int,
-                cache_chunks: int | None = None) -> tuple[SlotState, Sampled]:
+                cache_chunks: int | None = None,
+                mode: int | None = None) -> tuple[SlotState, Sampled]:
   """Every slot's last token through the model at its position (inactive slots too: they
   write into their own row, which no active slot reads), one sampled token per slot."""
   logits_B1V, cache = GPT(cfg, cache_chunks=cache_chunks).apply(
@@ -187,7 +191,7 @@ def decode_step(params, state: SlotState, *, cfg: ModelConfig, top_n: int,
       cache=state.cache)
   keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state.key_B), state.step_B)
   sampled = _sample(keys_B, logits_B1V[:, 0], state.temperature_B, state.top_k_B,
-                    state.top_p_B, state.active_B, cfg, top_n)
+                    state.top_p_B, state.active_B, cfg, top_n, mode)
   active = state.active_B
   remaining = state.remaining_B - active
   still = active & ~_stops(sampled.token, remaining, state.stop_BE)
@@ -197,17 +201,19 @@ def decode_step(params, state: SlotState, *, cfg: ModelConfig, top_n: int,
       step_B=state.step_B + active, remaining_B=remaining, active_B=still), sampled
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "top_n", "cache_chunks"),
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "top_n", "cache_chunks", "mode"),
                    donate_argnames=("state",))
 def decode_chunk(params, state: SlotState, stop_B: jax.Array, *, cfg: ModelConfig, steps: int,
-                 top_n: int, cache_chunks: int | None = None) -> tuple[SlotState, Sampled]:
+                 top_n: int, cache_chunks: int | None = None,
+                 mode: int | None = None) -> tuple[SlotState, Sampled]:
   """`steps` decode steps in one call, after stopping the slots stop_B [B] (bool) says: (the
-  state, Sampled with leading axes [B, steps])."""
+  state, Sampled with leading axes [B, steps]). `mode` is the sampling variant compiled in
+  (model.decode.logits: GREEDY, PLAIN, TOP_K, SORTED); it must serve every active slot."""
   state = state._replace(active_B=state.active_B & ~stop_B,
                          position_B=jnp.where(stop_B, 0, state.position_B))
 
   def step(s, _):
-    return decode_step(params, s, cfg=cfg, top_n=top_n, cache_chunks=cache_chunks)
+    return decode_step(params, s, cfg=cfg, top_n=top_n, cache_chunks=cache_chunks, mode=mode)
 
   state, sampled_CB = jax.lax.scan(step, state, None, length=steps)
   return state, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), sampled_CB)

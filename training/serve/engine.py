@@ -42,7 +42,7 @@ from model.config import ModelConfig
 from model.decode.sampling import cache_chunks_for
 from model.decode.slots import MAX_STOP_IDS, Admit, decode_chunk, init_slots, prefill_insert
 from model.errors import UserError
-from model.decode.logits import check_settings
+from model.decode.logits import GREEDY, PLAIN, SORTED, TOP_K, check_settings, static_mode
 from sharding import DEFAULT_RULES, activate, make_mesh, place_params
 from training.serve.detokenize import IncrementalText
 from training.serve.requests import (Collector, Done, Draining, EngineConfig, Output, QueueFull,
@@ -50,6 +50,7 @@ from training.serve.requests import (Collector, Done, Draining, EngineConfig, Ou
 from training.serve.metrics import ServeMetrics
 
 MIN_BUCKET = 16  # the smallest prompt bucket (powers of two up to max_len)
+VARIANTS = (GREEDY, PLAIN, TOP_K, SORTED)
 
 
 class Ticket:
@@ -152,9 +153,11 @@ class Engine:
           self._programs[bucket, scored] = prefill_insert.lower(
               self.params, self._state, np.zeros(bucket, np.int32), admit, cfg=cfg,
               top_n=c.top_n, prompt_logprobs=scored).compile()
-      self._programs["decode"] = decode_chunk.lower(
-          self.params, self._state, np.zeros(c.slots, bool), cfg=cfg, steps=c.decode_steps,
-          top_n=c.top_n, cache_chunks=cache_chunks_for("auto", c.max_len)).compile()
+      for mode in VARIANTS:  # the sampling variants (model/decode/logits.py), cheapest first
+        self._programs["decode", mode] = decode_chunk.lower(
+            self.params, self._state, np.zeros(c.slots, bool), cfg=cfg, steps=c.decode_steps,
+            top_n=c.top_n, cache_chunks=cache_chunks_for("auto", c.max_len),
+            mode=mode).compile()
     self.compile_seconds = time.perf_counter() - start
     self._compiles_at_ready = _CompileCounter.count
     return self.compile_seconds
@@ -277,8 +280,8 @@ class Engine:
         firsts = self._admit()
         decoded = None
         if any(self._slots):
-          self._state, decoded = self._programs["decode"](self.params, self._state,
-                                                          self._stop_mask)
+          self._state, decoded = self._programs["decode", self._variant()](
+              self.params, self._state, self._stop_mask)
           self._stop_mask[:] = False
           self.metrics.add("decode_calls_total")
         arrays, decoded = jax.device_get(([a for _, a in firsts], decoded))
@@ -293,6 +296,13 @@ class Engine:
       self.error = e
       self._fail_all()
       raise
+
+  def _variant(self) -> int:
+    """The cheapest sampling variant that serves every busy slot (static_mode)."""
+    busy = [s.request for s in self._slots if s is not None]
+    return static_mode(np.array([r.temperature for r in busy], np.float32),
+                       np.array([r.top_k for r in busy], np.int32),
+                       np.array([r.top_p for r in busy], np.float32))
 
   def _drop_cancelled(self) -> None:
     with self._lock:

@@ -28,7 +28,7 @@ from typing import Any
 
 from model.errors import UserError
 from training.data.chat import messages_of
-from training.serve.requests import Request, TokenLogprob
+from training.serve.requests import Request
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
 MAX_STOP_STRINGS = 4
