@@ -40,13 +40,14 @@ from model.errors import UserError
 from model.tokenizer import char_table_difference
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
+from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource
 from training.data.tasks import (NUM_SPECIALS, batch_width, data_tokenizer, data_vocabulary,
                                  make_task_source, resolve_task, special_ids)
 from training.optimizer import make_optimizer, schedule_from_config
-from training.state import (TrainState, abstract_train_state, create_train_state,
-                            train_state_from_params)
+from training.state import (TrainState, abstract_train_state, create_train_state, new_adapters,
+                            place, train_state_from_params)
 from training.step import check_loss_chunk, compile_eval_step, compile_train_step
 from training.weights import (check_init_vocabulary, describe_init_from, init_params,
                               model_from_weights)
@@ -105,15 +106,29 @@ class Run:
     """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated."""
     return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
 
+  @property
+  def saved_abstract_state(self) -> TrainState:
+    """What a checkpoint of the run holds: the TrainState, of a LoRA run without its frozen
+    base (training/adapters.py)."""
+    abstract = self.abstract_state
+    return abstract.replace(params=trainable_params(self.model, abstract.params))
+
   def create_state(self) -> TrainState:
     """A fresh TrainState from config.train.seed, created directly with its shardings; with
-    config.init_from, its parameters are those weights (training/weights.py: init_params),
-    the optimizer state new and the step 0."""
+    config.init_from, its parameters are those weights (training/weights.py: init_params;
+    a LoRA run's base, with new adapters), the optimizer state new and the step 0."""
+    seed = self.config.train.seed
     if self.init_from:
-      return train_state_from_params(init_params(self.init_from, self.model), self.tx,
-                                     self.abstract_state, self.config.train.seed)
-    return create_train_state(self.model, self.tx, self.mesh, self.config.train.seed,
-                              self.rules)[0]
+      host = init_params(self.init_from, self.model)
+      if self.model.lora_rank:
+        host = join(new_adapters(self.model, seed), host)
+      return train_state_from_params(host, self.tx, self.abstract_state, seed, self.model)
+    return create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+
+  def base_params(self):
+    """A LoRA run's frozen base (config.init_from's weights) placed on the mesh."""
+    base_abstract = split_trainable(self.model, self.abstract_state.params)[1]
+    return place(init_params(self.init_from, self.model), base_abstract)
 
   @property
   def loss_chunk(self) -> int:
@@ -454,7 +469,11 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
       vocab_from = "config.model.vocab_size"
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
-  cfg = model_config(config, data_vocab, specials)
+  cfg = with_lora(model_config(config, data_vocab, specials), lora_fields(config))
+  if cfg.lora_rank and path is not None and not init_from:
+    raise UserError(f"config.train.lora.rank={cfg.lora_rank} trains adapters on existing "
+                    f"weights: set config.init_from (a training workdir, a Hugging Face "
+                    f"checkpoint or a PEFT adapter directory).")
   mesh = make_mesh(*mesh_shape, devices=devices)
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,

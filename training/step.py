@@ -31,6 +31,7 @@ from model.errors import UserError
 from model.families import build
 from model.gpt import GPT, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
+from training.adapters import join, split_trainable
 from training.state import TrainState
 
 ACT_BATCH = ("act_batch", None)
@@ -177,13 +178,19 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
   `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
   (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
-                                                label_smoothing=label_smoothing), has_aux=True)
+  # Only the trainable parameters are differentiated (a LoRA model's adapters; the base gets
+  # no gradient and no optimizer state: training/adapters.py).
+  trainable, frozen = split_trainable(cfg, state.params)
+  loss_of = functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
+                              label_smoothing=label_smoothing)
+  grad_fn = jax.value_and_grad(lambda t, *args: loss_of(join(t, frozen), *args), has_aux=True)
   to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
+  if param_shardings is not None:
+    param_shardings = split_trainable(cfg, param_shardings)[0]
 
   if grad_accum == 1:
     tokens_BT1 = nn.with_logical_constraint(tokens_BT1, ACT_BATCH)
-    (loss, aux), grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
+    (loss, aux), grads = grad_fn(trainable, cfg, tokens_BT1, step_key, True)
     grads = to_f32(grads)
   else:
     micro_ABT1 = split_micro_batches(tokens_BT1, grad_accum)
@@ -191,14 +198,14 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     def micro_step(grads_sum, xs):
       i, tokens = xs
       tokens = nn.with_logical_constraint(tokens, ACT_BATCH)
-      (loss, aux), grads = grad_fn(state.params, cfg, tokens, jax.random.fold_in(step_key, i),
+      (loss, aux), grads = grad_fn(trainable, cfg, tokens, jax.random.fold_in(step_key, i),
                                    True)
       grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
       if param_shardings is not None:
         grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
       return grads_sum, (loss, aux)
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     if param_shardings is not None:
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     grads, (losses_A, aux_A) = jax.lax.scan(micro_step, zeros,
@@ -208,8 +215,8 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     aux = jax.tree_util.tree_map(jnp.mean, aux_A)
 
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params = join(optax.apply_updates(trainable, updates), frozen)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
   return new_state, metrics
