@@ -434,6 +434,11 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   init_from = config.get("init_from") or ""
   if not isinstance(init_from, str):
     raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
+  lora = lora_fields(config)
+  if lora and path is not None and not init_from:
+    raise UserError(f"config.train.lora.rank={lora['lora_rank']} trains adapters on existing "
+                    f"weights: set config.init_from (a training workdir, a Hugging Face "
+                    f"checkpoint or a PEFT adapter directory).")
   if path is None:  # the benchmark and the TPU compile: random weights do as well
     init_from = ""
   if init_from and family != "gpt":
@@ -469,11 +474,7 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
       vocab_from = "config.model.vocab_size"
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
-  cfg = with_lora(model_config(config, data_vocab, specials), lora_fields(config))
-  if cfg.lora_rank and path is not None and not init_from:
-    raise UserError(f"config.train.lora.rank={cfg.lora_rank} trains adapters on existing "
-                    f"weights: set config.init_from (a training workdir, a Hugging Face "
-                    f"checkpoint or a PEFT adapter directory).")
+  cfg = with_lora(model_config(config, data_vocab, specials), lora)
   mesh = make_mesh(*mesh_shape, devices=devices)
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
