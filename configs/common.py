@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = ml_collections.ConfigDict(rules_config())
 
   c.data = default_data_config()
+  # lm: keep the documents of each window apart (training/lm_inputs.py): attention stops at the
+  # end-of-text token, which starts the document after it at position 0, so a document's first
+  # token is predicted from <|endoftext|> alone; every target is still scored.
+  c.data.document_mask = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 250  # steps between evaluations (and after the last step); 0: never

@@ -1,7 +1,7 @@
 """Evaluate a model on held-out text: mean loss per token, perplexity and bits per byte.
 
   python -m launch.eval (--workdir DIR [--step N] | --init_from NAME_OR_DIR)
-      --data text:PATH|bin:DIR[:train|val]|tfds:NAME:SPLIT [--stride N] [--max_tokens N]
+      --data text:PATH|bin:DIR[:train|val]|tfds:NAME:SPLIT|chat:FILE [--stride N] [--max_tokens N]
       [--batch_size N] [--dtype float32|bfloat16] [--json] [--quiet]
 
 --workdir scores a launch.train run's latest (or --step) checkpoint with the run's tokenizer;
@@ -9,6 +9,9 @@
 training workdir. --data: a UTF-8 text file, a prepared token directory (val.bin unless :train;
 it must use the model's tokenizer) or a TFDS split (documents joined by <|endoftext|>), read as
 one stream of tokens, cut to its first --max_tokens.
+
+--data chat:FILE scores JSONL conversations instead (training/evaluate_chat.py): rendered with
+the run's chat template (or --chat_template), packed, the loss on the assistant's tokens only.
 
 The stream is scored in windows of the model's block size T (training/evaluate.py): every
 token but the first is predicted exactly once; with --stride S < T each window after the first
@@ -38,8 +41,11 @@ flags.DEFINE_integer("step", None, "--workdir: this checkpoint instead of the la
                      flag_values=FLAGS)
 flags.DEFINE_string("init_from", None, "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face "
                     "GPT-2 directory, or a training workdir.", flag_values=FLAGS)
-flags.DEFINE_string("data", None, "text:PATH, bin:DIR[:train|val] or tfds:NAME:SPLIT.",
+flags.DEFINE_string("data", None, "text:PATH, bin:DIR[:train|val], tfds:NAME:SPLIT or "
+                    "chat:FILE (JSONL conversations: the assistant-token loss).",
                     flag_values=FLAGS)
+flags.DEFINE_string("chat_template", None, "--data chat:FILE: 'default' or a .jinja file "
+                    "instead of the model's own chat template.", flag_values=FLAGS)
 flags.DEFINE_integer("stride", None, "Tokens between window starts (default: the block size, "
                      "no overlap).", flag_values=FLAGS)
 flags.DEFINE_integer("max_tokens", None, "Score only the first N tokens of the data.",
@@ -81,7 +87,9 @@ def _main(args: list[str]) -> int:
   from sharding import describe, make_mesh
   from training import evaluate as ev
   from training.weights import WORKDIR, describe_weights, load_weights
-  ev.parse_data_spec(FLAGS.data)
+  kind, where, _ = ev.parse_data_spec(FLAGS.data)
+  if FLAGS.chat_template is not None and kind != "chat":
+    raise UserError("--chat_template goes with --data chat:FILE.")
   source = ({"name_or_dir": FLAGS.workdir, "kind": WORKDIR} if FLAGS.workdir is not None
             else {"name_or_dir": FLAGS.init_from})
   try:
@@ -91,6 +99,8 @@ def _main(args: list[str]) -> int:
                       f"{w.label} is a model.family={w.cfg.family!r} model (launch.train's "
                       f"eval reports its masked-token or exact-match accuracy).")
     tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size, FLAGS.init_from)
+    if kind == "chat":
+      return _chat(source, w, tokenizer, where)
     stride = ev.check_stride(FLAGS.stride, w.cfg.block_size)
     tokens, desc = ev.read_tokens(FLAGS.data, tokenizer, block_size=w.cfg.block_size,
                                   max_tokens=FLAGS.max_tokens, quiet=FLAGS.quiet)
@@ -115,6 +125,37 @@ def _main(args: list[str]) -> int:
           f"bits per byte {bpb}")
     print(f"{result.tokens:,} tokens ({result.bytes:,} bytes) in {result.windows:,} windows "
           f"of {w.cfg.block_size}, stride {stride}, {result.seconds:.1f}s")
+  return 0
+
+
+def _chat(source, w, tokenizer, path: str) -> int:
+  """--data chat:FILE: the assistant-token loss of the file's conversations."""
+  # pylint: disable=import-outside-toplevel
+  import os
+  from launch.sample_chat import chat_template
+  from model.hf import resolve_checkpoint_dir
+  from sharding import describe, make_mesh
+  from training.evaluate_chat import chat_rows, evaluate_chats
+  from training.weights import load_weights
+  if not os.path.isfile(os.path.expanduser(path)):
+    raise UserError(f"--data chat file {path!r} does not exist.")
+  hf_dir = None if FLAGS.init_from is None else resolve_checkpoint_dir(FLAGS.init_from)
+  template = chat_template(tokenizer, workdir=FLAGS.workdir, hf_dir=hf_dir,
+                           override=FLAGS.chat_template)
+  chat_rows(path, template, tokenizer, w.cfg.block_size, w.cfg.vocab_size)  # checks, no weights
+  mesh = make_mesh(-1, 1, 1)
+  w = load_weights(**source, step=FLAGS.step, dtype=FLAGS.dtype, mesh=mesh)
+  _status(f"{w.label}: {w.cfg.num_layers} layers, block {w.cfg.block_size}; data: chats "
+          f"{path} ({template.source}); mesh {describe(mesh)}")
+  r = evaluate_chats(w.params, w.cfg, path, template, tokenizer, mesh=mesh,
+                     batch_size=FLAGS.batch_size)
+  if FLAGS.json:
+    print(json.dumps({"model": w.label, "data": FLAGS.data, **r.to_dict()}))
+  else:
+    print(f"assistant-token loss {r.loss:.4f} nats/token | perplexity {r.perplexity:.3f}")
+    left = f", {r.left_out:,} longer than the block size left out" if r.left_out else ""
+    print(f"{r.tokens:,} assistant tokens in {r.conversations:,} conversations{left}, "
+          f"{r.seconds:.1f}s")
   return 0
 
 

@@ -12,6 +12,10 @@ tokenizer; --init_from a Hugging Face GPT-2 (a Hub name, downloaded once, or a l
 directory with config.json and model.safetensors) with GPT-2 BPE (its ranks ship with the
 package). All prompts x --num_samples run as one batch.
 
+Chats: --chat takes messages (a JSON list, or a JSONL file of conversations), renders them with
+the model's chat template and its generation prompt, and stops each reply at the template's
+end-of-turn token (launch/sample_chat.py).
+
 Prompts: --prompt TEXT (repeat it for several; FILE:path reads a whole file as one prompt),
 --prompt_file PATH (prompts separated by lines holding only ---). Default: "<|endoftext|>"
 for GPT-2 BPE, "\\n" for a character model. A sample stops at <|endoftext|> (unless
@@ -46,7 +50,7 @@ from typing import Any, NamedTuple, Sequence, TextIO
 import jax
 from absl import flags
 
-from launch import cli, sample_families
+from launch import cli, sample_chat, sample_families
 from model.errors import UserError
 from model.decode.sampling import (check_prompt, check_settings, check_window_shift, generate,
                                    generate_stream)
@@ -91,6 +95,12 @@ flags.DEFINE_integer("num_beams", 1, "Encoder-decoder models: beam search with t
                      "beams (1: sampling / greedy).", flag_values=FLAGS)
 flags.DEFINE_float("length_penalty", 1.0, "Beam search: a finished hypothesis scores its summed "
                    "log-probability / length ** length_penalty.", flag_values=FLAGS)
+flags.DEFINE_string("chat", None, "Chat: a JSON list of messages (or a JSONL file of "
+                    "conversations), rendered with the model's chat template and its "
+                    "generation prompt; replies stop at its end-of-turn token.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("chat_template", None, "--chat: 'default' or a .jinja file instead of the "
+                    "model's own template.", flag_values=FLAGS)
 flags.DEFINE_bool("no_stop", False, "Do not stop a sample at <|endoftext|>.", flag_values=FLAGS)
 flags.DEFINE_bool("stream", False, "Print text as it is generated.", flag_values=FLAGS)
 flags.DEFINE_bool("json", False, "One JSON object per sample per line.", flag_values=FLAGS)
@@ -109,6 +119,10 @@ def check_flags() -> None:
     raise UserError("--stream is not allowed with --json: give one of them.")
   if FLAGS.num_samples < 1:
     raise UserError(f"--num_samples must be at least 1, got {FLAGS.num_samples}.")
+  if FLAGS.chat is not None and (FLAGS.prompt or FLAGS.prompt_file is not None):
+    raise UserError("--chat is not allowed with --prompt or --prompt_file: give one of them.")
+  if FLAGS.chat_template is not None and FLAGS.chat is None:
+    raise UserError("--chat_template needs --chat.")
   check_settings(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                  max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, prefix="--")
 
@@ -271,9 +285,13 @@ def prepare() -> Batch:
     if cfg.family != "gpt":
       return _prepare_family(cfg, saved_tokenizer, label, prompts)
     tokenizer = choose_tokenizer(saved_tokenizer, cfg.vocab_size, FLAGS.init_from)
-    prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
-    encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
-                             block_size=cfg.block_size)
+    eot_id = stop_token(tokenizer, cfg.vocab_size, stop=not FLAGS.no_stop)
+    if FLAGS.chat is not None:
+      prompts, encoded, eot_id = _chat_prompts(tokenizer, cfg)
+    else:
+      prompts = prompts if prompts is not None else [default_prompt(tokenizer)]
+      encoded = encode_prompts(tokenizer, prompts, vocab_size=cfg.vocab_size,
+                               block_size=cfg.block_size)
     check_window_shift(FLAGS.window_shift, cfg.block_size, prefix="--")
     params = load_params(cfg)
   except (ValueError, OSError) as e:  # ours, and the clear errors of checkpoint loading
@@ -281,9 +299,22 @@ def prepare() -> Batch:
   max_new_tokens = FLAGS.max_new_tokens
   n = FLAGS.num_samples
   return Batch(cfg, params, tokenizer, rows=[ids for ids in encoded for _ in range(n)],
-               row_prompts=[text for text in prompts for _ in range(n)],
-               eot_id=stop_token(tokenizer, cfg.vocab_size, stop=not FLAGS.no_stop),
+               row_prompts=[text for text in prompts for _ in range(n)], eot_id=eot_id,
                label=label, max_new_tokens=max_new_tokens)
+
+
+def _chat_prompts(tokenizer, cfg) -> tuple[list[str], list[list[int]], int | None]:
+  """--chat's rendered conversations, their ids (checked) and the end-of-turn id."""
+  conversations = sample_chat.read_conversations(FLAGS.chat)
+  from model.hf import resolve_checkpoint_dir  # pylint: disable=import-outside-toplevel
+  hf_dir = None if FLAGS.init_from is None else resolve_checkpoint_dir(FLAGS.init_from)
+  template = sample_chat.chat_template(tokenizer, workdir=FLAGS.workdir, hf_dir=hf_dir,
+                                       override=FLAGS.chat_template)
+  texts, encoded = sample_chat.chat_rows(template, tokenizer, conversations)
+  for (_, where), ids in zip(conversations, encoded):
+    check_prompt(ids, vocab_size=cfg.vocab_size, block_size=cfg.block_size, name=where)
+  eot = sample_chat.end_of_turn(template, tokenizer, cfg.vocab_size)
+  return texts, encoded, None if FLAGS.no_stop else eot
 
 
 class FamilyBatch(NamedTuple):

@@ -1,6 +1,9 @@
 """The blocks every family of the Transformer is built from (Flax Linen): LayerNorm, attention
 (causal / bidirectional / cross; model/attention.py picks the kernel, model/kv_cache.py holds
 the cache), the MLP, a Block and the stack of them, the embeddings, the output head.
+Positions enter through model/positions.py (sinusoidal, rotary) or the learned table; packed
+rows' segment ids and the prefix-LM's prefix (model/segments.py) reach every causal
+self-attention as explicit arguments, like the KV cache.
 model/gpt.py, model/encoder.py and model/encdec.py assemble them; model/families.py picks one by
 cfg.family.
 
@@ -37,11 +40,12 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model import attention
+from model.attention import MASK_VALUE, causal_mask, reference_attention  # re-exported
 from model.config import ModelConfig
 from model.lora import dense_args, lora_delta
+from model.positions import rotary, sinusoidal_positions  # the latter re-exported
 from model.kv_cache import cached_attention, write_cache
 
 ACT_BTD = ("act_batch", "act_length", "act_embed")
@@ -49,10 +53,6 @@ ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_BTGK = ("act_batch", "act_length", "act_kv_heads", "act_kv")  # keys, values of G heads
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
 ACT_BTV = ("act_batch", "act_length", "act_vocab")
-
-# Added to masked attention scores (computed in float32) and written into padded logits.
-MASK_VALUE = -1e30
-
 
 def _normal(std: float, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
@@ -157,76 +157,6 @@ def _residual_std(cfg: ModelConfig) -> float:
   return 0.02 / math.sqrt(2 * cfg.num_layers)
 
 
-def sinusoidal_positions(positions_BT: jax.Array, d_model: int) -> jax.Array:
-  """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(same)."""
-  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
-  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
-      *positions_BT.shape, d_model)
-
-
-def rope_inv_freq(cfg: ModelConfig):
-  """The K/2 rotary frequencies theta^(-2i/K) (float32, as Hugging Face computes them); with
-  rope_scaling "llama3", Llama 3.1's: wavelengths above original_positions / low_freq_factor
-  divided by rope_factor, below original_positions / high_freq_factor kept, a smooth blend
-  between (transformers' _compute_llama3_parameters)."""
-  K = cfg.head_dim
-  inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, K, 2, dtype=np.float32) / K))
-  inv_freq = inv_freq.astype(np.float32)
-  if cfg.rope_scaling == "llama3":
-    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old = cfg.rope_original_positions
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-    inv_freq = np.where(medium, blended, scaled).astype(np.float32)
-  return inv_freq
-
-
-def rotary(x_BTNK, positions_BT, cfg: ModelConfig):
-  """Rotary position embedding of queries or keys [B, T, N, K] at positions_BT, in Hugging
-  Face Llama's rotate-half pairing: x * cos + rotate_half(x) * sin, rotate_half(x) =
-  (-x[K/2:], x[:K/2]), angles p * inv_freq repeated for both halves; cos and sin in float32,
-  applied in x's dtype (as transformers does)."""
-  angles_BTk = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
-  angles_BTK = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles_BTK).astype(x_BTNK.dtype), jnp.sin(angles_BTK).astype(x_BTNK.dtype)
-  half = x_BTNK.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTNK[..., half:], x_BTNK[..., :half]], axis=-1)
-  return x_BTNK * cos + rotated * sin
-
-
-def causal_mask(positions_BT: jax.Array, num_slots: int) -> jax.Array:
-  """[B, 1, T, S] boolean: query (b, t) may attend to key slot s iff s <= positions_BT[b, t]."""
-  return (jnp.arange(num_slots)[None, None, :] <= positions_BT[:, :, None])[:, None]
-
-
-def reference_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, dropout: nn.Dropout | None = None):
-  """Plain softmax attention, scores and softmax in float32; keys and values may have fewer
-  heads G than the queries (grouped-query attention: query head h reads head h // (H / G))."""
-  B, T, H, K = q_BTHK.shape
-  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
-  scale = 1.0 / math.sqrt(K)
-  if G != H:
-    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-    scores_BHTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK,
-                             preferred_element_type=jnp.float32).reshape(B, H, T, S) * scale
-  else:
-    scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSGK,
-                             preferred_element_type=jnp.float32) * scale
-  scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, MASK_VALUE)
-  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-  if dropout is not None:
-    probs_BHTS = dropout(probs_BHTS)
-  probs_BHTS = probs_BHTS.astype(v_BSGK.dtype)
-  if G != H:
-    return jnp.einsum("BGRTS,BSGK->BTGRK", probs_BHTS.reshape(B, G, H // G, T, S),
-                      v_BSGK).reshape(B, T, H, K)
-  return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSGK)
-
-
 class EinsumDense(nn.Module):
   """y = einsum(spec, x, kernel) + bias, where the bias covers the kernel's output axes (those
   after the input axes that the spec contracts). Kernel and bias carry logical axis names.
@@ -272,14 +202,16 @@ class Attention(nn.Module):
                    None): the encoder, padding masked
     cross          queries from x_BTD, keys and values from `memory`: the encoder output
                    enc_BSD (projected here by c_kv), or the already projected (k_BSHK, v_BSHK)
-                   of a cross-attention cache (`cross_kv`, computed once per source); keys
+                   of a cross-attention cache (model/encdec.py's `cross_kv`, computed once per source); keys
                    masked by key_mask_BS (the source padding)
 
   Self-attention projects q, k, v with one fused c_attn [D, 3, H, K] (GPT-2's names), or with
   grouped-query attention (G = cfg.kv_heads < H) c_q [D, H, K] and c_kv [D, 2, G, K];
   cross-attention with c_q [D, H, K] and c_kv [D, 2, H, K]; the output with c_proj [H, K, D].
   Rotary positions (cfg.position_embedding) turn self-attention's queries and keys by
-  positions_BT before they are used or cached.
+  positions_BT before they are used or cached. Causal self-attention without a cache keeps to
+  the segments of segment_ids_BT and sees the prefix of prefix_BT both ways (model/segments.py);
+  with a cache, prefix_BT (a prefix-LM's prompt in the prefill) sees the whole prompt.
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -287,7 +219,8 @@ class Attention(nn.Module):
   kind: str = "causal"
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT=None, kv_cache=None, key_mask_BS=None, memory=None):
+  def __call__(self, x_BTD, positions_BT=None, kv_cache=None, key_mask_BS=None, memory=None,
+               segment_ids_BT=None, prefix_BT=None):
     cfg = self.cfg
     H, K, G = cfg.num_heads, cfg.head_dim, cfg.kv_heads
     qkv_bias = cfg.qkv_bias_on
@@ -332,22 +265,20 @@ class Attention(nn.Module):
     elif kv_cache is None:
       T = x_BTD.shape[1]
       # model/attention.py; init only needs shapes (and traces a short dummy sequence)
-      impl = "xla" if self.is_initializing() else attention.implementation(cfg, T, attn_dropout)
-      if impl == "xla":
-        mask_B1TS = causal_mask(jnp.arange(T)[None, :], T)
-        out_BTHK = reference_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, dropout)
-      elif impl == "splash":
-        out_BTHK = attention.splash_attention(q_BTHK, k_BTGK, v_BTGK)
-      else:
-        out_BTHK = jax.nn.dot_product_attention(
-            q_BTHK, k_BTGK, v_BTGK, is_causal=True,
-            implementation="cudnn" if impl == "cudnn" else None)
+      impl = "xla" if self.is_initializing() else attention.implementation(
+          cfg, T, attn_dropout, segments=segment_ids_BT is not None, prefix=prefix_BT is not None)
+      out_BTHK = attention.self_attention(q_BTHK, k_BTGK, v_BTGK, impl, dropout=dropout,
+                                          segment_ids_BT=segment_ids_BT, prefix_BT=prefix_BT)
     else:
       k_LBSD, v_LBSD, layer = kv_cache
       k_LBSD = write_cache(k_LBSD, layer, positions_BT, k_BTGK)
       v_LBSD = write_cache(v_LBSD, layer, positions_BT, v_BTGK)
       kv_cache = (k_LBSD, v_LBSD, layer)
-      out_BTHK = cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, positions_BT,
+      seen_BT = positions_BT  # the last slot each query sees
+      if prefix_BT is not None:  # a prefix-LM's prompt (the prefill) sees itself both ways
+        last_B1 = jnp.max(jnp.where(prefix_BT, positions_BT, -1), axis=1, keepdims=True)
+        seen_BT = jnp.where(prefix_BT, last_B1, positions_BT)
+      out_BTHK = cached_attention(q_BTHK, k_LBSD, v_LBSD, layer, seen_BT,
                                   num_chunks=self.cache_chunks)
     out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
     y_BTD = EinsumDense(cfg, "BTHK,HKD->BTD", (H, K, cfg.d_model), ("heads", "kv", "embed"),
@@ -362,22 +293,6 @@ class Attention(nn.Module):
       return {}
     return dict(dense_args(self.cfg, f"attn/{module}"), deterministic=self.deterministic)
 
-
-
-def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A cross-attention layer's keys and values [B, S, H, K] from its c_kv parameters (kernel
-  [..., D, 2, H, K], bias [..., 2, H, K]; a leading L axis for the scan layout gives [L, B, S,
-  H, K]): the same projection Attention(kind="cross") applies to the encoder output."""
-  dt = cfg.compute_dtype
-  kernel = c_kv["kernel"].astype(dt)
-  if kernel.ndim == 5:
-    kv = jnp.einsum("BSD,LDCHK->LBSCHK", enc_BSD.astype(dt), kernel)
-  else:
-    kv = jnp.einsum("BSD,DCHK->BSCHK", enc_BSD.astype(dt), kernel)
-  if cfg.qkv_bias_on:
-    bias = c_kv["bias"].astype(dt)
-    kv = kv + (bias[:, None, None] if kernel.ndim == 5 else bias)
-  return kv[..., 0, :, :], kv[..., 1, :, :]
 
 
 def activate(cfg: ModelConfig, h):
@@ -432,7 +347,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS=None, memory=None,
-               memory_mask_BS=None):
+               memory_mask_BS=None, segment_ids_BT=None, prefix_BT=None):
     cfg = self.cfg
     attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
     mlp = MLP(cfg, self.deterministic, name="mlp")
@@ -442,13 +357,15 @@ class Block(nn.Module):
       cross = Attention(cfg, self.deterministic, kind="cross", name="cross")
       ln_x = norm(cfg, "ln_x")
     if cfg.norm_placement == "pre":
-      y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache, key_mask_BS)
+      y_BTD, kv_cache = attn(ln_1(x_BTD), positions_BT, kv_cache, key_mask_BS, None,
+                             segment_ids_BT, prefix_BT)
       x_BTD = x_BTD + y_BTD
       if cross is not None:
         x_BTD = x_BTD + cross(ln_x(x_BTD), key_mask_BS=memory_mask_BS, memory=memory)[0]
       x_BTD = x_BTD + mlp(ln_2(x_BTD))
     else:  # post-LN, as in the original Transformer
-      y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache, key_mask_BS)
+      y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache, key_mask_BS, None, segment_ids_BT,
+                             prefix_BT)
       x_BTD = ln_1(x_BTD + y_BTD)
       if cross is not None:
         x_BTD = ln_x(x_BTD + cross(x_BTD, key_mask_BS=memory_mask_BS, memory=memory)[0])
@@ -464,10 +381,10 @@ class _ScannedBlock(Block):
   (a cross-attention cache's per-layer keys and values) or broadcast (the encoder output)."""
 
   def __call__(self, carry, positions_BT, key_mask_BS=None, memory=None,  # pylint: disable=arguments-differ
-               memory_mask_BS=None):
+               memory_mask_BS=None, segment_ids_BT=None, prefix_BT=None):
     x_BTD, kv_cache = carry
     return Block.__call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS, memory,
-                          memory_mask_BS), None
+                          memory_mask_BS, segment_ids_BT, prefix_BT), None
 
 
 def _remat_policy(name: str):
@@ -518,12 +435,14 @@ def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, determini
 
 def stack(cfg: ModelConfig, x_BTD, kv, positions_BT, *, num_layers: int, name: str,
           deterministic: bool, cache_chunks: int | None = None, kind: str = "causal",
-          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None):
+          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None,
+          segment_ids_BT=None, prefix_BT=None):
   """num_layers Blocks (kind, cross) applied in turn, inside a module's compact method: one
   nn.scan module `name` with cfg.scan_layers (parameters with a leading L axis), else modules
   `name`_0 .. `name`_{L-1}; each under jax.checkpoint per cfg.remat. `memory` is the encoder
   output (every layer) or a cross-attention cache's ([L, B, S, H, K] keys, values): layer i
-  reads its slice. Returns (x, kv)."""
+  reads its slice; segment_ids_BT and prefix_BT go to every layer's causal self-attention.
+  Returns (x, kv)."""
   def maybe_remat(cls):
     if cfg.remat == "none":
       return cls
@@ -534,16 +453,18 @@ def stack(cfg: ModelConfig, x_BTD, kv, positions_BT, *, num_layers: int, name: s
     blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0 if per_layer else nn.broadcast,
-                              nn.broadcast),
+                              nn.broadcast, nn.broadcast, nn.broadcast),
                      length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x_BTD, kv), _ = blocks(cfg, deterministic, cache_chunks, kind, cross, name=name)(
-        (x_BTD, kv), positions_BT, key_mask_BS, memory, memory_mask_BS)
+        (x_BTD, kv), positions_BT, key_mask_BS, memory, memory_mask_BS, segment_ids_BT,
+        prefix_BT)
     return x_BTD, kv
   block_cls = maybe_remat(Block)
   for i in range(num_layers):
     layer_memory = (memory[0][i], memory[1][i]) if per_layer else memory
     x_BTD, kv = block_cls(cfg, deterministic, cache_chunks, kind, cross, name=f"{name}_{i}")(
-        x_BTD, kv, positions_BT, key_mask_BS, layer_memory, memory_mask_BS)
+        x_BTD, kv, positions_BT, key_mask_BS, layer_memory, memory_mask_BS, segment_ids_BT,
+        prefix_BT)
   return x_BTD, kv
 
 

@@ -102,6 +102,9 @@ class ModelConfig:
   dropout_rng: str = "threefry"
   scan_layers: bool = False
   remat: str = "none"
+  # The prefix-LM objective (data.task=prefix_lm sets it; model/segments.py): each example's
+  # prefix attends to itself both ways in training, and sampling prefills the prompt so.
+  prefix_lm: bool = False
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
@@ -219,13 +222,16 @@ class ModelConfig:
           value == -1 or 0 <= value < self.vocab_size):
         raise UserError(f"ModelConfig.{name} must be -1 (none) or a token id in [0, "
                         f"{self.vocab_size}), got {value!r}.")
+    if self.prefix_lm is True and self.family != "gpt":
+      raise UserError(f"ModelConfig.prefix_lm is a decoder-only objective (family='gpt'); "
+                      f"family={self.family!r} needs prefix_lm=False.")
     if self.family != "gpt" and self.attention == "splash":
       raise UserError(f"ModelConfig.attention='splash' is causal self-attention only; "
                       f"family={self.family!r} needs attention='auto' or 'xla'.")
     self._validate_lora()
     for name in ("use_bias", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings",
                  "scan_layers", "embed_norm", "embed_scale",
-                 "mlm_head", "head_bias"):
+                 "mlm_head", "head_bias", "prefix_lm"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 

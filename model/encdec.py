@@ -32,12 +32,28 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import CACHE_AXES, Cache, init_cache
-from model.blocks import (_constrain, cross_kv, embed, norm, output_logits, stack,
+from model.blocks import (_constrain, embed, norm, output_logits, stack,
                           token_embedding)
 
 
 def _positions(B: int, T: int):
   return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+
+
+def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A cross-attention layer's keys and values [B, S, H, K] from its c_kv parameters (kernel
+  [..., D, 2, H, K], bias [..., 2, H, K]; a leading L axis for the scan layout gives [L, B, S,
+  H, K]): the same projection Attention(kind="cross") applies to the encoder output."""
+  dt = cfg.compute_dtype
+  kernel = c_kv["kernel"].astype(dt)
+  if kernel.ndim == 5:
+    kv = jnp.einsum("BSD,LDCHK->LBSCHK", enc_BSD.astype(dt), kernel)
+  else:
+    kv = jnp.einsum("BSD,DCHK->BSCHK", enc_BSD.astype(dt), kernel)
+  if cfg.qkv_bias_on:
+    bias = c_kv["bias"].astype(dt)
+    kv = kv + (bias[:, None, None] if kernel.ndim == 5 else bias)
+  return kv[..., 0, :, :], kv[..., 1, :, :]
 
 
 class EncoderDecoder(nn.Module):

@@ -1,6 +1,8 @@
 """GPT: the decoder-only Transformer (GPT-2), from model/blocks.py.
 
     GPT(cfg).apply({"params": params}, tokens_BT) -> float32 logits [B, T, V]
+    GPT(cfg).apply({"params": params}, tokens_BT, positions_BT=..., segment_ids_BT=...,
+                   prefix_BT=...)          # packed rows (model/segments.py)
     GPT(cfg).apply({"params": params}, tokens_BT, positions_BT=..., cache=cache)
         -> (logits, new cache)             # the KV cache of model/kv_cache.py
 """
@@ -15,13 +17,21 @@ from model.blocks import (_constrain, _mask_padded, embed, norm, output_logits, 
                           token_embedding)
 from model.config import ModelConfig
 from model.kv_cache import CACHE_AXES, Cache
+from model.segments import positions_from_segments
 
 
 class GPT(nn.Module):
   """GPT(cfg).apply({"params": params}, tokens_BT) -> float32 logits [B, T, V].
 
+  With `segment_ids_BT` (int32 [B, T], 0 = padding) a row holds several segments that never
+  attend to each other, at `positions_BT` (default: each token's index within its segment);
+  with `prefix_BT` (bool [B, T]) the prefix-LM's prefix attends to itself both ways
+  (model/segments.py has the rule). All three None: one causal sequence per row at positions
+  0..T-1.
+
   With `cache` (from `init_cache`) it returns (logits, new_cache); `positions_BT` then gives
-  each token's absolute position (default 0..T-1 for every row). With `return_hidden` the
+  each token's absolute position (default 0..T-1 for every row), and `prefix_BT` marks the
+  prompt a prefix-LM's prefill sees both ways (segments are not taken). With `return_hidden` the
   final-norm hidden states [B, T, D] are returned instead of logits (for a chunked loss; see
   `logits_from_hidden`). Padded-vocabulary logits are MASK_VALUE, so they are never
   predicted and have zero probability. `cache_chunks` fixes how many cache chunks attention
@@ -32,9 +42,16 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, *, positions_BT=None, cache: Cache | None = None,
-               deterministic: bool = True, return_hidden: bool = False):
+               deterministic: bool = True, return_hidden: bool = False, segment_ids_BT=None,
+               prefix_BT=None):
     cfg = self.cfg
     B, T = tokens_BT.shape
+    if cache is not None:
+      segment_ids_BT = None
+    elif prefix_BT is not None and segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None and segment_ids_BT is not None:
+      positions_BT = positions_from_segments(segment_ids_BT)
     default_positions = positions_BT is None
     if default_positions:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
@@ -46,7 +63,8 @@ class GPT(nn.Module):
     else:
       kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
     x_BTD, kv = stack(cfg, x_BTD, kv, positions_BT, num_layers=cfg.num_layers, name="h",
-                      deterministic=deterministic, cache_chunks=self.cache_chunks)
+                      deterministic=deterministic, cache_chunks=self.cache_chunks,
+                      segment_ids_BT=segment_ids_BT, prefix_BT=prefix_BT)
     if cfg.norm_placement == "pre":
       x_BTD = norm(cfg, "ln_f")(x_BTD)
     out = x_BTD if return_hidden else output_logits(self, wte, x_BTD)

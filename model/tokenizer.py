@@ -64,6 +64,12 @@ class GPT2Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """encode(text) and each token's character span [start, end) in `text`."""
+    ids = self.encode(text)
+    starts = self._enc.decode_with_offsets(ids)[1]
+    return ids, list(zip(starts, [*starts[1:], len(text)]))
+
   def num_bytes(self, ids: Iterable[int]) -> int:
     """The UTF-8 bytes the tokens stand for (whole, even where a character spans tokens)."""
     return len(self._enc.decode_bytes([int(i) for i in ids]))
@@ -142,6 +148,10 @@ class CharTokenizer:
 
   def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """encode(text) and each token's character span (one character each)."""
+    return self.encode(text), [(i, i + 1) for i in range(len(text))]
 
   def decode(self, ids: Iterable[int]) -> str:
     out = []

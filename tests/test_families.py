@@ -19,7 +19,9 @@ from model.decode.fill_mask import fill_mask
 from model.families import build, init_params
 from model.layout import convert_layout
 from sharding import make_mesh, shard_batch
-from training.data.tasks import infill, mask_tokens, pack_pair, reverse_pairs, special_ids
+from training.data.mlm import mask_tokens
+from training.data.pairs import infill, pack_pair, reverse_pairs
+from training.data.sources import special_ids
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import abstract_train_state, create_train_state
 from training.step import compile_train_step

@@ -38,7 +38,7 @@ from sharding import (DEFAULT_RULES, batch_size_multiple, is_cpu, param_sharding
 from training.data.bin import Progress
 from training.step import compile_score_step
 
-DATA_KINDS = ("text", "bin", "tfds")
+DATA_KINDS = ("text", "bin", "tfds", "chat")  # chat: training/evaluate_chat.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +178,9 @@ def parse_data_spec(spec: str) -> tuple[str, str, str]:
   """(kind, path or name, split) of a --data value."""
   kind, sep, rest = (spec or "").partition(":")
   if not sep or kind not in DATA_KINDS or not rest:
-    raise UserError(f"--data must be text:PATH, bin:DIR[:train|val] or tfds:NAME:SPLIT, got "
-                    f"{spec!r}.")
-  if kind == "text":
+    raise UserError(f"--data must be text:PATH, bin:DIR[:train|val], tfds:NAME:SPLIT or "
+                    f"chat:FILE, got {spec!r}.")
+  if kind in ("text", "chat"):
     return kind, rest, ""
   if kind == "bin":
     path, _, split = rest.rpartition(":") if rest.rsplit(":", 1)[-1] in ("train", "val") else (
@@ -214,7 +214,7 @@ def read_tokens(spec: str, tokenizer, *, block_size: int, max_tokens: int | None
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     desc = f"text {where}"
   elif kind == "bin":
-    from training.data.sources import TokenFileSource  # pylint: disable=import-outside-toplevel
+    from training.data.lm import TokenFileSource  # pylint: disable=import-outside-toplevel
     source = TokenFileSource(os.path.expanduser(where), name="bin", seq_len=block_size,
                              global_batch_size=1, seed=0, process_index=0, process_count=1)
     check_same_tokenizer(source.tokenizer, tokenizer.to_dict(), f"--data {spec!r}")

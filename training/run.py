@@ -43,8 +43,10 @@ from training import storage
 from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.data import DataSource
-from training.data.tasks import (NUM_SPECIALS, batch_width, data_tokenizer, data_vocabulary,
-                                 make_task_source, resolve_task, special_ids)
+from training.data.sources import NUM_SPECIALS, special_ids
+from training.data.tasks import (batch_layout, batch_width, data_tokenizer, data_vocabulary,
+                                 make_task_source, resolve_task)
+from training.lm_inputs import check_prefix_lm, document_eot
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state, new_adapters,
                             place, train_state_from_params)
@@ -82,6 +84,18 @@ class Run:
   init_from: str = ""
   task: str = "lm"  # what the batches teach (training/data/tasks.py)
   vocab_from: str = ""  # where model.vocab_size came from, in words
+  # data.document_mask: the end-of-text id the step splits windows into documents at
+  eot_id: int | None = None
+
+  @property
+  def layout(self) -> str:
+    """How the GPT step reads a batch (training/lm_inputs.py): tokens or packed."""
+    return "packed" if batch_layout(self.task) == "packed" else "tokens"
+
+  @property
+  def segments(self) -> bool:
+    """Whether the step's rows hold several segments (packed examples or documents)."""
+    return self.layout == "packed" or self.eot_id is not None
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -140,13 +154,14 @@ class Run:
     return compile_train_step(self.model, self.tx, self.schedule, self.mesh,
                               self.abstract_state, self.batch_shape,
                               self.config.train.grad_accum, self.rules, self.loss_chunk,
-                              self.config.train.get("label_smoothing", 0.0))
+                              self.config.train.get("label_smoothing", 0.0), self.layout,
+                              self.eot_id)
 
   def compile_eval_step(self):
     """(params, batch [B, T + 1]) -> mean loss."""
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
                              self.batch_shape, self.config.train.grad_accum, self.rules,
-                             self.loss_chunk)
+                             self.loss_chunk, self.layout, self.eot_id)
 
 
 def _get(config, dotted: str):
@@ -428,6 +443,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     raise UserError(f"config.model.family must be one of {', '.join(FAMILIES)}; got "
                     f"{family!r}.")
   task = resolve_task(family, config.data)
+  config = ml_collections.ConfigDict(config.to_dict())  # the task may set model.prefix_lm
+  check_prefix_lm(config, task)
   if family != "gpt" and config.train.get("loss_chunk", 0):
     raise UserError(f"config.train.loss_chunk applies to model.family='gpt' only; set it to 0 "
                     f"for {family!r}.")
@@ -463,6 +480,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
     source = make_task_source(config.data, task, seq_len=block_size,
                               global_batch_size=config.train.batch_size,
                               seed=config.train.seed)
+  if getattr(source, "template", None) is not None:  # chat: the run records the template text
+    config.data.chat_template = source.template.text
   specials = getattr(source, "specials", None)
   if source is None:
     data_vocab, vocab_from = vocab_size_without_data(config, task)
@@ -475,10 +494,16 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
   cfg = with_lora(model_config(config, data_vocab, specials), lora)
+  tokenizer = source.tokenizer if source is not None else None
+  if source is None and config.data.get("document_mask") is True:  # not read: what it records
+    tokenizer = data_tokenizer(config.data, task)[2]
+  eot_id = document_eot(config.data, task, family, tokenizer)
   mesh = make_mesh(*mesh_shape, devices=devices)
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
-                             platform=mesh.devices.flat[0].platform)
+                             platform=mesh.devices.flat[0].platform,
+                             segments=batch_layout(task) == "packed" or eot_id is not None,
+                             prefix=cfg.prefix_lm)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:
@@ -487,4 +512,5 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   return Run(config=resolved_config(config, cfg, mesh_shape), model=cfg, mesh=mesh, rules=rules,
              tx=make_optimizer(config.optimizer, steps),
              schedule=schedule_from_config(config.optimizer, steps), source=source,
-             workdir=path, init_from=init_from, task=task, vocab_from=vocab_from)
+             workdir=path, init_from=init_from, task=task, vocab_from=vocab_from,
+             eot_id=eot_id)

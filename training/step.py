@@ -4,14 +4,18 @@
                                     grad_accum, rules)   # or Run.compile_train_step()
     state, metrics = train_step(state, batch_BT1)   # state donated; metrics: loss, grad_norm, lr
 
-A batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]). With loss_chunk = C
+A GPT batch is int32 tokens [B, T + 1] (inputs are [:, :-1], targets [:, 1:]), or in the
+`packed` layout three planes tokens | segment_ids | loss_mask (training/lm_inputs.py: examples
+packed into rows, the loss on the scored targets only); data.document_mask keeps the documents
+of a tokens batch apart (`eot_id`). With loss_chunk = C
 (0 < C < T, C dividing T) the loss never holds the [B, T, V] float32 logits: it is computed from
 the final hidden states over chunks of C positions, each chunk's logits recomputed in the
 backward pass (see chunked_cross_entropy). With grad_accum = A
 the batch is split into A micro-batches of B / A rows (row r goes to micro-batch r mod A, so each
 micro-batch stays split over all data-parallel devices) that a lax.scan runs one after another,
-summing float32 gradients; loss and gradients are means over all B * T tokens, the same as one
-step on the whole batch.
+summing float32 gradients; loss and gradients are means over all B * T tokens (packed: over all
+the batch's scored targets, sum(nll * w) / sum(w), each micro-batch's sum divided by the whole
+batch's count), the same as one step on the whole batch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from model.families import build
 from model.gpt import GPT, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.adapters import join, split_trainable
+from training.lm_inputs import batch_weight, check_layout, lm_inputs, packed_metrics
 from training.state import TrainState
 
 ACT_BATCH = ("act_batch", None)
@@ -72,6 +77,13 @@ def chunked_cross_entropy(params: Any, cfg: ModelConfig, x_BTD: jax.Array,
   float32 logits and their gradient. (A Python loop over the chunks instead lets XLA schedule
   them side by side: more temporaries than the full logits on a v5e, docs/performance.md.)
   XLA's cost analysis counts the scan's body once (see training/perf/aot.py)."""
+  B, T, _ = x_BTD.shape
+  return chunked_nll_sum(params, cfg, x_BTD, targets_BT, chunk) / (B * T)
+
+
+def chunked_nll_sum(params: Any, cfg: ModelConfig, x_BTD: jax.Array, targets_BT: jax.Array,
+                    chunk: int, weights_BT: jax.Array | None = None) -> jax.Array:
+  """The sum of the (weights_BT-weighted) cross-entropies of chunked_cross_entropy."""
   B, T, D = x_BTD.shape
   if T % chunk:
     raise UserError(f"config.train.loss_chunk ({chunk}) must divide the sequence length {T} "
@@ -80,22 +92,27 @@ def chunked_cross_entropy(params: Any, cfg: ModelConfig, x_BTD: jax.Array,
 
   @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan: no CSE across iterations
   def chunk_loss(total, xs):
-    x_BCD, targets_BC = xs
+    x_BCD, targets_BC, weights_BC = xs
     x_BCD = nn.with_logical_constraint(x_BCD, ("act_batch", "act_length", "act_embed"))
     loss_BC = token_cross_entropy(logits_from_hidden(head, cfg, x_BCD), targets_BC)
+    if weights_BC is not None:
+      loss_BC = loss_BC * weights_BC
     return total + jnp.sum(loss_BC), None
 
   n = T // chunk
-  x_NBCD = jnp.moveaxis(x_BTD.reshape(B, n, chunk, D), 1, 0)
-  targets_NBC = jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)
-  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (x_NBCD, targets_NBC))
-  return total / (B * T)
+  per_chunk = lambda a: None if a is None else jnp.moveaxis(
+      a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
+  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
+                          (per_chunk(x_BTD), per_chunk(targets_BT), per_chunk(weights_BT)))
+  return total
 
 
 def loss_fn(params: Any, cfg: ModelConfig, tokens_BT1: jax.Array, key: jax.Array | None,
-            train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0) -> jax.Array:
+            train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0,
+            layout: str = "tokens", eot_id: int | None = None) -> jax.Array:
   """The training loss of a batch (loss_and_metrics without the metrics)."""
-  return loss_and_metrics(params, cfg, tokens_BT1, key, train, loss_chunk, label_smoothing)[0]
+  return loss_and_metrics(params, cfg, tokens_BT1, key, train, loss_chunk, label_smoothing,
+                          layout=layout, eot_id=eot_id)[0]
 
 
 def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT, cfg: ModelConfig,
@@ -130,11 +147,16 @@ def dropout_key(key: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.Array | None,
-                     train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0
+                     train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0, *,
+                     layout: str = "tokens", eot_id: int | None = None,
+                     weight_total: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of one batch (dropout on when train), by cfg.family:
     gpt     mean next-token cross-entropy of [B, T + 1] tokens; with 0 < loss_chunk < T over
-            chunks of the sequence (chunked_cross_entropy); no metrics
+            chunks of the sequence (chunked_cross_entropy); no metrics. Documents kept apart
+            with `eot_id` (data.document_mask). In the packed `layout` (training/lm_inputs.py)
+            sum(nll * w) over the scored targets / weight_total (default: their count), with
+            the metrics scored_tokens and padding_tokens
     bert    masked LM: inputs [B, :T], targets [B, T:] (-1: not chosen); loss and accuracy on
             the chosen positions only
     encdec  teacher forcing on [B, S + T + 1] (split_seq2seq): loss and token accuracy on the
@@ -155,13 +177,22 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
                                   deterministic=not dropout, rngs=rngs)
     return weighted_cross_entropy(logits_BTV, tgt_out_BT, tgt_out_BT != cfg.pad_id, cfg,
                                   label_smoothing)
-  inputs_BT, targets_BT = batch[:, :-1], batch[:, 1:]
-  chunked = 0 < loss_chunk < inputs_BT.shape[1]
-  out = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
-                       rngs=rngs, return_hidden=chunked)
+  lm = lm_inputs(cfg, batch, layout, eot_id)
+  chunked = 0 < loss_chunk < lm.inputs_BT.shape[1]
+  out = GPT(cfg).apply({"params": params}, lm.inputs_BT, deterministic=not dropout,
+                       rngs=rngs, return_hidden=chunked, segment_ids_BT=lm.segment_ids_BT,
+                       prefix_BT=lm.prefix_BT)
+  if lm.weights_BT is None:
+    if chunked:
+      return chunked_cross_entropy(params, cfg, out, lm.targets_BT, loss_chunk), {}
+    return cross_entropy(out, lm.targets_BT), {}
   if chunked:
-    return chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk), {}
-  return cross_entropy(out, targets_BT), {}
+    nll = chunked_nll_sum(params, cfg, out, lm.targets_BT, loss_chunk, lm.weights_BT)
+  else:
+    nll = jnp.sum(token_cross_entropy(out, lm.targets_BT) * lm.weights_BT)
+  if weight_total is None:
+    weight_total = jnp.maximum(jnp.sum(lm.weights_BT), 1.0)
+  return nll / weight_total, packed_metrics(lm)
 
 
 def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
@@ -170,20 +201,42 @@ def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
   return jnp.swapaxes(tokens_BT1.reshape(B // grad_accum, grad_accum, -1), 0, 1)
 
 
+# Metrics that are counts: summed over micro-batches (the others are means of equal parts).
+COUNT_METRICS = ("scored_tokens", "padding_tokens")
+
+
+def _finish_metrics(aux: dict[str, jax.Array], batch: jax.Array) -> dict[str, jax.Array]:
+  """padding_tokens (a packed batch's) as padding_share: the share of its B x T inputs."""
+  if "padding_tokens" not in aux:
+    return aux
+  aux = dict(aux)
+  inputs = batch.shape[0] * (batch.shape[1] // 3 - 1)
+  aux["padding_share"] = aux.pop("padding_tokens") / inputs
+  return aux
+
+
+def _merge_micro(aux_A: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: jnp.sum(v) if k in COUNT_METRICS else jnp.mean(v) for k, v in aux_A.items()}
+
+
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
-               param_shardings: Any = None, loss_chunk: int = 0, label_smoothing: float = 0.0
+               param_shardings: Any = None, loss_chunk: int = 0, label_smoothing: float = 0.0,
+               layout: str = "tokens", eot_id: int | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch. Pure: (state, batch) -> (state, metrics).
   `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
-  (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn."""
+  (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn; `layout`
+  and `eot_id`: see loss_and_metrics (a packed batch's loss is normalised by the whole batch's
+  scored targets in every micro-batch, so the sum of theirs is exactly the batch's)."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   # Only the trainable parameters are differentiated (a LoRA model's adapters; the base gets
   # no gradient and no optimizer state: training/adapters.py).
   trainable, frozen = split_trainable(cfg, state.params)
   loss_of = functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
-                              label_smoothing=label_smoothing)
-  grad_fn = jax.value_and_grad(lambda t, *args: loss_of(join(t, frozen), *args), has_aux=True)
+                              label_smoothing=label_smoothing, layout=layout, eot_id=eot_id)
+  grad_fn = jax.value_and_grad(lambda t, *args, **kw: loss_of(join(t, frozen), *args, **kw),
+                               has_aux=True)
   to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
   if param_shardings is not None:
     param_shardings = split_trainable(cfg, param_shardings)[0]
@@ -194,12 +247,13 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     grads = to_f32(grads)
   else:
     micro_ABT1 = split_micro_batches(tokens_BT1, grad_accum)
+    total = batch_weight(tokens_BT1, layout)  # None: means of equal micro-batches
 
     def micro_step(grads_sum, xs):
       i, tokens = xs
       tokens = nn.with_logical_constraint(tokens, ACT_BATCH)
       (loss, aux), grads = grad_fn(trainable, cfg, tokens, jax.random.fold_in(step_key, i),
-                                   True)
+                                   True, weight_total=total)
       grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
       if param_shardings is not None:
         grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
@@ -210,32 +264,44 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     grads, (losses_A, aux_A) = jax.lax.scan(micro_step, zeros,
                                             (jnp.arange(grad_accum), micro_ABT1))
-    grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
-    loss = jnp.mean(losses_A)
-    aux = jax.tree_util.tree_map(jnp.mean, aux_A)
+    if total is None:
+      grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
+      loss = jnp.mean(losses_A)
+    else:  # each micro-batch's loss and gradients are its share of the batch's already
+      loss = jnp.sum(losses_A)
+    aux = _merge_micro(aux_A)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   params = join(optax.apply_updates(trainable, updates), frozen)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+             **_finish_metrics(aux, tokens_BT1)}
   return new_state, metrics
 
 
 def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1,
-              loss_chunk: int = 0) -> dict[str, jax.Array]:
-  """{"loss": mean loss, and the family's metrics (accuracy)} of a global batch, run in the
-  same micro-batches (and loss chunks) as training; no label smoothing (the plain loss)."""
+              loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None
+              ) -> dict[str, jax.Array]:
+  """{"loss": mean loss, and the family's metrics (accuracy; a packed batch's scored_tokens and
+  padding_share)} of a global batch, run in the same micro-batches (and loss chunks) as
+  training; no label smoothing (the plain loss)."""
+  total = batch_weight(tokens_BT1, layout) if grad_accum > 1 else None
+
   def metrics(tokens):
     loss, aux = loss_and_metrics(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH),
-                                 None, False, loss_chunk)
+                                 None, False, loss_chunk, layout=layout, eot_id=eot_id,
+                                 weight_total=total)
     return {"loss": loss, **aux}
 
   if grad_accum == 1:
-    return metrics(tokens_BT1)
+    return _finish_metrics(metrics(tokens_BT1), tokens_BT1)
   _, out_A = jax.lax.scan(lambda _, tokens: (None, metrics(tokens)), None,
                           split_micro_batches(tokens_BT1, grad_accum))
-  return jax.tree_util.tree_map(jnp.mean, out_A)
+  out = _merge_micro(out_A)
+  if total is not None:
+    out["loss"] = jnp.sum(out_A["loss"])
+  return _finish_metrics(out, tokens_BT1)
 
 
 def scored_nll(params: Any, tokens_BT1: jax.Array, weights_BT: jax.Array, *,
@@ -301,18 +367,21 @@ def _compile(lowered, mesh: Mesh):
 def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: Callable,
                        mesh: Mesh, abstract_state: TrainState, batch_shape: tuple[int, int],
                        grad_accum: int = 1, rules=DEFAULT_RULES, loss_chunk: int = 0,
-                       label_smoothing: float = 0.0):
-  """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]:
-  (state, batch) -> (state, metrics). The state is donated. `abstract_state` holds
-  ShapeDtypeStructs with shardings (see abstract_like). Calling the result with other shapes
-  or shardings is an error, never a silent recompilation."""
+                       label_smoothing: float = 0.0, layout: str = "tokens",
+                       eot_id: int | None = None):
+  """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]
+  (packed `layout`: [B, 3 (T + 1)]): (state, batch) -> (state, metrics). The state is donated.
+  `abstract_state` holds ShapeDtypeStructs with shardings (see abstract_like). Calling the
+  result with other shapes or shardings is an error, never a silent recompilation."""
   check_loss_chunk(loss_chunk)
+  check_layout(layout, batch_shape[1], eot_id)
   state_shardings = _shardings(abstract_state)
   fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
                                        grad_accum=grad_accum,
                                        param_shardings=state_shardings.params,
                                        loss_chunk=loss_chunk,
-                                       label_smoothing=label_smoothing),
+                                       label_smoothing=label_smoothing, layout=layout,
+                                       eot_id=eot_id),
                in_shardings=(state_shardings, batch_sharding(mesh)),
                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                donate_argnums=0)
@@ -322,11 +391,12 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
 
 def compile_eval_step(cfg: ModelConfig, mesh: Mesh, abstract_params: Any,
                       batch_shape: tuple[int, int], grad_accum: int = 1, rules=DEFAULT_RULES,
-                      loss_chunk: int = 0):
-  """eval_step compiled ahead of time: (params, batch) -> mean loss (a replicated scalar)."""
+                      loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None):
+  """eval_step compiled ahead of time: (params, batch) -> its metrics (replicated scalars)."""
   check_loss_chunk(loss_chunk)
+  check_layout(layout, batch_shape[1], eot_id)
   fn = jax.jit(lambda p, b: eval_step(p, b, cfg=cfg, grad_accum=grad_accum,
-                                      loss_chunk=loss_chunk),
+                                      loss_chunk=loss_chunk, layout=layout, eot_id=eot_id),
                in_shardings=(_shardings(abstract_params), batch_sharding(mesh)),
                out_shardings=NamedSharding(mesh, PartitionSpec()))
   with activate(mesh, rules):

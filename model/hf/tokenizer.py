@@ -208,6 +208,12 @@ class HFTokenizer:
   def encode_batch(self, texts) -> list[list[int]]:
     return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of `text` without added special tokens (a rendered chat brings its own) and
+    each token's character span, as transformers' apply_chat_template reads them."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

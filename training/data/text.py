@@ -54,6 +54,11 @@ def resolve_text_paths(path: str) -> list[str]:
   return paths
 
 
+def text_paths(path: str, cache_dir: str = "") -> list[str]:
+  """data.path's files (`resolve_text_paths`), or tiny shakespeare when it is empty."""
+  return resolve_text_paths(path) if path else [tiny_shakespeare_path(cache_dir)]
+
+
 def tiny_shakespeare_path(cache_dir: str = "") -> str:
   """$FLAXGPT_DATA_DIR/tinyshakespeare.txt, else the copy shipped with the package, else (an
   install without it) the char-rnn file downloaded once to the cache and checked."""
@@ -118,7 +123,7 @@ def _check_val_fraction(val_fraction: float) -> None:
     raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
   try:
     with open(path, encoding="utf-8") as f:
       return f.read()
@@ -174,7 +179,7 @@ def prepare_text(paths: list[str], tokenizer_name: str, out_dir: str | os.PathLi
   check_tokenizer(tokenizer_name)
   _check_val_fraction(val_fraction)
   check_out_dir(out_dir, force)
-  texts = [_read_text(p) for p in paths]
+  texts = [read_text(p) for p in paths]
   charset = "".join(sorted(set().union(*map(set, texts))))
   if not charset:
     raise UserError(f"Text file(s) {', '.join(paths)} are empty.")

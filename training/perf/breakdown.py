@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import attention, blocks
+from model import attention
 from model.gpt import logits_from_hidden
 from sharding import activate, shard_batch
 from training.run import Run
@@ -66,7 +66,7 @@ def attention_as_identity():
   def identity(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, dropout=None):  # pylint: disable=unused-argument
     return jnp.repeat(v_BSGK, q_BTHK.shape[2] // v_BSGK.shape[2], axis=2)
   with mock.patch.object(attention, "implementation", lambda *a, **k: "xla"), \
-      mock.patch.object(blocks, "reference_attention", identity):
+      mock.patch.object(attention, "reference_attention", identity):
     yield
 
 
