@@ -131,6 +131,10 @@ class _MetricsReader:
     elapsed = now - self.clock_t
     last_step = pending[-1][0]
     tps = (last_step - self.clock_step) * self.t.run_.tokens_per_step / max(elapsed, 1e-9)
+    useful = None  # packed rows: the tokens that are not padding, per second
+    if "padding_share" in host[-1]:
+      useful = sum(1 - float(m["padding_share"]) for m in host) * (
+          self.t.run_.tokens_per_step / max(elapsed, 1e-9))
     self.train_seconds += elapsed
     self.summary["train_seconds"] = self.train_seconds
     self.clock_t, self.clock_step = now, last_step
@@ -141,9 +145,12 @@ class _MetricsReader:
                     "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
                     "mfu": flops.mfu(tps, self.t.flops_per_token, self.t.device_kind,
                                      self.t.mesh.devices.size)}
-        # the family's metrics (accuracy: masked-token or target-token)
+        # the family's metrics (accuracy: masked-token or target-token; packed rows'
+        # scored_tokens and padding_share, and their useful_tokens_per_sec)
         self.row.update({k: float(v) for k, v in m.items()
                          if k not in ("loss", "lr", "grad_norm")})
+        if useful is not None:
+          self.row["useful_tokens_per_sec"] = useful
         if self.is_log_step(step) and not (hold_last and step == last_step):
           self._emit(self.row)
 
@@ -386,6 +393,10 @@ class _Trainer:
         jax.block_until_ready(results[-1])
     host = jax.device_get(results)
     out = {f"val_{k}": float(np.mean([r[k] for r in host])) for k in host[0]}
+    if "scored_tokens" in host[0]:  # packed: the loss over all the val batches' scored targets
+      counts = [float(r["scored_tokens"]) for r in host]
+      out["val_loss"] = float(np.dot([r["loss"] for r in host], counts) / max(sum(counts), 1))
+      out["val_scored_tokens"] = sum(counts)
     if self.match_pairs:
       out["val_exact_match"] = exact_match(params, self.run_.model, self.match_pairs)
     return out

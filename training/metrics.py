@@ -3,7 +3,9 @@
 metrics.jsonl (on gs://: parts, see METRICS_PARTS) holds one JSON object per logged step:
 step, loss, lr, grad_norm,
 tokens_per_sec, mfu (null where the device's peak is unknown); rows of evaluation steps add
-val_loss. `step` counts optimizer updates: the row of step s describes the s-th update (the
+val_loss. Runs of packed examples (training/lm_inputs.py) add scored_tokens (the targets the
+loss counted), padding_share (of the step's input tokens) and useful_tokens_per_sec (the
+tokens that are not padding, per second: tokens_per_sec x (1 - padding_share)). `step` counts optimizer updates: the row of step s describes the s-th update (the
 loss of its batch before the update, the learning rate it used) and val_loss is measured on the
 parameters after it.
 """
@@ -27,7 +29,8 @@ METRICS_NAME = "metrics.jsonl"
 METRICS_PARTS = "metrics"
 _TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu",
-            "val_loss": "eval/val_loss"}
+            "useful_tokens_per_sec": "perf/useful_tokens_per_sec",
+            "padding_share": "perf/padding_share", "val_loss": "eval/val_loss"}
 
 
 def _rows(text: str) -> list[dict[str, Any]]:
@@ -229,6 +232,9 @@ class Console:
       parts.append(f"exact match {100 * row['val_exact_match']:.1f}%")
     if row.get("tokens_per_sec") is not None:
       parts.append(f"{format_count(row['tokens_per_sec'])} tok/s")
+    if row.get("useful_tokens_per_sec") is not None:
+      parts.append(f"{format_count(row['useful_tokens_per_sec'])} useful tok/s "
+                   f"({100 * row['padding_share']:.0f}% padding)")
     if row.get("mfu") is not None:
       parts.append(f"mfu {100 * row['mfu']:.1f}%")
     if not math.isnan(eta):

@@ -17,7 +17,9 @@ so that new prompts, batch sizes or token counts within a bucket reuse the compi
 decode functions. The sampling mode (greedy, temperature only, or with top-k / top-p) is
 compiled in (at most three variants per bucket); within a mode the temperature, top_k, top_p
 values, the seed, eot_id and max_new_tokens are traced and never recompile.
-`generate_stream` runs the same compiled decode loop in chunks.
+`generate_stream` runs the same compiled decode loop in chunks. A prefix-LM (cfg.prefix_lm)
+prefills each prompt seeing itself both ways, as its prefix in training (a moved window below is
+re-read causally).
 
 Randomness: row b's token at step i is drawn with fold_in(fold_in(key(seed), b), i), so a row's
 samples depend on (seed, row index, step) and not on the bucket sizes.
@@ -171,11 +173,13 @@ def _sample_rows(row_keys_B, step, logits_BV, settings: SamplingSettings, mode: 
 @functools.partial(jax.jit, static_argnames=("cfg", "mode", "cache_len", "out_len"))
 def _prefill(params, tokens_BP, lengths_B, active_B, seed, settings: SamplingSettings, *,
              cfg: ModelConfig, mode: int, cache_len: int, out_len: int) -> DecodeState:
-  """Runs the right-padded prompts through the model and samples each row's first token."""
-  B = tokens_BP.shape[0]
+  """Runs the right-padded prompts through the model and samples each row's first token. A
+  prefix-LM (cfg.prefix_lm) sees each prompt both ways, as its prefix in training."""
+  B, P = tokens_BP.shape
   cache = init_cache(cfg, B, cache_len)
+  prefix_BP = jnp.arange(P)[None, :] < lengths_B[:, None] if cfg.prefix_lm else None
   hidden_BPD, cache = GPT(cfg).apply({"params": params}, tokens_BP, cache=cache,
-                                     return_hidden=True)
+                                     return_hidden=True, prefix_BT=prefix_BP)
   last_B1D = jnp.take_along_axis(hidden_BPD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = logits_from_hidden(params, cfg, last_B1D)[:, 0]
   row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(

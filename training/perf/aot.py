@@ -280,10 +280,12 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
              "activation": cfg.activation, "formula": flops.formula(cfg),
              **({"num_decoder_layers": cfg.decoder_layers, "num_decoder_heads": cfg.decoder_heads,
                  "decoder_d_mlp": cfg.decoder_mlp} if cfg.family == "encdec" else {}),
-             # the kernel the no-cache causal attention runs on this slice (model/attention.py);
-             # bidirectional and cross-attention (bert, the encdec encoder) always run XLA's
-             "attention": ("xla" if cfg.family == "bert" else attention.implementation(
-                 cfg, run.seq_len, cfg.attn_dropout > 0, platform="tpu")),
+             # the kernel the no-cache causal attention runs on this slice (model/attention.py;
+             # with segments, the prefix-LM mask); bidirectional and cross-attention (bert, the
+             # encdec encoder) always run XLA's
+             "attention": ("xla" if cfg.family == "bert" else attention.describe(
+                 cfg, run.seq_len, cfg.attn_dropout > 0, "tpu", segments=run.segments,
+                 prefix=cfg.prefix_lm)),
              "loss_chunk": loss_chunk},
       batch_size=run.config.train.batch_size, grad_accum=grad_accum, seq_len=run.seq_len,
       state_bytes=state_bytes, state_bytes_per_chip=state_per_chip,

@@ -8,7 +8,8 @@ Train: the real sharded train step (training/step.py) of the run on random token
 once (timed), a few warm-up steps, then `steps` timed steps each synchronised with
 block_until_ready; step time median and p90, tokens/s, model TFLOP/s with FLOPs/token =
 6N + 12 L T D (training/perf/flops.py states N), MFU against the device's dense bf16 peak, and
-peak device memory where the backend reports it.
+peak device memory where the backend reports it. Runs of packed examples time their real batches
+and add the padding share and useful tokens/s (the tokens that are not padding, per second).
 
 Sample: `model.decode.sampling.generate` (prefill + one jitted decode loop) with random
 parameters cast to the compute dtype, no end-of-text stop, for several batch sizes, greedy and
@@ -44,7 +45,7 @@ from model.decode.sampling import cache_chunks_for, choose_buckets, generate
 from model.families import init_params
 from sharding import shard_batch
 from training.perf import flops
-from training.data.tasks import data_vocabulary, resolve_task
+from training.data.tasks import batch_layout, data_vocabulary, resolve_task
 from training.run import Run, build_run
 from training.step import CPU_COMPILER_OPTIONS
 
@@ -54,12 +55,16 @@ def random_token_run(config) -> tuple[Run, str]:
   random tokens over the vocabulary the model trains with: config.model.vocab_size, or what
   the configured data gives (its tokenizer or metadata; no tokens are read). An
   encoder-decoder trains on random denoising pairs. What launch.benchmark and launch.breakdown
-  time (speed does not depend on the tokens)."""
+  time (speed does not depend on the tokens). A task of packed examples (chat, prefix_lm)
+  reads its real data instead: how much of each row is padding is the data's."""
   family = config.model.get("family", "gpt")
+  task = resolve_task(family, config.data)
   if config.model.get("vocab_size") is not None:
     vocab, where = config.model.vocab_size, "config.model.vocab_size"
   else:
-    vocab, where = data_vocabulary(config.data, resolve_task(family, config.data))
+    vocab, where = data_vocabulary(config.data, task)
+  if batch_layout(task) == "packed":  # its padding is the data's: time its real batches
+    return build_run(config), where
   config.data.source, config.data.vocab_size = "synthetic", vocab
   if family == "encdec":  # synthetic tokens make denoising pairs
     config.data.task = "denoise"
@@ -158,18 +163,22 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
   state = run.create_state()
 
   rng = np.random.default_rng(0)
-  batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, width), dtype=np.int32), mesh)
-             for _ in range(2)]
+  if run.layout == "packed":  # the data's own rows (random_token_run)
+    batches = [shard_batch(run.source.get_batch("train", i), mesh) for i in range(2)]
+  else:
+    batches = [shard_batch(rng.integers(0, cfg.vocab_size, (B, width), dtype=np.int32), mesh)
+               for _ in range(2)]
   for i in range(warmup):
     state, metrics = step_fn(state, batches[i % 2])
   jax.block_until_ready(metrics)
 
-  times = []
+  times, padding = [], []
   for i in range(steps):
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batches[i % 2])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    padding.append(float(metrics.get("padding_share", 0.0)))
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
     for i in range(3):
@@ -187,9 +196,11 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
                 "vocab": cfg.padded_vocab_size, "dtype": cfg.dtype,
                 "attention": cfg.attention, "scan_layers": cfg.scan_layers, "remat": cfg.remat},
       # the kernel the training step's causal attention ran (model/attention.py's choice for
-      # this platform, length and dropout; bidirectional attention is always XLA's einsums)
-      "attention_kernel": ("xla" if cfg.family == "bert" else attention.implementation(
-          cfg, T, cfg.attn_dropout > 0, platform=info["platform"])),
+      # this platform, length, dropout, segments and prefix, and why auto left the platform's
+      # usual one; bidirectional attention is always XLA's einsums)
+      "attention_kernel": ("xla" if cfg.family == "bert" else attention.describe(
+          cfg, T, cfg.attn_dropout > 0, info["platform"], segments=run.segments,
+          prefix=cfg.prefix_lm)),
       "batch_size": B, "seq_len": T, "grad_accum": k,
       "mesh": dict(mesh.shape),
       "compile_s": compile_s,
@@ -197,6 +208,9 @@ def benchmark_train(run: Run, *, steps: int = 20, warmup: int = 3,
       "step_ms_median": median * 1e3,
       "step_ms_p90": _percentile(times, 0.9) * 1e3,
       "tokens_per_sec": tokens_per_sec,
+      # packed rows: the share of the step's input tokens that is padding, and the others / s
+      "padding_share": statistics.mean(padding),
+      "useful_tokens_per_sec": tokens_per_sec * (1 - statistics.mean(padding)),
       "flops_per_token": fpt,
       "family": cfg.family,
       "flops_formula": flops.formula(cfg),
@@ -302,7 +316,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"mesh={train['mesh']} dtype={train['model']['dtype']}",
         f"  compile {train['compile_s']:.1f} s | step median {train['step_ms_median']:.2f} ms, "
         f"p90 {train['step_ms_p90']:.2f} ms over {train['timed_steps']} steps",
-        f"  {train['tokens_per_sec']:,.0f} tokens/s | {train['tflops_per_sec']:.2f} TFLOP/s | "
+        f"  {train['tokens_per_sec']:,.0f} tokens/s ({train['useful_tokens_per_sec']:,.0f} "
+        f"useful: {100 * train['padding_share']:.1f}% padding) | "
+        f"{train['tflops_per_sec']:.2f} TFLOP/s | "
         f"MFU {mfu} | peak memory "
         f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
         f"  FLOPs/token {train['flops_per_token']:,} = {train['flops_formula']}",
