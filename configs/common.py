@@ -77,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
   # attention) or regular expressions over a block's module paths ("attn/.*": every attention
   # projection, whole)
   c.train.lora.targets = "attn/.*"
+  # DPO (data.task=preference; training/dpo.py): the loss (sigmoid | robust | cdpo | ipo), its
+  # beta, and the label smoothing of robust / cdpo (the share of pairs assumed flipped)
+  c.train.dpo = ml_collections.ConfigDict()
+  c.train.dpo.loss = "sigmoid"
+  c.train.dpo.beta = 0.1
+  c.train.dpo.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
   # cosine (nanoGPT's) | rsqrt (the 2017 Transformer's inverse square root; min_lr unused)

@@ -42,6 +42,7 @@ from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules
 from training import storage
 from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
+from training.dpo import DPOSettings, settings_from_config
 from training.data import DataSource
 from training.data.sources import NUM_SPECIALS, special_ids
 from training.data.tasks import (batch_layout, batch_width, data_tokenizer, data_vocabulary,
@@ -89,13 +90,20 @@ class Run:
 
   @property
   def layout(self) -> str:
-    """How the GPT step reads a batch (training/lm_inputs.py): tokens or packed."""
-    return "packed" if batch_layout(self.task) == "packed" else "tokens"
+    """How the GPT step reads a batch (training/lm_inputs.py): tokens, packed or preference
+    (DPO's pairs: training/dpo.py)."""
+    layout = batch_layout(self.task)
+    return layout if layout in ("packed", "preference") else "tokens"
+
+  @property
+  def dpo(self) -> DPOSettings | None:
+    """config.train.dpo of a preference run (training/dpo.py), else None."""
+    return settings_from_config(self.config) if self.layout == "preference" else None
 
   @property
   def segments(self) -> bool:
     """Whether the step's rows hold several segments (packed examples or documents)."""
-    return self.layout == "packed" or self.eot_id is not None
+    return self.layout in ("packed", "preference") or self.eot_id is not None
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -155,13 +163,13 @@ class Run:
                               self.abstract_state, self.batch_shape,
                               self.config.train.grad_accum, self.rules, self.loss_chunk,
                               self.config.train.get("label_smoothing", 0.0), self.layout,
-                              self.eot_id)
+                              self.eot_id, self.dpo)
 
   def compile_eval_step(self):
     """(params, batch [B, T + 1]) -> mean loss."""
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
                              self.batch_shape, self.config.train.grad_accum, self.rules,
-                             self.loss_chunk, self.layout, self.eot_id)
+                             self.loss_chunk, self.layout, self.eot_id, self.dpo)
 
 
 def _get(config, dotted: str):
@@ -452,6 +460,12 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if not isinstance(init_from, str):
     raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
   lora = lora_fields(config)
+  if batch_layout(task) == "preference":  # DPO (training/dpo.py)
+    settings_from_config(config)
+    if lora is None:
+      raise UserError("data.task=preference (DPO) compares the model with its reference, the "
+                      "base with the LoRA adapters switched off: set config.train.lora.rank "
+                      "(a full fine-tune's frozen copy is not implemented).")
   if lora and path is not None and not init_from:
     raise UserError(f"config.train.lora.rank={lora['lora_rank']} trains adapters on existing "
                     f"weights: set config.init_from (a training workdir, a Hugging Face "
