@@ -82,6 +82,13 @@ def sequence_logps(params, cfg: ModelConfig, batch, *, deterministic: bool = Tru
   return sums, counts
 
 
+def reference_logps(params, cfg: ModelConfig, batch):
+  """The reference's segment log-probabilities [B, M]: the base's (the adapters switched off:
+  the parameters without them, the config without LoRA; no dropout, no gradient)."""
+  base = jax.lax.stop_gradient(lora.split_adapters(params)[1])
+  return jax.lax.stop_gradient(sequence_logps(base, lora.without_lora(cfg), batch)[0])
+
+
 def pairs(values_BM):
   """(chosen [B, P], rejected [B, P]) slots of a [B, M] segment array."""
   P = (values_BM.shape[1] - 1) // 2
@@ -124,9 +131,8 @@ def dpo_loss_and_metrics(params, cfg: ModelConfig, batch, settings: DPOSettings,
                     "set config.train.lora.rank (a full fine-tune's frozen copy is not "
                     "implemented).")
   logps, counts = sequence_logps(params, cfg, batch, deterministic=deterministic, rngs=rngs)
-  base = lora.split_adapters(params)[1]
-  ref, _ = sequence_logps(jax.lax.stop_gradient(base), lora.without_lora(cfg), batch)
-  (pc, pr), (rc, rr), (nc, nr) = pairs(logps), pairs(jax.lax.stop_gradient(ref)), pairs(counts)
+  ref = reference_logps(params, cfg, batch)
+  (pc, pr), (rc, rr), (nc, nr) = pairs(logps), pairs(ref), pairs(counts)
   valid = (nc > 0).astype(jnp.float32)
   loss, chosen_rewards, rejected_rewards = pair_losses(pc, pr, rc, rr, nc, nr, settings)
   total = jnp.maximum(jnp.sum(valid), 1.0) if pair_total is None else pair_total
