@@ -16,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from model.config import LORA_FIELDS
 from model.config import get_config as model_preset
 from sharding.rules import rules_config
 from training.data import default_data_config
@@ -25,13 +26,16 @@ _DERIVED_MODEL_FIELDS = ("vocab_size", "padded_vocab_size", "d_mlp")
 
 
 def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
-  """Every ModelConfig field of a preset (model/config.py); vocab_size, padded_vocab_size and
-  d_mlp become placeholders unless given, so they follow the data and d_model."""
+  """Every ModelConfig field of a preset (model/config.py) but the LoRA ones (config.train.lora
+  sets them); vocab_size, padded_vocab_size and d_mlp become placeholders unless given, so they
+  follow the data and d_model."""
   fields = model_preset(preset, **overrides).to_dict()
   section = ml_collections.ConfigDict()
   derived = {"vocab_size": True, "padded_vocab_size": fields["padded_vocab_size"] == fields[
       "vocab_size"], "d_mlp": fields["d_mlp"] == 4 * fields["d_model"]}  # else the preset's own
   for name, value in fields.items():
+    if name in LORA_FIELDS:  # set from config.train.lora
+      continue
     if name in _DERIVED_MODEL_FIELDS and name not in overrides and derived[name]:
       section[name] = config_dict.placeholder(int)
     else:
@@ -61,6 +65,24 @@ def base_config() -> ml_collections.ConfigDict:
   # bert / encdec: the loss is (1 - e) cross-entropy + e x the mean -log p over the vocabulary
   # (Szegedy et al. 2016; the 2017 Transformer's 0.1); eval reports the plain cross-entropy.
   c.train.label_smoothing = 0.0
+  # LoRA (model/lora.py): with a rank, train low-rank adapters on the frozen weights of
+  # config.init_from instead of every weight (no gradients and no optimizer state for them);
+  # checkpoints hold the adapters and name their base; launch.export writes a PEFT adapter.
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = config_dict.placeholder(int)  # None: a full fine-tune
+  c.train.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.train.lora.dropout = 0.0  # on the adapters' input (PEFT's lora_dropout)
+  # q, k, v, o, gate, up, down (Llama's names; q, k, v are parts of a fused kernel where there
+  # is one), module names (c_attn, c_q, c_kv, c_proj, c_fc, c_gate: GPT-2's c_attn is its fused
+  # attention) or regular expressions over a block's module paths ("attn/.*": every attention
+  # projection, whole)
+  c.train.lora.targets = "attn/.*"
+  # DPO (data.task=preference; training/dpo.py): the loss (sigmoid | robust | cdpo | ipo), its
+  # beta, and the label smoothing of robust / cdpo (the share of pairs assumed flipped)
+  c.train.dpo = ml_collections.ConfigDict()
+  c.train.dpo.loss = "sigmoid"
+  c.train.dpo.beta = 0.1
+  c.train.dpo.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
   # cosine (nanoGPT's) | rsqrt (the 2017 Transformer's inverse square root; min_lr unused)

@@ -2,7 +2,7 @@
 GPT2LMHeadModel, a Llama-style run (rotary positions, RMSNorm, SwiGLU, grouped-query attention:
 configs/llama_shakespeare.py) as LlamaForCausalLM.
 
-  python -m launch.export --workdir DIR [--step N] --out HF_DIR [--force]
+  python -m launch.export --workdir DIR [--step N] --out HF_DIR [--force] [--merge]
 
 Writes HF_DIR/config.json and model.safetensors from the run's latest (or --step) checkpoint,
 the tokenizer, and flaxgpt_tokenizer.json (what the ids mean, which `launch.sample --init_from
@@ -13,6 +13,11 @@ vocabulary (id i is the i-th character of "chars"; transformers has no character
 Then
 
   transformers.AutoModelForCausalLM.from_pretrained("HF_DIR")   # the same logits as the run's
+
+A LoRA run (config.train.lora) is written as a PEFT adapter directory instead
+(adapter_config.json naming its base, adapter_model.safetensors) that
+`peft.PeftModel.from_pretrained(base, HF_DIR)` loads, or with --merge as the whole model with
+its adapters folded into the base (what PeftModel's merge_and_unload() gives).
 
 HF_DIR must be new or empty; --force replaces it (only once the new one is complete), never
 with a run's workdir or anything inside one or holding one. The export is written beside
@@ -38,6 +43,8 @@ flags.DEFINE_integer("step", None, "This checkpoint instead of the latest.", fla
 flags.DEFINE_string("out", None, "The Hugging Face checkpoint folder to write (new or empty).",
                     flag_values=FLAGS)
 flags.DEFINE_bool("force", False, "Replace a non-empty --out.", flag_values=FLAGS)
+flags.DEFINE_bool("merge", False, "A LoRA run: write the whole model with the adapters folded "
+                  "into its base instead of a PEFT adapter directory.", flag_values=FLAGS)
 flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
@@ -45,17 +52,22 @@ def _main(args: list[str]) -> int:
   cli.no_arguments(args)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about read-only directories
   from training.export import export_hf  # pylint: disable=import-outside-toplevel  (jax)
-  r = export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, force=FLAGS.force)
+  r = export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, force=FLAGS.force,
+                merge=FLAGS.merge)
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
   cls = "LlamaForCausalLM" if r["model_type"] == "llama" else "GPT2LMHeadModel"
-  if r["tokenizer"] in ("gpt2", "hf"):
+  if r["adapter"]:
+    print(f"load it: from peft import PeftModel; model = PeftModel.from_pretrained(base, "
+          f"{r['out']!r})  # base: {cls}.from_pretrained(<its base_model_name_or_path>)")
+  elif r["tokenizer"] in ("gpt2", "hf"):
     print(f"load it: from transformers import AutoTokenizer, {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r}); "
           f"tokenizer = AutoTokenizer.from_pretrained({r['out']!r})")
   else:
     print(f"load it: from transformers import {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r})")
+  if r["tokenizer"] != "gpt2":
     print(f"note: this is a character-level model and transformers has no tokenizer for it; "
           f"its vocabulary is in {r['out']}/flaxgpt_tokenizer.json: token id i is the i-th "
           f"character of \"chars\" (ids = [chars.index(c) for c in text]).")

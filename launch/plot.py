@@ -24,6 +24,8 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "The image to write (.png, .svg or .pdf).", flag_values=FLAGS)
 flags.DEFINE_enum("x", "step", ["step", "tokens"], "The horizontal axis.", flag_values=FLAGS)
 flags.DEFINE_string("title", None, "A title (default: none).", flag_values=FLAGS)
+flags.DEFINE_string("metric", "loss", "The metrics.jsonl key to draw, with its val_ twin "
+                    "(e.g. rewards/accuracies of a DPO run).", flag_values=FLAGS)
 flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
 
@@ -34,8 +36,8 @@ def _main(args: list[str]) -> int:
   # pylint: disable=import-outside-toplevel  (matplotlib is slow to import)
   from training.plot import check_out, plot_runs, read_runs
   out = check_out(FLAGS.out)
-  runs = read_runs(args)
-  plot_runs(runs, out, x=FLAGS.x, title=FLAGS.title)
+  runs = read_runs(args, FLAGS.metric)
+  plot_runs(runs, out, x=FLAGS.x, title=FLAGS.title, metric=FLAGS.metric)
   rows = sum(len(r.steps) for r in runs)
   print(f"wrote {out}: {len(runs)} run{'s' * (len(runs) > 1)}, {rows} logged steps")
   return 0

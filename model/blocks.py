@@ -14,6 +14,7 @@ Shape letters used in names and einsums throughout the codebase:
   F  MLP hidden width      V  (padded) vocabulary    L  layers
   A  micro-batches of a step (gradient accumulation, training/step.py)
   P  padded prompt length    M  sampled-token buffer length (both model/decode/sampling.py)
+  r  LoRA rank (model/lora.py)
 
 Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
 mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 from model import attention
 from model.attention import MASK_VALUE, causal_mask, reference_attention  # re-exported
 from model.config import ModelConfig
+from model.lora import dense_args, lora_delta
 from model.positions import rotary, sinusoidal_positions  # the latter re-exported
 from model.kv_cache import cached_attention, write_cache
 
@@ -157,13 +159,18 @@ def _residual_std(cfg: ModelConfig) -> float:
 
 class EinsumDense(nn.Module):
   """y = einsum(spec, x, kernel) + bias, where the bias covers the kernel's output axes (those
-  after the input axes that the spec contracts). Kernel and bias carry logical axis names."""
+  after the input axes that the spec contracts). Kernel and bias carry logical axis names.
+  With `lora` (the adapted parts: model/lora.py's dense_args) a LoRA adapter's output is added,
+  its dropout on unless `deterministic`."""
   cfg: ModelConfig
   spec: str
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
   std: float
   bias: bool = True  # and cfg.use_bias
+  lora: tuple[str, ...] = ()
+  fused: tuple[str, ...] = ()
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -178,6 +185,9 @@ class EinsumDense(nn.Module):
       bias = self.param("bias", _zeros(self.kernel_axes[-n_out:]), self.kernel_shape[-n_out:],
                         cfg.params_dtype)
       y = y + bias.astype(dt)
+    if self.lora:
+      y = y + lora_delta(self, x, self.spec, self.kernel_shape, self.kernel_axes, self.lora,
+                         self.fused, self.deterministic)
     return y
 
 
@@ -228,14 +238,14 @@ class Attention(nn.Module):
     elif G == H:
       qkv_BT3HK = EinsumDense(cfg, "BTD,DCHK->BTCHK", (cfg.d_model, 3, H, K),
                               ("embed", "qkv", "heads", "kv"), 0.02, qkv_bias,
-                              name="c_attn")(x_BTD)
+                              name="c_attn", **self._lora("c_attn"))(x_BTD)
       q_BTHK, k_BTGK, v_BTGK = (qkv_BT3HK[:, :, i] for i in range(3))
     else:
       q_BTHK = EinsumDense(cfg, "BTD,DHK->BTHK", (cfg.d_model, H, K), ("embed", "heads", "kv"),
-                           0.02, qkv_bias, name="c_q")(x_BTD)
+                           0.02, qkv_bias, name="c_q", **self._lora("c_q"))(x_BTD)
       kv_BT2GK = EinsumDense(cfg, "BTD,DCGK->BTCGK", (cfg.d_model, 2, G, K),
                              ("embed", "qkv", "kv_heads", "kv"), 0.02, qkv_bias,
-                             name="c_kv")(x_BTD)
+                             name="c_kv", **self._lora("c_kv"))(x_BTD)
       k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
     if cfg.position_embedding == "rotary" and self.kind != "cross":  # GPT: positions given
       q_BTHK, k_BTGK = rotary(q_BTHK, positions_BT, cfg), rotary(k_BTGK, positions_BT, cfg)
@@ -272,9 +282,16 @@ class Attention(nn.Module):
                                   num_chunks=self.cache_chunks)
     out_BTHK = _constrain(out_BTHK.astype(cfg.compute_dtype), ACT_BTHK)
     y_BTD = EinsumDense(cfg, "BTHK,HKD->BTD", (H, K, cfg.d_model), ("heads", "kv", "embed"),
-                        _residual_std(cfg), cfg.proj_bias_on, name="c_proj")(out_BTHK)
+                        _residual_std(cfg), cfg.proj_bias_on, name="c_proj",
+                        **self._lora("c_proj"))(out_BTHK)
     y_BTD = nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
     return y_BTD, kv_cache
+
+  def _lora(self, module: str) -> dict:
+    """The LoRA arguments of one of self-attention's projections (none for cross-attention)."""
+    if self.kind == "cross" or not self.cfg.lora_rank:
+      return {}
+    return dict(dense_args(self.cfg, f"attn/{module}"), deterministic=self.deterministic)
 
 
 
@@ -298,19 +315,18 @@ class MLP(nn.Module):
   def __call__(self, x_BTD):
     cfg = self.cfg
     bias = cfg.mlp_bias_on
-    dense_DF = lambda name: nn.Dense(
-        cfg.d_mlp, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=_normal(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name=name)
+    lora = lambda name: (dict(dense_args(cfg, f"mlp/{name}"), deterministic=self.deterministic)
+                         if cfg.lora_rank else {})
+    dense_DF = lambda name: EinsumDense(cfg, "BTD,DF->BTF", (cfg.d_model, cfg.d_mlp),
+                                        ("embed", "mlp"), 0.02, bias, name=name, **lora(name))
     h_BTF = _constrain(dense_DF("c_fc")(x_BTD), ACT_BTF)
     if cfg.activation == "swiglu":
       gate_BTF = _constrain(dense_DF("c_gate")(x_BTD), ACT_BTF)
       h_BTF = jax.nn.silu(gate_BTF) * h_BTF
     else:
       h_BTF = activate(cfg, h_BTF)
-    y_BTD = nn.Dense(cfg.d_model, use_bias=bias, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.params_dtype,
-                     kernel_init=_normal(_residual_std(cfg), ("mlp", "embed")),
-                     bias_init=_zeros(("embed",)), name="c_proj")(h_BTF)
+    y_BTD = EinsumDense(cfg, "BTF,FD->BTD", (cfg.d_mlp, cfg.d_model), ("mlp", "embed"),
+                        _residual_std(cfg), bias, name="c_proj", **lora("c_proj"))(h_BTF)
     return nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
 
 

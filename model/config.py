@@ -135,6 +135,12 @@ class ModelConfig:
   bos_id: int = -1  # encdec: the decoder's first input (BART's decoder_start_token_id)
   eos_id: int = -1  # the end-of-sequence token (-1: none)
   mask_id: int = -1  # bert: the [MASK] token (-1: none)
+  # --- LoRA adapters (model/lora.py; set from config.train.lora): rank r (0: none), scale
+  # alpha / r, dropout on the adapters' input, the projections they adapt (comma-separated) ---
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = ""
 
   def __post_init__(self):
     if self.d_mlp is None:
@@ -224,11 +230,32 @@ class ModelConfig:
     if self.family != "gpt" and self.attention == "splash":
       raise UserError(f"ModelConfig.attention='splash' is causal self-attention only; "
                       f"family={self.family!r} needs attention='auto' or 'xla'.")
+    self._validate_lora()
     for name in ("use_bias", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings",
                  "scan_layers", "embed_norm", "embed_scale",
                  "mlm_head", "head_bias", "prefix_lm"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+  def _validate_lora(self) -> None:
+    rank = self.lora_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+      raise UserError(f"ModelConfig.lora_rank must be a whole number >= 0 (0: no adapters), got "
+                      f"{rank!r}.")
+    if not rank:
+      return
+    if self.family != "gpt":
+      raise UserError(f"LoRA adapters are for family='gpt' (GPT-2 and Llama-style decoders); "
+                      f"family={self.family!r} has none.")
+    alpha, dropout = self.lora_alpha, self.lora_dropout
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+      raise UserError(f"ModelConfig.lora_alpha must be a positive number, got {alpha!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+        0 <= dropout < 1):
+      raise UserError(f"ModelConfig.lora_dropout must be a number in [0, 1), got {dropout!r}.")
+    if not isinstance(self.lora_targets, str):
+      raise UserError(f"ModelConfig.lora_targets must be a comma-separated string, got "
+                      f"{self.lora_targets!r}.")
 
   @property
   def decoder_layers(self) -> int:
@@ -305,6 +332,9 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 # Fields renamed since: a config.json saved before reads the same (training/checkpoint.py).

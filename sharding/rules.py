@@ -1,7 +1,9 @@
 """The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
 
 Parameters (created with nn.with_logical_partitioning in model/blocks.py):
-  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers
+  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, lora
+(a LoRA adapter A [in..., r] / B [r, out...] carries its kernel's names on the in / out axes,
+so fsdp and tensor split it as they split the kernel, and "lora" on the rank)
 (the same names for every family: BERT's token-type table is token_types x embed; the
 encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)
 Activations (constrained with nn.with_logical_constraint):
@@ -60,6 +62,7 @@ DEFAULT_RULES: Rules = (
     ("position", None),
     ("token_types", None),
     ("layers", None),
+    ("lora", None),  # a LoRA adapter's rank (model/lora.py): small, kept whole
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),

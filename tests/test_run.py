@@ -8,7 +8,7 @@ import pytest
 
 from configs import finetune_shakespeare, gpt2, gpt2_xl, shakespeare_char, tiny
 from conftest import tiny_run_config
-from model.config import field_names
+from model.config import LORA_FIELDS, field_names
 from model.errors import UserError
 from training.data import prepare_text
 from training.run import (build_run, check_same_tokenizer, check_values, cpu_device_count,
@@ -47,7 +47,8 @@ def test_user_errors_before_compiling(tmp_path, shakespeare_path):
 def test_configs_are_valid(name, variant):
   c = load_config(name, variant)
   check_values(c)
-  assert set(c.model.keys()) == set(field_names())  # every ModelConfig field is a config key
+  # every ModelConfig field is a config key, but the LoRA ones (config.train.lora sets them)
+  assert set(c.model.keys()) == set(field_names()) - set(LORA_FIELDS)
   cfg = model_config(c, data_vocab_size=65 if c.data.tokenizer == "char" else 50257)
   assert c.train.batch_size % c.train.grad_accum == 0
   if name == "gpt2":  # nanoGPT's ~0.5M tokens per step: 12 x 1024 x 40

@@ -37,6 +37,7 @@ from model.config import ModelConfig
 from model.config import from_dict as model_config_from_dict
 from model.errors import UserError
 from model.families import abstract_params
+from model.lora import split_adapters
 from sharding import DEFAULT_RULES, make_mesh, param_shardings
 from training import fingerprint
 from training.checkpoint_errors import (QUIET_FAILED_SAVES, CheckpointWriteFailed, Damaged,
@@ -323,7 +324,8 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
                        mesh: Mesh | None = None, rules=DEFAULT_RULES
                        ) -> tuple[ModelConfig, Any, dict | None, int]:
   """(ModelConfig, params, tokenizer dict or None, step) from a training workdir's latest (or
-  given) checkpoint. Parameters only, checked against their fingerprints; placed on `mesh`
+  given) checkpoint. Parameters only (a LoRA run's: its adapters; training/weights.py adds
+  their base), checked against their fingerprints; placed on `mesh`
   (default: the first device) with the model's logical shardings. Without a step a damaged
   newest checkpoint is skipped with a warning; a damaged given step is a UserError.
   `model.tokenizer.tokenizer_from_dict` turns the dict back into a tokenizer."""
@@ -338,6 +340,8 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None,
     abstract = jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
         abstract_params(cfg), shardings)
+    if cfg.lora_rank:  # the base is not in the checkpoint
+      abstract = split_adapters(abstract)[0]
     return cfg, ckpt.restore_params(abstract, s, meta), meta
 
   try:

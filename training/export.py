@@ -1,6 +1,7 @@
 """A training run's checkpoint as a Hugging Face checkpoint (behind `launch.export`): a GPT-2
 run as GPT2LMHeadModel, a Llama-style one (rotary, RMSNorm, SwiGLU, grouped-query attention)
-as LlamaForCausalLM.
+as LlamaForCausalLM; a LoRA run as a PEFT adapter directory (adapter_config.json naming its
+base, adapter_model.safetensors: model/hf/peft.py), or merged into its base as the whole model.
 
     report = export_hf("runs/x", "hf/x")          # latest checkpoint; step=N for another
     transformers.AutoModelForCausalLM.from_pretrained("hf/x")   # the same logits
@@ -30,10 +31,15 @@ import shutil
 import tempfile
 from typing import Any
 
-from model import hf
+import jax
+
+from model import hf, lora
 from model.errors import UserError
+from model.hf import peft
 from model.hf.tokenizer import TOKENIZER_FILES, content_sha256, save_hf_gpt2_tokenizer
 from model.tokenizer import tokenizer_from_dict
+from training.adapters import META_KEY
+from training.checkpoint import read_run_meta
 from training.interrupts import uninterrupted
 from training.weights import TOKENIZER_RECORD_FILE, WORKDIR, describe_weights, load_weights
 from training.workdir import enclosing_workdir, workdir_within
@@ -86,17 +92,24 @@ def check_out(out: str | os.PathLike, force: bool, workdir: str | os.PathLike | 
 
 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, merge: bool = False) -> dict[str, Any]:
   """Exports the run's latest (or `step`) checkpoint to `out`; returns what was written:
-  out, step, files, tokenizer ("gpt2", "char" or "hf"), vocab_size, block_size."""
+  out, step, files, model_type, adapter (whether `out` is a PEFT adapter directory),
+  tokenizer ("gpt2", "char" or "hf"), vocab_size, block_size. A LoRA run is written as a PEFT
+  adapter directory (model/hf/peft.py) naming its base, or with `merge` as the whole model
+  with the adapters folded in."""
   local = "://" not in os.fspath(workdir)
   target = check_out(out, force, workdir if local else None)
   out = target.path
   described = describe_weights(workdir, step=step, kind=WORKDIR)
+  if merge and not described.cfg.lora_rank:
+    raise UserError(f"--merge folds a LoRA run's adapters into its base; {described.label} is "
+                    f"a full fine-tune, exported whole without it.")
   kind = hf.export_type(described.cfg)
   record = described.tokenizer or {"name": "gpt2"}
   tokenizer = tokenizer_from_dict(record)  # an hf:DIR run's files: checked against the record
   w = load_weights(workdir, step=step, kind=WORKDIR)
+  adapter = bool(w.cfg.lora_rank) and not merge
   try:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.export-tmp-",
@@ -107,9 +120,14 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
   except OSError as e:
     raise UserError(f"--out {out!r} cannot be written: {e.strerror or e}.") from None
   try:
-    hf.save_hf(w.params, w.cfg, tmp)
-    files = [hf.CONFIG_FILE, hf.WEIGHTS_FILE] + _save_tokenizer(tokenizer, record, tmp,
-                                                                w.cfg.block_size)
+    if adapter:
+      base = read_run_meta(workdir, w.step)[1][META_KEY]["init_from"]
+      files = peft.save_adapter(jax.device_get(w.params), w.cfg, kind, tmp, base)
+    else:
+      params = jax.jit(lora.merge_weights, static_argnums=1)(w.params, w.cfg)
+      hf.save_hf(jax.device_get(params), lora.without_lora(w.cfg), tmp)
+      files = [hf.CONFIG_FILE, hf.WEIGHTS_FILE]
+    files += _save_tokenizer(tokenizer, record, tmp, w.cfg.block_size)
     with uninterrupted(f"{out} was written completely before it stopped"):
       _put_in_place(tmp, target)
   except UserError:
@@ -123,7 +141,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"out": out, "step": w.step, "files": files, "model_type": kind,
+  return {"out": out, "step": w.step, "files": files, "model_type": kind, "adapter": adapter,
           "tokenizer": record["name"],
           "vocab_size": w.cfg.vocab_size, "block_size": w.cfg.block_size}
 

@@ -29,7 +29,7 @@ from model.errors import UserError
 from model.segments import document_segments, prefix_from_weights
 from model.tokenizer import HF_PREFIX, get_tokenizer, tokenizer_from_dict
 
-LAYOUTS = ("tokens", "packed")
+LAYOUTS = ("tokens", "packed", "preference")  # preference: packed pairs (training/dpo.py)
 
 
 class LMInputs(NamedTuple):
@@ -45,7 +45,7 @@ def check_layout(layout: str, width: int | None = None, eot_id: int | None = Non
   document masks (an end-of-text id) go with the tokens layout."""
   if layout not in LAYOUTS:
     raise UserError(f"The batch layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
-  if layout == "packed" and width is not None and width % 3:
+  if layout in ("packed", "preference") and width is not None and width % 3:
     raise UserError(f"A packed batch is three planes (tokens | segment ids | loss mask) of "
                     f"T + 1 columns each; its width {width} is not a multiple of 3.")
   if layout == "packed" and eot_id is not None:

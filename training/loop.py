@@ -33,6 +33,8 @@ from model.errors import UserError
 from model.families import num_params
 from sharding import describe, is_cpu, process_batch_indices, shard_batch
 from training import distributed
+from training.adapters import (META_KEY, base_meta, check_base, join, split_trainable,
+                               trainable_params)
 from training.checkpoint import Checkpointer, CheckpointWriteFailed
 from training.data import prefetch
 from training.metrics import Console, MetricsWriter, format_count, format_duration
@@ -262,6 +264,10 @@ class _Trainer:
     info(f"model: {format_count(n_params)} parameters ({layers}, width {m.d_model}, block "
          f"{m.block_size}, vocab {m.vocab_size}), {m.dtype} compute, "
          f"{format_count(self.flops_per_token)} FLOPs/token")
+    if m.lora_rank:
+      n_train = num_params(run.saved_abstract_state.params)
+      info(f"LoRA: rank {m.lora_rank}, alpha {m.lora_alpha:g} on {m.lora_targets}: "
+           f"{format_count(n_train)} trainable parameters, the base of {run.init_from} frozen")
     info(f"mesh: {describe(self.mesh)} ({self.device_kind})")
     info(run.source.describe())
     c = run.config.train
@@ -275,16 +281,29 @@ class _Trainer:
     where = f"The checkpoint of step {step} in {self.ckpt.directory}"
     check_same_model(meta["model"], self.run_.model, where)
     check_same_tokenizer(meta.get("tokenizer"), self.run_.source.tokenizer, where)
-    return self.ckpt.restore(self.run_.abstract_state, step, meta)
+    if not self.run_.model.lora_rank:
+      return self.ckpt.restore(self.run_.abstract_state, step, meta)
+    # A LoRA checkpoint holds the adapters: the base is init_from's, checked to be theirs.
+    if self._base is None:
+      self._base = self.run_.base_params()
+    check_base(meta.get(META_KEY), self._base, self.run_.init_from, where)
+    state, meta = self.ckpt.restore(self.run_.saved_abstract_state, step, meta)
+    self.base_meta = meta.get(META_KEY)
+    return state.replace(params=join(state.params, self._base)), meta
 
   def _initial_state(self):
     """(state, start step): restored from the newest checkpoint that restores, else new."""
+    self._base = None
     found = self.ckpt.restore_newest(self._restore, move_aside=True)
+    self._base = None  # the state holds it now (and donates it to the first step)
     if found is None:
       init = self.run_.init_from
       self.console.info(f"new run in {self.run_.workdir}"
                         + (f", starting from the weights of {init}" if init else ""))
-      return self.run_.create_state(), 0
+      state = self.run_.create_state()
+      if self.run_.model.lora_rank:
+        self.base_meta = base_meta(init, split_trainable(self.run_.model, state.params)[1])
+      return state, 0
     step, (state, meta) = found
     self.console.info(f"resumed from the checkpoint of step {step} in {self.ckpt.directory}")
     return state, int(meta["data_position"])
@@ -393,4 +412,7 @@ class _Trainer:
     meta = {"step": step, "data_position": step, "model": run.model.to_dict(),
             "tokenizer": run.source.tokenizer, "config": run.config.to_dict(),
             "mesh": list(run.mesh_shape)}
+    if run.model.lora_rank:  # the adapters, and the name of their base
+      state = state.replace(params=trainable_params(run.model, state.params))
+      meta[META_KEY] = self.base_meta
     self.ckpt.save(step, state, meta)

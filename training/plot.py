@@ -50,9 +50,9 @@ def _tokens_per_step(run_dir: str) -> int | None:
     return None
 
 
-def read_runs(run_dirs: Sequence[str]) -> list[RunCurves]:
-  """Each run's logged train and validation losses; UserError for a missing folder or one
-  without metrics."""
+def read_runs(run_dirs: Sequence[str], metric: str = "loss") -> list[RunCurves]:
+  """Each run's logged train and validation losses (or `metric` and val_`metric`, e.g. DPO's
+  rewards/accuracies); UserError for a missing folder or one without metrics."""
   runs = []
   for run_dir in run_dirs:
     if "://" not in run_dir and not os.path.isdir(run_dir):
@@ -65,11 +65,13 @@ def read_runs(run_dirs: Sequence[str]) -> list[RunCurves]:
     if not rows:
       raise UserError(f"Run folder {run_dir!r} has no metrics ({METRICS_NAME} is missing or "
                       f"empty); train first with python -m launch.train --workdir {run_dir}.")
-    train = [r for r in rows if r.get("loss") is not None]
-    val = [r for r in rows if r.get("val_loss") is not None]
+    train = [r for r in rows if r.get(metric) is not None]
+    val = [r for r in rows if r.get(f"val_{metric}") is not None]
+    if not train and not val:
+      raise UserError(f"Run folder {run_dir!r} logs no {metric!r} (nor val_{metric}).")
     label = os.path.basename(os.path.normpath(run_dir)) or run_dir
-    runs.append(RunCurves(label, [r["step"] for r in train], [r["loss"] for r in train],
-                          [r["step"] for r in val], [r["val_loss"] for r in val],
+    runs.append(RunCurves(label, [r["step"] for r in train], [r[metric] for r in train],
+                          [r["step"] for r in val], [r[f"val_{metric}"] for r in val],
                           _tokens_per_step(run_dir)))
   labels = [r.label for r in runs]
   if len(set(labels)) < len(labels):  # same folder names: use the paths
@@ -78,7 +80,7 @@ def read_runs(run_dirs: Sequence[str]) -> list[RunCurves]:
 
 
 def plot_runs(runs: Sequence[RunCurves], out: str, *, x: str = "step",
-              title: str | None = None) -> None:
+              title: str | None = None, metric: str = "loss") -> None:
   """Train loss (lines) and val loss (markers) of each run against step or tokens; written to
   `out` through a temporary file, so a failed draw leaves nothing."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -99,7 +101,7 @@ def plot_runs(runs: Sequence[RunCurves], out: str, *, x: str = "step",
       ax.plot([s * scale for s in r.val_steps], r.val_loss, color=color, linestyle="--",
               marker="o", markersize=4, label=f"{r.label} val")
   ax.set_xlabel("tokens" if x == "tokens" else "step")
-  ax.set_ylabel("loss (nats per token)")
+  ax.set_ylabel("loss (nats per token)" if metric == "loss" else metric)
   ax.grid(True, alpha=0.3)
   ax.legend()
   if len(runs) == 1 and runs[0].tokens_per_step:

@@ -40,15 +40,17 @@ from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
 from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
 from training import storage
+from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
+from training.dpo import DPOSettings, settings_from_config
 from training.data import DataSource
 from training.data.sources import NUM_SPECIALS, special_ids
 from training.data.tasks import (batch_layout, batch_width, data_tokenizer, data_vocabulary,
                                  make_task_source, resolve_task)
 from training.lm_inputs import check_prefix_lm, document_eot
 from training.optimizer import make_optimizer, schedule_from_config
-from training.state import (TrainState, abstract_train_state, create_train_state,
-                            train_state_from_params)
+from training.state import (TrainState, abstract_train_state, create_train_state, new_adapters,
+                            place, train_state_from_params)
 from training.step import check_loss_chunk, compile_eval_step, compile_train_step
 from training.weights import (check_init_vocabulary, describe_init_from, init_params,
                               model_from_weights)
@@ -88,13 +90,20 @@ class Run:
 
   @property
   def layout(self) -> str:
-    """How the GPT step reads a batch (training/lm_inputs.py): tokens or packed."""
-    return "packed" if batch_layout(self.task) == "packed" else "tokens"
+    """How the GPT step reads a batch (training/lm_inputs.py): tokens, packed or preference
+    (DPO's pairs: training/dpo.py)."""
+    layout = batch_layout(self.task)
+    return layout if layout in ("packed", "preference") else "tokens"
+
+  @property
+  def dpo(self) -> DPOSettings | None:
+    """config.train.dpo of a preference run (training/dpo.py), else None."""
+    return settings_from_config(self.config) if self.layout == "preference" else None
 
   @property
   def segments(self) -> bool:
     """Whether the step's rows hold several segments (packed examples or documents)."""
-    return self.layout == "packed" or self.eot_id is not None
+    return self.layout in ("packed", "preference") or self.eot_id is not None
 
   @property
   def mesh_shape(self) -> tuple[int, int, int]:
@@ -119,15 +128,29 @@ class Run:
     """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated."""
     return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
 
+  @property
+  def saved_abstract_state(self) -> TrainState:
+    """What a checkpoint of the run holds: the TrainState, of a LoRA run without its frozen
+    base (training/adapters.py)."""
+    abstract = self.abstract_state
+    return abstract.replace(params=trainable_params(self.model, abstract.params))
+
   def create_state(self) -> TrainState:
     """A fresh TrainState from config.train.seed, created directly with its shardings; with
-    config.init_from, its parameters are those weights (training/weights.py: init_params),
-    the optimizer state new and the step 0."""
+    config.init_from, its parameters are those weights (training/weights.py: init_params;
+    a LoRA run's base, with new adapters), the optimizer state new and the step 0."""
+    seed = self.config.train.seed
     if self.init_from:
-      return train_state_from_params(init_params(self.init_from, self.model), self.tx,
-                                     self.abstract_state, self.config.train.seed)
-    return create_train_state(self.model, self.tx, self.mesh, self.config.train.seed,
-                              self.rules)[0]
+      host = init_params(self.init_from, self.model)
+      if self.model.lora_rank:
+        host = join(new_adapters(self.model, seed), host)
+      return train_state_from_params(host, self.tx, self.abstract_state, seed, self.model)
+    return create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+
+  def base_params(self):
+    """A LoRA run's frozen base (config.init_from's weights) placed on the mesh."""
+    base_abstract = split_trainable(self.model, self.abstract_state.params)[1]
+    return place(init_params(self.init_from, self.model), base_abstract)
 
   @property
   def loss_chunk(self) -> int:
@@ -140,13 +163,13 @@ class Run:
                               self.abstract_state, self.batch_shape,
                               self.config.train.grad_accum, self.rules, self.loss_chunk,
                               self.config.train.get("label_smoothing", 0.0), self.layout,
-                              self.eot_id)
+                              self.eot_id, self.dpo)
 
   def compile_eval_step(self):
     """(params, batch [B, T + 1]) -> mean loss."""
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
                              self.batch_shape, self.config.train.grad_accum, self.rules,
-                             self.loss_chunk, self.layout, self.eot_id)
+                             self.loss_chunk, self.layout, self.eot_id, self.dpo)
 
 
 def _get(config, dotted: str):
@@ -434,6 +457,17 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   init_from = config.get("init_from") or ""
   if not isinstance(init_from, str):
     raise UserError(f"config.init_from must be a name or a path, got {init_from!r}.")
+  lora = lora_fields(config)
+  if batch_layout(task) == "preference":  # DPO (training/dpo.py)
+    settings_from_config(config)
+    if lora is None:
+      raise UserError("data.task=preference (DPO) compares the model with its reference, the "
+                      "base with the LoRA adapters switched off: set config.train.lora.rank "
+                      "(a full fine-tune's frozen copy is not implemented).")
+  if lora and path is not None and not init_from:
+    raise UserError(f"config.train.lora.rank={lora['lora_rank']} trains adapters on existing "
+                    f"weights: set config.init_from (a training workdir, a Hugging Face "
+                    f"checkpoint or a PEFT adapter directory).")
   if path is None:  # the benchmark and the TPU compile: random weights do as well
     init_from = ""
   if init_from and family != "gpt":
@@ -471,7 +505,7 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
       vocab_from = "config.model.vocab_size"
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
-  cfg = model_config(config, data_vocab, specials)
+  cfg = with_lora(model_config(config, data_vocab, specials), lora)
   tokenizer = source.tokenizer if source is not None else None
   if source is None and config.data.get("document_mask") is True:  # not read: what it records
     tokenizer = data_tokenizer(config.data, task)[2]

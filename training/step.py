@@ -35,6 +35,9 @@ from model.errors import UserError
 from model.families import build
 from model.gpt import GPT, logits_from_hidden
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
+from training.adapters import join, split_trainable
+from training.dpo import METRICS as DPO_METRICS
+from training.dpo import DPOSettings, dpo_loss_and_metrics, pair_count
 from training.lm_inputs import batch_weight, check_layout, lm_inputs, packed_metrics
 from training.state import TrainState
 
@@ -148,7 +151,7 @@ def dropout_key(key: jax.Array, cfg: ModelConfig) -> jax.Array:
 def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.Array | None,
                      train: bool, loss_chunk: int = 0, label_smoothing: float = 0.0, *,
                      layout: str = "tokens", eot_id: int | None = None,
-                     weight_total: jax.Array | None = None
+                     weight_total: jax.Array | None = None, dpo: DPOSettings | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of one batch (dropout on when train), by cfg.family:
     gpt     mean next-token cross-entropy of [B, T + 1] tokens; with 0 < loss_chunk < T over
@@ -160,7 +163,9 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
             the chosen positions only
     encdec  teacher forcing on [B, S + T + 1] (split_seq2seq): loss and token accuracy on the
             target tokens (padding masked); the source padding masked in attention
-  label_smoothing applies to bert and encdec (training/data/tasks.py has the batch formats)."""
+  label_smoothing applies to bert and encdec (training/data/tasks.py has the batch formats).
+  The "preference" layout is DPO's loss (training/dpo.py, with the `dpo` settings), its pairs'
+  means over weight_total pairs."""
   dropout = train and uses_dropout(cfg)
   rngs = {"dropout": dropout_key(key, cfg)} if dropout else None
   if cfg.family == "bert":
@@ -176,6 +181,9 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
                                   deterministic=not dropout, rngs=rngs)
     return weighted_cross_entropy(logits_BTV, tgt_out_BT, tgt_out_BT != cfg.pad_id, cfg,
                                   label_smoothing)
+  if layout == "preference":
+    return dpo_loss_and_metrics(params, cfg, batch, dpo or DPOSettings(),
+                                deterministic=not dropout, rngs=rngs, pair_total=weight_total)
   lm = lm_inputs(cfg, batch, layout, eot_id)
   chunked = 0 < loss_chunk < lm.inputs_BT.shape[1]
   out = GPT(cfg).apply({"params": params}, lm.inputs_BT, deterministic=not dropout,
@@ -201,7 +209,8 @@ def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
 
 
 # Metrics that are counts: summed over micro-batches (the others are means of equal parts).
-COUNT_METRICS = ("scored_tokens", "padding_tokens")
+# DPO's metrics are sums over a micro-batch's pairs / the batch's pairs: summed too.
+COUNT_METRICS = ("scored_tokens", "padding_tokens", *DPO_METRICS)
 
 
 def _finish_metrics(aux: dict[str, jax.Array], batch: jax.Array) -> dict[str, jax.Array]:
@@ -221,38 +230,45 @@ def _merge_micro(aux_A: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
                param_shardings: Any = None, loss_chunk: int = 0, label_smoothing: float = 0.0,
-               layout: str = "tokens", eot_id: int | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               layout: str = "tokens", eot_id: int | None = None,
+               dpo: DPOSettings | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch. Pure: (state, batch) -> (state, metrics).
   `param_shardings` (optional) keeps the accumulated gradients laid out like the parameters
   (split over fsdp / tensor) instead of leaving it to XLA; `loss_chunk`: see loss_fn; `layout`
   and `eot_id`: see loss_and_metrics (a packed batch's loss is normalised by the whole batch's
   scored targets in every micro-batch, so the sum of theirs is exactly the batch's)."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
-                                                label_smoothing=label_smoothing, layout=layout,
-                                                eot_id=eot_id), has_aux=True)
+  # Only the trainable parameters are differentiated (a LoRA model's adapters; the base gets
+  # no gradient and no optimizer state: training/adapters.py).
+  trainable, frozen = split_trainable(cfg, state.params)
+  loss_of = functools.partial(loss_and_metrics, loss_chunk=loss_chunk,
+                              label_smoothing=label_smoothing, layout=layout, eot_id=eot_id,
+                              dpo=dpo)
+  grad_fn = jax.value_and_grad(lambda t, *args, **kw: loss_of(join(t, frozen), *args, **kw),
+                               has_aux=True)
   to_f32 = lambda tree: jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), tree)
+  if param_shardings is not None:
+    param_shardings = split_trainable(cfg, param_shardings)[0]
 
   if grad_accum == 1:
     tokens_BT1 = nn.with_logical_constraint(tokens_BT1, ACT_BATCH)
-    (loss, aux), grads = grad_fn(state.params, cfg, tokens_BT1, step_key, True)
+    (loss, aux), grads = grad_fn(trainable, cfg, tokens_BT1, step_key, True)
     grads = to_f32(grads)
   else:
     micro_ABT1 = split_micro_batches(tokens_BT1, grad_accum)
-    total = batch_weight(tokens_BT1, layout)  # None: means of equal micro-batches
+    total = _weight_total(tokens_BT1, layout)  # None: means of equal micro-batches
 
     def micro_step(grads_sum, xs):
       i, tokens = xs
       tokens = nn.with_logical_constraint(tokens, ACT_BATCH)
-      (loss, aux), grads = grad_fn(state.params, cfg, tokens, jax.random.fold_in(step_key, i),
+      (loss, aux), grads = grad_fn(trainable, cfg, tokens, jax.random.fold_in(step_key, i),
                                    True, weight_total=total)
       grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
       if param_shardings is not None:
         grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
       return grads_sum, (loss, aux)
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     if param_shardings is not None:
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     grads, (losses_A, aux_A) = jax.lax.scan(micro_step, zeros,
@@ -265,26 +281,32 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
     aux = _merge_micro(aux_A)
 
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params = join(optax.apply_updates(trainable, updates), frozen)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
              **_finish_metrics(aux, tokens_BT1)}
   return new_state, metrics
 
 
+def _weight_total(batch: jax.Array, layout: str) -> jax.Array | None:
+  """What a batch's loss is normalised by under gradient accumulation: its scored targets
+  (packed), its pairs (preference), or None (equal micro-batches)."""
+  return pair_count(batch) if layout == "preference" else batch_weight(batch, layout)
+
+
 def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accum: int = 1,
-              loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None
-              ) -> dict[str, jax.Array]:
+              loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None,
+              dpo: DPOSettings | None = None) -> dict[str, jax.Array]:
   """{"loss": mean loss, and the family's metrics (accuracy; a packed batch's scored_tokens and
   padding_share)} of a global batch, run in the same micro-batches (and loss chunks) as
   training; no label smoothing (the plain loss)."""
-  total = batch_weight(tokens_BT1, layout) if grad_accum > 1 else None
+  total = _weight_total(tokens_BT1, layout) if grad_accum > 1 else None
 
   def metrics(tokens):
     loss, aux = loss_and_metrics(params, cfg, nn.with_logical_constraint(tokens, ACT_BATCH),
                                  None, False, loss_chunk, layout=layout, eot_id=eot_id,
-                                 weight_total=total)
+                                 weight_total=total, dpo=dpo)
     return {"loss": loss, **aux}
 
   if grad_accum == 1:
@@ -361,7 +383,7 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
                        mesh: Mesh, abstract_state: TrainState, batch_shape: tuple[int, int],
                        grad_accum: int = 1, rules=DEFAULT_RULES, loss_chunk: int = 0,
                        label_smoothing: float = 0.0, layout: str = "tokens",
-                       eot_id: int | None = None):
+                       eot_id: int | None = None, dpo: DPOSettings | None = None):
   """train_step compiled ahead of time for one state layout and batch shape [B, T + 1]
   (packed `layout`: [B, 3 (T + 1)]): (state, batch) -> (state, metrics). The state is donated.
   `abstract_state` holds ShapeDtypeStructs with shardings (see abstract_like). Calling the
@@ -374,7 +396,7 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
                                        param_shardings=state_shardings.params,
                                        loss_chunk=loss_chunk,
                                        label_smoothing=label_smoothing, layout=layout,
-                                       eot_id=eot_id),
+                                       eot_id=eot_id, dpo=dpo),
                in_shardings=(state_shardings, batch_sharding(mesh)),
                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                donate_argnums=0)
@@ -384,12 +406,14 @@ def compile_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, sched
 
 def compile_eval_step(cfg: ModelConfig, mesh: Mesh, abstract_params: Any,
                       batch_shape: tuple[int, int], grad_accum: int = 1, rules=DEFAULT_RULES,
-                      loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None):
+                      loss_chunk: int = 0, layout: str = "tokens", eot_id: int | None = None,
+                      dpo: DPOSettings | None = None):
   """eval_step compiled ahead of time: (params, batch) -> its metrics (replicated scalars)."""
   check_loss_chunk(loss_chunk)
   check_layout(layout, batch_shape[1], eot_id)
   fn = jax.jit(lambda p, b: eval_step(p, b, cfg=cfg, grad_accum=grad_accum,
-                                      loss_chunk=loss_chunk, layout=layout, eot_id=eot_id),
+                                      loss_chunk=loss_chunk, layout=layout, eot_id=eot_id,
+                                      dpo=dpo),
                in_shardings=(_shardings(abstract_params), batch_sharding(mesh)),
                out_shardings=NamedSharding(mesh, PartitionSpec()))
   with activate(mesh, rules):

@@ -29,17 +29,21 @@ from typing import Any, Collection
 import jax
 from jax.sharding import Mesh
 
-from model import hf
+from model import hf, lora
+from model.hf import peft
+from model.hf.tensors import map_tree
+from model.layout import convert_layout
 from model.config import ModelConfig
 from model.config import from_dict as model_config_from_dict
 from model.errors import NotFoundError, UserError
 from model.hf.tokenizer import content_sha256
 from model.tokenizer import (GPT2_VOCAB_SIZE, HF_PREFIX, describe_tokenizer, same_tokenizer,
                              tokenizer_difference)
-from sharding import DEFAULT_RULES, make_mesh, place_params
+from sharding import DEFAULT_RULES, make_mesh, param_shardings, place_params
+from training import adapters as lora_runs
 from training.checkpoint import CHECKPOINT_DIR, load_for_inference, read_run_meta
 
-WORKDIR, HF = "workdir", "hf"
+WORKDIR, HF, PEFT = "workdir", "hf", "peft"
 # What an export (training/export.py) writes beside config.json: the tokenizer its ids mean, as
 # model.tokenizer's to_dict() ({"name": "hf"} without a path: the folder's own tokenizer files).
 TOKENIZER_RECORD_FILE = "flaxgpt_tokenizer.json"
@@ -65,10 +69,13 @@ def source_kind(name_or_dir: str | os.PathLike) -> str:
     return WORKDIR
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
     return WORKDIR
+  if os.path.isdir(path) and peft.is_adapter_dir(path):
+    return PEFT
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, hf.CONFIG_FILE)):
     raise NotFoundError(
-        f"{path!r} is neither a training workdir (it has no {CHECKPOINT_DIR}/) nor a Hugging "
-        f"Face checkpoint directory (it has no {hf.CONFIG_FILE}).")
+        f"{path!r} is neither a training workdir (it has no {CHECKPOINT_DIR}/), a Hugging "
+        f"Face checkpoint directory (it has no {hf.CONFIG_FILE}) nor a PEFT adapter "
+        f"directory (it has no {peft.ADAPTER_CONFIG}).")
   return HF
 
 
@@ -78,12 +85,17 @@ def describe_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
   name is downloaded). `dtype` replaces the compute dtype; `kind` (WORKDIR or HF) skips the
   guess of `source_kind` (e.g. for a --workdir flag, whose errors then speak of a workdir)."""
   path = os.fspath(name_or_dir)
-  if (kind or source_kind(path)) == WORKDIR:
+  kind = kind or source_kind(path)
+  if kind == WORKDIR:
     step, meta = read_run_meta(path, step)
     cfg = model_config_from_dict(meta["model"])
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, None, meta.get("tokenizer"), step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
+  if kind == PEFT:
+    base = describe_weights(_adapter_base(path), dtype=dtype)
+    cfg = peft.adapter_config(path, lora.without_lora(base.cfg), hf.export_type(base.cfg))
+    return Weights(cfg, None, base.tokenizer, None, path, PEFT)
   directory = hf.resolve_checkpoint_dir(path)
   cfg = hf.checkpoint_config(directory, dtype=dtype or "float32")
   return Weights(cfg, None, checkpoint_tokenizer(directory, cfg), None, path, HF)
@@ -100,11 +112,25 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
   path = os.fspath(name_or_dir)
   if mesh is None:
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  if (kind or source_kind(path)) == WORKDIR:
+  kind = kind or source_kind(path)
+  if kind == WORKDIR:
     cfg, params, tokenizer, step = load_for_inference(path, step=step, mesh=mesh, rules=rules)
+    if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's init_from
+      params = _with_base(params, cfg, path, step, mesh, rules)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return Weights(cfg, params, tokenizer, step, f"{path} step {step}", WORKDIR)
   _no_step(path, step)
+  if kind == PEFT:  # the base's weights, and the adapters beside them
+    base = load_weights(_adapter_base(path), dtype=dtype, mesh=mesh, rules=rules,
+                        **hf_overrides)
+    model_type = hf.export_type(base.cfg)
+    cfg = peft.adapter_config(path, lora.without_lora(base.cfg), model_type)
+    base_params = jax.jit(lora.merge_weights, static_argnums=1)(base.params, base.cfg)
+    adapters = convert_layout(peft.load_adapter(path, cfg, model_type), cfg)
+    shardings = lora.split_adapters(param_shardings(cfg, mesh, rules))[0]
+    adapters = jax.device_put(map_tree(lambda x: x.astype(cfg.params_dtype), adapters),
+                              shardings)
+    return Weights(cfg, lora.join(adapters, base_params), base.tokenizer, None, path, PEFT)
   cfg, params = hf.load_hf(path, dtype=dtype or "float32", **hf_overrides)
   tokenizer = checkpoint_tokenizer(hf.resolve_checkpoint_dir(path), cfg)
   return Weights(cfg, place_params(params, cfg, mesh, rules), tokenizer, None, path, HF)
@@ -138,6 +164,34 @@ def checkpoint_tokenizer(directory: str, cfg: ModelConfig) -> dict | None:
   return None
 
 
+def _with_base(adapters: Any, cfg: ModelConfig, path: str, step: int, mesh: Mesh,
+               rules) -> Any:
+  """A LoRA run's adapters joined to their base (the run's init_from, checked against the
+  fingerprint its checkpoint saved), placed like the model's parameters."""
+  meta = read_run_meta(path, step)[1]
+  saved = meta.get(lora_runs.META_KEY) or {}
+  base_from = saved.get("init_from", "")
+  where = f"The LoRA run {path} (step {step})"
+  if not base_from:
+    raise UserError(f"{where} does not name the base its adapters belong to.")
+  try:
+    base = init_params(base_from, cfg)
+  except UserError as e:
+    raise UserError(f"{where} needs its base {base_from!r}: {e}") from None
+  shardings = lora.split_adapters(param_shardings(cfg, mesh, rules))[1]
+  base = jax.device_put(base, shardings)
+  lora_runs.check_base(saved, base, base_from, where)
+  return lora.join(adapters, base)
+
+
+def _adapter_base(directory: str) -> str:
+  """The base a PEFT adapter directory names (base_model_name_or_path): a local directory (as
+  given, or relative to the adapter's folder) or a Hub name."""
+  base = peft.read_adapter_config(directory)["base_model_name_or_path"]
+  beside = os.path.join(directory, base)
+  return beside if not os.path.exists(base) and os.path.exists(beside) else base
+
+
 def _no_step(path: str, step: int | None) -> None:
   if step is not None:
     raise UserError(f"A step ({step}) only applies to a training workdir; {path!r} is a "
@@ -163,7 +217,8 @@ def describe_init_from(name_or_dir: str) -> Weights:
   if w.cfg.family != "gpt":
     raise UserError(f"config.init_from={name_or_dir!r} holds a model.family={w.cfg.family!r} "
                     f"model; fine-tuning starts model.family='gpt' runs only.")
-  return w
+  # adapters (a LoRA run, a PEFT directory) start a new run merged into their base
+  return dataclasses.replace(w, cfg=lora.without_lora(w.cfg))
 
 
 def model_from_weights(model: dict[str, Any], weights: ModelConfig, label: str,
@@ -229,11 +284,13 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
 def init_params(name_or_dir: str, cfg: ModelConfig) -> dict:
   """The weights as host (numpy) arrays shaped for the run's model `cfg`: positions cropped to
   cfg.block_size, vocabulary rows re-padded to cfg.padded_vocab_size (zeros), cfg's layer
-  layout, cfg.param_dtype (cfg from `model_from_weights`)."""
+  layout, cfg.param_dtype (cfg from `model_from_weights`); adapters (of a LoRA run or a PEFT
+  directory) merged into their kernels, none in the result."""
   import numpy as np
-  from model.layout import convert_layout, unstack_layers
+  from model.layout import unstack_layers
   w = load_weights(name_or_dir)
-  params = unstack_layers(jax.device_get(w.params), w.cfg.num_layers)
+  merged = jax.jit(lora.merge_weights, static_argnums=1)(w.params, w.cfg)
+  params = unstack_layers(jax.device_get(merged), w.cfg.num_layers)
   params = jax.tree_util.tree_map(np.asarray, params)
 
   def rows(x, n):  # the first vocab_size rows of a [V', ...] array, zero-padded to n

@@ -14,7 +14,9 @@ layout, its source and its vocabulary. A new task is a file under training/data/
     tsv      encdec  pairs.py   source<TAB>target lines
     prefix_lm gpt    prefix_lm.py  a prefix seen both ways, the loss on the continuation
     chat     gpt     chat.py    conversations, the loss on the assistant's tokens
-The last two are packed: examples of different lengths in rows of T + 1 (packing.py),
+    preference gpt   preference.py  prompt, chosen, rejected: DPO (training/dpo.py), pairs
+                                packed as segments 2k - 1 (chosen) and 2k (rejected)
+The last three are packed: examples of different lengths in rows of T + 1 (packing.py),
 [B, 3 (T + 1)] = tokens | segment ids | loss mask.
 
 A config travels one way: this table -> the task's file -> the stream's sources (lm.py) ->
@@ -29,10 +31,10 @@ from typing import Any, Callable
 import ml_collections
 
 from model.errors import UserError
-from training.data import chat, examples, lm, mlm, pairs, prefix_lm
+from training.data import chat, examples, lm, mlm, pairs, prefix_lm, preference
 from training.data.sources import DataSource
 
-LAYOUTS = ("tokens", "mlm", "seq2seq", "packed")
+LAYOUTS = ("tokens", "mlm", "seq2seq", "packed", "preference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ TASKS: dict[str, Task] = {
     "prefix_lm": Task(("gpt",), "packed", prefix_lm.make_source, prefix_lm.vocabulary,
                       prefix_lm.add_config, prefix_lm=True),
     "chat": Task(("gpt",), "packed", chat.make_source, chat.chat_vocabulary, chat.add_config),
+    "preference": Task(("gpt",), "preference", preference.make_source, preference.vocabulary),
 }
 SEQ2SEQ_TASKS = tuple(name for name, t in TASKS.items() if t.layout == "seq2seq")
 
@@ -85,8 +88,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   # and memory-mapped.
   cfg.local_copy = ""
   cfg.vocab_size = 50257  # synthetic only
-  # What the batches teach (training/data/tasks.py): lm | prefix_lm | chat | mlm | reverse |
-  # denoise | tsv; "": the model family's default (gpt: lm, bert: mlm).
+  # What the batches teach (training/data/tasks.py): lm | prefix_lm | chat | preference | mlm |
+  # reverse | denoise | tsv; "": the model family's default (gpt: lm, bert: mlm).
   cfg.task = ""
   for task in TASKS.values():
     if task.add_config is not None:
@@ -129,7 +132,7 @@ def batch_width(task: str, block_size: int) -> int:
   """Tokens per row of one batch: T + 1 (tokens), 2T (mlm), S + T + 1 (seq2seq; S = T),
   3 (T + 1) (packed: tokens | segment ids | loss mask, packing.py)."""
   layout = batch_layout(task)
-  if layout == "packed":
+  if layout in ("packed", "preference"):
     return 3 * (block_size + 1)
   if layout == "tokens":
     return block_size + 1
