@@ -2,7 +2,8 @@
 
   python -m launch.serve (--workdir DIR [--step N] | --init_from HF_DIR|gpt2...)
       [--host 127.0.0.1] [--port 8000] [--slots 8] [--max_len N] [--decode_steps 8]
-      [--max_prefills 2] [--max_queue 256] [--top_logprobs 20] [--chat_template default|FILE]
+      [--max_prefills 16] [--max_queue 256] [--top_logprobs 20] [--sampling greedy,...,sorted]
+      [--chat_template default|FILE]
       [--model_name NAME] [--dtype float32|bfloat16] [--data 1] [--tensor 1] [--grace 30]
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
@@ -15,8 +16,13 @@ one `error:` line, exit 2, before anything is compiled.
 --slots sequences decode at once, each with a KV cache of --max_len positions (default: the
 model's block size; a request's prompt + max_tokens must fit); each device call advances every
 active slot --decode_steps tokens; at most --max_prefills prompts are prefilled between two
-device calls; --max_queue sequences may wait (more: 429). Chat needs a chat template: a chat
-run's own, a Hugging Face directory's, or --chat_template (without one, chat requests get 400).
+device calls (a decode call costs the same with one busy slot or all, so by default a free slot
+is filled at once, up to 16; lower it to keep streams smooth when long prompts arrive in bursts);
+--max_queue sequences may wait (more: 429). The decode call is compiled in each --sampling
+variant (greedy, plain temperature, top_k, sorted: sorted serves any request, the others are
+cheaper for the requests they serve); fewer variants start faster. Chat needs a chat template:
+a chat run's own, a Hugging Face directory's, or --chat_template (without one, chat requests
+get 400).
 --data x --tensor devices serve (the slots split over data, the heads over tensor).
 
 Examples:
@@ -55,12 +61,15 @@ flags.DEFINE_integer("max_len", 0, "KV-cache positions per slot: a request's pro
                      "max_tokens (0: the model's block size).", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("decode_steps", 8, "Tokens every active slot advances per device call.",
                      lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("max_prefills", 2, "Prompts prefilled between two decode calls.",
+flags.DEFINE_integer("max_prefills", 16, "Prompts prefilled between two decode calls.",
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("max_queue", 256, "Sequences that may wait for a slot (more: 429).",
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("top_logprobs", 20, "Most alternatives a request may ask for per token "
                      "(logprobs / top_logprobs).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_list("sampling", ["greedy", "plain", "top_k", "sorted"], "Decode variants "
+                  "compiled (sorted serves any request and must be one; each other serves the "
+                  "requests it can more cheaply).", flag_values=FLAGS)
 flags.DEFINE_string("chat_template", None, "'default' (plain turns) or a .jinja file instead of "
                     "the model's own chat template.", flag_values=FLAGS)
 flags.DEFINE_string("model_name", None, "The model's name in the API (default: the directory's "
@@ -89,6 +98,8 @@ def check_flags() -> None:
     raise UserError("--step needs --workdir.")
   if FLAGS.slots % FLAGS.data:
     raise UserError(f"--slots ({FLAGS.slots}) must be a multiple of --data ({FLAGS.data}).")
+  from training.serve.programs import check_sampling  # pylint: disable=import-outside-toplevel
+  check_sampling(FLAGS.sampling, "--sampling")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -149,11 +160,12 @@ def _main(args: list[str]) -> int:
     if w.cfg.family != "gpt":
       raise UserError(f"{w.label} is a model.family={w.cfg.family!r} model; the server serves "
                       f"decoder-only (gpt) models.")
-    tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size, FLAGS.init_from)
+    tokenizer = choose_tokenizer(w.tokenizer, w.cfg.vocab_size)
     template, end_of_turn = chat_setup(tokenizer, w.cfg)
     config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len,
                           decode_steps=FLAGS.decode_steps, max_prefills=FLAGS.max_prefills,
-                          max_queue=FLAGS.max_queue, top_n=FLAGS.top_logprobs)
+                          max_queue=FLAGS.max_queue, top_n=FLAGS.top_logprobs,
+                          sampling=tuple(FLAGS.sampling))
     mesh = make_mesh(FLAGS.data, 1, FLAGS.tensor, devices=jax.devices()[:devices])
     params = load_weights(**source, step=FLAGS.step, dtype=w.cfg.dtype).params
     engine = Engine(params, w.cfg, tokenizer, config, mesh=mesh,

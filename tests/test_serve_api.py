@@ -46,8 +46,11 @@ def served(tiny_run):
   workdir = tiny_run[0]
   w = load_weights(str(workdir))
   tok = tokenizer_from_dict(w.tokenizer)
+  # the greedy decode variant and the one that serves any request (the other two variants are
+  # the slow tests' business: tests/test_serve_engine.py)
   engine = Engine(w.params, w.cfg, tok, EngineConfig(slots=4, max_len=64, decode_steps=4,
-                                                     top_n=5, max_queue=8))
+                                                     top_n=5, max_queue=8,
+                                                     sampling=("greedy", "sorted")))
   engine.compile()
   engine.start()
   template = ChatTemplate(TEMPLATE)

@@ -18,7 +18,16 @@ import pytest
 
 from conftest import REPO, exit_status, subprocess_env
 from launch import serve as serve_cli
+from model.hf import save_hf
+from model.tokenizer import CharTokenizer, get_tokenizer
+from scripted_model import scripted_gpt
 from training.serve.metrics import parse
+from training.weights import TOKENIZER_RECORD_FILE
+
+# Emoji (some with a skin-tone modifier: two code points), CJK and accents: GPT-2's BPE splits
+# most of these characters over two or more byte tokens.
+EMOJI_PROMPT = "東京の寿司🍣と👋🏽:"
+EMOJI_TEXT = " 世界！café 😀🍣 ✓東京"
 
 
 def _run(argv):
@@ -28,12 +37,12 @@ def _run(argv):
   return status, err.getvalue()
 
 
-def test_port_in_use_is_one_sentence(tiny_run):
+def test_port_in_use_is_one_sentence(tmp_path):
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    port = taken.getsockname()[1]
-    status, err = _run(["--workdir", str(tiny_run[0]), "--port", str(port)])
+    port = taken.getsockname()[1]  # (the port is checked before the workdir is read)
+    status, err = _run(["--workdir", str(tmp_path), "--port", str(port)])
   assert status == 2
   assert err.strip() == (f"error: --port {port} on 127.0.0.1 is in use; choose another port "
                          f"(0: any free one).")
@@ -50,10 +59,71 @@ def test_workdir_without_a_checkpoint_is_one_sentence(tmp_path):
     ([], "Give one of --workdir"),
     (["--workdir", "x", "--slots", "0"], "--slots must be"),
     (["--workdir", "x", "--slots", "3", "--data", "2"], "must be a multiple of --data"),
+    (["--workdir", "x", "--sampling", "greedy,top_k"], "--sampling must name some of"),
 ])
 def test_bad_flags(argv, words):
   status, err = _run(argv)
   assert status == 2 and words in err
+
+
+def _start_server(*argv):
+  """`python -m launch.serve ARGV` on a free port, started (_ready_url waits for it)."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "launch.serve", "--port", "0", "--quiet", *argv], cwd=REPO,
+      env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ready_url(proc) -> str:
+  line = proc.stdout.readline()
+  if not line.startswith("ready: http://127.0.0.1:"):
+    proc.kill()
+    pytest.fail(line + proc.communicate()[1])
+  return line.split()[1].removesuffix("/v1")
+
+
+@pytest.fixture(scope="module")
+def scripted_servers(tmp_path_factory):
+  """{"bpe" | "char": base URL} of two launch.serve processes started --init_from Hugging Face
+  folders (GPT-2 BPE: 50,257 tokens; characters: launch.export's tokenizer record) whose
+  models continue EMOJI_PROMPT greedily with EMOJI_TEXT (tests/scripted_model.py)."""
+  chars = CharTokenizer(sorted(set(EMOJI_PROMPT + EMOJI_TEXT)))
+  procs = {}
+  for name, tok in (("bpe", get_tokenizer("gpt2")), ("char", chars)):
+    folder = tmp_path_factory.mktemp(name)
+    cfg, params = scripted_gpt(tok.vocab_size, len(tok.encode(EMOJI_PROMPT)),
+                               tok.encode(EMOJI_TEXT))
+    save_hf(params, cfg, folder)
+    if name == "char":
+      (folder / TOKENIZER_RECORD_FILE).write_text(json.dumps(tok.to_dict()))
+    # one token per device call, so every token's text is streamed on its own
+    procs[name] = _start_server("--init_from", str(folder), "--slots", "2", "--decode_steps",
+                                "1", "--sampling", "greedy,sorted", "--top_logprobs", "1")
+  try:
+    yield {name: _ready_url(proc) for name, proc in procs.items()}
+  finally:
+    for proc in procs.values():
+      proc.terminate()
+      assert proc.wait(60) == 0
+
+
+@pytest.mark.slow  # two server processes: ~40 s on the loaded 2-core machine
+@pytest.mark.parametrize("name", ["bpe", "char"])
+def test_emoji_and_cjk_stream_through_launch_serve_without_replacement_characters(
+    scripted_servers, name):
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=scripted_servers[name] + "/v1", api_key="none",
+                         max_retries=0)
+  model = client.models.list().data[0].id
+  if name == "bpe":  # the text's tokens do split characters
+    tok = get_tokenizer("gpt2")
+    assert sum("\ufffd" in tok.decode([i]) for i in tok.encode(EMOJI_TEXT)) >= 10
+  size = len(get_tokenizer("gpt2").encode(EMOJI_TEXT) if name == "bpe" else EMOJI_TEXT)
+  chunks = list(client.completions.create(model=model, prompt=EMOJI_PROMPT, max_tokens=size,
+                                           temperature=0, stream=True))
+  pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+  assert "".join(pieces) == EMOJI_TEXT
+  assert not any("\ufffd" in p for p in pieces), pieces
+  assert len(pieces) >= 8  # streamed piece by piece, not in one chunk at the end
 
 
 def _rss_kib(pid: int) -> int:

@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import MESH_CFG
 from model.config import get_config
-from model.decode.sampling import generate
+from model.decode.sampling import Buckets, generate
 from model.families import init_params
 from model.tokenizer import CharTokenizer, get_tokenizer
+from sharding import make_mesh
 from training.serve.detokenize import IncrementalText
 from training.serve.engine import Engine, EngineConfig
 from training.serve.requests import Request
@@ -59,6 +61,42 @@ def test_32_concurrent_requests_give_the_tokens_they_give_alone():
     assert len(got) == r.max_tokens
     want = generate(params, cfg, [r.prompt], max_new_tokens=r.max_tokens,
                     temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed)
+    assert got == want.tokens[0]
+
+
+@pytest.mark.parametrize("data,tensor", [(1, 8), (8, 1)], ids=["tensor8", "data8"])
+def test_a_sharded_mesh_serves_the_tokens_of_one_device(data, tensor):
+  """The 8 CPU devices split the heads, MLP and vocabulary (tensor) or the slots (data):
+  requests served together give generate's tokens on one device (greedy and seeded)."""
+  cfg = get_config("tiny", **MESH_CFG)  # block 16: one prompt bucket
+  params = init_params(cfg, jax.random.key(2))
+  tok = CharTokenizer([chr(48 + i) for i in range(cfg.vocab_size)])
+  mesh = make_mesh(data, 1, tensor)
+  engine = Engine(params, cfg, tok, EngineConfig(slots=8, decode_steps=4, top_n=1,
+                                                 prompt_logprobs=False,
+                                                 sampling=("greedy", "sorted")), mesh=mesh)
+  assert engine.programs.params["h_0"]["attn"]["c_attn"]["kernel"].sharding.mesh == mesh
+  rng = np.random.default_rng(1)
+  requests = [Request(prompt=rng.integers(0, 64, int(rng.integers(2, 9))).tolist(),
+                      max_tokens=int(rng.integers(4, 9)), seed=i,
+                      temperature=0.0 if i % 3 else 0.8, top_k=0 if i % 3 else 10)
+              for i in range(10)]
+  results = [None] * len(requests)
+  engine.start()
+  try:
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, engine.generate(requests[i], timeout=300).token_ids)) for i in range(len(requests))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    engine.stop()
+  assert engine.peak_active > 1 and engine.compiles_after_warmup == 0
+  one = Buckets(batch=1, prompt_len=8, cache_len=16, out_len=8)  # one compile per variant
+  for r, got in zip(requests, results):
+    want = generate(params, cfg, [r.prompt], max_new_tokens=r.max_tokens, buckets=one,
+                    temperature=r.temperature, top_k=r.top_k, seed=r.seed)
     assert got == want.tokens[0]
 
 

@@ -93,19 +93,29 @@ class PromptLogprobs(NamedTuple):
   top_logprobs_PN: jax.Array  # float32 [P - 1, N]
 
 
+def constrain_state(state: SlotState) -> SlotState:
+  """The state laid out as every program takes and returns it (under sharding.activate): the
+  slots split like a batch, the cache's heads like attention heads. Each program ends with
+  it, so what one call returns is what the next was compiled for (on a data-parallel mesh,
+  propagation alone would hand back per-slot arrays split differently than they came in)."""
+  def per_slot(x):
+    return nn.with_logical_constraint(x, ("act_batch",) + (None,) * (x.ndim - 1))
+  return state._replace(
+      cache={k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in state.cache.items()},
+      **{name: per_slot(getattr(state, name)) for name in SlotState._fields if name != "cache"})
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "cache_len"))
 def init_slots(cfg: ModelConfig, slots: int, cache_len: int) -> SlotState:
-  """Every slot free, the cache zeroed (call under sharding.activate to lay it out: the slots
-  split like a batch, the heads like attention heads)."""
-  cache = init_cache(cfg, slots, cache_len)
-  cache = {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
+  """Every slot free, the cache zeroed (call under sharding.activate to lay it out:
+  constrain_state)."""
   zeros = jnp.zeros((slots,), jnp.int32)
-  return SlotState(
-      cache=cache, token_B=zeros, position_B=zeros, step_B=zeros, remaining_B=zeros,
-      active_B=jnp.zeros((slots,), bool), key_B=jnp.zeros((slots, 2), jnp.uint32),
-      temperature_B=jnp.zeros((slots,), jnp.float32), top_k_B=zeros,
-      top_p_B=jnp.ones((slots,), jnp.float32),
-      stop_BE=jnp.full((slots, MAX_STOP_IDS), -1, jnp.int32))
+  return constrain_state(SlotState(
+      cache=init_cache(cfg, slots, cache_len), token_B=zeros, position_B=zeros, step_B=zeros,
+      remaining_B=zeros, active_B=jnp.zeros((slots,), bool),
+      key_B=jnp.zeros((slots, 2), jnp.uint32), temperature_B=jnp.zeros((slots,), jnp.float32),
+      top_k_B=zeros, top_p_B=jnp.ones((slots,), jnp.float32),
+      stop_BE=jnp.full((slots, MAX_STOP_IDS), -1, jnp.int32)))
 
 
 def _log_softmax(logits_V: jax.Array) -> jax.Array:
@@ -151,9 +161,8 @@ def prefill_insert(params, state: SlotState, tokens_P: jax.Array, admit: Admit, 
   P = tokens_P.shape[0]
   hidden_1PD, cache_1 = GPT(cfg).apply({"params": params}, tokens_P[None],
                                        cache=init_cache(cfg, 1, P), return_hidden=True)
-  cache = {name: nn.with_logical_constraint(
-      jax.lax.dynamic_update_slice(state.cache[name], cache_1[name], (0, admit.slot, 0, 0)),
-      CACHE_AXES) for name in state.cache}
+  cache = {name: jax.lax.dynamic_update_slice(state.cache[name], cache_1[name],
+                                               (0, admit.slot, 0, 0)) for name in state.cache}
   key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(admit.seed), admit.choice))
   last_1D = jax.lax.dynamic_slice_in_dim(hidden_1PD[0], admit.length - 1, 1)
   logits_1V = logits_from_hidden(params, cfg, last_1D[None])[0]
@@ -164,14 +173,14 @@ def prefill_insert(params, state: SlotState, tokens_P: jax.Array, admit: Admit, 
   remaining = admit.max_tokens - 1
   active = wants & ~_stops(first.token, remaining[None], admit.stop_E[None])[0]
   put = lambda array, value: array.at[admit.slot].set(value)
-  state = state._replace(
+  state = constrain_state(state._replace(
       cache=cache, token_B=put(state.token_B, first.token[0]),
       position_B=put(state.position_B, jnp.where(active, admit.length, 0)),
       step_B=put(state.step_B, 1), remaining_B=put(state.remaining_B, remaining),
       active_B=put(state.active_B, active), key_B=put(state.key_B, key_data),
       temperature_B=put(state.temperature_B, admit.temperature),
       top_k_B=put(state.top_k_B, admit.top_k), top_p_B=put(state.top_p_B, admit.top_p),
-      stop_BE=put(state.stop_BE, admit.stop_E))
+      stop_BE=put(state.stop_BE, admit.stop_E)))
   first = jax.tree_util.tree_map(lambda x: x[0], first)
   if not prompt_logprobs:
     return state, first
@@ -216,4 +225,4 @@ def decode_chunk(params, state: SlotState, stop_B: jax.Array, *, cfg: ModelConfi
     return decode_step(params, s, cfg=cfg, top_n=top_n, cache_chunks=cache_chunks, mode=mode)
 
   state, sampled_CB = jax.lax.scan(step, state, None, length=steps)
-  return state, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), sampled_CB)
+  return constrain_state(state), jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), sampled_CB)

@@ -11,15 +11,17 @@ call it directly.
 
 Each loop iteration of the engine's thread: sequences that arrived join a FIFO queue; up to
 `max_prefills` of them are prefilled, each in the smallest length bucket that holds its prompt,
-and inserted into a free slot (model/decode/slots.py), so a burst of arrivals cannot stall the
-slots that are decoding; then one call advances every active slot `decode_steps` tokens. The
-host reads the tokens back, turns them into text (training/serve/detokenize.py: whole
-characters, stop strings held back and cut) and hands each sequence's new text and tokens to
-its `on_event` callback. A slot is freed when its sequence samples a stop id (end-of-text,
-end-of-turn) or its max_tokens (both also on the device), when a stop string appears, or when
-the client goes away (`cancel`). Every program is compiled ahead of time by `compile` and
-called as compiled: no request can make anything recompile, and `compiles_after_warmup` counts
-the programs JAX lowered in this process since (0 unless something else does).
+and inserted into a free slot, so a burst of arrivals cannot stall the slots that are decoding;
+then one call advances every active slot `decode_steps` tokens (training/serve/programs.py runs
+the programs, model/decode/slots.py is what they do). While that call runs, the host reads the
+new sequences' first tokens back; then the call's tokens. It turns them into text
+(training/serve/detokenize.py: whole characters, stop strings held back and cut) and hands each
+sequence's new text and tokens to its `on_event` callback. A slot is freed when its sequence
+samples a stop id (end-of-text, end-of-turn) or its max_tokens (both also on the device), when
+a stop string appears, or when the client goes away (`cancel`). Every program is compiled
+ahead of time by `compile` and called as compiled: no request can make anything recompile, and
+`compiles_after_warmup` counts the programs JAX lowered in this process since (0 unless
+something else does).
 
 The KV cache is one contiguous row of `max_len` positions per slot (not paged): XLA updates it
 in place, attention reads it in chunks up to the longest active position (model/kv_cache.py),
@@ -39,19 +41,15 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from model.decode.sampling import cache_chunks_for
-from model.decode.slots import MAX_STOP_IDS, Admit, decode_chunk, init_slots, prefill_insert
+from model.decode.logits import check_settings
+from model.decode.slots import MAX_STOP_IDS
 from model.errors import UserError
-from model.decode.logits import GREEDY, PLAIN, SORTED, TOP_K, check_settings, static_mode
-from sharding import DEFAULT_RULES, activate, make_mesh, place_params
+from sharding import DEFAULT_RULES, make_mesh
 from training.serve.detokenize import IncrementalText
+from training.serve.programs import SlotPrograms, check_sampling
 from training.serve.requests import (Collector, Done, Draining, EngineConfig, Output, QueueFull,
                                      Request, Result, TokenLogprob)
 from training.serve.metrics import ServeMetrics
-
-MIN_BUCKET = 16  # the smallest prompt bucket (powers of two up to max_len)
-VARIANTS = (GREEDY, PLAIN, TOP_K, SORTED)
-
 
 class Ticket:
   """A submitted group of sequences (the choices of one API request)."""
@@ -75,32 +73,6 @@ class _Sequence:
   last_time: float = 0.0
 
 
-def prompt_buckets(max_len: int) -> list[int]:
-  """Prompt lengths compiled: powers of two from MIN_BUCKET, and max_len."""
-  buckets, b = [], MIN_BUCKET
-  while b < max_len:
-    buckets.append(b)
-    b *= 2
-  return buckets + [max_len]
-
-
-class _CompileCounter:
-  """Programs JAX lowers in this process (every compile lowers first, also a cache hit)."""
-  count = 0
-  _registered = False
-
-  @classmethod
-  def register(cls) -> None:
-    if not cls._registered:
-      jax.monitoring.register_event_duration_secs_listener(cls._on_event)
-      cls._registered = True
-
-  @classmethod
-  def _on_event(cls, event: str, *_args, **_kwargs) -> None:
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      cls.count += 1
-
-
 class Engine:
   """Continuous batching over decode slots (module docstring). `params` may be host or device
   arrays; they are placed on `mesh` (default: the first device) in the compute dtype."""
@@ -114,16 +86,13 @@ class Engine:
       raise UserError(f"Serving needs a decoder-only (model.family='gpt') model, got "
                       f"{cfg.family!r}.")
     self.cfg, self.tokenizer = cfg, tokenizer
-    self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    self.rules = rules
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, cfg.compute_dtype), params)
-    self.params = place_params(params, cfg, self.mesh, rules)
-    self.stop_ids = tuple(int(i) for i in stop_ids if 0 <= i < cfg.vocab_size)
-    self.buckets = prompt_buckets(max_len)
+    mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    self.programs = SlotPrograms(params, cfg, self.config, mesh=mesh, rules=rules,
+                                 stop_ids=stop_ids)
+    self.stop_ids = self.programs.stop_ids
+    self.buckets = self.programs.buckets
     self.metrics = ServeMetrics()
     self.metrics.set("slots", self.config.slots)
-    self._programs: dict[Any, Any] = {}
-    self._state = None
     self._lock = threading.Condition()
     self._arrivals: collections.deque[_Sequence] = collections.deque()
     self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -134,45 +103,25 @@ class Engine:
     self.draining = False
     self.peak_active = 0
     self.compile_seconds = 0.0
-    self._compiles_at_ready: int | None = None
     self.error: BaseException | None = None
 
   # -- lifecycle ---------------------------------------------------------------------------
 
   def compile(self) -> float:
-    """Compiles every program (the slots, a prefill per bucket with and without prompt
-    log-probabilities, the decode call); returns the seconds it took."""
-    _CompileCounter.register()
-    start = time.perf_counter()
-    cfg, c = self.cfg, self.config
-    with activate(self.mesh, self.rules):
-      self._state = init_slots(cfg, c.slots, c.max_len)
-      admit = _admit_arrays(0, 1, Request(prompt=[0], max_tokens=1), ())
-      for bucket in self.buckets:
-        for scored in (False, True)[:1 + c.prompt_logprobs]:
-          self._programs[bucket, scored] = prefill_insert.lower(
-              self.params, self._state, np.zeros(bucket, np.int32), admit, cfg=cfg,
-              top_n=c.top_n, prompt_logprobs=scored).compile()
-      for mode in VARIANTS:  # the sampling variants (model/decode/logits.py), cheapest first
-        self._programs["decode", mode] = decode_chunk.lower(
-            self.params, self._state, np.zeros(c.slots, bool), cfg=cfg, steps=c.decode_steps,
-            top_n=c.top_n, cache_chunks=cache_chunks_for("auto", c.max_len),
-            mode=mode).compile()
-    self.compile_seconds = time.perf_counter() - start
-    self._compiles_at_ready = _CompileCounter.count
+    """Compiles every program (training/serve/programs.py); returns the seconds it took."""
+    self.compile_seconds = self.programs.compile()
     return self.compile_seconds
 
   @property
   def num_programs(self) -> int:
-    return len(self._programs)
+    return self.programs.num_programs
 
   @property
   def compiles_after_warmup(self) -> int:
-    return 0 if self._compiles_at_ready is None else (
-        _CompileCounter.count - self._compiles_at_ready)
+    return self.programs.compiles_after_warmup
 
   def start(self) -> None:
-    if self._compiles_at_ready is None:
+    if not self.programs.compiled:
       self.compile()
     self._running = True
     self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
@@ -280,29 +229,23 @@ class Engine:
         firsts = self._admit()
         decoded = None
         if any(self._slots):
-          self._state, decoded = self._programs["decode", self._variant()](
-              self.params, self._state, self._stop_mask)
+          decoded = self.programs.decode(self._stop_mask,
+                                         [s.request for s in self._slots if s is not None])
           self._stop_mask[:] = False
           self.metrics.add("decode_calls_total")
-        arrays, decoded = jax.device_get(([a for _, a in firsts], decoded))
-        now = time.perf_counter()
-        for (seq, _), (first, scored) in zip(firsts, arrays):
+        # Each first token goes out as soon as its prefill is done, while the decode call
+        # (dispatched after the prefills) runs.
+        for seq, arrays in firsts:
+          first, scored = jax.device_get(arrays)
           self._deliver(seq, [(first.token, first.logprob, first.top_ids, first.top_logprobs)],
-                        now, scored)
+                        time.perf_counter(), scored)
         if decoded is not None:
-          self._deliver_chunk(decoded, now)
+          self._deliver_chunk(jax.device_get(decoded), time.perf_counter())
         self._update_gauges()
     except BaseException as e:  # pylint: disable=broad-except  (report it to every waiter)
       self.error = e
       self._fail_all()
       raise
-
-  def _variant(self) -> int:
-    """The cheapest sampling variant that serves every busy slot (static_mode)."""
-    busy = [s.request for s in self._slots if s is not None]
-    return static_mode(np.array([r.temperature for r in busy], np.float32),
-                       np.array([r.top_k for r in busy], np.int32),
-                       np.array([r.top_p for r in busy], np.float32))
 
   def _drop_cancelled(self) -> None:
     with self._lock:
@@ -319,23 +262,12 @@ class Engine:
       with self._lock:
         seq = self._waiting.popleft()
       slot = self._slots.index(None)
-      request = seq.request
-      n = len(request.prompt)
-      bucket = next(b for b in self.buckets if b >= n)
-      tokens = np.zeros(bucket, np.int32)
-      tokens[:n] = request.prompt
-      admit = _admit_arrays(slot, n, request, self.stop_ids)
-      scored = None
-      program = self._programs[bucket, request.prompt_logprobs]
-      if request.prompt_logprobs:
-        self._state, first, scored = program(self.params, self._state, tokens, admit)
-      else:
-        self._state, first = program(self.params, self._state, tokens, admit)
       seq.slot = slot
-      self._slots[slot] = seq
+      self._slots[slot] = seq  # first: should the prefill fail, _fail_all answers it too
+      first, scored = self.programs.prefill(slot, seq.request)
       self._stop_mask[slot] = False
       self.metrics.add("prefills_total")
-      self.metrics.add("prompt_tokens_total", n)
+      self.metrics.add("prompt_tokens_total", len(seq.request.prompt))
       out.append((seq, (first, scored)))
     return out
 
@@ -433,16 +365,6 @@ def _token_logprob(token, logprob, top_ids, top_logprobs) -> TokenLogprob:
                       tuple((int(i), float(lp)) for i, lp in zip(top_ids, top_logprobs)))
 
 
-def _admit_arrays(slot: int, length: int, request: Request, engine_stop_ids) -> Admit:
-  stops = sorted(set(request.stop_ids) | set(engine_stop_ids))
-  stop_E = np.full(MAX_STOP_IDS, -1, np.int32)
-  stop_E[:len(stops)] = stops
-  return Admit(slot=np.int32(slot), length=np.int32(length),
-               max_tokens=np.int32(request.max_tokens), seed=np.uint32(request.seed),
-               choice=np.int32(request.choice), temperature=np.float32(request.temperature),
-               top_k=np.int32(request.top_k), top_p=np.float32(request.top_p), stop_E=stop_E)
-
-
 def check_engine_config(config: EngineConfig, cfg: ModelConfig) -> None:
   """UserError naming a setting outside what the model allows."""
   for name in ("slots", "decode_steps", "max_prefills", "max_queue"):
@@ -454,3 +376,4 @@ def check_engine_config(config: EngineConfig, cfg: ModelConfig) -> None:
                     f"{config.max_len}.")
   if not 1 <= config.top_n <= min(cfg.vocab_size, 100):
     raise UserError(f"top_n must be in [1, {min(cfg.vocab_size, 100)}], got {config.top_n}.")
+  check_sampling(config.sampling)

@@ -22,10 +22,13 @@ class EngineConfig:
   slots: int = 8            # sequences decoded at once
   max_len: int = 0          # KV-cache positions per slot: prompt + max_tokens (0: block_size)
   decode_steps: int = 8     # tokens every active slot advances per device call
-  max_prefills: int = 2     # prompts prefilled per loop iteration (then one decode call)
+  max_prefills: int = 16    # prompts prefilled per loop iteration (then one decode call)
   max_queue: int = 256      # sequences waiting for a slot before submit raises QueueFull
   top_n: int = 20           # most alternatives per token (logprobs)
   prompt_logprobs: bool = True  # compile the prefills that score the prompt (echo + logprobs)
+  # decode variants compiled (model/decode/logits.py VARIANTS; "sorted" serves any request, the
+  # others are cheaper calls for the requests they serve)
+  sampling: tuple[str, ...] = ("greedy", "plain", "top_k", "sorted")
 
 
 @dataclasses.dataclass(frozen=True)
