@@ -2,7 +2,8 @@
 
     spec = LoadSpec(requests=64, concurrency=16, rate=0, prompt_tokens=(32, 256),
                     output_tokens=(32, 128))
-    report = asyncio.run(run_load("http://127.0.0.1:8000", "model", spec, prompts))
+    run = asyncio.run(run_load("http://127.0.0.1:8000", "model", spec, prompts))
+    report = summarize([run], spec)   # several runs of one spec: pooled
 
 Requests are streamed completions (`stream_options.include_usage`) sent with at most
 `concurrency` in flight; with `rate` > 0 their start times follow a Poisson process of that
@@ -25,7 +26,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -105,9 +106,15 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Ou
   return Outcome(first is not None, first or 0.0, end, tokens, "" if first else "no tokens")
 
 
-async def run_load(url: str, model: str, spec: LoadSpec,
-                   prompts: list[tuple[str, int]]) -> dict[str, Any]:
-  """The load of the module docstring against `url`; the report (a dict)."""
+@dataclasses.dataclass
+class Run:
+  """One bounded load against one server: each request's outcome and the run's wall time."""
+  outcomes: list[Outcome]
+  wall: float
+
+
+async def run_load(url: str, model: str, spec: LoadSpec, prompts: list[tuple[str, int]]) -> Run:
+  """The load of the module docstring against `url` (summarize() turns runs into a report)."""
   import httpx  # pylint: disable=import-outside-toplevel
   spec.check()
   rng = np.random.default_rng(spec.seed + 1)
@@ -132,13 +139,12 @@ async def run_load(url: str, model: str, spec: LoadSpec,
       if time.perf_counter() >= deadline:
         break
       tasks.append(asyncio.create_task(go(prompt, max_tokens)))
-    done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter())
-                                       ) if tasks else (set(), set())
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter())
+                                    ) if tasks else (set(), set())
     for task in pending:
       task.cancel()
       outcomes.append(Outcome(False, error="time limit"))
-  wall = time.perf_counter() - start
-  return summarize(outcomes, wall, spec)
+  return Run(outcomes, time.perf_counter() - start)
 
 
 def _pct(values: list[float]) -> dict[str, float | None]:
@@ -147,7 +153,12 @@ def _pct(values: list[float]) -> dict[str, float | None]:
   return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
 
 
-def summarize(outcomes: list[Outcome], wall: float, spec: LoadSpec) -> dict[str, Any]:
+def summarize(runs: Sequence[Run], spec: LoadSpec) -> dict[str, Any]:
+  """The report of one or more runs of `spec` against one server, pooled: requests and tokens
+  over the runs' summed wall time, percentiles over every request; `rounds` has each run's
+  output tokens/s (how much the rounds of a loaded machine differ)."""
+  outcomes = [o for run in runs for o in run.outcomes]
+  wall = sum(run.wall for run in runs)
   ok = [o for o in outcomes if o.ok]
   errors: dict[str, int] = {}
   for o in outcomes:
@@ -158,6 +169,7 @@ def summarize(outcomes: list[Outcome], wall: float, spec: LoadSpec) -> dict[str,
       "spec": dataclasses.asdict(spec), "wall_seconds": wall, "completed": len(ok),
       "errors": errors, "requests_per_sec": len(ok) / wall, "output_tokens": tokens,
       "output_tokens_per_sec": tokens / wall,
+      "rounds": [sum(o.tokens for o in run.outcomes if o.ok) / run.wall for run in runs],
       "ttft_seconds": _pct([o.ttft for o in ok]),
       "itl_seconds": _pct([(o.end - o.ttft) / (o.tokens - 1) for o in ok if o.tokens > 1]),
       "e2e_seconds": _pct([o.end for o in ok]),
@@ -170,7 +182,8 @@ def format_reports(reports: dict[str, dict[str, Any]]) -> str:
   rows = [("completed", lambda r: f"{r['completed']}"),
           ("errors", lambda r: ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"),
           ("requests/s", lambda r: f"{r['requests_per_sec']:.2f}"),
-          ("output tokens/s", lambda r: f"{r['output_tokens_per_sec']:.1f}")]
+          ("output tokens/s", lambda r: f"{r['output_tokens_per_sec']:.1f}"),
+          ("  by round", lambda r: " ".join(f"{v:.1f}" for v in r["rounds"]))]
   for key, label in (("ttft_seconds", "TTFT"), ("itl_seconds", "ITL"),
                      ("e2e_seconds", "end-to-end")):
     for q in ("p50", "p90", "p99"):
