@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 250  # steps between evaluations (and after the last step); 0: never
   c.eval.batches = 20  # fixed val batches (of train.batch_size) averaged into val_loss
+  c.eval.at_start = False  # also evaluate before the first step (a row of step 0)
   # encdec: val pairs (a fixed sample) whose greedy outputs give val_exact_match; -1: all
   c.eval.exact_match = 256
 

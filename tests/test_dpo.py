@@ -15,7 +15,7 @@ import pytest
 from conftest import exit_status
 from launch import train as train_cli
 from model import lora
-from training.dpo import (METRICS, DPOSettings, dpo_loss_and_metrics, pairs, reference_logps,
+from training.dpo import (TRL_METRICS, DPOSettings, dpo_loss_and_metrics, pairs, reference_logps,
                           sequence_logps)
 from training.weights import load_weights
 
@@ -107,7 +107,7 @@ def _ours(adapted, settings):
 
 def _assert_close(loss, metrics, expected_loss, expected):
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
-  for name in METRICS:
+  for name in TRL_METRICS:
     np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-6,
                                err_msg=name)
 

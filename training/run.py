@@ -7,8 +7,7 @@
     train_step = run.compile_train_step()       # (state, batch) -> (state, metrics)
 
 Every check happens in `build_run` (the config's sections: training/config_checks.py), before
-anything is compiled, and fails with one UserError
-sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
+anything is compiled, and fails with one UserError sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
 sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
 against grad_accum, the data-parallel size and the process count, the block size, the data
 (path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
@@ -40,7 +39,8 @@ from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
 from sharding import MESH_AXES, make_mesh
 from training import storage
-from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
+from training.adapters import (REFERENCE, join, lora_fields, meta_key, split_trainable,
+                               trainable_params, with_lora, with_reference)
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
 from training.config_checks import (check_batch, check_mesh, check_rules, check_values,
                                     configure_cpu_devices)
@@ -116,34 +116,59 @@ class Run:
   def tokens_per_step(self) -> int:
     return self.config.train.batch_size * self.seq_len
 
+  @property
+  def reference(self) -> bool:
+    """Whether the state holds a frozen reference copy of the starting weights: DPO without
+    LoRA (training/adapters.py: REFERENCE; with LoRA the reference is the adapters off)."""
+    return self.layout == "preference" and not self.model.lora_rank
+
+  @property
+  def frozen_meta_key(self) -> str | None:
+    """The checkpoint meta key naming where the run's frozen parameters came from (a LoRA
+    base, a DPO reference); None when nothing is frozen."""
+    if self.reference:
+      return meta_key({REFERENCE: None})
+    return meta_key({}) if self.model.lora_rank else None
+
   @functools.cached_property
   def abstract_state(self) -> TrainState:
-    """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated."""
-    return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
+    """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated
+    (a DPO run's reference copy sharded like the parameters it copies)."""
+    abstract = abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
+    return abstract.replace(params=with_reference(abstract.params)) if self.reference else abstract
 
   @property
   def saved_abstract_state(self) -> TrainState:
-    """What a checkpoint of the run holds: the TrainState, of a LoRA run without its frozen
-    base (training/adapters.py)."""
+    """What a checkpoint of the run holds: the TrainState without its frozen parameters (a
+    LoRA run's base, a DPO run's reference: training/adapters.py)."""
     abstract = self.abstract_state
     return abstract.replace(params=trainable_params(self.model, abstract.params))
 
   def create_state(self) -> TrainState:
     """A fresh TrainState from config.train.seed, created directly with its shardings; with
     config.init_from, its parameters are those weights (training/weights.py: init_params;
-    a LoRA run's base, with new adapters), the optimizer state new and the step 0."""
+    a LoRA run's base, with new adapters; a DPO run's, twice: the reference a copy), the
+    optimizer state new and the step 0."""
     seed = self.config.train.seed
     if self.init_from:
       host = init_params(self.init_from, self.model)
       if self.model.lora_rank:
         host = join(new_adapters(self.model, seed), host)
+      if self.reference:
+        host = with_reference(host)
       return train_state_from_params(host, self.tx, self.abstract_state, seed, self.model)
-    return create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+    state = create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+    if self.reference:  # random weights (the benchmark): the reference a copy of them
+      copy = jax.tree_util.tree_map(lambda x: x.copy(), state.params)
+      state = state.replace(params={**state.params, REFERENCE: copy})
+    return state
 
   def base_params(self):
-    """A LoRA run's frozen base (config.init_from's weights) placed on the mesh."""
-    base_abstract = split_trainable(self.model, self.abstract_state.params)[1]
-    return place(init_params(self.init_from, self.model), base_abstract)
+    """The frozen parameters (config.init_from's weights) placed on the mesh: a LoRA run's
+    base, or a DPO run's reference ({REFERENCE: ...})."""
+    frozen_abstract = split_trainable(self.model, self.abstract_state.params)[1]
+    host = init_params(self.init_from, self.model)
+    return place({REFERENCE: host} if self.reference else host, frozen_abstract)
 
   @property
   def loss_chunk(self) -> int:
@@ -339,10 +364,10 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   lora = lora_fields(config)
   if batch_layout(task) == "preference":  # DPO (training/dpo.py)
     settings_from_config(config)
-    if lora is None:
-      raise UserError("data.task=preference (DPO) compares the model with its reference, the "
-                      "base with the LoRA adapters switched off: set config.train.lora.rank "
-                      "(a full fine-tune's frozen copy is not implemented).")
+    if path is not None and not init_from:
+      raise UserError("data.task=preference (DPO) moves a model away from its reference, the "
+                      "weights it starts from: set config.init_from (a training workdir, a "
+                      "Hugging Face checkpoint or a PEFT adapter directory).")
   if lora and path is not None and not init_from:
     raise UserError(f"config.train.lora.rank={lora['lora_rank']} trains adapters on existing "
                     f"weights: set config.init_from (a training workdir, a Hugging Face "
