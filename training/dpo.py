@@ -47,7 +47,7 @@ TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 # share of pairs the implicit reward model (the margin) ranks right; accuracy/logp: the share
 # the policy itself prefers (log pi(chosen) > log pi(rejected)), at step 0 the starting model's.
 ACCURACIES = ("accuracy/reward", "accuracy/logp")
-METRICS = TRL_METRICS + ACCURACIES
+METRICS = TRL_METRICS + ACCURACIES + ("pairs",)  # pairs: how many the batch holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def dpo_loss_and_metrics(params, cfg: ModelConfig, batch, settings: DPOSettings,
   mean = lambda x: jnp.sum(x * valid) / total
   chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
   rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
-  metrics = {"rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
+  metrics = {"pairs": jnp.sum(valid), "rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
              "rewards/margins": mean(chosen_rewards - rejected_rewards),
              "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
              "logps/chosen": mean(jax.lax.stop_gradient(pc)),

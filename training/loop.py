@@ -416,6 +416,11 @@ class _Trainer:
       counts = [float(r["scored_tokens"]) for r in host]
       out["val_loss"] = float(np.dot([r["loss"] for r in host], counts) / max(sum(counts), 1))
       out["val_scored_tokens"] = sum(counts)
+    if "pairs" in host[0]:  # DPO: every metric a mean over all the val batches' pairs
+      counts = [float(r["pairs"]) for r in host]
+      out = {f"val_{k}": float(np.dot([r[k] for r in host], counts) / max(sum(counts), 1))
+             for k in host[0]}
+      out["val_pairs"] = sum(counts)
     if self.match_pairs:
       out["val_exact_match"] = exact_match(params, self.run_.model, self.match_pairs)
     return out
