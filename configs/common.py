@@ -77,11 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   # attention) or regular expressions over a block's module paths ("attn/.*": every attention
   # projection, whole)
   c.train.lora.targets = "attn/.*"
-  # DPO (data.task=preference; training/dpo.py): the loss (sigmoid | robust | cdpo | ipo), its
-  # beta, and the label smoothing of robust / cdpo (the share of pairs assumed flipped)
+  # DPO (data.task=preference; training/dpo.py): the reference is the starting point, config.
+  # init_from's weights (with LoRA: the adapters switched off; without: a frozen copy)
   c.train.dpo = ml_collections.ConfigDict()
+  # sigmoid (DPO), robust (Chowdhury et al. 2024), cdpo (conservative DPO) or ipo (Azar et al.
+  # 2023, per-token normalised as TRL's)
   c.train.dpo.loss = "sigmoid"
-  c.train.dpo.beta = 0.1
+  c.train.dpo.beta = 0.1  # how far the policy may move from the reference (IPO's tau)
+  # robust / cdpo: the share of pairs assumed flipped, in [0, 0.5)
   c.train.dpo.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
@@ -118,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 250  # steps between evaluations (and after the last step); 0: never
   c.eval.batches = 20  # fixed val batches (of train.batch_size) averaged into val_loss
+  c.eval.at_start = False  # also evaluate before the first step (a row of step 0)
   # encdec: val pairs (a fixed sample) whose greedy outputs give val_exact_match; -1: all
   c.eval.exact_match = 256
 

@@ -40,6 +40,7 @@ from training.data import SOURCES  # noqa: E402
 from training.data.examples import OVERLONG  # noqa: E402
 from training.data.packing import PACKINGS  # noqa: E402
 from training.data.tasks import TASKS  # noqa: E402
+from training.dpo import LOSSES  # noqa: E402
 from training.optimizer import SCHEDULES  # noqa: E402
 
 OUT = REPO / "docs" / "configuration.md"
@@ -62,7 +63,8 @@ SECTION_INTROS = {
 }
 CONFIG_CHOICES = {"optimizer.schedule": SCHEDULES, "data.source": SOURCES,
                   "data.task": ("",) + tuple(TASKS),
-                  "data.overlong": OVERLONG, "data.packing": PACKINGS, "data.tokenizer": TOKENIZER_NAMES}
+                  "data.overlong": OVERLONG, "data.packing": PACKINGS, "data.tokenizer": TOKENIZER_NAMES,
+                  "train.dpo.loss": LOSSES}
 TYPE_WORDS = {int: "integer", float: "number", bool: "True, False", str: "string"}
 
 

@@ -141,6 +141,18 @@ def copy_of(path: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
   """A private copy of a built_once directory, for a test that writes into it."""
   return pathlib.Path(shutil.copytree(path, tmp_path / path.name))
 
+
+@pytest.fixture
+def other_base(tmp_path):
+  """The tiny GPT-2 fixture with one weight changed: another base of the same shape."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf_gpt2_tiny"
+  other = pathlib.Path(shutil.copytree(fixture, tmp_path / "other_base"))
+  tensors = load_file(other / "model.safetensors")
+  tensors["transformer.h.0.mlp.c_fc.weight"][0, 0] += 1.0
+  save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+  return other
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 8 heads and a 64-symbol vocabulary, so tensor=8 really splits heads, MLP and vocabulary.
 MESH_CFG = dict(num_layers=1, num_heads=8, d_model=64, vocab_size=64, block_size=16)

@@ -26,7 +26,8 @@ from model.config import ModelConfig
 from model.families import count_params
 from sharding import make_mesh, rules_from_config
 from training.perf import aot
-from training.run import check_values, model_config
+from training.config_checks import check_values
+from training.run import model_config
 from training.tpu import slices
 from training.tpu.slices import GIB, parse_slice
 

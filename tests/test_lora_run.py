@@ -3,12 +3,11 @@ their base, a different base refused, and the bad inputs as one sentence with no
 
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from conftest import built_once, copy_of, exit_status
 from launch import export as export_cli
@@ -65,16 +64,6 @@ def test_lora_run_resumes_exactly_and_saves_only_adapters(lora_run, tmp_path):
   np.testing.assert_array_equal(base["h_1"]["mlp"]["c_fc"]["kernel"],
                                 fixture["transformer.h.1.mlp.c_fc.weight"])
   assert np.any(adapters["h_1"]["attn"]["c_attn"]["lora_b_v"] != 0)
-
-
-@pytest.fixture
-def other_base(tmp_path):
-  """GPT-2's fixture with one weight changed: another base of the same shape."""
-  other = pathlib.Path(shutil.copytree(GPT2_BASE, tmp_path / "other_base"))
-  tensors = load_file(other / "model.safetensors")
-  tensors["transformer.h.0.mlp.c_fc.weight"][0, 0] += 1.0
-  save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
-  return other
 
 
 def test_adapters_on_another_base_are_refused(lora_run, other_base, tmp_path, capsys):

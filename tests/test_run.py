@@ -11,8 +11,8 @@ from conftest import tiny_run_config
 from model.config import LORA_FIELDS, field_names
 from model.errors import UserError
 from training.data import prepare_text
-from training.run import (build_run, check_same_tokenizer, check_values, cpu_device_count,
-                          model_config, vocab_size_without_data)
+from training.config_checks import check_values, cpu_device_count
+from training.run import build_run, check_same_tokenizer, model_config, vocab_size_without_data
 
 CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl,
            "finetune_shakespeare": finetune_shakespeare}

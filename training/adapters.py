@@ -1,4 +1,5 @@
-"""LoRA runs: what a run trains (the adapters) and the frozen base it belongs to.
+"""What a run trains and what it keeps frozen: LoRA adapters on a frozen base, and DPO's frozen
+reference copy.
 
 `config.train.lora` (configs/common.py) turns a fine-tune into a LoRA run: the model gains
 low-rank adapters on the targeted projections (model/lora.py); the optimizer sees only them
@@ -7,6 +8,11 @@ adapters, their optimizer state, step and RNG, and name the base by a fingerprin
 (`base_fingerprint`), so that resuming, sampling or exporting on top of other weights is
 refused (`check_base`). The base is config.init_from's weights, read again when the run
 resumes.
+
+A DPO run without LoRA (data.task=preference, training/dpo.py) keeps its reference, a frozen
+copy of the starting weights, beside the model's parameters under the top-level key REFERENCE
+(`with_reference`): the same partition as a LoRA base (no gradient, no optimizer state, not in
+checkpoints, config.init_from's weights read again on resume and checked by fingerprint).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from training import fingerprint
 
 # The key of a checkpoint's meta that names the base of a LoRA run.
 META_KEY = "lora_base"
+# The top-level parameter key of a DPO run's frozen reference copy (no model has a parameter of
+# that name), and the key of its checkpoints' meta that names the weights it is a copy of.
+REFERENCE = "reference"
+REFERENCE_META_KEY = "dpo_reference"
 
 
 def lora_fields(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -65,12 +75,16 @@ def with_lora(cfg: ModelConfig, fields: dict[str, Any] | None) -> ModelConfig:
 
 
 def trainable_params(cfg: ModelConfig, params: Any) -> Any:
-  """What the optimizer trains: the adapters of a LoRA model, else every parameter."""
-  return lora.split_adapters(params)[0] if cfg.lora_rank else params
+  """What the optimizer trains: the adapters of a LoRA model, else every parameter but a DPO
+  reference copy."""
+  return split_trainable(cfg, params)[0]
 
 
 def split_trainable(cfg: ModelConfig, params: Any) -> tuple[Any, Any]:
-  """(trainable, frozen) parameters; join(trainable, frozen) gives `params` back."""
+  """(trainable, frozen) parameters; join(trainable, frozen) gives `params` back. Frozen: a
+  LoRA model's base, or a DPO run's reference copy ({REFERENCE: ...})."""
+  if REFERENCE in params:
+    return {k: v for k, v in params.items() if k != REFERENCE}, {REFERENCE: params[REFERENCE]}
   if not cfg.lora_rank:
     return params, {}
   return lora.split_adapters(params)
@@ -78,6 +92,16 @@ def split_trainable(cfg: ModelConfig, params: Any) -> tuple[Any, Any]:
 
 def join(trainable: Any, frozen: Any) -> Any:
   return lora.join(trainable, frozen) if frozen else trainable
+
+
+def with_reference(params: Any) -> dict:
+  """A DPO run's parameters: the model's, and the same values again as its frozen reference."""
+  return {**params, REFERENCE: params}
+
+
+def meta_key(frozen: Any) -> str:
+  """The checkpoint meta key that names where a run's frozen parameters came from."""
+  return REFERENCE_META_KEY if REFERENCE in frozen else META_KEY
 
 
 def base_fingerprint(base: Any) -> str:
@@ -95,12 +119,17 @@ def base_meta(init_from: str, base: Any) -> dict[str, str]:
 
 
 def check_base(saved: dict | None, base: Any, init_from: str, where: str) -> None:
-  """UserError unless `base` is the base the adapters of `where` were trained on (`saved`:
-  its META_KEY entry)."""
+  """UserError unless `base` (a run's frozen parameters: a LoRA base or a DPO reference) is the
+  one the checkpoint of `where` was trained with (`saved`: its meta_key entry)."""
   if not saved:
     return
   got = base_fingerprint(base)
-  if got != saved.get("fingerprint"):
-    raise UserError(f"{where} holds LoRA adapters for another base: they were trained on "
+  if got == saved.get("fingerprint"):
+    return
+  if REFERENCE in base:
+    raise UserError(f"{where} holds a DPO run against another reference: it started from "
                     f"{saved.get('init_from')!r} (fingerprint {saved.get('fingerprint')}), but "
-                    f"{init_from!r} has fingerprint {got}; use the base they were trained on.")
+                    f"{init_from!r} has fingerprint {got}; use the weights it started from.")
+  raise UserError(f"{where} holds LoRA adapters for another base: they were trained on "
+                  f"{saved.get('init_from')!r} (fingerprint {saved.get('fingerprint')}), but "
+                  f"{init_from!r} has fingerprint {got}; use the base they were trained on.")

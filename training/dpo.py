@@ -5,8 +5,10 @@ A preference batch is int32 [B, 3 (T + 1)] = tokens | segment_ids | loss_mask, a
 batch (training/lm_inputs.py), with pairs kept together: segment 2k - 1 of a row is pair k's
 prompt + chosen completion, segment 2k its prompt + rejected completion, the loss mask on the
 completions' tokens (training/data/preference.py). A sequence's log-probability is the sum of
-its completion tokens' log-probabilities (TRL's); the reference is the same model with its
-LoRA adapters switched off (the base's weights, no second copy). With the policy's and the
+its completion tokens' log-probabilities (TRL's); the reference is the starting point: with
+LoRA the same model with its adapters switched off (the base's weights, no second copy),
+without LoRA a frozen copy of the starting weights kept beside the parameters
+(training/adapters.py: REFERENCE; not trained, not checkpointed, re-read from init_from). With the policy's and the
 reference's log-ratios c = log pi(chosen) - log ref(chosen), r = the same for rejected and
 d = c - r, the per-pair losses are (TRL's DPOTrainer, loss_type):
 
@@ -19,7 +21,8 @@ d = c - r, the per-pair losses are (TRL's DPOTrainer, loss_type):
 
 averaged over the pairs of the whole batch (also under gradient accumulation), and the metrics
 TRL logs: rewards/chosen = mean beta c, rewards/rejected = mean beta r, rewards/margins,
-rewards/accuracies = the share of pairs with beta c > beta r, logps/chosen, logps/rejected.
+rewards/accuracies = the share of pairs with beta c > beta r, logps/chosen, logps/rejected;
+and two accuracies with ties counted half (ACCURACIES), meaningful from step 0.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from model import lora
 from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
+from training.adapters import REFERENCE
 from training.lm_inputs import lm_inputs, packed_planes
 
 LOSSES = ("sigmoid", "robust", "cdpo", "ipo")
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected")
+# Accuracies that mean something at step 0 too, ties counted half: TRL's rewards/accuracies is
+# 0 there (every reward is 0 and it counts beta c > beta r), ours 0.5. accuracy/reward: the
+# share of pairs the implicit reward model (the margin) ranks right; accuracy/logp: the share
+# the policy itself prefers (log pi(chosen) > log pi(rejected)), at step 0 the starting model's.
+ACCURACIES = ("accuracy/reward", "accuracy/logp")
+METRICS = TRL_METRICS + ACCURACIES + ("pairs",)  # pairs: how many the batch holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +92,23 @@ def sequence_logps(params, cfg: ModelConfig, batch, *, deterministic: bool = Tru
   return sums, counts
 
 
+def split_reference(params):
+  """(the policy's parameters, a DPO run's frozen reference copy or None)."""
+  if REFERENCE in params:
+    return {k: v for k, v in params.items() if k != REFERENCE}, params[REFERENCE]
+  return params, None
+
+
 def reference_logps(params, cfg: ModelConfig, batch):
-  """The reference's segment log-probabilities [B, M]: the base's (the adapters switched off:
-  the parameters without them, the config without LoRA; no dropout, no gradient)."""
+  """The reference's segment log-probabilities [B, M] (no dropout, no gradient): the frozen
+  copy's of a full fine-tune, else the base's (the adapters switched off: the parameters
+  without them, the config without LoRA)."""
+  reference = split_reference(params)[1]
+  if reference is not None:
+    return jax.lax.stop_gradient(sequence_logps(jax.lax.stop_gradient(reference), cfg, batch)[0])
+  if not cfg.lora_rank:
+    raise UserError("DPO needs a reference: a LoRA model's base, or a frozen copy of the "
+                    "starting weights (training/adapters.py: with_reference).")
   base = jax.lax.stop_gradient(lora.split_adapters(params)[1])
   return jax.lax.stop_gradient(sequence_logps(base, lora.without_lora(cfg), batch)[0])
 
@@ -126,12 +150,9 @@ def dpo_loss_and_metrics(params, cfg: ModelConfig, batch, settings: DPOSettings,
                          deterministic: bool = True, rngs=None, pair_total=None):
   """(loss, metrics) of a preference batch: sums over its pairs divided by `pair_total` (the
   whole batch's pairs; default this batch's), so micro-batches add up to the batch's means."""
-  if not cfg.lora_rank:
-    raise UserError("DPO's reference is the base model with the LoRA adapters switched off: "
-                    "set config.train.lora.rank (a full fine-tune's frozen copy is not "
-                    "implemented).")
-  logps, counts = sequence_logps(params, cfg, batch, deterministic=deterministic, rngs=rngs)
   ref = reference_logps(params, cfg, batch)
+  logps, counts = sequence_logps(split_reference(params)[0], cfg, batch,
+                                 deterministic=deterministic, rngs=rngs)
   (pc, pr), (rc, rr), (nc, nr) = pairs(logps), pairs(ref), pairs(counts)
   valid = (nc > 0).astype(jnp.float32)
   loss, chosen_rewards, rejected_rewards = pair_losses(pc, pr, rc, rr, nc, nr, settings)
@@ -139,9 +160,16 @@ def dpo_loss_and_metrics(params, cfg: ModelConfig, batch, settings: DPOSettings,
   mean = lambda x: jnp.sum(x * valid) / total
   chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
   rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
-  metrics = {"rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
+  metrics = {"pairs": jnp.sum(valid), "rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
              "rewards/margins": mean(chosen_rewards - rejected_rewards),
              "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
              "logps/chosen": mean(jax.lax.stop_gradient(pc)),
-             "logps/rejected": mean(jax.lax.stop_gradient(pr))}
+             "logps/rejected": mean(jax.lax.stop_gradient(pr)),
+             "accuracy/reward": mean(ties_half(chosen_rewards - rejected_rewards)),
+             "accuracy/logp": mean(ties_half(jax.lax.stop_gradient(pc - pr)))}
   return mean(loss), metrics
+
+
+def ties_half(margin):
+  """1 where margin > 0, 0.5 where it is 0, else 0."""
+  return (margin > 0).astype(jnp.float32) + 0.5 * (margin == 0).astype(jnp.float32)

@@ -33,8 +33,7 @@ from model.errors import UserError
 from model.families import num_params
 from sharding import describe, is_cpu, process_batch_indices, shard_batch
 from training import distributed
-from training.adapters import (META_KEY, base_meta, check_base, join, split_trainable,
-                               trainable_params)
+from training.adapters import base_meta, check_base, join, split_trainable, trainable_params
 from training.checkpoint import Checkpointer, CheckpointWriteFailed
 from training.data import prefetch
 from training.metrics import Console, MetricsWriter, format_count, format_duration
@@ -160,6 +159,11 @@ class _MetricsReader:
     self.summary.update(metrics)
     self._emit(dict(self.row, **metrics))
 
+  def log_start(self, metrics: dict[str, float]) -> None:
+    """The row of step 0: the eval metrics before the first update (eval.at_start)."""
+    self.summary.update(metrics)
+    self._emit({"step": 0, **metrics})
+
   def _emit(self, row: dict) -> None:
     if self.writer is not None:
       self.writer.write(row)
@@ -256,7 +260,8 @@ class _Trainer:
 
   def _describe(self) -> None:
     run, info = self.run_, self.console.info
-    n_params = num_params(run.abstract_state.params)  # needed for restore / compile anyway
+    n_params = num_params(run.saved_abstract_state.params if run.reference else
+                          run.abstract_state.params)  # the model's (a DPO reference: a copy)
     m = run.model
     layers = (f"encoder {m.num_layers} layers, {m.num_heads} heads, MLP {m.d_mlp}; decoder "
               f"{m.decoder_layers} layers, {m.decoder_heads} heads, MLP {m.decoder_mlp}"
@@ -268,6 +273,10 @@ class _Trainer:
       n_train = num_params(run.saved_abstract_state.params)
       info(f"LoRA: rank {m.lora_rank}, alpha {m.lora_alpha:g} on {m.lora_targets}: "
            f"{format_count(n_train)} trainable parameters, the base of {run.init_from} frozen")
+    if run.layout == "preference":
+      info(f"DPO: {run.dpo.loss} loss, beta {run.dpo.beta:g}; the reference: "
+           + ("the base (the adapters off)" if m.lora_rank else
+              f"a frozen copy of {run.init_from or 'the initial weights'}"))
     info(f"mesh: {describe(self.mesh)} ({self.device_kind})")
     info(run.source.describe())
     c = run.config.train
@@ -281,14 +290,16 @@ class _Trainer:
     where = f"The checkpoint of step {step} in {self.ckpt.directory}"
     check_same_model(meta["model"], self.run_.model, where)
     check_same_tokenizer(meta.get("tokenizer"), self.run_.source.tokenizer, where)
-    if not self.run_.model.lora_rank:
+    key = self.run_.frozen_meta_key
+    if key is None:
       return self.ckpt.restore(self.run_.abstract_state, step, meta)
-    # A LoRA checkpoint holds the adapters: the base is init_from's, checked to be theirs.
+    # A LoRA checkpoint holds the adapters, a DPO run's the model without its reference: the
+    # frozen part is init_from's, checked to be theirs.
     if self._base is None:
       self._base = self.run_.base_params()
-    check_base(meta.get(META_KEY), self._base, self.run_.init_from, where)
+    check_base(meta.get(key), self._base, self.run_.init_from, where)
     state, meta = self.ckpt.restore(self.run_.saved_abstract_state, step, meta)
-    self.base_meta = meta.get(META_KEY)
+    self.base_meta = meta.get(key)
     return state.replace(params=join(state.params, self._base)), meta
 
   def _initial_state(self):
@@ -301,7 +312,7 @@ class _Trainer:
       self.console.info(f"new run in {self.run_.workdir}"
                         + (f", starting from the weights of {init}" if init else ""))
       state = self.run_.create_state()
-      if self.run_.model.lora_rank:
+      if self.run_.frozen_meta_key:
         self.base_meta = base_meta(init, split_trainable(self.run_.model, state.params)[1])
       return state, 0
     step, (state, meta) = found
@@ -351,6 +362,8 @@ class _Trainer:
     batches = prefetch(self.run_.source, "train", start, count=self.steps - start,
                        depth=c.data.prefetch)
     reader = _MetricsReader(self, writer, summary, start)
+    if start == 0 and self.eval_step is not None and c.eval.get("at_start", False):
+      reader.log_start(self._evaluate(state.params))  # the starting point's val metrics
     pending = []  # (step, metrics still on the device), not yet read
     try:
       for s in range(start, self.steps):
@@ -403,6 +416,11 @@ class _Trainer:
       counts = [float(r["scored_tokens"]) for r in host]
       out["val_loss"] = float(np.dot([r["loss"] for r in host], counts) / max(sum(counts), 1))
       out["val_scored_tokens"] = sum(counts)
+    if "pairs" in host[0]:  # DPO: every metric a mean over all the val batches' pairs
+      counts = [float(r["pairs"]) for r in host]
+      out = {f"val_{k}": float(np.dot([r[k] for r in host], counts) / max(sum(counts), 1))
+             for k in host[0]}
+      out["val_pairs"] = sum(counts)
     if self.match_pairs:
       out["val_exact_match"] = exact_match(params, self.run_.model, self.match_pairs)
     return out
@@ -412,7 +430,7 @@ class _Trainer:
     meta = {"step": step, "data_position": step, "model": run.model.to_dict(),
             "tokenizer": run.source.tokenizer, "config": run.config.to_dict(),
             "mesh": list(run.mesh_shape)}
-    if run.model.lora_rank:  # the adapters, and the name of their base
+    if run.frozen_meta_key:  # what trains, and the name of the frozen part's weights
       state = state.replace(params=trainable_params(run.model, state.params))
-      meta[META_KEY] = self.base_meta
+      meta[run.frozen_meta_key] = self.base_meta
     self.ckpt.save(step, state, meta)

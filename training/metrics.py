@@ -229,6 +229,8 @@ class Console:
       parts.append(f"val {row['val_loss']:.4f}")
     if row.get("val_accuracy") is not None:
       parts.append(f"val acc {100 * row['val_accuracy']:.1f}%")
+    if row.get("val_accuracy/reward") is not None:  # DPO (training/dpo.py: ACCURACIES)
+      parts.append(f"val pref acc {100 * row['val_accuracy/reward']:.1f}%")
     if row.get("val_exact_match") is not None:
       parts.append(f"exact match {100 * row['val_exact_match']:.1f}%")
     if row.get("tokens_per_sec") is not None:

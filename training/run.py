@@ -6,8 +6,8 @@
     state = run.create_state()                  # born sharded over run.mesh
     train_step = run.compile_train_step()       # (state, batch) -> (state, metrics)
 
-Every check happens in `build_run`, before anything is compiled, and fails with one UserError
-sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
+Every check happens in `build_run` (the config's sections: training/config_checks.py), before
+anything is compiled, and fails with one UserError sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
 sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
 against grad_accum, the data-parallel size and the process count, the block size, the data
 (path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
 from typing import Any, Callable, Collection, Sequence
@@ -38,10 +37,13 @@ from model import attention
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
-from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
+from sharding import MESH_AXES, make_mesh
 from training import storage
-from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
+from training.adapters import (REFERENCE, join, lora_fields, meta_key, split_trainable,
+                               trainable_params, with_lora, with_reference)
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
+from training.config_checks import (check_batch, check_mesh, check_rules, check_values,
+                                    configure_cpu_devices)
 from training.dpo import DPOSettings, settings_from_config
 from training.data import DataSource
 from training.data.sources import NUM_SPECIALS, special_ids
@@ -51,7 +53,7 @@ from training.lm_inputs import check_prefix_lm, document_eot
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state, new_adapters,
                             place, train_state_from_params)
-from training.step import check_loss_chunk, compile_eval_step, compile_train_step
+from training.step import compile_eval_step, compile_train_step
 from training.weights import (check_init_vocabulary, describe_init_from, init_params,
                               model_from_weights)
 from training.workdir import CONFIG_NAME
@@ -60,15 +62,6 @@ from training.workdir import CONFIG_NAME
 # computation runs, not what the parameters are.
 RUNTIME_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dropout_rng", "dtype",
                         "attention", "remat")
-
-_SECTIONS = ("model", "train", "optimizer", "mesh", "data", "eval", "checkpoint", "log")
-# (key, lowest allowed value, whether the value itself may equal it)
-_POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep",
-             "log.every", "optimizer.eps")
-_NON_NEGATIVE = ("train.seed", "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps",
-                 "optimizer.weight_decay", "optimizer.clip", "eval.every", "eval.batches",
-                 "checkpoint.every")
-
 
 @dataclasses.dataclass
 class Run:
@@ -123,34 +116,59 @@ class Run:
   def tokens_per_step(self) -> int:
     return self.config.train.batch_size * self.seq_len
 
+  @property
+  def reference(self) -> bool:
+    """Whether the state holds a frozen reference copy of the starting weights: DPO without
+    LoRA (training/adapters.py: REFERENCE; with LoRA the reference is the adapters off)."""
+    return self.layout == "preference" and not self.model.lora_rank
+
+  @property
+  def frozen_meta_key(self) -> str | None:
+    """The checkpoint meta key naming where the run's frozen parameters came from (a LoRA
+    base, a DPO reference); None when nothing is frozen."""
+    if self.reference:
+      return meta_key({REFERENCE: None})
+    return meta_key({}) if self.model.lora_rank else None
+
   @functools.cached_property
   def abstract_state(self) -> TrainState:
-    """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated."""
-    return abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
+    """ShapeDtypeStructs of the TrainState with their shardings on the mesh, nothing allocated
+    (a DPO run's reference copy sharded like the parameters it copies)."""
+    abstract = abstract_train_state(self.model, self.tx, self.mesh, self.rules)[0]
+    return abstract.replace(params=with_reference(abstract.params)) if self.reference else abstract
 
   @property
   def saved_abstract_state(self) -> TrainState:
-    """What a checkpoint of the run holds: the TrainState, of a LoRA run without its frozen
-    base (training/adapters.py)."""
+    """What a checkpoint of the run holds: the TrainState without its frozen parameters (a
+    LoRA run's base, a DPO run's reference: training/adapters.py)."""
     abstract = self.abstract_state
     return abstract.replace(params=trainable_params(self.model, abstract.params))
 
   def create_state(self) -> TrainState:
     """A fresh TrainState from config.train.seed, created directly with its shardings; with
     config.init_from, its parameters are those weights (training/weights.py: init_params;
-    a LoRA run's base, with new adapters), the optimizer state new and the step 0."""
+    a LoRA run's base, with new adapters; a DPO run's, twice: the reference a copy), the
+    optimizer state new and the step 0."""
     seed = self.config.train.seed
     if self.init_from:
       host = init_params(self.init_from, self.model)
       if self.model.lora_rank:
         host = join(new_adapters(self.model, seed), host)
+      if self.reference:
+        host = with_reference(host)
       return train_state_from_params(host, self.tx, self.abstract_state, seed, self.model)
-    return create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+    state = create_train_state(self.model, self.tx, self.mesh, seed, self.rules)[0]
+    if self.reference:  # random weights (the benchmark): the reference a copy of them
+      copy = jax.tree_util.tree_map(lambda x: x.copy(), state.params)
+      state = state.replace(params={**state.params, REFERENCE: copy})
+    return state
 
   def base_params(self):
-    """A LoRA run's frozen base (config.init_from's weights) placed on the mesh."""
-    base_abstract = split_trainable(self.model, self.abstract_state.params)[1]
-    return place(init_params(self.init_from, self.model), base_abstract)
+    """The frozen parameters (config.init_from's weights) placed on the mesh: a LoRA run's
+    base, or a DPO run's reference ({REFERENCE: ...})."""
+    frozen_abstract = split_trainable(self.model, self.abstract_state.params)[1]
+    host = init_params(self.init_from, self.model)
+    return place({REFERENCE: host} if self.reference else host, frozen_abstract)
 
   @property
   def loss_chunk(self) -> int:
@@ -170,120 +188,6 @@ class Run:
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
                              self.batch_shape, self.config.train.grad_accum, self.rules,
                              self.loss_chunk, self.layout, self.eot_id, self.dpo)
-
-
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _numbers(node, prefix: str = ""):
-  """(dotted key, value) of every float in a config (ints are always finite)."""
-  for name, value in node.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      yield from _numbers(value, f"{prefix}{name}.")
-    elif isinstance(value, float):
-      yield f"{prefix}{name}", value
-
-
-def check_values(config: ml_collections.ConfigDict) -> None:
-  """The numeric fields: every float finite (no nan / inf anywhere), the counts positive or
-  non-negative, Adam's betas in [0, 1), min_lr <= lr, decay_steps >= warmup_steps."""
-  missing = [s for s in _SECTIONS if s not in config]
-  if missing:
-    raise UserError(f"The config has no {missing[0]!r} section; start from "
-                    f"configs/common.py:base_config().")
-  for key, value in _numbers(config):
-    if not math.isfinite(value):
-      raise UserError(f"config.{key} must be a finite number, got {value!r}.")
-  for key in _POSITIVE + _NON_NEGATIVE:
-    try:
-      value = _get(config, key)
-    except (KeyError, AttributeError):
-      raise UserError(f"The config has no key {key!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise UserError(f"config.{key} must be a number, got {value!r}.")
-    if key in _POSITIVE and value <= 0:
-      raise UserError(f"config.{key} must be positive, got {value!r}.")
-    if value < 0:
-      raise UserError(f"config.{key} must be >= 0, got {value!r}.")
-  check_loss_chunk(config.train.get("loss_chunk", 0))
-  smoothing = config.train.get("label_smoothing", 0.0)
-  if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
-      0 <= smoothing < 1):
-    raise UserError(f"config.train.label_smoothing must be in [0, 1), got {smoothing!r}.")
-  for key in ("optimizer.b1", "optimizer.b2"):
-    value = _get(config, key)
-    if not 0 <= value < 1:
-      raise UserError(f"config.{key} must be in [0, 1), got {value!r}.")
-  opt = config.optimizer
-  if opt.min_lr > opt.lr:
-    raise UserError(f"config.optimizer.min_lr ({opt.min_lr}) must not exceed "
-                    f"config.optimizer.lr ({opt.lr}).")
-  decay = opt.get("decay_steps")
-  if decay is not None and decay < opt.warmup_steps:
-    raise UserError(f"config.optimizer.decay_steps ({decay}) must be at least "
-                    f"config.optimizer.warmup_steps ({opt.warmup_steps}).")
-
-
-def cpu_device_count(requested: int, batch_size: int, cores: int) -> int:
-  """The CPU devices mesh.cpu_devices asks for: requested > 0 as it is; -1 ("auto") the
-  largest divisor of the batch size that is at most `cores` (one device per core)."""
-  if requested > 0:
-    return requested
-  return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
-
-
-def configure_cpu_devices(config) -> None:
-  """Apply config.mesh.cpu_devices: on a host without accelerators, JAX's CPU backend becomes
-  that many devices, so the mesh splits each batch over the cores (data parallel; each device
-  runs on its own thread). 0 keeps JAX's default (one device). Has no effect when
-  --xla_force_host_platform_device_count is in XLA_FLAGS (the user's choice) or when JAX's
-  backends are already running (e.g. a caller in the same process chose already)."""
-  requested = config.mesh.get("cpu_devices", 0)
-  if isinstance(requested, bool) or not isinstance(requested, int) or requested < -1:
-    raise UserError(f"config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) "
-                    f"or a positive device count, got {requested!r}.")
-  if requested == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  try:
-    jax.config.update("jax_num_cpu_devices",
-                      cpu_device_count(requested, config.train.batch_size, cores or 1))
-  except RuntimeError:  # the backends are already running: keep their devices
-    pass
-
-
-def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes over `num_devices` (default: all devices), -1 resolved."""
-  m = config.mesh
-  try:
-    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices)
-  except UserError as e:
-    raise UserError(f"config.mesh: {e}") from None
-
-
-def check_rules(config):
-  try:
-    return rules_from_config(config.mesh)
-  except UserError as e:
-    raise UserError(f"config.mesh.rules: {e}") from None
-
-
-def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
-  B, k = config.train.batch_size, config.train.grad_accum
-  dp = math.prod(s for name, s in zip(MESH_AXES, mesh_shape) if name in BATCH_AXES)
-  if B % k:
-    raise UserError(f"config.train.batch_size ({B}) must be divisible by "
-                    f"config.train.grad_accum ({k}).")
-  if (B // k) % dp:
-    raise UserError(f"The micro-batch config.train.batch_size / grad_accum = {B // k} must be "
-                    f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}.")
-  if B % jax.process_count():
-    raise UserError(f"config.train.batch_size ({B}) must be divisible by the number of "
-                    f"processes ({jax.process_count()}).")
 
 
 def model_config(config, data_vocab_size: int,
@@ -460,10 +364,10 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   lora = lora_fields(config)
   if batch_layout(task) == "preference":  # DPO (training/dpo.py)
     settings_from_config(config)
-    if lora is None:
-      raise UserError("data.task=preference (DPO) compares the model with its reference, the "
-                      "base with the LoRA adapters switched off: set config.train.lora.rank "
-                      "(a full fine-tune's frozen copy is not implemented).")
+    if path is not None and not init_from:
+      raise UserError("data.task=preference (DPO) moves a model away from its reference, the "
+                      "weights it starts from: set config.init_from (a training workdir, a "
+                      "Hugging Face checkpoint or a PEFT adapter directory).")
   if lora and path is not None and not init_from:
     raise UserError(f"config.train.lora.rank={lora['lora_rank']} trains adapters on existing "
                     f"weights: set config.init_from (a training workdir, a Hugging Face "

@@ -147,9 +147,14 @@ class PreferenceSource(PackedSource):
     super().__init__(examples, **kw)
 
   def rows(self, split, sid, index, lo, hi):
+    """Train: epoch after epoch. Val: each pair once, then empty rows (no pairs), so that the
+    eval.batches cover the held-out pairs exactly once when they hold enough rows."""
     R, width = self.rows_per_epoch[split], self.seq_len + 1
     out = []
     for g in range(index * self.global_batch_size + lo, index * self.global_batch_size + hi):
+      if split == "val" and g >= R:
+        out.append(np.zeros(3 * width, np.int32))
+        continue
       out.append(self.pair_row(split, self.epoch(split, g // R)[g % R], width))
     return np.stack(out)
 

@@ -46,6 +46,7 @@ from model.errors import UserError
 from model.families import num_params
 from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
 from training.perf import flops
+from training.adapters import REFERENCE, split_trainable
 from training.run import build_run
 from training.tpu.slices import GIB, TpuSlice, check_libtpu, topology_devices
 
@@ -129,6 +130,10 @@ class AotReport:
   peak_flops_per_chip: float
   xla_bytes_accessed_per_chip: float | None = None
   suggestions: list[str] = dataclasses.field(default_factory=list)
+  # The training state per chip in parts: "parameters" (the model's; a LoRA run's base and
+  # adapters), "frozen" (of them: a LoRA base, a DPO reference copy), "optimizer state"
+  trained_params: int | None = None  # what the optimizer trains (LoRA: the adapters)
+  state_parts_per_chip: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def total_chips(self) -> int:
@@ -252,6 +257,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
   cfg, mesh = run.model, run.mesh
   abstract = run.abstract_state  # shapes only: the topology's devices cannot run anything
   state_bytes, state_per_chip = _state_bytes(abstract)
+  trained, frozen = split_trainable(cfg, abstract.params)
+  parts = {"parameters": _state_bytes(abstract.params)[1], "frozen": _state_bytes(frozen)[1],
+           "optimizer state": _state_bytes(abstract.opt_state)[1]}
   grad_accum = run.config.train.grad_accum
   loss_chunk = run.loss_chunk if 0 < run.loss_chunk < run.seq_len else 0
 
@@ -272,7 +280,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
       config_name=config_name, topology=tpu.name, topology_name=tpu.topology_name,
       chips=tpu.chips, hosts=tpu.hosts, num_slices=num_slices,
       device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
-      params=num_params(abstract.params),
+      params=num_params(trained) + (0 if REFERENCE in frozen else num_params(frozen)),
+      trained_params=num_params(trained), state_parts_per_chip=parts,
       model={**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
                                              "block_size", "padded_vocab_size", "dtype",
                                              "scan_layers", "remat")},
@@ -395,6 +404,13 @@ def format_report(r: AotReport) -> str:
   lines.append(f"  training state   {gib(r.state_bytes_per_chip):>12}  per chip, from shapes "
                f"({gib(r.state_bytes)} in all; {gib(r.state_bytes / r.total_chips)} if split "
                f"evenly)")
+  parts = r.state_parts_per_chip
+  if parts:
+    frozen = f", {gib(parts['frozen'])} of it frozen" if parts.get("frozen") else ""
+    trained = (f" for the {_count(r.trained_params)} trained parameters"
+               if r.trained_params is not None and r.trained_params != r.params else "")
+    lines.append(f"    parameters     {gib(parts['parameters']):>12}{frozen}; optimizer state "
+                 f"{gib(parts['optimizer state'])}{trained}")
   if r.unsplit:
     more = f", and {len(r.unsplit) - 3} more" if len(r.unsplit) > 3 else ""
     lines.append(f"  not split (the mesh axis does not divide any of their dimensions): "
