@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.expert = 1  # a mixture of experts' experts split over this many devices (and the batch)
   # CPU-only hosts: split the CPU into this many JAX devices, data parallel over the cores
   # (-1: one per core, as many as divide train.batch_size; 0: JAX's default, one device).
   c.mesh.cpu_devices = 0

@@ -11,6 +11,8 @@ Shape letters used in names and einsums throughout the codebase:
   F  MLP hidden width      V  (padded) vocabulary    L  layers
   A  micro-batches of a step (gradient accumulation, training/step.py)
   P  padded prompt length    M  sampled-token buffer length (both model/decode/sampling.py)
+  E  experts  J  experts per token  N  tokens routed together  Q  N * J assignments
+  C  slots per expert (capacity)    (the mixture of experts, model/moe.py)
 
 Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
 mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
@@ -32,6 +34,7 @@ reading the cache in chunks of CACHE_CHUNK slots up to the longest row's positio
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,6 +50,9 @@ ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_BTGK = ("act_batch", "act_length", "act_kv_heads", "act_kv")  # keys, values of G heads
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
 ACT_BTV = ("act_batch", "act_length", "act_vocab")
+# The collection a sparse MLP sows its routing statistics into (model/moe.py); scanned layers
+# stack it like their parameters.
+MOE_COLLECTION = "moe"
 
 # Added to masked attention scores (computed in float32) and written into padded logits.
 MASK_VALUE = -1e30
@@ -304,6 +310,8 @@ class Attention(nn.Module):
                              ("embed", "qkv", "kv_heads", "kv"), 0.02, qkv_bias,
                              name="c_kv")(x_BTD)
       k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+    if cfg.qk_norm != "none" and self.kind != "cross":
+      q_BTHK, k_BTGK = qk_norm(cfg, q_BTHK, "q_norm"), qk_norm(cfg, k_BTGK, "k_norm")
     if cfg.position_embedding == "rotary" and self.kind != "cross":  # GPT: positions given
       q_BTHK, k_BTGK = rotary(q_BTHK, positions_BT, cfg), rotary(k_BTGK, positions_BT, cfg)
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
@@ -345,6 +353,15 @@ class Attention(nn.Module):
     y_BTD = nn.Dropout(cfg.resid_dropout)(y_BTD, deterministic=self.deterministic)
     return y_BTD, kv_cache
 
+
+
+def qk_norm(cfg: ModelConfig, x_BTNK, name: str):
+  """RMSNorm `name` of queries or keys [B, T, N, K] (inside Attention's compact method): over
+  each head's K (cfg.qk_norm "head", Qwen3) or over all N * K of a position ("full", OLMoE)."""
+  if cfg.qk_norm == "head":
+    return RMSNorm(cfg, name=name)(x_BTNK)
+  B, T, N, K = x_BTNK.shape
+  return RMSNorm(cfg, name=name)(x_BTNK.reshape(B, T, N * K)).reshape(B, T, N, K)
 
 
 def cross_kv(c_kv: dict, cfg: ModelConfig, enc_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -407,19 +424,22 @@ class Block(nn.Module):
   `kind` is its self-attention's (causal: GPT and the decoder; bidirectional: the encoder, keys
   masked by key_mask_BS). With `cross` (the encdec decoder) a cross-attention sub-block
   ("cross", normed by "ln_x") follows the self-attention, attending to `memory` (see Attention)
-  with the source padding memory_mask_BS."""
+  with the source padding memory_mask_BS. With `moe` (a sparse layer: the module class of
+  model/moe.py, which the family passes) the MLP is that mixture of experts, named "moe"."""
   cfg: ModelConfig
   deterministic: bool = True
   cache_chunks: int | None = None
   kind: str = "causal"
   cross: bool = False
+  moe: Any = None
 
   @nn.compact
   def __call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS=None, memory=None,
                memory_mask_BS=None):
     cfg = self.cfg
     attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
-    mlp = MLP(cfg, self.deterministic, name="mlp")
+    mlp = (MLP(cfg, self.deterministic, name="mlp") if self.moe is None
+           else self.moe(cfg, self.deterministic, name="moe"))
     ln_1, ln_2 = norm(cfg, "ln_1"), norm(cfg, "ln_2")
     cross = ln_x = None
     if self.cross:
@@ -452,6 +472,27 @@ class _ScannedBlock(Block):
     x_BTD, kv_cache = carry
     return Block.__call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS, memory,
                           memory_mask_BS), None
+
+
+class _ScannedGroup(nn.Module):
+  """p blocks b_0 .. b_{p-1} (the j-th sparse with moes[j]) as one nn.scan body: the scan
+  layout of layers whose dense / sparse pattern repeats every p layers (cfg.layer_period)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+  cache_chunks: int | None = None
+  kind: str = "causal"
+  cross: bool = False
+  moes: tuple = ()
+
+  @nn.compact
+  def __call__(self, carry, positions_BT, key_mask_BS=None, memory=None, memory_mask_BS=None):
+    x_BTD, kv_cache = carry
+    for j, moe in enumerate(self.moes):
+      x_BTD, kv_cache = Block(self.cfg, self.deterministic, self.cache_chunks, self.kind,
+                              self.cross, moe, name=f"b_{j}")(
+                                  x_BTD, kv_cache, positions_BT, key_mask_BS, memory,
+                                  memory_mask_BS)
+    return (x_BTD, kv_cache), None
 
 
 def _remat_policy(name: str):
@@ -502,31 +543,38 @@ def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, determini
 
 def stack(cfg: ModelConfig, x_BTD, kv, positions_BT, *, num_layers: int, name: str,
           deterministic: bool, cache_chunks: int | None = None, kind: str = "causal",
-          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None):
+          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None, moe=None):
   """num_layers Blocks (kind, cross) applied in turn, inside a module's compact method: one
   nn.scan module `name` with cfg.scan_layers (parameters with a leading L axis), else modules
   `name`_0 .. `name`_{L-1}; each under jax.checkpoint per cfg.remat. `memory` is the encoder
   output (every layer) or a cross-attention cache's ([L, B, S, H, K] keys, values): layer i
-  reads its slice. Returns (x, kv)."""
+  reads its slice. `moe`: the sparse MLP's module for the layers cfg.sparse_layers marks; a
+  pattern of period p > 1 scans L / p groups of p blocks (`name`/b_j, leading axis L / p).
+  Returns (x, kv)."""
   def maybe_remat(cls):
     if cfg.remat == "none":
       return cls
     return nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
   per_layer = isinstance(memory, tuple)
+  moes = ((None,) * num_layers if moe is None
+          else tuple(moe if sparse else None for sparse in cfg.sparse_layers))
   if cfg.scan_layers:
-    blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
+    period = cfg.layer_period if moe is not None else 1
+    body, last = (_ScannedBlock, moes[0]) if period == 1 else (_ScannedGroup, moes[:period])
+    blocks = nn.scan(maybe_remat(body), variable_axes={"params": 0, MOE_COLLECTION: 0},
                      split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0 if per_layer else nn.broadcast,
                               nn.broadcast),
-                     length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    (x_BTD, kv), _ = blocks(cfg, deterministic, cache_chunks, kind, cross, name=name)(
+                     length=num_layers // period, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x_BTD, kv), _ = blocks(cfg, deterministic, cache_chunks, kind, cross, last, name=name)(
         (x_BTD, kv), positions_BT, key_mask_BS, memory, memory_mask_BS)
     return x_BTD, kv
   block_cls = maybe_remat(Block)
   for i in range(num_layers):
     layer_memory = (memory[0][i], memory[1][i]) if per_layer else memory
-    x_BTD, kv = block_cls(cfg, deterministic, cache_chunks, kind, cross, name=f"{name}_{i}")(
+    x_BTD, kv = block_cls(cfg, deterministic, cache_chunks, kind, cross, moes[i],
+                          name=f"{name}_{i}")(
         x_BTD, kv, positions_BT, key_mask_BS, layer_memory, memory_mask_BS)
   return x_BTD, kv
 

@@ -56,6 +56,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 DROPOUT_RNGS = ("threefry", "rbg")
 # Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# RMSNorm of the queries and keys before rotary positions: per head over K (Qwen3), or over
+# the whole projection H*K / G*K (OLMoE).
+QK_NORMS = ("none", "head", "full")
+# Mixture-of-experts routers (model/moe.py): "topk_softmax" a softmax over the top-k logits
+# (Mixtral); "softmax_topk" a softmax over all experts, then the top-k probabilities,
+# renormalised to sum to 1 when norm_topk_prob (Qwen3-MoE) or not (OLMoE).
+ROUTERS = ("topk_softmax", "softmax_topk")
+# The experts' grouped matmul of dropless routing: jax.lax.ragged_dot, or the Pallas megablox
+# kernel that ships with JAX (TPU; Pallas interpret mode elsewhere, for checking numerics).
+MOE_KERNELS = ("ragged_dot", "megablox")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +81,9 @@ class ModelConfig:
   num_heads: int = 12
   d_model: int = 768
   d_mlp: int | None = None  # None means 4 * d_model
+  # Dimension K of each attention head; 0 means d_model / num_heads (Qwen3's head_dim may
+  # differ: H * K need not be D).
+  head_size: int = 0
   embd_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
@@ -95,6 +108,7 @@ class ModelConfig:
   norm_placement: str = "pre"
   activation: str = "gelu_tanh"
   norm_eps: float = 1e-5
+  qk_norm: str = "none"  # QK_NORMS
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
@@ -102,6 +116,27 @@ class ModelConfig:
   dropout_rng: str = "threefry"
   scan_layers: bool = False
   remat: str = "none"
+  # --- mixture of experts (model/moe.py; family gpt): 0 experts is a dense model ---
+  num_experts: int = 0
+  num_experts_per_tok: int = 2  # K of the top-K routing
+  expert_d_mlp: int = 0  # each expert's SwiGLU / MLP width; 0: d_mlp
+  # Experts every token also goes through (DeepSeek's shared experts): one dense MLP of width
+  # num_shared_experts * expert width beside the routed ones.
+  num_shared_experts: int = 0
+  # Which layers are sparse (the rest keep the dense MLP of width d_mlp): "all", "every:K"
+  # (layers K-1, 2K-1, ...: Qwen's decoder_sparse_step) or a list of layer indices "1,3,4".
+  moe_layers: str = "all"
+  router: str = "topk_softmax"  # ROUTERS
+  norm_topk_prob: bool = True  # softmax_topk: renormalise the kept probabilities
+  # Load-balancing loss (Switch; Mixtral's router_aux_loss_coef) and router z-loss (ST-MoE)
+  # weights in the training objective; both are logged whatever their weight.
+  router_aux_loss_coef: float = 0.01
+  router_z_loss_coef: float = 0.0
+  # 0: dropless (tokens sorted by expert, one grouped matmul per projection). c > 0: each expert
+  # takes at most ceil(c * tokens * K / num_experts) assignments of a routing group (the tokens
+  # routed together); the rest are dropped (counted in the metrics' moe_dropped).
+  capacity_factor: float = 0.0
+  moe_kernel: str = "ragged_dot"  # MOE_KERNELS
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
@@ -138,10 +173,10 @@ class ModelConfig:
       raise UserError(
           f"ModelConfig.padded_vocab_size ({self.padded_vocab_size}) must be at least "
           f"vocab_size ({self.vocab_size}).")
-    if self.d_model % self.num_heads:
+    if self.d_model % self.num_heads and not self.head_size:
       raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
-          f"({self.num_heads}).")
+          f"({self.num_heads}), or head_size set.")
     if self.position_embedding == "sinusoidal" and self.d_model % 2:
       raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be even for sinusoidal positions.")
@@ -161,6 +196,9 @@ class ModelConfig:
                           ("activation", ACTIVATIONS),
                           ("attention", ATTENTION_IMPLEMENTATIONS),
                           ("dropout_rng", DROPOUT_RNGS),
+                          ("qk_norm", QK_NORMS),
+                          ("router", ROUTERS),
+                          ("moe_kernel", MOE_KERNELS),
                           ("dtype", DTYPES),
                           ("param_dtype", DTYPES),
                           ("remat", REMAT_POLICIES)):
@@ -175,7 +213,8 @@ class ModelConfig:
       raise UserError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}; got "
                       f"{self.family!r}.")
     for name in ("num_decoder_layers", "num_decoder_heads", "decoder_d_mlp", "type_vocab_size",
-                 "position_offset", "num_kv_heads"):
+                 "position_offset", "num_kv_heads", "head_size", "num_experts",
+                 "num_experts_per_tok", "expert_d_mlp", "num_shared_experts"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UserError(f"ModelConfig.{name} must be a whole number >= 0, got {value!r}.")
@@ -191,9 +230,11 @@ class ModelConfig:
                       f"num_kv_heads ({self.num_kv_heads}): each key/value head serves a whole "
                       f"group of query heads.")
     if self.position_embedding == "rotary" and self.head_dim % 2:
+      got = (f"head_size {self.head_size}" if self.head_size else
+             f"d_model / num_heads = {self.d_model} / {self.num_heads} = {self.head_dim}")
       raise UserError(f"ModelConfig.position_embedding='rotary' needs an even head dimension, "
-                      f"got d_model / num_heads = {self.d_model} / {self.num_heads} = "
-                      f"{self.head_dim}.")
+                      f"got {got}.")
+    self._validate_moe()
     if self.family != "gpt":
       for name, gpt_only in (("num_kv_heads", self.num_kv_heads not in (0, self.num_heads)),
                              ("position_embedding", self.position_embedding == "rotary")):
@@ -218,9 +259,61 @@ class ModelConfig:
                       f"family={self.family!r} needs attention='auto' or 'xla'.")
     for name in ("use_bias", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings",
                  "scan_layers", "embed_norm", "embed_scale",
-                 "mlm_head", "head_bias"):
+                 "mlm_head", "head_bias", "norm_topk_prob"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+  def _validate_moe(self) -> None:
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "capacity_factor"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          0 <= value < float("inf")):
+        raise UserError(f"ModelConfig.{name} must be a number >= 0, got {value!r}.")
+    if not self.num_experts:
+      return
+    if self.family != "gpt":
+      raise UserError(f"ModelConfig.num_experts={self.num_experts} is for family='gpt' (the "
+                      f"decoder-only model); family={self.family!r} needs 0.")
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise UserError(f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be "
+                      f"between 1 and num_experts ({self.num_experts}): each token goes to "
+                      f"that many different experts.")
+    self.sparse_layers  # pylint: disable=pointless-statement  (parses moe_layers)
+
+  @property
+  def expert_mlp(self) -> int:
+    """Each routed expert's hidden width (expert_d_mlp, 0 meaning d_mlp)."""
+    return self.expert_d_mlp or self.d_mlp
+
+  @property
+  def sparse_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether its MLP is the mixture of experts (moe_layers); all False for a
+    dense model."""
+    L, spec = self.num_layers, self.moe_layers
+    if not self.num_experts:
+      return (False,) * L
+    text = spec.strip() if isinstance(spec, str) else ""
+    if text == "all":
+      return (True,) * L
+    if text.startswith("every:") and text[6:].strip().isdigit() and int(text[6:]) > 0:
+      k = int(text[6:])
+      return tuple((i + 1) % k == 0 for i in range(L))
+    parts = [p.strip() for p in text.split(",")]
+    if text and all(p.isdigit() for p in parts):
+      layers = {int(p) for p in parts}
+      if max(layers) < L:
+        return tuple(i in layers for i in range(L))
+    raise UserError(f"ModelConfig.moe_layers must be 'all', 'every:K' (K >= 1) or a comma-"
+                    f"separated list of layer indices below num_layers ({L}), got {spec!r}.")
+
+  @property
+  def layer_period(self) -> int:
+    """The smallest p dividing num_layers such that layer i is sparse exactly when layer i % p
+    is: the scan layout scans num_layers / p groups of p blocks (1 for a dense model or an
+    all-sparse one)."""
+    sparse, L = self.sparse_layers, self.num_layers
+    return next(p for p in range(1, L + 1)
+                if L % p == 0 and all(sparse[i] == sparse[i % p] for i in range(L)))
 
   @property
   def decoder_layers(self) -> int:
@@ -269,7 +362,8 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    """K: head_size, or d_model / num_heads when it is 0."""
+    return self.head_size or self.d_model // self.num_heads
 
   @property
   def compute_dtype(self) -> Any:
@@ -355,6 +449,35 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(vocab_size=128256, block_size=8192, num_layers=32, num_heads=32,
                       num_kv_heads=8, d_model=4096, d_mlp=14336,
                       **dict(_LLAMA, rope_theta=500000.0, tie_embeddings=False)),
+    # Qwen/Qwen3-0.6B's (0.60B; tied head, 16 query / 8 key-value heads of 128 dimensions,
+    # per-head query/key RMSNorm):
+    "qwen3-0.6b": dict(vocab_size=151936, block_size=40960, num_layers=28, num_heads=16,
+                       num_kv_heads=8, d_model=1024, head_size=128, d_mlp=3072,
+                       **dict(_LLAMA, rope_theta=1000000.0, norm_eps=1e-6, qk_norm="head")),
+    # Mixtures of experts (model/moe.py): every layer's MLP is num_experts SwiGLU experts, each
+    # token routed to num_experts_per_tok of them; "total / active" parameters.
+    # mistralai/Mixtral-8x7B-v0.1's (46.70B / 12.88B; softmax over the top-2 logits):
+    "mixtral-8x7b": dict(vocab_size=32000, block_size=32768, num_layers=32, num_heads=32,
+                         num_kv_heads=8, d_model=4096, d_mlp=14336, num_experts=8,
+                         num_experts_per_tok=2, router="topk_softmax",
+                         router_aux_loss_coef=0.02,
+                         **dict(_LLAMA, rope_theta=1000000.0, tie_embeddings=False)),
+    # Qwen/Qwen3-30B-A3B's (30.53B / 3.35B; 128 experts of width 768, top-8 of a softmax,
+    # renormalised; heads of 128 dimensions with query/key RMSNorm):
+    "qwen3-30b-a3b": dict(vocab_size=151936, block_size=40960, num_layers=48, num_heads=32,
+                          num_kv_heads=4, d_model=2048, head_size=128, d_mlp=6144,
+                          expert_d_mlp=768, num_experts=128, num_experts_per_tok=8,
+                          router="softmax_topk", norm_topk_prob=True,
+                          router_aux_loss_coef=0.001,
+                          **dict(_LLAMA, rope_theta=1000000.0, norm_eps=1e-6, qk_norm="head",
+                                 tie_embeddings=False)),
+    # allenai/OLMoE-1B-7B-0924's (6.92B / 1.28B; 64 experts of width 1024, top-8 of a softmax
+    # not renormalised; query/key RMSNorm over the whole projection; trained with a z-loss):
+    "olmoe-1b-7b": dict(vocab_size=50304, block_size=4096, num_layers=16, num_heads=16,
+                        d_model=2048, d_mlp=1024, num_experts=64, num_experts_per_tok=8,
+                        router="softmax_topk", norm_topk_prob=False,
+                        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+                        **dict(_LLAMA, qk_norm="full", tie_embeddings=False)),
     # BERT base (Devlin et al. 2018; bert-base-uncased's shapes): 110M parameters.
     "bert-base": dict(family="bert", vocab_size=30522, block_size=512, num_layers=12,
                       num_heads=12, d_model=768, type_vocab_size=2, embed_norm=True,

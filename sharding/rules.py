@@ -1,20 +1,25 @@
-"""The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
+"""The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor/expert.
 
-Parameters (created with nn.with_logical_partitioning in model/blocks.py):
-  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers
+Parameters (created with nn.with_logical_partitioning in model/blocks.py and model/moe.py):
+  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, expert
 (the same names for every family: BERT's token-type table is token_types x embed; the
 encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)
 Activations (constrained with nn.with_logical_constraint):
   act_batch, act_length, act_embed, act_heads, act_kv_heads, act_kv, act_mlp, act_vocab,
   cache_layers, cache_length (the KV cache [L, B, S, H*K]; its last axis is "act_heads")
 
-Strategies, all at once on a (data, fsdp, tensor) mesh:
+Strategies, all at once on a (data, fsdp, tensor, expert) mesh:
   data parallel   the batch is split over `data` (and `fsdp`); parameters are replicated on it.
   FSDP / ZeRO-3   the batch is split over `fsdp` too, and every weight is stored split over
                   `fsdp` (optimizer state follows its parameter), so XLA all-gathers each
                   layer's weights just in time and reduce-scatters the gradients.
   tensor (Megatron) attention heads, the MLP hidden axis and the vocabulary are split over
                   `tensor`; activations of those axes stay split between the two matmuls.
+  expert          a mixture of experts' experts are split over `expert` (each device holds
+                  E / expert of them, their weights split over fsdp and tensor as any MLP's),
+                  and the batch is split over it too (outside the sparse MLPs it is one more
+                  data-parallel axis): tokens reach their experts' devices and come back
+                  (model/moe.py). A dense model treats it as data parallelism.
 
 Which axis FSDP splits. ZeRO-3 only asks that each device store 1/fsdp of every weight; any axis
 gives the same bytes and the same all-gather volume. As in MaxText ("embed" -> fsdp) and
@@ -41,8 +46,8 @@ from model.errors import UserError
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 # Mesh axes that only decide where a weight is stored (it is all-gathered before use): when a
 # rule puts one on a dimension it does not divide, it moves to the largest free dimension it does.
 FSDP_AXES = ("fsdp",)
@@ -60,6 +65,7 @@ DEFAULT_RULES: Rules = (
     ("position", None),
     ("token_types", None),
     ("layers", None),
+    ("expert", "expert"),  # the experts of a sparse MLP (c_fc [E, D, F], ...)
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),

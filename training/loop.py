@@ -139,9 +139,10 @@ class _MetricsReader:
                     "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
                     "mfu": flops.mfu(tps, self.t.flops_per_token, self.t.device_kind,
                                      self.t.mesh.devices.size)}
-        # the family's metrics (accuracy: masked-token or target-token)
-        self.row.update({k: float(v) for k, v in m.items()
-                         if k not in ("loss", "lr", "grad_norm")})
+        # the family's metrics (accuracy: masked-token or target-token; a mixture of
+        # experts' losses, and each expert's load as a list)
+        self.row.update({k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                         for k, v in m.items() if k not in ("loss", "lr", "grad_norm")})
         if self.is_log_step(step) and not (hold_last and step == last_step):
           self._emit(self.row)
 

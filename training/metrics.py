@@ -3,7 +3,9 @@
 metrics.jsonl (on gs://: parts, see METRICS_PARTS) holds one JSON object per logged step:
 step, loss, lr, grad_norm,
 tokens_per_sec, mfu (null where the device's peak is unknown); rows of evaluation steps add
-val_loss. `step` counts optimizer updates: the row of step s describes the s-th update (the
+val_loss. A mixture of experts (model/moe.py) adds moe_aux_loss, moe_z_loss, moe_dropped and
+moe_load (a list: each expert's share of the routed assignments, averaged over the sparse
+layers); its `loss` is the cross-entropy (the objective adds the weighted aux and z losses). `step` counts optimizer updates: the row of step s describes the s-th update (the
 loss of its batch before the update, the learning rate it used) and val_loss is measured on the
 parameters after it.
 """
@@ -27,7 +29,8 @@ METRICS_NAME = "metrics.jsonl"
 METRICS_PARTS = "metrics"
 _TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu",
-            "val_loss": "eval/val_loss"}
+            "val_loss": "eval/val_loss", "moe_aux_loss": "moe/aux_loss",
+            "moe_z_loss": "moe/z_loss", "moe_dropped": "moe/dropped"}
 
 
 def _rows(text: str) -> list[dict[str, Any]]:
@@ -221,6 +224,10 @@ class Console:
       parts.append(f"loss {row['loss']:.4f}")
     if row.get("accuracy") is not None:
       parts.append(f"acc {100 * row['accuracy']:.1f}%")
+    if row.get("moe_aux_loss") is not None:  # a mixture of experts (J when balanced)
+      parts.append(f"aux {row['moe_aux_loss']:.3f}")
+    if row.get("moe_dropped"):
+      parts.append(f"dropped {100 * row['moe_dropped']:.1f}%")
     if row.get("val_loss") is not None:
       parts.append(f"val {row['val_loss']:.4f}")
     if row.get("val_accuracy") is not None:

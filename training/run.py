@@ -83,7 +83,7 @@ class Run:
   vocab_from: str = ""  # where model.vocab_size came from, in words
 
   @property
-  def mesh_shape(self) -> tuple[int, int, int]:
+  def mesh_shape(self) -> tuple[int, ...]:
     return tuple(self.mesh.shape[name] for name in MESH_AXES)
 
   @property
@@ -218,11 +218,13 @@ def configure_cpu_devices(config) -> None:
     pass
 
 
-def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes over `num_devices` (default: all devices), -1 resolved."""
+def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int, int]:
+  """(data, fsdp, tensor, expert) sizes over `num_devices` (default: all devices), -1
+  resolved."""
   m = config.mesh
   try:
-    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices)
+    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices,
+                              expert=m.get("expert", 1))
   except UserError as e:
     raise UserError(f"config.mesh: {e}") from None
 
@@ -234,15 +236,30 @@ def check_rules(config):
     raise UserError(f"config.mesh.rules: {e}") from None
 
 
-def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
+def check_experts(cfg: ModelConfig, mesh_shape: tuple[int, ...], rules) -> None:
+  """The mesh axes the rules put the experts on must divide model.num_experts."""
+  if not cfg.num_experts:
+    return
+  axes = dict(rules).get("expert")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  size = math.prod(dict(zip(MESH_AXES, mesh_shape))[a] for a in axes)
+  if cfg.num_experts % size:
+    where = " x ".join(f"mesh.{a}" for a in axes)
+    raise UserError(f"config.{where} ({size}) must divide model.num_experts "
+                    f"({cfg.num_experts}): each device holds the same number of experts.")
+
+
+def check_batch(config, mesh_shape: tuple[int, ...]) -> None:
   B, k = config.train.batch_size, config.train.grad_accum
   dp = math.prod(s for name, s in zip(MESH_AXES, mesh_shape) if name in BATCH_AXES)
   if B % k:
     raise UserError(f"config.train.batch_size ({B}) must be divisible by "
                     f"config.train.grad_accum ({k}).")
   if (B // k) % dp:
+    sizes = dict(zip(MESH_AXES, mesh_shape))
+    axes = " x ".join(f"mesh.{a}" for a in BATCH_AXES if a != "expert" or sizes[a] > 1)
     raise UserError(f"The micro-batch config.train.batch_size / grad_accum = {B // k} must be "
-                    f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}.")
+                    f"divisible by the data-parallel size {axes} = {dp}.")
   if B % jax.process_count():
     raise UserError(f"config.train.batch_size ({B}) must be divisible by the number of "
                     f"processes ({jax.process_count()}).")
@@ -455,7 +472,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
   cfg = model_config(config, data_vocab, specials)
-  mesh = make_mesh(*mesh_shape, devices=devices)
+  check_experts(cfg, mesh_shape, rules)
+  mesh = make_mesh(*mesh_shape[:3], devices=devices, expert=mesh_shape[3])
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
                              platform=mesh.devices.flat[0].platform)

@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.families import build
 from model.gpt import GPT, logits_from_hidden
+from model.moe import MOE_COLLECTION, moe_metrics, moe_objective
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.state import TrainState
 
@@ -133,7 +134,11 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of one batch (dropout on when train), by cfg.family:
     gpt     mean next-token cross-entropy of [B, T + 1] tokens; with 0 < loss_chunk < T over
-            chunks of the sequence (chunked_cross_entropy); no metrics
+            chunks of the sequence (chunked_cross_entropy); no metrics, except for a mixture
+            of experts (model/moe.py): the loss is the cross-entropy plus the weighted
+            load-balancing and z losses, and the metrics hold the cross-entropy as "loss"
+            (what the steps report), moe_aux_loss, moe_z_loss, moe_dropped and, in
+            training, moe_load [E]
     bert    masked LM: inputs [B, :T], targets [B, T:] (-1: not chosen); loss and accuracy on
             the chosen positions only
     encdec  teacher forcing on [B, S + T + 1] (split_seq2seq): loss and token accuracy on the
@@ -157,10 +162,20 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
   inputs_BT, targets_BT = batch[:, :-1], batch[:, 1:]
   chunked = 0 < loss_chunk < inputs_BT.shape[1]
   out = GPT(cfg).apply({"params": params}, inputs_BT, deterministic=not dropout,
-                       rngs=rngs, return_hidden=chunked)
+                       rngs=rngs, return_hidden=chunked,
+                       mutable=[MOE_COLLECTION] if cfg.num_experts else False)
+  if cfg.num_experts:
+    out, sown = out
   if chunked:
-    return chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk), {}
-  return cross_entropy(out, targets_BT), {}
+    loss = chunked_cross_entropy(params, cfg, out, targets_BT, loss_chunk)
+  else:
+    loss = cross_entropy(out, targets_BT)
+  if not cfg.num_experts:
+    return loss, {}
+  metrics = moe_metrics(sown[MOE_COLLECTION], cfg)
+  if not train:
+    del metrics["moe_load"]
+  return loss + moe_objective(metrics, cfg), {"loss": loss, **metrics}
 
 
 def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
@@ -205,7 +220,7 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
                                             (jnp.arange(grad_accum), micro_ABT1))
     grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
     loss = jnp.mean(losses_A)
-    aux = jax.tree_util.tree_map(jnp.mean, aux_A)
+    aux = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux_A)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -228,7 +243,7 @@ def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accu
     return metrics(tokens_BT1)
   _, out_A = jax.lax.scan(lambda _, tokens: (None, metrics(tokens)), None,
                           split_micro_batches(tokens_BT1, grad_accum))
-  return jax.tree_util.tree_map(jnp.mean, out_A)
+  return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), out_A)
 
 
 def scored_nll(params: Any, tokens_BT1: jax.Array, weights_BT: jax.Array, *,

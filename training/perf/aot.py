@@ -44,7 +44,7 @@ from model import attention
 from model.config import ModelConfig
 from model.errors import UserError
 from model.families import num_params
-from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
+from sharding import BATCH_AXES, abstract_model_params, describe, placements
 from training.perf import flops
 from training.run import build_run
 from training.tpu.slices import GIB, TpuSlice, check_libtpu, topology_devices
@@ -209,7 +209,7 @@ def compiler_oom(error: Exception) -> str | None:
 def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
   """What to change when a config does not fit, most effective first."""
   out = []
-  data, _, tensor = (report.mesh[name] for name in MESH_AXES)
+  data, tensor = report.mesh["data"], report.mesh["tensor"]
   chips = report.total_chips
   if report.unsplit and report.state_bytes_per_chip > 2 * report.state_bytes / chips:
     out.append(f"{len(report.unsplit)} parameter(s) are stored whole on some chips (see \"not "
@@ -224,7 +224,7 @@ def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
   if cfg.remat == "none":
     out.append("recompute activations in the backward pass: --config.model.remat=full")
   B, k = report.batch_size, report.grad_accum
-  dp = math.prod(report.mesh[name] for name in BATCH_AXES)
+  dp = math.prod(report.mesh.get(name, 1) for name in BATCH_AXES)
   if B // k // dp > 1:
     more = [n for n in range(k + 1, B // dp + 1) if B % n == 0 and (B // n) % dp == 0]
     accum = f"--config.train.grad_accum={more[0]} (same batch) or " if more else ""
@@ -352,7 +352,7 @@ def vocab_from_words(model: dict) -> str:
 def format_report(r: AotReport) -> str:
   m = r.model
   slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
-  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items() if k != "expert" or v > 1)
   accum = f" in {r.grad_accum} micro-batches" if r.grad_accum > 1 else ""
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
