@@ -42,7 +42,7 @@ def _main(args: list[str]) -> int:
   r = export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, force=FLAGS.force)
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
-  cls = "LlamaForCausalLM" if r["model_type"] == "llama" else "GPT2LMHeadModel"
+  cls = r["hf_class"]
   if r["tokenizer"] == "gpt2":
     print(f"load it: from transformers import AutoTokenizer, {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r}); "

@@ -90,6 +90,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return {"out": out, "step": w.step, "files": files, "model_type": kind,
+          "hf_class": hf.HF_CLASSES[kind],
           "tokenizer": tokenizer.name,
           "vocab_size": w.cfg.vocab_size, "block_size": w.cfg.block_size}
 

@@ -55,7 +55,7 @@ CONFIG_NAME = "config.json"
 # ModelConfig fields that may change between runs on one workdir: they change how the
 # computation runs, not what the parameters are.
 RUNTIME_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dropout_rng", "dtype",
-                        "attention", "remat")
+                        "attention", "remat", "moe_kernel")
 
 _SECTIONS = ("model", "train", "optimizer", "mesh", "data", "eval", "checkpoint", "log")
 # (key, lowest allowed value, whether the value itself may equal it)

@@ -114,7 +114,8 @@ def _no_step(path: str, step: int | None) -> None:
 # what the parameters are. block_size may be lowered (positions cropped) and padded_vocab_size
 # raised (rows re-padded); every other field is the weights'.
 RUN_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dtype", "param_dtype",
-              "attention", "dropout_rng", "scan_layers", "remat")
+              "attention", "dropout_rng", "scan_layers", "remat", "capacity_factor",
+              "moe_kernel", "router_aux_loss_coef", "router_z_loss_coef")
 
 
 def describe_init_from(name_or_dir: str) -> Weights:
@@ -193,11 +194,13 @@ def check_init_vocabulary(weights: Weights, data_vocab: int, data_tokenizer: dic
 
 def own_tokenizer_dir(name_or_dir: str) -> str | None:
   """The directory of a Hugging Face checkpoint that brings the tokenizer its ids mean (a
-  Llama's tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE), else None (a workdir too)."""
+  Llama's, Qwen3's or a mixture of experts' tokenizer.json; GPT-2 checkpoints mean GPT-2 BPE),
+  else None (a workdir too)."""
   if source_kind(name_or_dir) != HF:
     return None
   directory = hf.resolve_checkpoint_dir(name_or_dir)
-  return directory if hf.read_hf_config(directory).get("model_type") == "llama" else None
+  kind = hf.read_hf_config(directory).get("model_type", "gpt2")
+  return directory if kind in hf.HF_CLASSES and kind != "gpt2" else None
 
 
 def _same_hf_tokenizer(directory: str, data_tokenizer: dict | None) -> bool:
