@@ -1,11 +1,15 @@
 """Draw the loss curves of one or several training runs into an image.
 
   python -m launch.plot RUN_DIR [RUN_DIR ...] --out FILE.png [--x step|tokens] [--title T]
+      [--what loss|expert_load]
 
 Train loss (lines) and validation loss (dots joined by dashes) from each run's metrics, against
 the optimizer step or, with --x tokens, the tokens trained on (train.batch_size x
 model.block_size per step, from the run's config.json); a second axis along the top shows the
 other one when there is a single run. One colour per run, labelled with the run's folder name.
+--what expert_load draws a mixture of experts' load instead: each expert's share of the routed
+tokens (the logged moe_load, averaged over the sparse layers) against the step, one panel per
+run, the even share 1 / E dashed.
 --out ends in .png, .svg or .pdf; it is written only once the figure is complete. A run
 without metrics, a missing folder or a bad --out prints one `error:` line and exits with
 status 2, with nothing written.
@@ -24,6 +28,8 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "The image to write (.png, .svg or .pdf).", flag_values=FLAGS)
 flags.DEFINE_enum("x", "step", ["step", "tokens"], "The horizontal axis.", flag_values=FLAGS)
 flags.DEFINE_string("title", None, "A title (default: none).", flag_values=FLAGS)
+flags.DEFINE_enum("what", "loss", ["loss", "expert_load"], "The losses, or a mixture of "
+                  "experts' load per expert.", flag_values=FLAGS)
 flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
 
@@ -32,10 +38,11 @@ def _main(args: list[str]) -> int:
     raise UserError("Give at least one run folder: python -m launch.plot RUN_DIR [RUN_DIR ...] "
                     "--out FILE.png.")
   # pylint: disable=import-outside-toplevel  (matplotlib is slow to import)
-  from training.plot import check_out, plot_runs, read_runs
+  from training.plot import check_out, plot_expert_load, plot_runs, read_runs
   out = check_out(FLAGS.out)
   runs = read_runs(args)
-  plot_runs(runs, out, x=FLAGS.x, title=FLAGS.title)
+  draw = plot_expert_load if FLAGS.what == "expert_load" else plot_runs
+  draw(runs, out, x=FLAGS.x, title=FLAGS.title)
   rows = sum(len(r.steps) for r in runs)
   print(f"wrote {out}: {len(runs)} run{'s' * (len(runs) > 1)}, {rows} logged steps")
   return 0

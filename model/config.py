@@ -64,8 +64,9 @@ QK_NORMS = ("none", "head", "full")
 # renormalised to sum to 1 when norm_topk_prob (Qwen3-MoE) or not (OLMoE).
 ROUTERS = ("topk_softmax", "softmax_topk")
 # The experts' grouped matmul of dropless routing: jax.lax.ragged_dot, or the Pallas megablox
-# kernel that ships with JAX (TPU; Pallas interpret mode elsewhere, for checking numerics).
-MOE_KERNELS = ("ragged_dot", "megablox")
+# kernel that ships with JAX (TPU; Pallas interpret mode on the CPU, for checking numerics);
+# "auto": megablox on TPU, ragged_dot elsewhere (model/moe.py: kernel).
+MOE_KERNELS = ("auto", "ragged_dot", "megablox")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class ModelConfig:
   # takes at most ceil(c * tokens * K / num_experts) assignments of a routing group (the tokens
   # routed together); the rest are dropped (counted in the metrics' moe_dropped).
   capacity_factor: float = 0.0
-  moe_kernel: str = "ragged_dot"  # MOE_KERNELS
+  moe_kernel: str = "auto"  # MOE_KERNELS
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)

@@ -17,9 +17,11 @@ probabilities, renormalised to sum 1 with cfg.norm_topk_prob. The two agree when
 Dispatch, two ways (the same function of the routing up to dropped assignments):
   dropless (capacity_factor 0)  the Q assignments sorted by expert (a stable argsort), the
       tokens gathered in that order, one grouped matmul per projection over the E groups
-      (jax.lax.ragged_dot; or the megablox Pallas kernel, cfg.moe_kernel), the rows put back in
-      token order and summed with the routing weights. XLA:CPU and XLA:GPU expand ragged_dot
-      into a dense matmul per group (E times the FLOPs); the TPU compiler has a native one.
+      (cfg.moe_kernel, `kernel`: jax.lax.ragged_dot, or on TPU the megablox Pallas kernel,
+      which visits only the filled row tiles), the rows put back in token order and summed
+      with the routing weights. XLA:CPU expands ragged_dot into a dense matmul per group (E
+      times the FLOPs); the TPU compiler has a native one, whose weight gradient (a ragged
+      contraction) XLA counts at E times the FLOPs.
   capacity (capacity_factor c > 0)  each expert has C = ceil(c Q / E) slots, filled in the order
       (j, n): every token's first choice before any token's second, in token order; the
       assignments past an expert's C slots are dropped (the token loses that expert's share,
@@ -50,8 +52,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.attention import backend
 from model.blocks import MLP, MOE_COLLECTION, activate
 from model.config import ModelConfig
+from model.errors import UserError
 ACT_ND = ("act_batch", "act_embed")
 
 
@@ -87,22 +91,33 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
   return max(1, math.ceil(cfg.capacity_factor * Q / cfg.num_experts))
 
 
+def kernel(cfg: ModelConfig, platform: str | None = None) -> str:
+  """The grouped matmul dropless routing runs on `platform` (default: the computation's):
+  cfg.moe_kernel, "auto" being megablox on TPU and ragged_dot elsewhere. UserError for megablox
+  on a GPU (a TPU kernel; the CPU runs it in Pallas interpret mode, for checking numerics)."""
+  platform = backend() if platform is None else platform
+  if cfg.moe_kernel == "megablox" and platform not in ("tpu", "cpu"):
+    raise UserError(f"model.moe_kernel='megablox' needs a TPU (or the CPU, in Pallas interpret "
+                    f"mode), not {platform}; use model.moe_kernel=auto.")
+  if cfg.moe_kernel == "auto":
+    return "megablox" if platform == "tpu" else "ragged_dot"
+  return cfg.moe_kernel
+
+
 def _gmm(cfg: ModelConfig):
-  """The grouped matmul (x [Q, D], w [E, D, F], group sizes [E]) -> [Q, F] of cfg.moe_kernel."""
-  if cfg.moe_kernel == "ragged_dot":
+  """The grouped matmul (x [Q, D], w [E, D, F], group sizes [E]) -> [Q, F] of `kernel`."""
+  platform = backend()
+  if kernel(cfg, platform) == "ragged_dot":
     return lambda x, w, sizes: jax.lax.ragged_dot(x, w, sizes)
 
   from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel
 
   def gmm(x_QD, w_EDF, sizes_E):
     Q = x_QD.shape[0]
-    tm = min(128, -(-Q // 8) * 8)
-    pad = -Q % tm
-    x = jnp.pad(x_QD, ((0, pad), (0, 0)))
+    tm = 128 if Q >= 128 else -(-Q // 16) * 16  # rows per tile: whole sublanes of bf16
+    x = jnp.pad(x_QD, ((0, -Q % tm), (0, 0)))
     tiling = (tm, min(128, x.shape[1]), min(128, w_EDF.shape[2]))
-    y = megablox.gmm(x, w_EDF, sizes_E, x.dtype, tiling,
-                     interpret=jax.devices()[0].platform != "tpu")
-    return y[:Q]
+    return megablox.gmm(x, w_EDF, sizes_E, x.dtype, tiling, interpret=platform != "tpu")[:Q]
   return gmm
 
 

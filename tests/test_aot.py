@@ -220,8 +220,8 @@ def test_gpt2_124m_at_full_size_compiles_for_a_v5p_8_and_fits(tmp_path):
   assert "memory per chip (XLA memory_analysis)" in result.stdout
   assert "fits" in result.stdout and "DOES NOT FIT" not in result.stdout
   r = json.loads(out.read_text())
-  assert (r["chips"], r["device_kind"], r["mesh"]) == (4, "TPU v5",
-                                                      {"data": 4, "fsdp": 1, "tensor": 1})
+  assert (r["chips"], r["device_kind"], r["mesh"]) == (
+      4, "TPU v5", {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1})
   mem = r["memory"]
   # Parameters + 2 AdamW moments in float32, replicated over data=4: ~1.39 GiB on every chip.
   assert mem["arguments"] >= r["state_bytes_per_chip"] > 12 * 124e6

@@ -14,8 +14,8 @@ from model.config import get_config
 from model.errors import UserError
 from model.families import build, count_params, init_params
 from model.layout import convert_layout
-from model.moe import (MOE_COLLECTION, capacity, dropless, moe_metrics, route, routing_stats,
-                       slot_positions, with_capacity)
+from model.moe import (MOE_COLLECTION, capacity, dropless, kernel, moe_metrics, route,
+                       routing_stats, slot_positions, with_capacity)
 from sharding import make_mesh, shard_batch
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import abstract_train_state, create_train_state
@@ -77,11 +77,12 @@ def test_routers_as_published():
 
 # --- dispatch against the dense per-token reference -------------------------------------------
 
-@pytest.mark.parametrize("J, E", [(2, 4), (4, 8)])
-def test_dropless_equals_the_dense_reference_values_and_gradients(J, E):
+@pytest.mark.parametrize("J, E, kernel", [(2, 4, "ragged_dot"), (4, 8, "ragged_dot"),
+                                          (2, 4, "megablox")])
+def test_dropless_equals_the_dense_reference_values_and_gradients(J, E, kernel):
   """Values and gradients (inputs, expert weights, routing weights) of the sorted, grouped
-  dispatch against every expert applied to every token."""
-  cfg = moe_cfg(num_experts=E, num_experts_per_tok=J)
+  dispatch against every expert applied to every token; megablox in Pallas interpret mode."""
+  cfg = moe_cfg(num_experts=E, num_experts_per_tok=J, moe_kernel=kernel)
   x, logits = routed(cfg, seed=J)
   w = expert_weights(cfg, seed=E)
 
@@ -176,7 +177,8 @@ def test_loop_and_scan_layouts_agree(moe_layers, period):
 
 def test_the_load_balancing_loss_equals_transformers(transformers_lib):
   torch, _ = transformers_lib
-  from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
   cfg = moe_cfg(num_experts=8, num_experts_per_tok=2)
   rng = np.random.default_rng(0)
   layers = [rng.standard_normal((40, 8)).astype(np.float32) for _ in range(3)]
@@ -245,6 +247,16 @@ def test_experts_are_counted_and_split():
   assert p["c_fc"]["kernel"].shape == (8, 32, 48) and p["router"]["kernel"].shape == (32, 8)
   dense = moe_cfg(num_experts=0)
   assert count_params(cfg) - count_params(dense) == 2 * (7 * 3 * 32 * 48 + 32 * 8)
+
+
+def test_the_grouped_matmul_kernel_by_platform():
+  auto, megablox = moe_cfg(), moe_cfg(moe_kernel="megablox")
+  assert [kernel(auto, p) for p in ("tpu", "gpu", "cpu")] == ["megablox", "ragged_dot",
+                                                               "ragged_dot"]
+  assert kernel(megablox, "cpu") == "megablox"  # interpret mode
+  with pytest.raises(UserError, match=r"model.moe_kernel='megablox' needs a TPU \(or the CPU, "
+                                      r"in Pallas interpret mode\), not gpu"):
+    kernel(megablox, "gpu")
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -129,7 +129,7 @@ def test_run_on_given_devices_resolves_the_config():
   c.data.source = "synthetic"
   c.mesh.data, c.mesh.fsdp = 2, -1
   run = build_run(c, devices=jax.devices()[:4], read_data=False)
-  assert run.mesh_shape == (2, 2, 1) and run.mesh.devices.size == 4
+  assert run.mesh_shape == (2, 2, 1, 1) and run.mesh.devices.size == 4
   assert (run.config.mesh.data, run.config.mesh.fsdp) == (2, 2)  # -1 resolved
   assert run.config.optimizer.decay_steps == c.train.steps and run.source is None
   assert run.model.vocab_size == c.data.vocab_size == 50257

@@ -34,7 +34,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model import attention
+from model import attention, moe
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import char_table_difference
@@ -477,6 +477,8 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
                              platform=mesh.devices.flat[0].platform)
+    if cfg.num_experts:
+      moe.kernel(cfg, platform=mesh.devices.flat[0].platform)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:

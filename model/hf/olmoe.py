@@ -69,11 +69,10 @@ def check_olmoe_shaped(cfg: ModelConfig, what: str = "save_hf_olmoe") -> None:
   if not cfg.num_experts:
     raise UserError(f"{what} needs experts (model.num_experts > 0).")
   check_experts_shaped(cfg, what, dense_layers=False, norm_topk=None)
-  if cfg.mlp_bias_on or cfg.expert_mlp != cfg.d_mlp or cfg.head_size:
-    raise UserError(f"{what} has experts of width intermediate_size without biases and heads "
-                    f"of hidden / heads dimensions; this model has expert width "
-                    f"{cfg.expert_mlp} (d_mlp {cfg.d_mlp}), mlp_bias={cfg.mlp_bias_on}, "
-                    f"head_size={cfg.head_size}.")
+  if cfg.mlp_bias_on or cfg.head_size:
+    raise UserError(f"{what} has experts without biases and heads of hidden / heads "
+                    f"dimensions; this model has mlp_bias={cfg.mlp_bias_on}, head_size="
+                    f"{cfg.head_size}.")
 
 
 def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
