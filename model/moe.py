@@ -123,16 +123,17 @@ def _gmm(cfg: ModelConfig):
 
 def expert_mlp(x_QD, sizes_E, w: dict[str, jax.Array], cfg: ModelConfig):
   """The experts' MLP of rows sorted by expert (sizes_E rows each, in order): one grouped
-  matmul per projection. Rows past sum(sizes_E) are zero."""
+  matmul per projection. Rows past sum(sizes_E) are zero, and so are their gradients (a kernel
+  may leave them unwritten, megablox does: every matmul's input and output is masked)."""
+  filled_Q1 = (jnp.arange(x_QD.shape[0]) < jnp.sum(sizes_E))[:, None]
   gmm = _gmm(cfg)
-  h_QF = gmm(x_QD, w["c_fc"], sizes_E)
+  mm = lambda a, w_: jnp.where(filled_Q1, gmm(jnp.where(filled_Q1, a, 0), w_, sizes_E), 0)
+  h_QF = mm(x_QD, w["c_fc"])
   if cfg.activation == "swiglu":
-    h_QF = jax.nn.silu(gmm(x_QD, w["c_gate"], sizes_E)) * h_QF
+    h_QF = jax.nn.silu(mm(x_QD, w["c_gate"])) * h_QF
   else:
     h_QF = activate(cfg, h_QF)
-  y_QD = gmm(h_QF, w["c_proj"], sizes_E)
-  filled_Q = jnp.arange(x_QD.shape[0]) < jnp.sum(sizes_E)
-  return jnp.where(filled_Q[:, None], y_QD, 0)
+  return mm(h_QF, w["c_proj"])
 
 
 def _combine(y_NJD, weights_NJ, dtype):
@@ -240,7 +241,8 @@ def routed_experts(x_ND, router_DE, w: dict[str, jax.Array], cfg: ModelConfig):
   fn = jax.shard_map(
       lambda x, r, ws: _local(x, r, ws, cfg, gather, summed, tensor, batch),
       in_specs=(P(batch or None, None), P(), w_specs),
-      out_specs=(P(batch or None, None), P()))
+      out_specs=(P(batch or None, None), P()),
+      check_vma=kernel(cfg) != "megablox")  # pallas_call's outputs carry no varying axes
   return fn(x_ND, router_DE, w)
 
 
