@@ -301,9 +301,10 @@ class MoE(nn.Module):
     std_out = 0.02 / math.sqrt(2 * cfg.num_layers)  # blocks.py's residual projections
     router = ExpertKernel(cfg, (D, E), ("embed", None), 0.02, name="router")()
     names = ("c_gate", "c_fc") if cfg.activation == "swiglu" else ("c_fc",)
-    w = {name: ExpertKernel(cfg, (E, D, F), ("expert", "embed", "mlp"), 0.02, name=name)()
+    w = {name: ExpertKernel(cfg, (E, D, F), ("expert", "expert_embed", "mlp"), 0.02,
+                            name=name)()
          for name in names}
-    w["c_proj"] = ExpertKernel(cfg, (E, F, D), ("expert", "mlp", "embed"), std_out,
+    w["c_proj"] = ExpertKernel(cfg, (E, F, D), ("expert", "mlp", "expert_embed"), std_out,
                                name="c_proj")()
     x_ND = nn.with_logical_constraint(x_BTD.reshape(B * T, D).astype(cfg.compute_dtype), ACT_ND)
     y_ND, stats = routed_experts(x_ND, router, w, cfg)

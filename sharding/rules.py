@@ -1,7 +1,8 @@
 """The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor/expert.
 
 Parameters (created with nn.with_logical_partitioning in model/blocks.py and model/moe.py):
-  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, expert
+  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, expert,
+  expert_embed (the experts' D axis: c_fc [expert, expert_embed, mlp])
 (the same names for every family: BERT's token-type table is token_types x embed; the
 encoder-decoder's cross-attention c_q is embed x heads x kv and c_kv embed x qkv x heads x kv)
 Activations (constrained with nn.with_logical_constraint):
@@ -17,9 +18,10 @@ Strategies, all at once on a (data, fsdp, tensor, expert) mesh:
                   `tensor`; activations of those axes stay split between the two matmuls.
   expert          a mixture of experts' experts are split over `expert` (each device holds
                   E / expert of them, their weights split over fsdp and tensor as any MLP's),
-                  and the batch is split over it too (outside the sparse MLPs it is one more
-                  data-parallel axis): tokens reach their experts' devices and come back
-                  (model/moe.py). A dense model treats it as data parallelism.
+                  and the batch is split over it too: tokens reach their experts' devices and
+                  come back (model/moe.py). For everything else it is one more FSDP axis (the
+                  batch split, the other weights stored split along embed over fsdp x expert,
+                  as MaxText does), so a dense model treats it as FSDP.
 
 Which axis FSDP splits. ZeRO-3 only asks that each device store 1/fsdp of every weight; any axis
 gives the same bytes and the same all-gather volume. As in MaxText ("embed" -> fsdp) and
@@ -50,7 +52,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 # Mesh axes that only decide where a weight is stored (it is all-gathered before use): when a
 # rule puts one on a dimension it does not divide, it moves to the largest free dimension it does.
-FSDP_AXES = ("fsdp",)
+FSDP_AXES = ("fsdp", "expert")
 
 DEFAULT_RULES: Rules = (
     # parameters
@@ -58,7 +60,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (c_kv [D, 2, G, K])
     ("mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("kv", None),
     ("qkv", None),
     ("norm", None),
@@ -66,6 +68,7 @@ DEFAULT_RULES: Rules = (
     ("token_types", None),
     ("layers", None),
     ("expert", "expert"),  # the experts of a sparse MLP (c_fc [E, D, F], ...)
+    ("expert_embed", "fsdp"),  # and their D axis (the expert axis holds their E)
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),
