@@ -99,7 +99,8 @@ def test_dropless_equals_the_dense_reference_values_and_gradients(J, E, kernel):
             grad(dense_reference, x, w, weights))
 
   (grads, y), (want_grads, want) = both(x, w, logits)
-  np.testing.assert_allclose(y, want, **F32)
+  # float32 sums in another order (megablox accumulates tiles): 1e-6 of the outputs' scale
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))
   for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(h))))
 
