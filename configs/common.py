@@ -80,9 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   # DPO (data.task=preference; training/dpo.py): the loss (sigmoid | robust | cdpo | ipo), its
   # beta, and the label smoothing of robust / cdpo (the share of pairs assumed flipped)
   c.train.dpo = ml_collections.ConfigDict()
-  c.train.dpo.loss = "sigmoid"
-  c.train.dpo.beta = 0.1
-  c.train.dpo.label_smoothing = 0.0
+  c.train.dpo.loss = "sigmoid"  # sigmoid (DPO), robust, cdpo or ipo (training/dpo.py)
+  c.train.dpo.beta = 0.1  # how far the policy may move from the reference (the KL weight)
+  c.train.dpo.label_smoothing = 0.0  # robust / cdpo: the share of pairs assumed flipped
 
   c.optimizer = ml_collections.ConfigDict()
   # cosine (nanoGPT's) | rsqrt (the 2017 Transformer's inverse square root; min_lr unused)
@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data parallel: each device holds all weights and a share of the batch
   c.mesh.fsdp = 1  # FSDP (ZeRO-3): weights, gradients, optimizer state split too
   c.mesh.tensor = 1  # tensor parallel: heads, MLP width and vocabulary split
+  # expert parallel: a mixture of experts' experts split over this many devices; the batch and
+  # the other weights (as FSDP) are split over them too
+  c.mesh.expert = 1
   # CPU-only hosts: split the CPU into this many JAX devices, data parallel over the cores
   # (-1: one per core, as many as divide train.batch_size; 0: JAX's default, one device).
   c.mesh.cpu_devices = 0

@@ -506,4 +506,5 @@ def test_a_config_json_without_model_type_is_one_sentence_not_a_guess(tmp_path, 
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and err == [
       f"error: {out}/config.json has no model_type; a Hugging Face checkpoint's config.json "
-      f"names its model (\"model_type\": one of gpt2, bert, bart, llama)."], err
+      f"names its model (\"model_type\": one of gpt2, bert, bart, llama, qwen3, mixtral, "
+      f"qwen3_moe, olmoe)."], err

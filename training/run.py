@@ -7,11 +7,12 @@
     train_step = run.compile_train_step()       # (state, batch) -> (state, metrics)
 
 Every check happens in `build_run`, before anything is compiled, and fails with one UserError
-sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
-sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
-against grad_accum, the data-parallel size and the process count, the block size, the data
-(path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
-a workdir (and its checkpoints/) that cannot be created or written.
+sentence naming the bad value: the config's own (training/config_checks.py: numeric ranges,
+mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch against
+grad_accum, the data-parallel size and the process count, the expert axis against the
+experts), the block size, the data (path, vocabulary), the model fields, a --workdir that
+already holds a run of another model, and a workdir (and its checkpoints/) that cannot be
+created or written.
 The same config is therefore checked and built the same way by training, the benchmark and the
 ahead-of-time TPU compile. `config.init_from` (fine-tuning: gpt2 | gpt2-medium | ... | a
 Hugging Face directory | a training workdir) is checked against the model here (nothing big
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
 from typing import Any, Callable, Collection, Sequence
@@ -34,14 +34,16 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model import attention
+from model import attention, moe
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
-from sharding import BATCH_AXES, MESH_AXES, make_mesh, resolve_mesh_shape, rules_from_config
+from sharding import MESH_AXES, make_mesh
 from training import storage
 from training.adapters import join, lora_fields, split_trainable, trainable_params, with_lora
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
+from training.config_checks import (check_batch, check_experts, check_mesh, check_rules,
+                                    check_values, configure_cpu_devices)
 from training.dpo import DPOSettings, settings_from_config
 from training.data import DataSource
 from training.data.sources import NUM_SPECIALS, special_ids
@@ -51,7 +53,7 @@ from training.lm_inputs import check_prefix_lm, document_eot
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import (TrainState, abstract_train_state, create_train_state, new_adapters,
                             place, train_state_from_params)
-from training.step import check_loss_chunk, compile_eval_step, compile_train_step
+from training.step import compile_eval_step, compile_train_step
 from training.weights import (check_init_vocabulary, describe_init_from, init_params,
                               model_from_weights)
 from training.workdir import CONFIG_NAME
@@ -59,15 +61,7 @@ from training.workdir import CONFIG_NAME
 # ModelConfig fields that may change between runs on one workdir: they change how the
 # computation runs, not what the parameters are.
 RUNTIME_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dropout_rng", "dtype",
-                        "attention", "remat")
-
-_SECTIONS = ("model", "train", "optimizer", "mesh", "data", "eval", "checkpoint", "log")
-# (key, lowest allowed value, whether the value itself may equal it)
-_POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep",
-             "log.every", "optimizer.eps")
-_NON_NEGATIVE = ("train.seed", "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps",
-                 "optimizer.weight_decay", "optimizer.clip", "eval.every", "eval.batches",
-                 "checkpoint.every")
+                        "attention", "remat", "moe_kernel")
 
 
 @dataclasses.dataclass
@@ -106,7 +100,7 @@ class Run:
     return self.layout in ("packed", "preference") or self.eot_id is not None
 
   @property
-  def mesh_shape(self) -> tuple[int, int, int]:
+  def mesh_shape(self) -> tuple[int, ...]:
     return tuple(self.mesh.shape[name] for name in MESH_AXES)
 
   @property
@@ -170,120 +164,6 @@ class Run:
     return compile_eval_step(self.model, self.mesh, self.abstract_state.params,
                              self.batch_shape, self.config.train.grad_accum, self.rules,
                              self.loss_chunk, self.layout, self.eot_id, self.dpo)
-
-
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _numbers(node, prefix: str = ""):
-  """(dotted key, value) of every float in a config (ints are always finite)."""
-  for name, value in node.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      yield from _numbers(value, f"{prefix}{name}.")
-    elif isinstance(value, float):
-      yield f"{prefix}{name}", value
-
-
-def check_values(config: ml_collections.ConfigDict) -> None:
-  """The numeric fields: every float finite (no nan / inf anywhere), the counts positive or
-  non-negative, Adam's betas in [0, 1), min_lr <= lr, decay_steps >= warmup_steps."""
-  missing = [s for s in _SECTIONS if s not in config]
-  if missing:
-    raise UserError(f"The config has no {missing[0]!r} section; start from "
-                    f"configs/common.py:base_config().")
-  for key, value in _numbers(config):
-    if not math.isfinite(value):
-      raise UserError(f"config.{key} must be a finite number, got {value!r}.")
-  for key in _POSITIVE + _NON_NEGATIVE:
-    try:
-      value = _get(config, key)
-    except (KeyError, AttributeError):
-      raise UserError(f"The config has no key {key!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise UserError(f"config.{key} must be a number, got {value!r}.")
-    if key in _POSITIVE and value <= 0:
-      raise UserError(f"config.{key} must be positive, got {value!r}.")
-    if value < 0:
-      raise UserError(f"config.{key} must be >= 0, got {value!r}.")
-  check_loss_chunk(config.train.get("loss_chunk", 0))
-  smoothing = config.train.get("label_smoothing", 0.0)
-  if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
-      0 <= smoothing < 1):
-    raise UserError(f"config.train.label_smoothing must be in [0, 1), got {smoothing!r}.")
-  for key in ("optimizer.b1", "optimizer.b2"):
-    value = _get(config, key)
-    if not 0 <= value < 1:
-      raise UserError(f"config.{key} must be in [0, 1), got {value!r}.")
-  opt = config.optimizer
-  if opt.min_lr > opt.lr:
-    raise UserError(f"config.optimizer.min_lr ({opt.min_lr}) must not exceed "
-                    f"config.optimizer.lr ({opt.lr}).")
-  decay = opt.get("decay_steps")
-  if decay is not None and decay < opt.warmup_steps:
-    raise UserError(f"config.optimizer.decay_steps ({decay}) must be at least "
-                    f"config.optimizer.warmup_steps ({opt.warmup_steps}).")
-
-
-def cpu_device_count(requested: int, batch_size: int, cores: int) -> int:
-  """The CPU devices mesh.cpu_devices asks for: requested > 0 as it is; -1 ("auto") the
-  largest divisor of the batch size that is at most `cores` (one device per core)."""
-  if requested > 0:
-    return requested
-  return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
-
-
-def configure_cpu_devices(config) -> None:
-  """Apply config.mesh.cpu_devices: on a host without accelerators, JAX's CPU backend becomes
-  that many devices, so the mesh splits each batch over the cores (data parallel; each device
-  runs on its own thread). 0 keeps JAX's default (one device). Has no effect when
-  --xla_force_host_platform_device_count is in XLA_FLAGS (the user's choice) or when JAX's
-  backends are already running (e.g. a caller in the same process chose already)."""
-  requested = config.mesh.get("cpu_devices", 0)
-  if isinstance(requested, bool) or not isinstance(requested, int) or requested < -1:
-    raise UserError(f"config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) "
-                    f"or a positive device count, got {requested!r}.")
-  if requested == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  try:
-    jax.config.update("jax_num_cpu_devices",
-                      cpu_device_count(requested, config.train.batch_size, cores or 1))
-  except RuntimeError:  # the backends are already running: keep their devices
-    pass
-
-
-def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes over `num_devices` (default: all devices), -1 resolved."""
-  m = config.mesh
-  try:
-    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices)
-  except UserError as e:
-    raise UserError(f"config.mesh: {e}") from None
-
-
-def check_rules(config):
-  try:
-    return rules_from_config(config.mesh)
-  except UserError as e:
-    raise UserError(f"config.mesh.rules: {e}") from None
-
-
-def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
-  B, k = config.train.batch_size, config.train.grad_accum
-  dp = math.prod(s for name, s in zip(MESH_AXES, mesh_shape) if name in BATCH_AXES)
-  if B % k:
-    raise UserError(f"config.train.batch_size ({B}) must be divisible by "
-                    f"config.train.grad_accum ({k}).")
-  if (B // k) % dp:
-    raise UserError(f"The micro-batch config.train.batch_size / grad_accum = {B // k} must be "
-                    f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}.")
-  if B % jax.process_count():
-    raise UserError(f"config.train.batch_size ({B}) must be divisible by the number of "
-                    f"processes ({jax.process_count()}).")
 
 
 def model_config(config, data_vocab_size: int,
@@ -506,16 +386,19 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
   cfg = with_lora(model_config(config, data_vocab, specials), lora)
+  check_experts(cfg, mesh_shape, rules)
   tokenizer = source.tokenizer if source is not None else None
   if source is None and config.data.get("document_mask") is True:  # not read: what it records
     tokenizer = data_tokenizer(config.data, task)[2]
   eot_id = document_eot(config.data, task, family, tokenizer)
-  mesh = make_mesh(*mesh_shape, devices=devices)
+  mesh = make_mesh(*mesh_shape[:3], devices=devices, expert=mesh_shape[3])
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
                              platform=mesh.devices.flat[0].platform,
                              segments=batch_layout(task) == "packed" or eot_id is not None,
                              prefix=cfg.prefix_lm)
+    if cfg.num_experts:
+      moe.kernel(cfg, platform=mesh.devices.flat[0].platform)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:
