@@ -7,16 +7,16 @@ completions) fits the 64-character context of configs/shakespeare_char.py:cpu's 
 set's characters are tiny shakespeare's 65 (pairs holding the rare ones are added), so a
 character model trained on tiny shakespeare reads it with its own table.
 
-    python training/data/assets/make_shakespeare_preference.py [--pairs 1500]
+    python training/data/assets/make_shakespeare_preference.py   # PAIRS pairs
 """
 
-import argparse
 import json
 import pathlib
 import random
 
 HERE = pathlib.Path(__file__).parent
 PROMPT, LINE = 10, 20
+PAIRS = 1500
 
 
 def pairs(text: str, count: int, seed: int = 0) -> list[dict]:
@@ -45,12 +45,9 @@ def pairs(text: str, count: int, seed: int = 0) -> list[dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--pairs", type=int, default=1500)
-  args = parser.parse_args()
   text = (HERE / "tinyshakespeare.txt").read_text(encoding="utf-8")
   out = HERE / "shakespeare_preference.jsonl"
-  rows = pairs(text, args.pairs)
+  rows = pairs(text, PAIRS)
   out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
   print(f"wrote {out}: {len(rows)} pairs")
 
