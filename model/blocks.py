@@ -38,6 +38,7 @@ reading the cache in chunks of CACHE_CHUNK slots up to the longest row's positio
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -369,8 +370,11 @@ class Block(nn.Module):
                memory_mask_BS=None, segment_ids_BT=None, prefix_BT=None):
     cfg = self.cfg
     attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
-    mlp = (MLP(cfg, self.deterministic, name="mlp") if self.moe is None
-           else self.moe(cfg, self.deterministic, name="moe"))
+    if self.moe is None:
+      ffn = MLP(cfg, self.deterministic, name="mlp")
+    else:  # the experts leave packed rows' padding out (model/moe.py)
+      ffn = functools.partial(self.moe(cfg, self.deterministic, name="moe"),
+                              segment_ids_BT=segment_ids_BT)
     ln_1, ln_2 = norm(cfg, "ln_1"), norm(cfg, "ln_2")
     cross = ln_x = None
     if self.cross:
@@ -382,14 +386,14 @@ class Block(nn.Module):
       x_BTD = x_BTD + y_BTD
       if cross is not None:
         x_BTD = x_BTD + cross(ln_x(x_BTD), key_mask_BS=memory_mask_BS, memory=memory)[0]
-      x_BTD = x_BTD + mlp(ln_2(x_BTD))
+      x_BTD = x_BTD + ffn(ln_2(x_BTD))
     else:  # post-LN, as in the original Transformer
       y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache, key_mask_BS, None, segment_ids_BT,
                              prefix_BT)
       x_BTD = ln_1(x_BTD + y_BTD)
       if cross is not None:
         x_BTD = ln_x(x_BTD + cross(x_BTD, key_mask_BS=memory_mask_BS, memory=memory)[0])
-      x_BTD = ln_2(x_BTD + mlp(x_BTD))
+      x_BTD = ln_2(x_BTD + ffn(x_BTD))
     if kv_cache is not None:
       kv_cache = (kv_cache[0], kv_cache[1], kv_cache[2] + 1)
     return _constrain(x_BTD, ACT_BTD), kv_cache

@@ -74,10 +74,11 @@ QK_NORMS = ("none", "head", "full")
 # (Mixtral); "softmax_topk" a softmax over all experts, then the top-k probabilities,
 # renormalised to sum to 1 when norm_topk_prob (Qwen3-MoE) or not (OLMoE).
 ROUTERS = ("topk_softmax", "softmax_topk")
-# The experts' grouped matmul of dropless routing: jax.lax.ragged_dot, or the Pallas megablox
-# kernel that ships with JAX (TPU; Pallas interpret mode on the CPU, for checking numerics);
-# "auto": megablox on TPU, ragged_dot elsewhere (model/moe.py: kernel).
-MOE_KERNELS = ("auto", "ragged_dot", "megablox")
+# The experts' grouped matmul of dropless routing (model/grouped_matmul.py): jax.lax.ragged_dot,
+# the Pallas megablox kernel that ships with JAX (TPU; Pallas interpret mode on the CPU, for
+# checking numerics), or megablox's tiling in XLA ("tiled"); "auto": megablox on TPU, tiled on
+# the CPU, ragged_dot on GPUs.
+MOE_KERNELS = ("auto", "ragged_dot", "megablox", "tiled")
 # The fields that take one of a few names, and those names (validate checks them;
 # docs/configuration.md lists them).
 CHOICES = {"position_embedding": POSITION_EMBEDDINGS, "norm_placement": NORM_PLACEMENTS,
@@ -170,7 +171,8 @@ class ModelConfig:
   # routed together); the rest are dropped (logged as moe_dropped).
   capacity_factor: float = 0.0
   # The grouped matmul of dropless routing: jax.lax.ragged_dot, the megablox Pallas kernel
-  # (TPU), or auto (megablox on TPU, ragged_dot elsewhere)
+  # (TPU), tiled (megablox's tiling in XLA), or auto (megablox on TPU, tiled on the CPU,
+  # ragged_dot on GPUs)
   moe_kernel: str = "auto"
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"  # gpt: decoder-only; bert: encoder-only; encdec: encoder-decoder

@@ -17,11 +17,10 @@ probabilities, renormalised to sum 1 with cfg.norm_topk_prob. The two agree when
 Dispatch, two ways (the same function of the routing up to dropped assignments):
   dropless (capacity_factor 0)  the Q assignments sorted by expert (a stable argsort), the
       tokens gathered in that order, one grouped matmul per projection over the E groups
-      (cfg.moe_kernel, `kernel`: jax.lax.ragged_dot, or on TPU the megablox Pallas kernel,
-      which visits only the filled row tiles), the rows put back in token order and summed
-      with the routing weights. XLA:CPU expands ragged_dot into a dense matmul per group (E
-      times the FLOPs); the TPU compiler has a native one, whose weight gradient (a ragged
-      contraction) XLA counts at E times the FLOPs.
+      (cfg.moe_kernel, model/grouped_matmul.py: jax.lax.ragged_dot, the megablox Pallas
+      kernel on TPU, or the same tiling in XLA on the CPU), the rows put back in token order
+      and summed with the routing weights. The TPU compiler's native ragged_dot has a weight
+      gradient (a ragged contraction) XLA counts at E times the FLOPs.
   capacity (capacity_factor c > 0)  each expert has C = ceil(c Q / E) slots, filled in the order
       (j, n): every token's first choice before any token's second, in token order; the
       assignments past an expert's C slots are dropped (the token loses that expert's share,
@@ -35,8 +34,10 @@ summed (psum_scatter): tokens reach their experts and come back, nothing dropped
 weights may be split over the tensor axis (F; the partial sums add up) and stored split over
 fsdp (all-gathered before use, as every FSDP weight).
 
-Each sparse layer sows into the "moe" collection (MOE_COLLECTION) its routing statistics over
-the tokens it routed (averaged over devices): tokens_per_expert f_E (assignments / tokens),
+Packed rows (segment ids, model/segments.py): padding (segment 0) goes to no routed expert,
+takes no capacity and is not counted, so each document is routed as it is alone (the router is
+per token). Each sparse layer sows into the "moe" collection (MOE_COLLECTION) its routing
+statistics over the tokens it routed (averaged over devices, weighted by their tokens): tokens_per_expert f_E (assignments / tokens),
 router_prob P_E (mean probability), z (mean squared logsumexp of the logits), dropped (share of
 assignments dropped). `moe_metrics` turns them into the load-balancing loss E * sum_e f_e P_e
 with f and P averaged over the sparse layers (transformers' load_balancing_loss_func: Switch's
@@ -52,10 +53,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import backend
 from model.blocks import MLP, MOE_COLLECTION, activate
 from model.config import ModelConfig
-from model.errors import UserError
+from model.grouped_matmul import grouped_matmul, kernel
 ACT_ND = ("act_batch", "act_embed")
 
 
@@ -75,14 +75,20 @@ def route(logits_NE: jax.Array, cfg: ModelConfig):
   return weights_NJ, experts_NJ.astype(jnp.int32), probs_NE
 
 
-def routing_stats(logits_NE, probs_NE, experts_NJ, num_experts: int) -> dict[str, jax.Array]:
-  """The statistics of one routing the losses need: tokens_per_expert [E] (assignments per
-  token: sums to J), router_prob [E] (mean probability), z (mean logsumexp^2)."""
-  N = logits_NE.shape[0]
-  counts_E = jnp.zeros((num_experts,), jnp.float32).at[experts_NJ.reshape(-1)].add(1.0)
+def routing_stats(logits_NE, probs_NE, experts_NJ, num_experts: int,
+                  valid_N=None) -> dict[str, jax.Array]:
+  """The statistics of one routing the losses need, over the tokens valid_N marks (default:
+  all; padding does not count): tokens_per_expert [E] (assignments per token: sums to J),
+  router_prob [E] (mean probability), z (mean logsumexp^2)."""
+  N, J = experts_NJ.shape
+  v_N = jnp.ones((N,), jnp.float32) if valid_N is None else valid_N.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(v_N), 1.0)
+  counts_E = jnp.zeros((num_experts,), jnp.float32).at[experts_NJ.reshape(-1)].add(
+      jnp.repeat(v_N, J))
   lse_N = jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)
-  return {"tokens_per_expert": counts_E / N, "router_prob": jnp.mean(probs_NE, axis=0),
-          "z": jnp.mean(lse_N * lse_N)}
+  return {"tokens_per_expert": counts_E / n,
+          "router_prob": jnp.sum(probs_NE * v_N[:, None], axis=0) / n,
+          "z": jnp.sum(lse_N * lse_N * v_N) / n}
 
 
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
@@ -91,42 +97,12 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
   return max(1, math.ceil(cfg.capacity_factor * Q / cfg.num_experts))
 
 
-def kernel(cfg: ModelConfig, platform: str | None = None) -> str:
-  """The grouped matmul dropless routing runs on `platform` (default: the computation's):
-  cfg.moe_kernel, "auto" being megablox on TPU and ragged_dot elsewhere. UserError for megablox
-  on a GPU (a TPU kernel; the CPU runs it in Pallas interpret mode, for checking numerics)."""
-  platform = backend() if platform is None else platform
-  if cfg.moe_kernel == "megablox" and platform not in ("tpu", "cpu"):
-    raise UserError(f"model.moe_kernel='megablox' needs a TPU (or the CPU, in Pallas interpret "
-                    f"mode), not {platform}; use model.moe_kernel=auto.")
-  if cfg.moe_kernel == "auto":
-    return "megablox" if platform == "tpu" else "ragged_dot"
-  return cfg.moe_kernel
-
-
-def _gmm(cfg: ModelConfig):
-  """The grouped matmul (x [Q, D], w [E, D, F], group sizes [E]) -> [Q, F] of `kernel`."""
-  platform = backend()
-  if kernel(cfg, platform) == "ragged_dot":
-    return lambda x, w, sizes: jax.lax.ragged_dot(x, w, sizes)
-
-  from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel
-
-  def gmm(x_QD, w_EDF, sizes_E):
-    Q = x_QD.shape[0]
-    tm = 128 if Q >= 128 else -(-Q // 16) * 16  # rows per tile: whole sublanes of bf16
-    x = jnp.pad(x_QD, ((0, -Q % tm), (0, 0)))
-    tiling = (tm, min(128, x.shape[1]), min(128, w_EDF.shape[2]))
-    return megablox.gmm(x, w_EDF, sizes_E, x.dtype, tiling, interpret=platform != "tpu")[:Q]
-  return gmm
-
-
 def expert_mlp(x_QD, sizes_E, w: dict[str, jax.Array], cfg: ModelConfig):
   """The experts' MLP of rows sorted by expert (sizes_E rows each, in order): one grouped
   matmul per projection. Rows past sum(sizes_E) are zero, and so are their gradients (a kernel
   may leave them unwritten, megablox does: every matmul's input and output is masked)."""
   filled_Q1 = (jnp.arange(x_QD.shape[0]) < jnp.sum(sizes_E))[:, None]
-  gmm = _gmm(cfg)
+  gmm = grouped_matmul(cfg)
   mm = lambda a, w_: jnp.where(filled_Q1, gmm(jnp.where(filled_Q1, a, 0), w_, sizes_E), 0)
   h_QF = mm(x_QD, w["c_fc"])
   if cfg.activation == "swiglu":
@@ -143,14 +119,16 @@ def _combine(y_NJD, weights_NJ, dtype):
 
 
 def dropless(x_ND, weights_NJ, experts_NJ, w: dict[str, jax.Array], cfg: ModelConfig,
-             first_expert=0):
+             first_expert=0, valid_N=None):
   """sum_j weights[n, j] expert_{experts[n, j]}(x[n]) over the experts w holds (E_w of them,
   numbered from first_expert; other assignments add nothing), by sorting the assignments by
-  expert and grouped matmuls."""
+  expert and grouped matmuls. Tokens valid_N does not mark (padding) go to no expert: 0."""
   N, J = experts_NJ.shape
   E_w = w["c_fc"].shape[0]
   local_Q = experts_NJ.reshape(-1) - first_expert
   mine_Q = (local_Q >= 0) & (local_Q < E_w)
+  if valid_N is not None:
+    mine_Q = mine_Q & jnp.repeat(valid_N, J)
   key_Q = jnp.where(mine_Q, local_Q, E_w)  # others sort last
   order_Q = jnp.argsort(key_Q, stable=True)
   sizes_E = jnp.zeros((E_w + 1,), jnp.int32).at[key_Q].add(1)[:E_w]
@@ -177,13 +155,16 @@ def slot_positions(experts_NJ, num_experts: int):
 
 
 def with_capacity(x_ND, weights_NJ, experts_NJ, w: dict[str, jax.Array], cfg: ModelConfig,
-                  first_expert=0):
+                  first_expert=0, valid_N=None):
   """(the dropless sum with each expert's assignments past its C = capacity(N) slots dropped,
-  the share of all Q assignments dropped). w holds E_w experts numbered from first_expert."""
+  the share of the valid tokens' assignments dropped). w holds E_w experts numbered from
+  first_expert. Tokens valid_N does not mark (padding) take no slot and go to no expert."""
   N, J = experts_NJ.shape
   D, E_w, C = x_ND.shape[1], w["c_fc"].shape[0], capacity(N, cfg)
-  pos_NJ = slot_positions(experts_NJ, cfg.num_experts)
-  kept_NJ = pos_NJ < C
+  valid_N1 = jnp.ones((N, 1), bool) if valid_N is None else valid_N[:, None]
+  E = cfg.num_experts  # padding queues for a virtual expert E, after every real one
+  pos_NJ = slot_positions(jnp.where(valid_N1, experts_NJ, E), E + 1)
+  kept_NJ = (pos_NJ < C) & valid_N1
   local_NJ = experts_NJ - first_expert
   mine_NJ = kept_NJ & (local_NJ >= 0) & (local_NJ < E_w)
   slot_Q = jnp.where(mine_NJ, local_NJ * C + pos_NJ, E_w * C).reshape(-1)  # E_w * C: none
@@ -199,7 +180,8 @@ def with_capacity(x_ND, weights_NJ, experts_NJ, w: dict[str, jax.Array], cfg: Mo
   y_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF.astype(dt), w["c_proj"])
   y_QD = jnp.take(y_ECD.reshape(E_w * C, D), slot_Q, axis=0, mode="fill", fill_value=0)
   y = _combine(y_QD.reshape(N, J, D), jnp.where(mine_NJ, weights_NJ, 0.0), dt)
-  return y, 1.0 - jnp.mean(kept_NJ.astype(jnp.float32))
+  assigned = J * jnp.maximum(jnp.sum(valid_N1.astype(jnp.float32)), 1.0)
+  return y, jnp.sum((valid_N1 & ~kept_NJ).astype(jnp.float32)) / assigned
 
 
 def _mesh_axes(logical: str, mesh) -> tuple[str, ...]:
@@ -222,13 +204,14 @@ def _dividing(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
   return tuple(kept)
 
 
-def routed_experts(x_ND, router_DE, w: dict[str, jax.Array], cfg: ModelConfig):
-  """(y [N, D], statistics) of the routed experts; under a mesh in jax.shard_map (module
+def routed_experts(x_ND, router_DE, w: dict[str, jax.Array], cfg: ModelConfig, valid_N):
+  """(y [N, D], statistics) of the routed experts for the tokens valid_N marks (bool [N]; the
+  others, padding, get 0 and are not counted); under a mesh in jax.shard_map (module
   docstring), else on this device."""
   E, F = cfg.num_experts, cfg.expert_mlp
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _local(x_ND, router_DE, w, cfg, (), (), (), ())
+    return _local(x_ND, valid_N, router_DE, w, cfg, (), (), (), ())
   batch = _dividing(_mesh_axes("act_batch", mesh), x_ND.shape[0], mesh)
   experts = _dividing(_mesh_axes("expert", mesh), E, mesh)
   tensor = _dividing(_mesh_axes("mlp", mesh), F, mesh)
@@ -239,18 +222,20 @@ def routed_experts(x_ND, router_DE, w: dict[str, jax.Array], cfg: ModelConfig):
   w_specs = {name: P(e_spec, None, t_spec) for name in ("c_gate", "c_fc") if name in w}
   w_specs["c_proj"] = P(e_spec, t_spec, None)
   fn = jax.shard_map(
-      lambda x, r, ws: _local(x, r, ws, cfg, gather, summed, tensor, batch),
-      in_specs=(P(batch or None, None), P(), w_specs),
+      lambda x, v, r, ws: _local(x, v, r, ws, cfg, gather, summed, tensor, batch),
+      in_specs=(P(batch or None, None), P(batch or None), P(), w_specs),
       out_specs=(P(batch or None, None), P()),
       check_vma=kernel(cfg) != "megablox")  # pallas_call's outputs carry no varying axes
-  return fn(x_ND, router_DE, w)
+  return fn(x_ND, valid_N, router_DE, w)
 
 
-def _local(x_nD, router_DE, w, cfg: ModelConfig, gather, summed, tensor, batch):
+def _local(x_nD, valid_n, router_DE, w, cfg: ModelConfig, gather, summed, tensor, batch):
   """One device's part of routed_experts: the tokens of its group (gathered over `gather`),
   its experts (split over gather + summed), its slice of F (split over `tensor`); the
-  statistics averaged over the devices the tokens are split over (`batch`)."""
+  statistics averaged over the valid tokens of the devices the tokens are split over
+  (`batch`)."""
   x_ND = jax.lax.all_gather(x_nD, gather, axis=0, tiled=True) if gather else x_nD
+  valid_N = jax.lax.all_gather(valid_n, gather, axis=0, tiled=True) if gather else valid_n
   logits_NE = jnp.einsum("ND,DE->NE", x_ND, router_DE.astype(x_ND.dtype),
                          preferred_element_type=jnp.float32)
   weights_NJ, experts_NJ, probs_NE = route(logits_NE, cfg)
@@ -258,18 +243,21 @@ def _local(x_nD, router_DE, w, cfg: ModelConfig, gather, summed, tensor, batch):
   if gather or summed:
     first = jax.lax.axis_index(gather + summed) * w["c_fc"].shape[0]
   ws = {k: v.astype(cfg.compute_dtype) for k, v in w.items()}
-  stats = routing_stats(logits_NE, probs_NE, experts_NJ, cfg.num_experts)
+  stats = routing_stats(logits_NE, probs_NE, experts_NJ, cfg.num_experts, valid_N)
   if cfg.capacity_factor:
-    y_ND, stats["dropped"] = with_capacity(x_ND, weights_NJ, experts_NJ, ws, cfg, first)
+    y_ND, stats["dropped"] = with_capacity(x_ND, weights_NJ, experts_NJ, ws, cfg, first,
+                                           valid_N)
   else:
-    y_ND = dropless(x_ND, weights_NJ, experts_NJ, ws, cfg, first)
+    y_ND = dropless(x_ND, weights_NJ, experts_NJ, ws, cfg, first, valid_N)
     stats["dropped"] = jnp.zeros((), jnp.float32)
   if tensor or summed:
     y_ND = jax.lax.psum(y_ND, tensor + summed)
   if gather:
     y_ND = jax.lax.psum_scatter(y_ND, gather, scatter_dimension=0, tiled=True)
-  if batch:
-    stats = jax.lax.pmean(stats, batch)
+  if batch:  # means over each device's valid tokens -> over all of them
+    n = jnp.sum(valid_N.astype(jnp.float32))
+    total = jnp.maximum(jax.lax.psum(n, batch), 1.0)
+    stats = jax.tree_util.tree_map(lambda x: jax.lax.psum(x * n, batch) / total, stats)
   return y_ND, stats
 
 
@@ -289,12 +277,14 @@ class ExpertKernel(nn.Module):
 
 class MoE(nn.Module):
   """The sparse MLP: x_BTD -> y_BTD (module docstring); sows routing statistics into
-  MOE_COLLECTION when that collection is mutable."""
+  MOE_COLLECTION when that collection is mutable. With segment_ids_BT (packed rows,
+  model/segments.py) padding (segment 0) goes to no routed expert, takes no capacity and is
+  left out of the statistics: a packed row routes each document as it routes it alone."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, segment_ids_BT=None):
     cfg = self.cfg
     B, T, D = x_BTD.shape
     E, F = cfg.num_experts, cfg.expert_mlp
@@ -307,7 +297,10 @@ class MoE(nn.Module):
     w["c_proj"] = ExpertKernel(cfg, (E, F, D), ("expert", "mlp", "expert_embed"), std_out,
                                name="c_proj")()
     x_ND = nn.with_logical_constraint(x_BTD.reshape(B * T, D).astype(cfg.compute_dtype), ACT_ND)
-    y_ND, stats = routed_experts(x_ND, router, w, cfg)
+    valid_N = (jnp.ones((B * T,), bool) if segment_ids_BT is None
+               else segment_ids_BT.reshape(B * T) != 0)
+    valid_N = nn.with_logical_constraint(valid_N, ACT_ND[:1])
+    y_ND, stats = routed_experts(x_ND, router, w, cfg, valid_N)
     for name, value in stats.items():
       self.sow(MOE_COLLECTION, name, value)
     y_BTD = y_ND.reshape(B, T, D)

@@ -14,9 +14,10 @@ from model.config import get_config
 from model.errors import UserError
 from model.families import build, count_params, init_params
 from model.layout import convert_layout
-from model.moe import (MOE_COLLECTION, capacity, dropless, kernel, moe_metrics, route,
-                       routing_stats, slot_positions, with_capacity)
-from sharding import make_mesh, shard_batch
+from model.grouped_matmul import kernel
+from model.moe import (MOE_COLLECTION, capacity, dropless, moe_metrics, route, routing_stats,
+                       slot_positions, with_capacity)
+from sharding import DEFAULT_RULES, activate, make_mesh, shard_batch
 from training.optimizer import make_optimizer, schedule_from_config
 from training.state import abstract_train_state, create_train_state
 from training.step import compile_train_step
@@ -78,7 +79,7 @@ def test_routers_as_published():
 # --- dispatch against the dense per-token reference -------------------------------------------
 
 @pytest.mark.parametrize("J, E, kernel", [(2, 4, "ragged_dot"), (4, 8, "ragged_dot"),
-                                          (2, 4, "megablox")])
+                                          (2, 4, "megablox"), (2, 4, "tiled"), (4, 8, "tiled")])
 def test_dropless_equals_the_dense_reference_values_and_gradients(J, E, kernel):
   """Values and gradients (inputs, expert weights, routing weights) of the sorted, grouped
   dispatch against every expert applied to every token; megablox in Pallas interpret mode."""
@@ -112,25 +113,32 @@ def test_slot_positions_take_first_choices_first_then_token_order():
                                 [[0, 1], [1, 0], [0, 3], [2, 2]])
 
 
-def test_the_capacity_path_drops_exactly_the_assignments_over_capacity():
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_capacity_path_drops_exactly_the_assignments_over_capacity(padded):
+  """Each expert's queue in the order (j, n), written out in Python; padding (valid False: a
+  packed row's segment 0) queues nowhere, takes no slot and is not counted as dropped."""
   cfg = moe_cfg(num_experts=4, num_experts_per_tok=2, capacity_factor=0.5)
   x, logits = routed(cfg, seed=3, n=16)
   w = expert_weights(cfg, seed=1)
+  valid = np.ones(16, bool)
+  if padded:
+    valid[[1, 2, 6, 11]] = False
   weights, experts, _ = jax.jit(lambda l: route(l, cfg))(logits)
   C = capacity(16, cfg)
   assert C == 4  # ceil(0.5 * 16 * 2 / 4)
-  # the queue of each expert in the order (j, n), written out in Python
   seen, kept = {}, np.zeros((16, 2), bool)
   for j in range(2):
-    for n in range(16):
+    for n in np.flatnonzero(valid):
       e = int(experts[n, j])
       kept[n, j] = seen.get(e, 0) < C
       seen[e] = seen.get(e, 0) + 1
-  assert 0 < (~kept).sum() < 32
-  y, dropped = jax.jit(lambda *a: with_capacity(*a, cfg))(x, weights, experts, w)
+  dropped_want = (~kept[valid]).sum()
+  assert 0 < dropped_want < 2 * valid.sum()
+  y, dropped = jax.jit(lambda *a: with_capacity(*a, cfg, valid_N=jnp.asarray(valid)))(
+      x, weights, experts, w)
   want = jax.jit(dense_reference)(x, weights, experts, w, jnp.asarray(kept))
   np.testing.assert_allclose(y, want, **F32)
-  assert float(dropped) == pytest.approx((~kept).sum() / 32)
+  assert float(dropped) == pytest.approx(dropped_want / (2 * valid.sum()))
 
 
 def test_a_capacity_that_drops_nothing_equals_dropless():
@@ -174,6 +182,45 @@ def test_loop_and_scan_layouts_agree(moe_layers, period):
     np.testing.assert_array_equal(a, b)
   sparse = [i for i in range(4) if "moe" in params[f"h_{i}"]]
   assert tuple(i in sparse for i in range(4)) == cfg.sparse_layers
+
+
+def test_a_packed_row_routes_each_document_as_it_routes_it_alone():
+  """The router is per token: a row of two documents and padding gives each document the
+  logits it has alone, and (one document and padding) the routing statistics of the document
+  alone: padding is left out of the load and the losses, also split over a (data, expert)
+  mesh."""
+  cfg = moe_cfg(num_layers=2, num_experts=8, num_experts_per_tok=2)
+  params = init_params(cfg, jax.random.key(1))
+  a, b = random_batch(1, 6, 64, seed=1)[:, :7], random_batch(1, 4, 64, seed=2)[:, :5]
+  row = np.concatenate([a, b, np.zeros((1, 4), np.int32)], axis=1)  # T = 16
+  seg = np.asarray([[1] * 7 + [2] * 5 + [0] * 4], np.int32)
+  got, _ = packed_forward(cfg, params, jnp.asarray(row), jnp.asarray(seg))
+  want_a, metrics_a = forward(cfg, params, jnp.asarray(a))
+  want_b, _ = forward(cfg, params, jnp.asarray(b))
+  np.testing.assert_allclose(got[:, :7], want_a, **F32)
+  np.testing.assert_allclose(got[:, 7:12], want_b, **F32)
+  a_padded = np.concatenate([a, row[:, :9] + 1], axis=1)  # padding of other tokens
+  a_seg = np.asarray([[1] * 7 + [0] * 9], np.int32)
+  _, metrics = packed_forward(cfg, params, jnp.asarray(a_padded), jnp.asarray(a_seg))
+  for key in ("moe_aux_loss", "moe_z_loss", "moe_load"):
+    np.testing.assert_allclose(metrics[key], metrics_a[key], **F32, err_msg=key)
+  # two rows of 7 and 5 valid tokens, a row per data-parallel group of 4 expert devices
+  b_padded = np.concatenate([b, np.full((1, 11), 3, np.int32)], axis=1)
+  b_seg = np.asarray([[1] * 5 + [0] * 11], np.int32)
+  rows = jnp.asarray(np.concatenate([a_padded, b_padded]))
+  segs = jnp.asarray(np.concatenate([a_seg, b_seg]))
+  _, want = packed_forward(cfg, params, rows, segs)
+  with activate(make_mesh(data=2, fsdp=1, tensor=1, expert=4), DEFAULT_RULES):
+    _, got_mesh = packed_forward(cfg, params, rows, segs)
+  for key in ("moe_aux_loss", "moe_z_loss", "moe_load"):
+    np.testing.assert_allclose(got_mesh[key], want[key], **F32, err_msg=key)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def packed_forward(cfg, params, tokens, segment_ids):
+  logits, sown = build(cfg).apply({"params": params}, tokens, segment_ids_BT=segment_ids,
+                                  mutable=[MOE_COLLECTION])
+  return logits, moe_metrics(sown[MOE_COLLECTION], cfg)
 
 
 def test_the_load_balancing_loss_equals_transformers(transformers_lib):
@@ -266,7 +313,7 @@ def test_experts_are_counted_and_split():
 def test_the_grouped_matmul_kernel_by_platform():
   auto, megablox = moe_cfg(), moe_cfg(moe_kernel="megablox")
   assert [kernel(auto, p) for p in ("tpu", "gpu", "cpu")] == ["megablox", "ragged_dot",
-                                                               "ragged_dot"]
+                                                               "tiled"]
   assert kernel(megablox, "cpu") == "megablox"  # interpret mode
   with pytest.raises(UserError, match=r"model.moe_kernel='megablox' needs a TPU \(or the CPU, "
                                       r"in Pallas interpret mode\), not gpu"):

@@ -34,7 +34,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model import attention, moe
+from model import attention, grouped_matmul
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
@@ -398,7 +398,7 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
                              segments=batch_layout(task) == "packed" or eot_id is not None,
                              prefix=cfg.prefix_lm)
     if cfg.num_experts:
-      moe.kernel(cfg, platform=mesh.devices.flat[0].platform)
+      grouped_matmul.kernel(cfg, platform=mesh.devices.flat[0].platform)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:

@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from model import attention, moe
+from model import attention, grouped_matmul
 from model.config import ModelConfig
 from model.errors import UserError
 from model.families import count_params, num_params
@@ -354,11 +354,11 @@ def moe_words(cfg: ModelConfig, mesh) -> str:
   if cfg.capacity_factor:
     return (f"capacity factor {cfg.capacity_factor:g}: the experts compute "
             f"{cfg.capacity_factor:g}x their share, empty slots included")
-  words = f"dropless, the grouped matmuls on {moe.kernel(cfg, 'tpu')}"
+  words = f"dropless, the grouped matmuls on {grouped_matmul.kernel(cfg, 'tpu')}"
   if ep > 1:
     words += (f"; with expert parallelism each chip's buffers hold the worst case (every token "
               f"of its expert group routed to its experts: {ep}x its share), which XLA counts")
-  if moe.kernel(cfg, "tpu") == "ragged_dot":
+  if grouped_matmul.kernel(cfg, "tpu") == "ragged_dot":
     words += ("; XLA counts ragged_dot's weight gradient (a ragged contraction) as a dense one "
               "per expert")
   return words
