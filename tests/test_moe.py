@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import optimizer_config, random_batch
+from conftest import adamw_start, random_batch
 from model.config import get_config
 from model.errors import UserError
 from model.families import build, count_params, init_params
@@ -18,9 +18,6 @@ from model.grouped_matmul import kernel
 from model.moe import (MOE_COLLECTION, capacity, dropless, moe_metrics, route, routing_stats,
                        slot_positions, with_capacity)
 from sharding import DEFAULT_RULES, activate, make_mesh, shard_batch
-from training.optimizer import make_optimizer, schedule_from_config
-from training.state import abstract_train_state, create_train_state
-from training.step import compile_train_step
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -248,13 +245,7 @@ def _stats(cfg, logits):
 # --- meshes: expert parallelism ---------------------------------------------------------------
 
 def _two_steps(cfg, mesh, host_state=None):
-  opt = optimizer_config()
-  tx, sched = make_optimizer(opt, 10), schedule_from_config(opt, 10)
-  abstract, shardings = abstract_train_state(cfg, tx, mesh)
-  state = (create_train_state(cfg, tx, mesh, seed=0)[0] if host_state is None
-           else jax.device_put(host_state, shardings))
-  initial = jax.device_get(state)
-  step = compile_train_step(cfg, tx, sched, mesh, abstract, (8, 17))
+  state, step, initial = adamw_start(cfg, mesh, (8, 17), host_state)
   out, batch = [], shard_batch(random_batch(8, 16, 64), mesh)
   for _ in range(2):
     state, metrics = step(state, batch)
