@@ -56,7 +56,7 @@ def _main(args: list[str]) -> int:
                 merge=FLAGS.merge)
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
-  cls = "LlamaForCausalLM" if r["model_type"] == "llama" else "GPT2LMHeadModel"
+  cls = r["hf_class"]
   if r["adapter"]:
     print(f"load it: from peft import PeftModel; model = PeftModel.from_pretrained(base, "
           f"{r['out']!r})  # base: {cls}.from_pretrained(<its base_model_name_or_path>)")

@@ -6,8 +6,9 @@ modules, sampling, tokenizers, Hugging Face import.
     from model.hf import load_hf   # (also model.pretrained.load_hf)
     cfg, params = load_hf("path/to/checkpoint")   # GPT-2, BERT or BART, by model_type
 
-Where things are: config.py (ModelConfig, presets), blocks.py (the shared blocks and the shape
-letters), gpt.py / encoder.py / encdec.py (one family each), families.py (the family's module,
+Where things are: config.py (ModelConfig), presets.py (the named shapes), blocks.py (the shared
+blocks and the shape letters), moe.py (the mixture-of-experts MLP), gpt.py / encoder.py /
+encdec.py (one family each), families.py (the family's module,
 init_params, parameter counts), layout.py (loop and scan layouts), attention.py (which kernel),
 kv_cache.py, decode/ (generation), hf/ (Hugging Face checkpoints), tokenizer.py, errors.py.
 

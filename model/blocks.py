@@ -1,6 +1,7 @@
 """The blocks every family of the Transformer is built from (Flax Linen): LayerNorm, attention
 (causal / bidirectional / cross; model/attention.py picks the kernel, model/kv_cache.py holds
-the cache), the MLP, a Block and the stack of them, the embeddings, the output head.
+the cache), the MLP, a Block, the embeddings, the output head (model/stack.py stacks the
+blocks; model/moe.py is the sparse MLP a Block may hold instead of the dense one).
 Positions enter through model/positions.py (sinusoidal, rotary) or the learned table; packed
 rows' segment ids and the prefix-LM's prefix (model/segments.py) reach every causal
 self-attention as explicit arguments, like the KV cache.
@@ -15,6 +16,8 @@ Shape letters used in names and einsums throughout the codebase:
   A  micro-batches of a step (gradient accumulation, training/step.py)
   P  padded prompt length    M  sampled-token buffer length (both model/decode/sampling.py)
   r  LoRA rank (model/lora.py)
+  E  experts  J  experts per token  N  tokens routed together  Q  N * J assignments
+  C  slots per expert (capacity)    (the mixture of experts, model/moe.py)
 
 Parameter names follow GPT-2 / nanoGPT (wte, wpe, h_<i>/{ln_1, attn/c_attn, attn/c_proj, ln_2,
 mlp/c_fc, mlp/c_proj}, ln_f); with `scan_layers` the blocks are one module "h" whose parameters
@@ -35,7 +38,9 @@ reading the cache in chunks of CACHE_CHUNK slots up to the longest row's positio
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,6 +58,9 @@ ACT_BTHK = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_BTGK = ("act_batch", "act_length", "act_kv_heads", "act_kv")  # keys, values of G heads
 ACT_BTF = ("act_batch", "act_length", "act_mlp")
 ACT_BTV = ("act_batch", "act_length", "act_vocab")
+# The collection a sparse MLP sows its routing statistics into (model/moe.py); scanned layers
+# stack it like their parameters.
+MOE_COLLECTION = "moe"
 
 def _normal(std: float, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
@@ -247,6 +255,8 @@ class Attention(nn.Module):
                              ("embed", "qkv", "kv_heads", "kv"), 0.02, qkv_bias,
                              name="c_kv", **self._lora("c_kv"))(x_BTD)
       k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+    if cfg.qk_norm != "none" and self.kind != "cross":
+      q_BTHK, k_BTGK = qk_norm(cfg, q_BTHK, "q_norm"), qk_norm(cfg, k_BTGK, "k_norm")
     if cfg.position_embedding == "rotary" and self.kind != "cross":  # GPT: positions given
       q_BTHK, k_BTGK = rotary(q_BTHK, positions_BT, cfg), rotary(k_BTGK, positions_BT, cfg)
     q_BTHK = _constrain(q_BTHK, ACT_BTHK)
@@ -294,6 +304,14 @@ class Attention(nn.Module):
     return dict(dense_args(self.cfg, f"attn/{module}"), deterministic=self.deterministic)
 
 
+def qk_norm(cfg: ModelConfig, x_BTNK, name: str):
+  """RMSNorm `name` of queries or keys [B, T, N, K] (inside Attention's compact method): over
+  each head's K (cfg.qk_norm "head", Qwen3) or over all N * K of a position ("full", OLMoE)."""
+  if cfg.qk_norm == "head":
+    return RMSNorm(cfg, name=name)(x_BTNK)
+  B, T, N, K = x_BTNK.shape
+  return RMSNorm(cfg, name=name)(x_BTNK.reshape(B, T, N * K)).reshape(B, T, N, K)
+
 
 def activate(cfg: ModelConfig, h):
   """cfg.activation: GELU (tanh approximation: GPT-2's gelu_new), exact GELU, or ReLU (SwiGLU's
@@ -338,19 +356,25 @@ class Block(nn.Module):
   `kind` is its self-attention's (causal: GPT and the decoder; bidirectional: the encoder, keys
   masked by key_mask_BS). With `cross` (the encdec decoder) a cross-attention sub-block
   ("cross", normed by "ln_x") follows the self-attention, attending to `memory` (see Attention)
-  with the source padding memory_mask_BS."""
+  with the source padding memory_mask_BS. With `moe` (a sparse layer: the module class of
+  model/moe.py, which the family passes) the MLP is that mixture of experts, named "moe"."""
   cfg: ModelConfig
   deterministic: bool = True
   cache_chunks: int | None = None
   kind: str = "causal"
   cross: bool = False
+  moe: Any = None
 
   @nn.compact
   def __call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS=None, memory=None,
                memory_mask_BS=None, segment_ids_BT=None, prefix_BT=None):
     cfg = self.cfg
     attn = Attention(cfg, self.deterministic, self.cache_chunks, self.kind, name="attn")
-    mlp = MLP(cfg, self.deterministic, name="mlp")
+    if self.moe is None:
+      ffn = MLP(cfg, self.deterministic, name="mlp")
+    else:  # the experts leave packed rows' padding out (model/moe.py)
+      ffn = functools.partial(self.moe(cfg, self.deterministic, name="moe"),
+                              segment_ids_BT=segment_ids_BT)
     ln_1, ln_2 = norm(cfg, "ln_1"), norm(cfg, "ln_2")
     cross = ln_x = None
     if self.cross:
@@ -362,37 +386,17 @@ class Block(nn.Module):
       x_BTD = x_BTD + y_BTD
       if cross is not None:
         x_BTD = x_BTD + cross(ln_x(x_BTD), key_mask_BS=memory_mask_BS, memory=memory)[0]
-      x_BTD = x_BTD + mlp(ln_2(x_BTD))
+      x_BTD = x_BTD + ffn(ln_2(x_BTD))
     else:  # post-LN, as in the original Transformer
       y_BTD, kv_cache = attn(x_BTD, positions_BT, kv_cache, key_mask_BS, None, segment_ids_BT,
                              prefix_BT)
       x_BTD = ln_1(x_BTD + y_BTD)
       if cross is not None:
         x_BTD = ln_x(x_BTD + cross(x_BTD, key_mask_BS=memory_mask_BS, memory=memory)[0])
-      x_BTD = ln_2(x_BTD + mlp(x_BTD))
+      x_BTD = ln_2(x_BTD + ffn(x_BTD))
     if kv_cache is not None:
       kv_cache = (kv_cache[0], kv_cache[1], kv_cache[2] + 1)
     return _constrain(x_BTD, ACT_BTD), kv_cache
-
-
-class _ScannedBlock(Block):
-  """Block as an nn.scan body: the carry is (x, kv_cache), so the cache arrays are carried and
-  updated in place instead of being split per layer and restacked. `memory` is scanned over
-  (a cross-attention cache's per-layer keys and values) or broadcast (the encoder output)."""
-
-  def __call__(self, carry, positions_BT, key_mask_BS=None, memory=None,  # pylint: disable=arguments-differ
-               memory_mask_BS=None, segment_ids_BT=None, prefix_BT=None):
-    x_BTD, kv_cache = carry
-    return Block.__call__(self, x_BTD, kv_cache, positions_BT, key_mask_BS, memory,
-                          memory_mask_BS, segment_ids_BT, prefix_BT), None
-
-
-def _remat_policy(name: str):
-  return {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }[name]
 
 
 def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, deterministic: bool,
@@ -431,41 +435,6 @@ def embed(cfg: ModelConfig, wte: nn.Embed, tokens_BT, positions_BT, *, determini
     x_BTD = norm(cfg, norm_name)(x_BTD)
   x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
   return _constrain(x_BTD, ACT_BTD)
-
-
-def stack(cfg: ModelConfig, x_BTD, kv, positions_BT, *, num_layers: int, name: str,
-          deterministic: bool, cache_chunks: int | None = None, kind: str = "causal",
-          cross: bool = False, key_mask_BS=None, memory=None, memory_mask_BS=None,
-          segment_ids_BT=None, prefix_BT=None):
-  """num_layers Blocks (kind, cross) applied in turn, inside a module's compact method: one
-  nn.scan module `name` with cfg.scan_layers (parameters with a leading L axis), else modules
-  `name`_0 .. `name`_{L-1}; each under jax.checkpoint per cfg.remat. `memory` is the encoder
-  output (every layer) or a cross-attention cache's ([L, B, S, H, K] keys, values): layer i
-  reads its slice; segment_ids_BT and prefix_BT go to every layer's causal self-attention.
-  Returns (x, kv)."""
-  def maybe_remat(cls):
-    if cfg.remat == "none":
-      return cls
-    return nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-
-  per_layer = isinstance(memory, tuple)
-  if cfg.scan_layers:
-    blocks = nn.scan(maybe_remat(_ScannedBlock), variable_axes={"params": 0},
-                     split_rngs={"params": True, "dropout": True},
-                     in_axes=(nn.broadcast, nn.broadcast, 0 if per_layer else nn.broadcast,
-                              nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    (x_BTD, kv), _ = blocks(cfg, deterministic, cache_chunks, kind, cross, name=name)(
-        (x_BTD, kv), positions_BT, key_mask_BS, memory, memory_mask_BS, segment_ids_BT,
-        prefix_BT)
-    return x_BTD, kv
-  block_cls = maybe_remat(Block)
-  for i in range(num_layers):
-    layer_memory = (memory[0][i], memory[1][i]) if per_layer else memory
-    x_BTD, kv = block_cls(cfg, deterministic, cache_chunks, kind, cross, name=f"{name}_{i}")(
-        x_BTD, kv, positions_BT, key_mask_BS, layer_memory, memory_mask_BS, segment_ids_BT,
-        prefix_BT)
-  return x_BTD, kv
 
 
 def output_logits(module: nn.Module, wte: nn.Embed, x_BTD):

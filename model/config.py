@@ -12,8 +12,17 @@ The decoder switches of today's models, each independent and each defaulting to 
 behaviour: position_embedding learned | sinusoidal | rotary (rope_theta, rope_scaling); norm
 layernorm | rmsnorm (norm_eps); activation gelu_tanh | gelu | relu | swiglu; num_kv_heads
 (grouped-query attention; 1 is multi-query); use_bias and per-projection qkv_bias, proj_bias,
-mlp_bias; tie_embeddings. The presets llama-tiny, smollm2-135m, llama3.2-1b and llama3-8b set
-all four of Llama's (rotary, RMSNorm, SwiGLU, GQA) with no biases.
+mlp_bias; tie_embeddings; head_size (a head dimension other than d_model / num_heads) and
+qk_norm (Qwen3's and OLMoE's query/key RMSNorm). The presets llama-tiny, smollm2-135m,
+llama3.2-1b and llama3-8b set all four of Llama's (rotary, RMSNorm, SwiGLU, GQA) with no
+biases; qwen3-0.6b adds the query/key norm.
+
+A mixture of experts (model/moe.py) is num_experts > 0: the layers moe_layers names get
+num_experts experts of width expert_d_mlp (and num_shared_experts shared ones), each token
+routed to num_experts_per_tok of them by `router`; router_aux_loss_coef and router_z_loss_coef
+weigh its losses, capacity_factor 0 is dropless routing, moe_kernel the grouped matmul. Presets:
+mixtral-8x7b, qwen3-30b-a3b and olmoe-1b-7b, with their published total and active parameter
+counts (model.families.count_params(cfg, active=True)).
 
 A config is a static argument of jitted functions, so it must be hashable: all fields are
 plain Python scalars or strings (dtypes are names like "bfloat16", not numpy objects).
@@ -28,6 +37,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from model.errors import UserError
+from model.presets import PRESETS
 
 # rotary: RoPE (Su et al. 2021) on each head's queries and keys, in the rotate-half pairing of
 # Hugging Face's Llama (dimension i of a head pairs with i + K/2), at rope_theta.
@@ -57,12 +67,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 DROPOUT_RNGS = ("threefry", "rbg")
 # Rematerialisation of each block in the backward pass (see jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# RMSNorm of the queries and keys before rotary positions: per head over K (Qwen3), or over
+# the whole projection H*K / G*K (OLMoE).
+QK_NORMS = ("none", "head", "full")
+# Mixture-of-experts routers (model/moe.py): "topk_softmax" a softmax over the top-k logits
+# (Mixtral); "softmax_topk" a softmax over all experts, then the top-k probabilities,
+# renormalised to sum to 1 when norm_topk_prob (Qwen3-MoE) or not (OLMoE).
+ROUTERS = ("topk_softmax", "softmax_topk")
+# The experts' grouped matmul of dropless routing (model/grouped_matmul.py): jax.lax.ragged_dot,
+# the Pallas megablox kernel that ships with JAX (TPU; Pallas interpret mode on the CPU, for
+# checking numerics), or megablox's tiling in XLA ("tiled"); "auto": megablox on TPU, tiled on
+# the CPU, ragged_dot on GPUs.
+MOE_KERNELS = ("auto", "ragged_dot", "megablox", "tiled")
 # The fields that take one of a few names, and those names (validate checks them;
 # docs/configuration.md lists them).
 CHOICES = {"position_embedding": POSITION_EMBEDDINGS, "norm_placement": NORM_PLACEMENTS,
            "norm": NORMS, "rope_scaling": ROPE_SCALINGS, "activation": ACTIVATIONS,
            "attention": ATTENTION_IMPLEMENTATIONS, "dropout_rng": DROPOUT_RNGS, "dtype": DTYPES,
-           "param_dtype": DTYPES, "remat": REMAT_POLICIES, "family": FAMILIES}
+           "param_dtype": DTYPES, "remat": REMAT_POLICIES, "family": FAMILIES,
+           "qk_norm": QK_NORMS, "router": ROUTERS, "moe_kernel": MOE_KERNELS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +101,9 @@ class ModelConfig:
   num_heads: int = 12  # attention (query) heads (encdec: the encoder's); divides d_model
   d_model: int = 768  # width of the residual stream
   d_mlp: int | None = None  # the MLP's hidden width; None means 4 * d_model
+  # Dimension K of each attention head; 0 means d_model / num_heads (Qwen3's head_dim may
+  # differ: then H * K need not be D, nor num_heads divide d_model).
+  head_size: int = 0
   embd_dropout: float = 0.0  # dropout on the embeddings, in [0, 1)
   attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
   resid_dropout: float = 0.0  # dropout on each sublayer's output, in [0, 1)
@@ -105,6 +131,9 @@ class ModelConfig:
   norm_placement: str = "pre"  # pre: before each sublayer, a final norm (GPT-2); post: after
   activation: str = "gelu_tanh"  # the MLP's nonlinearity (swiglu: gate, up, down matrices)
   norm_eps: float = 1e-5  # epsilon of every norm, > 0
+  # RMSNorm of the queries and keys before rotary positions: per head (Qwen3) or over the
+  # whole projection (OLMoE)
+  qk_norm: str = "none"
   tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # dtype parameters (and AdamW's moments) are stored in
@@ -117,6 +146,34 @@ class ModelConfig:
   # The prefix-LM objective (data.task=prefix_lm sets it; model/segments.py): each example's
   # prefix attends to itself both ways in training, and sampling prefills the prompt so.
   prefix_lm: bool = False
+  # --- mixture of experts (model/moe.py; family gpt) ---
+  num_experts: int = 0  # routed experts of each sparse layer's MLP (0: a dense model)
+  num_experts_per_tok: int = 2  # experts each token is routed to (the K of top-K), <= num_experts
+  expert_d_mlp: int = 0  # each routed expert's hidden width (0: d_mlp)
+  # Experts every token also goes through (DeepSeek's shared experts): one dense MLP of width
+  # num_shared_experts * the expert width beside the routed ones.
+  num_shared_experts: int = 0
+  # Which layers are sparse (the rest keep the dense MLP of width d_mlp): "all", "every:K"
+  # (layers K-1, 2K-1, ...: Qwen's decoder_sparse_step) or a list of layer indices "1,3,4".
+  moe_layers: str = "all"
+  # topk_softmax: a softmax over the top-K logits (Mixtral); softmax_topk: the top K of a
+  # softmax over all experts (Qwen3-MoE, OLMoE)
+  router: str = "topk_softmax"
+  norm_topk_prob: bool = True  # softmax_topk: renormalise the kept probabilities to sum to 1
+  # Weight of the load-balancing loss (Switch; Mixtral's router_aux_loss_coef) in the training
+  # objective; logged as moe_aux_loss whatever its weight.
+  router_aux_loss_coef: float = 0.01
+  # Weight of the router z-loss (ST-MoE: the mean squared log-sum-exp of the router logits);
+  # logged as moe_z_loss whatever its weight.
+  router_z_loss_coef: float = 0.0
+  # 0: dropless (tokens sorted by expert, one grouped matmul per projection). c > 0: each expert
+  # takes at most ceil(c * tokens * K / num_experts) assignments of a routing group (the tokens
+  # routed together); the rest are dropped (logged as moe_dropped).
+  capacity_factor: float = 0.0
+  # The grouped matmul of dropless routing: jax.lax.ragged_dot, the megablox Pallas kernel
+  # (TPU), tiled (megablox's tiling in XLA), or auto (megablox on TPU, tiled on the CPU,
+  # ragged_dot on GPUs)
+  moe_kernel: str = "auto"
   # --- the encoder (bert) and encoder-decoder (encdec) families; defaults are GPT's ---
   family: str = "gpt"  # gpt: decoder-only; bert: encoder-only; encdec: encoder-decoder
   num_decoder_layers: int = 0  # encdec: decoder blocks (0: num_layers)
@@ -159,10 +216,10 @@ class ModelConfig:
       raise UserError(
           f"ModelConfig.padded_vocab_size ({self.padded_vocab_size}) must be at least "
           f"vocab_size ({self.vocab_size}).")
-    if self.d_model % self.num_heads:
+    if self.d_model % self.num_heads and not self.head_size:
       raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
-          f"({self.num_heads}).")
+          f"({self.num_heads}), or head_size set.")
     if self.position_embedding == "sinusoidal" and self.d_model % 2:
       raise UserError(
           f"ModelConfig.d_model ({self.d_model}) must be even for sinusoidal positions.")
@@ -186,7 +243,8 @@ class ModelConfig:
       raise UserError(f"ModelConfig.attention='splash' needs block_size to be a multiple of 128, "
                       f"got {self.block_size}; use attention='auto' or 'xla'.")
     for name in ("num_decoder_layers", "num_decoder_heads", "decoder_d_mlp", "type_vocab_size",
-                 "position_offset", "num_kv_heads"):
+                 "position_offset", "num_kv_heads", "head_size", "num_experts",
+                 "num_experts_per_tok", "expert_d_mlp", "num_shared_experts"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UserError(f"ModelConfig.{name} must be a whole number >= 0, got {value!r}.")
@@ -202,9 +260,11 @@ class ModelConfig:
                       f"num_kv_heads ({self.num_kv_heads}): each key/value head serves a whole "
                       f"group of query heads.")
     if self.position_embedding == "rotary" and self.head_dim % 2:
+      got = (f"head_size {self.head_size}" if self.head_size else
+             f"d_model / num_heads = {self.d_model} / {self.num_heads} = {self.head_dim}")
       raise UserError(f"ModelConfig.position_embedding='rotary' needs an even head dimension, "
-                      f"got d_model / num_heads = {self.d_model} / {self.num_heads} = "
-                      f"{self.head_dim}.")
+                      f"got {got}.")
+    self._validate_moe()
     if self.family != "gpt":
       for name, gpt_only in (("num_kv_heads", self.num_kv_heads not in (0, self.num_heads)),
                              ("position_embedding", self.position_embedding == "rotary")):
@@ -233,7 +293,7 @@ class ModelConfig:
     self._validate_lora()
     for name in ("use_bias", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings",
                  "scan_layers", "embed_norm", "embed_scale",
-                 "mlm_head", "head_bias", "prefix_lm"):
+                 "mlm_head", "head_bias", "prefix_lm", "norm_topk_prob"):
       if not isinstance(getattr(self, name), bool):
         raise UserError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 
@@ -256,6 +316,58 @@ class ModelConfig:
     if not isinstance(self.lora_targets, str):
       raise UserError(f"ModelConfig.lora_targets must be a comma-separated string, got "
                       f"{self.lora_targets!r}.")
+
+  def _validate_moe(self) -> None:
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "capacity_factor"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          0 <= value < float("inf")):
+        raise UserError(f"ModelConfig.{name} must be a number >= 0, got {value!r}.")
+    if not self.num_experts:
+      return
+    if self.family != "gpt":
+      raise UserError(f"ModelConfig.num_experts={self.num_experts} is for family='gpt' (the "
+                      f"decoder-only model); family={self.family!r} needs 0.")
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise UserError(f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be "
+                      f"between 1 and num_experts ({self.num_experts}): each token goes to "
+                      f"that many different experts.")
+    self.sparse_layers  # pylint: disable=pointless-statement  (parses moe_layers)
+
+  @property
+  def expert_mlp(self) -> int:
+    """Each routed expert's hidden width (expert_d_mlp, 0 meaning d_mlp)."""
+    return self.expert_d_mlp or self.d_mlp
+
+  @property
+  def sparse_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether its MLP is the mixture of experts (moe_layers); all False for a
+    dense model."""
+    L, spec = self.num_layers, self.moe_layers
+    if not self.num_experts:
+      return (False,) * L
+    text = spec.strip() if isinstance(spec, str) else ""
+    if text == "all":
+      return (True,) * L
+    if text.startswith("every:") and text[6:].strip().isdigit() and int(text[6:]) > 0:
+      k = int(text[6:])
+      return tuple((i + 1) % k == 0 for i in range(L))
+    parts = [p.strip() for p in text.split(",")]
+    if text and all(p.isdigit() for p in parts):
+      layers = {int(p) for p in parts}
+      if max(layers) < L:
+        return tuple(i in layers for i in range(L))
+    raise UserError(f"ModelConfig.moe_layers must be 'all', 'every:K' (K >= 1) or a comma-"
+                    f"separated list of layer indices below num_layers ({L}), got {spec!r}.")
+
+  @property
+  def layer_period(self) -> int:
+    """The smallest p dividing num_layers such that layer i is sparse exactly when layer i % p
+    is: the scan layout scans num_layers / p groups of p blocks (1 for a dense model or an
+    all-sparse one)."""
+    sparse, L = self.sparse_layers, self.num_layers
+    return next(p for p in range(1, L + 1)
+                if L % p == 0 and all(sparse[i] == sparse[i % p] for i in range(L)))
 
   @property
   def decoder_layers(self) -> int:
@@ -304,7 +416,8 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    """K: head_size, or d_model / num_heads when it is 0."""
+    return self.head_size or self.d_model // self.num_heads
 
   @property
   def compute_dtype(self) -> Any:
@@ -361,66 +474,17 @@ def field_names() -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-# What makes a decoder Llama-style (the presets below add their shapes).
-_LLAMA = dict(position_embedding="rotary", norm="rmsnorm", activation="swiglu", use_bias=False)
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    # OpenAI GPT-2 family (Radford et al. 2019), as in Hugging Face's checkpoints.
-    "gpt2": dict(num_layers=12, num_heads=12, d_model=768),
-    "gpt2-medium": dict(num_layers=24, num_heads=16, d_model=1024),
-    "gpt2-large": dict(num_layers=36, num_heads=20, d_model=1280),
-    "gpt2-xl": dict(num_layers=48, num_heads=25, d_model=1600),
-    # nanoGPT's baby GPT on tiny shakespeare characters (config/train_shakespeare_char.py).
-    "shakespeare-char": dict(vocab_size=65, block_size=256, num_layers=6, num_heads=6,
-                             d_model=384, embd_dropout=0.2, attn_dropout=0.2,
-                             resid_dropout=0.2, use_bias=False),
-    # A few-thousand-parameter model for tests.
-    "tiny": dict(vocab_size=128, block_size=64, num_layers=2, num_heads=4, d_model=64),
-    # Llama-style decoders (Touvron et al. 2023; Llama 3): rotary positions, RMSNorm, SwiGLU,
-    # grouped-query attention, no biases. A few-million-parameter one for tests and the CPU:
-    "llama-tiny": dict(vocab_size=4096, block_size=512, num_layers=4, num_heads=8,
-                       num_kv_heads=2, d_model=256, d_mlp=704, **_LLAMA),
-    # HuggingFaceTB/SmolLM2-135M's shapes (134.5M; tied head, 9 query / 3 key-value heads):
-    "smollm2-135m": dict(vocab_size=49152, block_size=8192, num_layers=30, num_heads=9,
-                         num_kv_heads=3, d_model=576, d_mlp=1536,
-                         **dict(_LLAMA, rope_theta=100000.0)),
-    # meta-llama/Llama-3.2-1B's (1.24B; tied head, Llama 3 rope scaling 32x from 8192):
-    "llama3.2-1b": dict(vocab_size=128256, block_size=131072, num_layers=16, num_heads=32,
-                        num_kv_heads=8, d_model=2048, d_mlp=8192,
-                        **dict(_LLAMA, rope_theta=500000.0, rope_scaling="llama3",
-                               rope_factor=32.0)),
-    # meta-llama/Meta-Llama-3-8B's (8.03B; untied head):
-    "llama3-8b": dict(vocab_size=128256, block_size=8192, num_layers=32, num_heads=32,
-                      num_kv_heads=8, d_model=4096, d_mlp=14336,
-                      **dict(_LLAMA, rope_theta=500000.0, tie_embeddings=False)),
-    # BERT base (Devlin et al. 2018; bert-base-uncased's shapes): 110M parameters.
-    "bert-base": dict(family="bert", vocab_size=30522, block_size=512, num_layers=12,
-                      num_heads=12, d_model=768, type_vocab_size=2, embed_norm=True,
-                      norm_placement="post", activation="gelu", norm_eps=1e-12,
-                      head_bias=True, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1,
-                      pad_id=0, mask_id=103),
-    # The base Transformer of "Attention Is All You Need" (Vaswani et al. 2017): 6 + 6 layers,
-    # width 512, 8 heads, MLP 2048, sinusoidal positions, post-LN, ReLU, shared embeddings
-    # scaled by sqrt(512), dropout 0.1; a 37,000-token shared BPE vocabulary.
-    "transformer-base": dict(family="encdec", vocab_size=37000, block_size=256, num_layers=6,
-                             num_heads=8, d_model=512, d_mlp=2048, position_embedding="sinusoidal",
-                             norm_placement="post", activation="relu", embed_scale=True,
-                             embd_dropout=0.1, attn_dropout=0.0, resid_dropout=0.1,
-                             pad_id=0, bos_id=1, eos_id=2),
-}
-
-
 def preset_names() -> tuple[str, ...]:
-  return tuple(_PRESETS)
+  return tuple(PRESETS)
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
   """A named preset (see preset_names())."""
-  if name not in _PRESETS:
-    raise UserError(f"Unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}.")
+  if name not in PRESETS:
+    raise UserError(f"Unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
   fields = set(field_names())
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise UserError(
         f"Unknown ModelConfig field {unknown[0]!r}; known fields: {', '.join(sorted(fields))}.")
-  return ModelConfig(**{**_PRESETS[name], **overrides})
+  return ModelConfig(**{**PRESETS[name], **overrides})

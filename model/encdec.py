@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.errors import UserError
 from model.kv_cache import CACHE_AXES, Cache, init_cache
-from model.blocks import (_constrain, embed, norm, output_logits, stack,
-                          token_embedding)
+from model.blocks import _constrain, embed, norm, output_logits, token_embedding
+from model.stack import stack
 
 
 def _positions(B: int, T: int):

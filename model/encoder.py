@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.blocks import (ACT_BTD, _constrain, _normal, _zeros, activate,
-                          embed, norm, output_logits, stack, token_embedding)
+from model.blocks import (ACT_BTD, _constrain, _normal, _zeros, activate, embed, norm,
+                          output_logits, token_embedding)
+from model.stack import stack
 
 
 class Encoder(nn.Module):

@@ -5,6 +5,7 @@
     init_params(cfg, rng)            parameters on the default device (tests, small models)
     abstract_params(cfg)             their shapes and dtypes, nothing allocated
     count_params(cfg), num_params(tree)
+    count_params(cfg, active=True)   a mixture of experts' parameters one token uses
 """
 
 from __future__ import annotations
@@ -52,12 +53,23 @@ def num_params(params: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
 
 
-def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
+def inactive_expert_params(cfg: ModelConfig) -> int:
+  """Parameters of the routed experts a token does not use: (E - J) / E of every sparse
+  layer's expert matrices (model/moe.py)."""
+  E, J = cfg.num_experts, cfg.num_experts_per_tok
+  per_expert = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.expert_mlp
+  return sum(cfg.sparse_layers) * (E - J) * per_expert
+
+
+def count_params(cfg: ModelConfig, *, non_embedding: bool = False, active: bool = False) -> int:
   """Number of parameters (from abstract shapes). non_embedding drops the position tables (wpe,
   wpe_dec), the token-type table (wtt) and, when the head is untied, wte (the convention of
-  nanoGPT's get_num_params subtracts wpe only)."""
-  shapes = abstract_params(cfg)
-  total = num_params(shapes)
+  nanoGPT's get_num_params subtracts wpe only). active (a mixture of experts) counts only the
+  num_experts_per_tok routed experts a token goes through (inactive_expert_params), as the
+  published "active parameters" do."""
+  # the scan layout has the same arrays, stacked, and traces one block instead of L
+  shapes = abstract_params(cfg if cfg.scan_layers else cfg.replace(scan_layers=True))
+  total = num_params(shapes) - (inactive_expert_params(cfg) if active else 0)
   if non_embedding:
     for table in ("wpe", "wpe_dec", "wtt"):  # lookups (positions, token types)
       if table in shapes:

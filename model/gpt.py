@@ -13,11 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import (_constrain, _mask_padded, embed, norm, output_logits, stack,
-                          token_embedding)
+from model.blocks import _constrain, _mask_padded, embed, norm, output_logits, token_embedding
 from model.config import ModelConfig
 from model.kv_cache import CACHE_AXES, Cache
+from model.moe import MoE
 from model.segments import positions_from_segments
+from model.stack import stack
 
 
 class GPT(nn.Module):
@@ -64,7 +65,8 @@ class GPT(nn.Module):
       kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32) if cfg.scan_layers else 0)
     x_BTD, kv = stack(cfg, x_BTD, kv, positions_BT, num_layers=cfg.num_layers, name="h",
                       deterministic=deterministic, cache_chunks=self.cache_chunks,
-                      segment_ids_BT=segment_ids_BT, prefix_BT=prefix_BT)
+                      segment_ids_BT=segment_ids_BT, prefix_BT=prefix_BT,
+                      moe=MoE if cfg.num_experts else None)
     if cfg.norm_placement == "pre":
       x_BTD = norm(cfg, "ln_f")(x_BTD)
     out = x_BTD if return_hidden else output_logits(self, wte, x_BTD)

@@ -49,12 +49,16 @@ WHOLE = ""  # a part that is the whole kernel
 
 def block_modules(cfg) -> dict[str, tuple[str, ...]]:
   """The projections of a decoder block: {path inside the block: the names of its fused parts
-  along its first output axis, () for an unfused kernel}."""
+  along its first output axis, () for an unfused kernel}. A mixture of experts' blocks have
+  attention's only (the experts, and any dense or shared MLP beside them, take no adapters)."""
   if cfg.kv_heads == cfg.num_heads:
     modules = {"attn/c_attn": ("q", "k", "v")}
   else:
     modules = {"attn/c_q": (), "attn/c_kv": ("k", "v")}
-  modules.update({"attn/c_proj": (), "mlp/c_fc": ()})
+  modules["attn/c_proj"] = ()
+  if cfg.num_experts:
+    return modules
+  modules["mlp/c_fc"] = ()
   if cfg.activation == "swiglu":
     modules["mlp/c_gate"] = ()
   modules["mlp/c_proj"] = ()
@@ -71,9 +75,10 @@ def projections(cfg) -> dict[str, tuple[str, str]]:
         out[name] = (path, name)
   if "q" not in out:
     out["q"] = ("attn/c_q", WHOLE)
-  out.update(o=("attn/c_proj", WHOLE), up=("mlp/c_fc", WHOLE), down=("mlp/c_proj", WHOLE))
-  if "mlp/c_gate" in modules:
-    out["gate"] = ("mlp/c_gate", WHOLE)
+  out["o"] = ("attn/c_proj", WHOLE)
+  for name, path in (("gate", "mlp/c_gate"), ("up", "mlp/c_fc"), ("down", "mlp/c_proj")):
+    if path in modules:
+      out[name] = (path, WHOLE)
   return {name: out[name] for name in PROJECTIONS if name in out}
 
 

@@ -21,13 +21,13 @@ from sharding.rules import DEFAULT_RULES, Rules
 
 
 def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
-  """The mesh axes the batch is split over: the rule for "act_batch" (data and fsdp)."""
+  """The mesh axes the batch is split over: the rule for "act_batch" (data, fsdp, expert)."""
   axes = dict(rules).get("act_batch")
   return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-  """Leading (batch) axis split over the batch axes (data and fsdp), the rest replicated."""
+  """Leading (batch) axis split over the batch axes (data, fsdp, expert), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None, *([None] * (ndim - 1))))
 
 

@@ -1,4 +1,4 @@
-"""The device mesh over the axes (data, fsdp, tensor), on one device, one host or many."""
+"""The device mesh over the axes (data, fsdp, tensor, expert), on one device, one host or many."""
 
 from __future__ import annotations
 
@@ -15,25 +15,28 @@ from sharding.rules import MESH_AXES
 
 
 def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1,
-                       num_devices: int | None = None) -> tuple[int, int, int]:
-  """Sizes of (data, fsdp, tensor); at most one may be -1, meaning "all remaining devices"."""
+                       num_devices: int | None = None, expert: int = 1
+                       ) -> tuple[int, int, int, int]:
+  """Sizes of (data, fsdp, tensor, expert); at most one may be -1, meaning "all remaining
+  devices"."""
   num_devices = jax.device_count() if num_devices is None else num_devices
-  sizes = [data, fsdp, tensor]
+  sizes = [data, fsdp, tensor, expert]
   for name, size in zip(MESH_AXES, sizes):
     if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
       raise UserError(f"Mesh axis {name} must be a positive integer or -1, got {size!r}.")
+  words = lambda values: " x ".join(f"{n}={v}" for n, v in zip(MESH_AXES, values)
+                                    if n != "expert" or v != 1)
   if sizes.count(-1) > 1:
-    raise UserError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}, "
-                    f"tensor={tensor}.")
+    raise UserError(f"At most one mesh axis may be -1, got {words(sizes)}.")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
-      raise UserError(f"Mesh data={data} x fsdp={fsdp} x tensor={tensor}: the fixed axes "
-                      f"({known} devices) do not divide the {num_devices} available devices.")
+      raise UserError(f"Mesh {words(sizes)}: the fixed axes ({known} devices) do not divide "
+                      f"the {num_devices} available devices.")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise UserError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                    f"{math.prod(sizes)} devices, but {num_devices} are available.")
+    raise UserError(f"Mesh {words(sizes)} needs {math.prod(sizes)} devices, but {num_devices} "
+                    f"are available.")
   return tuple(sizes)
 
 
@@ -50,11 +53,11 @@ def _granules(devices: Sequence[Any]) -> tuple[str | None, int]:
   return None, 1
 
 
-def _dcn_shape(shape: tuple[int, int, int], granules: int) -> tuple[int, int, int]:
+def _dcn_shape(shape: tuple[int, ...], granules: int) -> tuple[int, ...]:
   """How many granules (slices / hosts) each mesh axis spans: data first (one gradient
   all-reduce per step), then fsdp (an all-gather per layer), then tensor (several collectives
-  per layer: slow across hosts, so only when data x fsdp cannot absorb the hosts). The granules
-  divide the device count, so this always factors them completely."""
+  per layer: slow across hosts, so only when data x fsdp cannot absorb the hosts; then expert).
+  The granules divide the device count, so this always factors them completely."""
   dcn, left = [], granules
   for size in shape:
     dcn.append(math.gcd(size, left))
@@ -62,10 +65,11 @@ def _dcn_shape(shape: tuple[int, int, int], granules: int) -> tuple[int, int, in
   return tuple(dcn)
 
 
-def mesh_devices(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray:
-  """The devices arranged as a (data, fsdp, tensor) array with a fast device order.
+def mesh_devices(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as a (data, fsdp, tensor, expert) array with a fast device order.
 
-  `tensor` (innermost, the most communication) and then `fsdp` stay within a host / ICI domain:
+  `expert` and `tensor` (innermost, the most communication: every token of a sparse layer, the
+  activations of every layer) and then `fsdp` stay within a host / ICI domain:
   mesh_utils.create_device_mesh knows TPU and GPU topologies. Several TPU slices (devices with
   several slice_index values) or several GPU/CPU hosts are laid along `data` first, then
   `fsdp` (then `tensor`), with create_hybrid_device_mesh, so the data-centre network carries
@@ -84,11 +88,11 @@ def mesh_devices(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndar
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes ("data", "fsdp", "tensor") over all devices (of every process) or
-  `devices`; one size may be -1 for "the rest". See mesh_devices for the device order."""
+              devices: Sequence[jax.Device] | None = None, expert: int = 1) -> Mesh:
+  """A Mesh with axes ("data", "fsdp", "tensor", "expert") over all devices (of every process)
+  or `devices`; one size may be -1 for "the rest". See mesh_devices for the device order."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), expert)
   return Mesh(mesh_devices(shape, devices), MESH_AXES)
 
 
@@ -102,9 +106,9 @@ def _field(section: Any, name: str, default: int) -> int:
 
 def mesh_from_config(mesh_cfg: Any) -> Mesh:
   """make_mesh from a config section (ConfigDict, dict or object) with fields data, fsdp,
-  tensor; missing fields default to data=1, fsdp=-1, tensor=1."""
+  tensor, expert; missing fields default to data=1, fsdp=-1, tensor=1, expert=1."""
   return make_mesh(data=_field(mesh_cfg, "data", 1), fsdp=_field(mesh_cfg, "fsdp", -1),
-                   tensor=_field(mesh_cfg, "tensor", 1))
+                   tensor=_field(mesh_cfg, "tensor", 1), expert=_field(mesh_cfg, "expert", 1))
 
 
 def is_cpu(mesh: Mesh) -> bool:
@@ -113,5 +117,7 @@ def is_cpu(mesh: Mesh) -> bool:
 
 
 def describe(mesh: Mesh) -> str:
-  sizes = " x ".join(f"{name}={mesh.shape[name]}" for name in MESH_AXES)
+  """"data=2 x fsdp=1 x tensor=4 over 8 cpu device(s)" (expert=N only where N > 1)."""
+  sizes = " x ".join(f"{name}={mesh.shape[name]}" for name in MESH_AXES
+                     if name != "expert" or mesh.shape[name] > 1)
   return f"{sizes} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)"

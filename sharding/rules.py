@@ -1,7 +1,8 @@
-"""The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor.
+"""The one table that maps the model's logical axis names to the mesh axes data/fsdp/tensor/expert.
 
-Parameters (created with nn.with_logical_partitioning in model/blocks.py):
-  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, lora
+Parameters (created with nn.with_logical_partitioning in model/blocks.py and model/moe.py):
+  vocab, embed, mlp, heads, kv_heads, kv, qkv, norm, position, token_types, layers, lora,
+  expert, expert_embed (the experts' D axis: c_fc [expert, expert_embed, mlp])
 (a LoRA adapter A [in..., r] / B [r, out...] carries its kernel's names on the in / out axes,
 so fsdp and tensor split it as they split the kernel, and "lora" on the rank)
 (the same names for every family: BERT's token-type table is token_types x embed; the
@@ -10,13 +11,19 @@ Activations (constrained with nn.with_logical_constraint):
   act_batch, act_length, act_embed, act_heads, act_kv_heads, act_kv, act_mlp, act_vocab,
   cache_layers, cache_length (the KV cache [L, B, S, H*K]; its last axis is "act_heads")
 
-Strategies, all at once on a (data, fsdp, tensor) mesh:
+Strategies, all at once on a (data, fsdp, tensor, expert) mesh:
   data parallel   the batch is split over `data` (and `fsdp`); parameters are replicated on it.
   FSDP / ZeRO-3   the batch is split over `fsdp` too, and every weight is stored split over
                   `fsdp` (optimizer state follows its parameter), so XLA all-gathers each
                   layer's weights just in time and reduce-scatters the gradients.
   tensor (Megatron) attention heads, the MLP hidden axis and the vocabulary are split over
                   `tensor`; activations of those axes stay split between the two matmuls.
+  expert          a mixture of experts' experts are split over `expert` (each device holds
+                  E / expert of them, their weights split over fsdp and tensor as any MLP's),
+                  and the batch is split over it too: tokens reach their experts' devices and
+                  come back (model/moe.py). For everything else it is one more FSDP axis (the
+                  batch split, the other weights stored split along embed over fsdp x expert,
+                  as MaxText does), so a dense model treats it as FSDP.
 
 Which axis FSDP splits. ZeRO-3 only asks that each device store 1/fsdp of every weight; any axis
 gives the same bytes and the same all-gather volume. As in MaxText ("embed" -> fsdp) and
@@ -43,11 +50,11 @@ from model.errors import UserError
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 # Mesh axes that only decide where a weight is stored (it is all-gathered before use): when a
 # rule puts one on a dimension it does not divide, it moves to the largest free dimension it does.
-FSDP_AXES = ("fsdp",)
+FSDP_AXES = ("fsdp", "expert")
 
 DEFAULT_RULES: Rules = (
     # parameters
@@ -55,7 +62,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (c_kv [D, 2, G, K])
     ("mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("kv", None),
     ("qkv", None),
     ("norm", None),
@@ -63,6 +70,8 @@ DEFAULT_RULES: Rules = (
     ("token_types", None),
     ("layers", None),
     ("lora", None),  # a LoRA adapter's rank (model/lora.py): small, kept whole
+    ("expert", "expert"),  # the experts of a sparse MLP (c_fc [E, D, F], ...)
+    ("expert_embed", "fsdp"),  # the experts' D axis (their E axis is on `expert` already)
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),

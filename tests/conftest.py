@@ -273,18 +273,23 @@ def random_batch(batch, seq_len, vocab, seed=0):
   return np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
 
 
-def two_step_losses(mesh, host_state=None):
-  """Two AdamW steps of the MESH_CFG model on `mesh`: (losses, the initial host state)."""
-  cfg = get_config("tiny", **MESH_CFG)
+def adamw_start(cfg, mesh, batch_shape, host_state=None, **step_args):
+  """A fresh AdamW run of `cfg` on `mesh` for comparing meshes: (state, the train step compiled
+  for [B, W] batches, the initial host state). Without host_state the state is created the
+  normal (sharded) way: the single-device reference; with it, the same values laid out on
+  `mesh`."""
   opt = optimizer_config()
   tx, sched = make_optimizer(opt, 10), schedule_from_config(opt, 10)
   abstract, shardings = abstract_train_state(cfg, tx, mesh)
-  if host_state is None:  # the single-device reference, created the normal (sharded) way
-    state, _ = create_train_state(cfg, tx, mesh, seed=0)
-  else:  # the same initial values, laid out on `mesh`
-    state = jax.device_put(host_state, shardings)
-  step = compile_train_step(cfg, tx, sched, mesh, abstract, (8, 17), grad_accum=1)
-  initial = jax.device_get(state)
+  state = (create_train_state(cfg, tx, mesh, seed=0)[0] if host_state is None
+           else jax.device_put(host_state, shardings))
+  step = compile_train_step(cfg, tx, sched, mesh, abstract, batch_shape, **step_args)
+  return state, step, jax.device_get(state)
+
+
+def two_step_losses(mesh, host_state=None):
+  """Two AdamW steps of the MESH_CFG model on `mesh`: (losses, the initial host state)."""
+  state, step, initial = adamw_start(get_config("tiny", **MESH_CFG), mesh, (8, 17), host_state)
   losses = []
   for i in range(2):
     state, metrics = step(state, shard_batch(random_batch(8, 16, 64, seed=i), mesh))

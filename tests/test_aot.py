@@ -25,8 +25,8 @@ from launch import aot as aot_cli
 from model.config import ModelConfig
 from model.families import count_params
 from sharding import make_mesh, rules_from_config
-from training.perf import aot
 from training.config_checks import check_values
+from training.perf import aot
 from training.run import model_config
 from training.tpu import slices
 from training.tpu.slices import GIB, parse_slice
@@ -221,8 +221,8 @@ def test_gpt2_124m_at_full_size_compiles_for_a_v5p_8_and_fits(tmp_path):
   assert "memory per chip (XLA memory_analysis)" in result.stdout
   assert "fits" in result.stdout and "DOES NOT FIT" not in result.stdout
   r = json.loads(out.read_text())
-  assert (r["chips"], r["device_kind"], r["mesh"]) == (4, "TPU v5",
-                                                      {"data": 4, "fsdp": 1, "tensor": 1})
+  assert (r["chips"], r["device_kind"], r["mesh"]) == (
+      4, "TPU v5", {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1})
   mem = r["memory"]
   # Parameters + 2 AdamW moments in float32, replicated over data=4: ~1.39 GiB on every chip.
   assert mem["arguments"] >= r["state_bytes_per_chip"] > 12 * 124e6
@@ -473,5 +473,32 @@ def test_encoder_and_encoder_decoder_compile_for_tpu(tmp_path, config, layers):
     assert (r["model"]["num_decoder_heads"], r["model"]["decoder_d_mlp"]) == (4, 256)
   else:
     assert "6N+12LTD formula" in result.stdout and r["model"]["attention"] == "xla"
+  ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)
+  assert 0.9 < ratio < 1.25, ratio
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh, moe", [
+    (("--config.mesh.expert=1",), ()),  # dropless, megablox (auto on TPU), FSDP over 8 chips
+    (("--config.mesh.expert=8",), ("--config.model.capacity_factor=1.25",))])
+def test_a_mixture_of_experts_compiles_for_tpu_and_its_flops_formula(tmp_path, mesh, moe):
+  """configs/mixtral_8x7b.py at 2 unscanned layers of width 256 (8 experts of 512, the top 2;
+  T 128) on a v5p-16: dropless without expert parallelism, and with the experts split over all
+  8 chips at a capacity factor of 1.25 (dropless with expert parallelism sizes each chip's
+  buffers for the worst case, which XLA counts: README). XLA's FLOPs per chip agree with
+  6N + 12LTD from the active parameters."""
+  out = tmp_path / "report.json"
+  result = _aot(_tpu_python(), "--config", "configs/mixtral_8x7b.py",
+                "--config.model.num_layers=2", "--config.model.d_model=256",
+                "--config.model.num_heads=8", "--config.model.num_kv_heads=2",
+                "--config.model.d_mlp=512", "--config.model.block_size=128",
+                "--config.model.scan_layers=False", "--config.model.remat=none",
+                "--config.train.batch_size=16", "--config.train.grad_accum=1", *mesh, *moe,
+                "--topology", "v5p-16", "--json", str(out))
+  assert result.returncode == 0, result.stdout + result.stderr
+  r = json.loads(out.read_text())
+  assert r["fits"] and r["mesh"]["expert"] == int(mesh[0].split("=")[1])
+  assert "2 of 8 experts per token" in result.stdout and "the 2 of 8 experts a token is " \
+      "routed to" in result.stdout
   ratio = r["xla_flops_per_chip"] / (r["formula_flops_per_step"] / 8)
   assert 0.9 < ratio < 1.25, ratio

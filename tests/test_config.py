@@ -22,7 +22,7 @@ from model.errors import UserError
     (dict(remat="everything"), "remat"),
     (dict(attn_dropout=1.0), "attn_dropout"),
     (dict(scan_layers="yes"), "scan_layers"),
-    (dict(num_experts=8), "num_experts"),
+    (dict(num_experts=-1), "num_experts"),
 ])
 def test_config_validation_names_field(overrides, field):
   with pytest.raises(UserError, match=field):

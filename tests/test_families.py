@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import optimizer_config, rel_err
+from conftest import adamw_start, rel_err
 from model import encdec
 from model.decode import seq2seq
 from model.config import ModelConfig
@@ -22,9 +22,6 @@ from sharding import make_mesh, shard_batch
 from training.data.mlm import mask_tokens
 from training.data.pairs import infill, pack_pair, reverse_pairs
 from training.data.sources import special_ids
-from training.optimizer import make_optimizer, schedule_from_config
-from training.state import abstract_train_state, create_train_state
-from training.step import compile_train_step
 
 V = 40
 SPECIALS = special_ids(V - 4)  # pad 36, bos 37, eos 38, mask 39
@@ -245,14 +242,8 @@ def _task_batch(cfg, B, seed):
 
 
 def _two_steps(cfg, mesh, host_state=None):
-  opt = optimizer_config()
-  tx, sched = make_optimizer(opt, 10), schedule_from_config(opt, 10)
-  abstract, shardings = abstract_train_state(cfg, tx, mesh)
-  state = (create_train_state(cfg, tx, mesh, seed=0)[0] if host_state is None
-           else jax.device_put(host_state, shardings))
-  initial = jax.device_get(state)
   width = 32 if cfg.family == "bert" else 33
-  step = compile_train_step(cfg, tx, sched, mesh, abstract, (8, width), label_smoothing=0.1)
+  state, step, initial = adamw_start(cfg, mesh, (8, width), host_state, label_smoothing=0.1)
   out = []
   for i in range(2):
     state, metrics = step(state, shard_batch(_task_batch(cfg, 8, i), mesh))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, exit_status, hf_window_loss, optimizer_config, rel_err
+from conftest import adamw_start, assert_close, exit_status, hf_window_loss, rel_err
 from launch import eval as eval_cli
 from launch import export as export_cli
 from launch import sample as sample_cli
@@ -32,11 +32,8 @@ from model.hf.llama import save_hf_llama
 from model.hf.tokenizer import load_hf_tokenizer
 from model.kv_cache import init_cache
 from sharding import DEFAULT_RULES, activate, make_mesh, place_params, shard_batch
-from training.optimizer import make_optimizer, schedule_from_config
 from training.perf.flops import flops_per_token, formula
-from training.state import abstract_train_state, create_train_state
 from training.weights import load_weights
-from training.step import compile_train_step
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 NAMES = ("mha", "gqa", "mqa")
@@ -131,13 +128,7 @@ def test_on_a_data_2_by_tensor_4_mesh(expected):
 
 
 def _two_steps(cfg, mesh, host_state=None):
-  opt = optimizer_config()
-  tx, sched = make_optimizer(opt, 10), schedule_from_config(opt, 10)
-  abstract, shardings = abstract_train_state(cfg, tx, mesh)
-  state = (create_train_state(cfg, tx, mesh, seed=0)[0] if host_state is None
-           else jax.device_put(host_state, shardings))
-  initial = jax.device_get(state)
-  step = compile_train_step(cfg, tx, sched, mesh, abstract, (8, 33))
+  state, step, initial = adamw_start(cfg, mesh, (8, 33), host_state)
   losses = []
   for i in range(2):
     batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 33)).astype(np.int32)
@@ -506,4 +497,5 @@ def test_a_config_json_without_model_type_is_one_sentence_not_a_guess(tmp_path, 
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and err == [
       f"error: {out}/config.json has no model_type; a Hugging Face checkpoint's config.json "
-      f"names its model (\"model_type\": one of gpt2, bert, bart, llama)."], err
+      f"names its model (\"model_type\": one of gpt2, bert, bart, llama, qwen3, mixtral, "
+      f"qwen3_moe, olmoe)."], err

@@ -25,6 +25,8 @@ ADAPTERS = {  # fixture, PEFT's target_modules
     "gpt2": ("hf_gpt2_tiny", ["c_attn", "c_proj", "c_fc"]),  # Conv1D: fan_in_fan_out
     "llama-gqa": ("hf_llama_gqa", LLAMA_ALL),  # c_q, and parts k / v of c_kv
     "llama-mha": ("hf_llama_mha", ["q_proj", "v_proj"]),  # parts q / v of the fused c_attn
+    # a mixture of experts: attention only (the experts take no adapters)
+    "mixtral": ("hf_mixtral", ["q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
 

@@ -10,8 +10,8 @@ from configs import finetune_shakespeare, gpt2, gpt2_xl, shakespeare_char, tiny
 from conftest import tiny_run_config
 from model.config import LORA_FIELDS, field_names
 from model.errors import UserError
-from training.data import prepare_text
 from training.config_checks import check_values, cpu_device_count
+from training.data import prepare_text
 from training.run import build_run, check_same_tokenizer, model_config, vocab_size_without_data
 
 CONFIGS = {"tiny": tiny, "shakespeare_char": shakespeare_char, "gpt2": gpt2, "gpt2_xl": gpt2_xl,
@@ -130,7 +130,7 @@ def test_run_on_given_devices_resolves_the_config():
   c.data.source = "synthetic"
   c.mesh.data, c.mesh.fsdp = 2, -1
   run = build_run(c, devices=jax.devices()[:4], read_data=False)
-  assert run.mesh_shape == (2, 2, 1) and run.mesh.devices.size == 4
+  assert run.mesh_shape == (2, 2, 1, 1) and run.mesh.devices.size == 4
   assert (run.config.mesh.data, run.config.mesh.fsdp) == (2, 2)  # -1 resolved
   assert run.config.optimizer.decay_steps == c.train.steps and run.source is None
   assert run.model.vocab_size == c.data.vocab_size == 50257

@@ -80,12 +80,17 @@ def mesh_run(request, reference):
 
 
 def test_mesh_shapes_and_minus_one():
-  assert S.make_mesh(2, 2, 2).devices.shape == (2, 2, 2)
-  assert dict(S.make_mesh(data=2, fsdp=-1, tensor=1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-  assert S.resolve_mesh_shape(1, 1, -1, num_devices=8) == (1, 1, 8)
-  assert S.resolve_mesh_shape(-1, 1, 1, num_devices=1) == (1, 1, 1)
+  assert S.make_mesh(2, 2, 2).devices.shape == (2, 2, 2, 1)  # (data, fsdp, tensor, expert)
+  assert dict(S.make_mesh(data=2, fsdp=-1, tensor=1).shape) == {"data": 2, "fsdp": 4, "tensor": 1,
+                                                                 "expert": 1}
+  assert S.resolve_mesh_shape(1, 1, -1, num_devices=8) == (1, 1, 8, 1)
+  assert S.resolve_mesh_shape(-1, 1, 1, num_devices=1) == (1, 1, 1, 1)
+  assert S.resolve_mesh_shape(1, -1, 1, num_devices=8, expert=4) == (1, 2, 1, 4)
   one = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   assert one.devices.size == 1 and "1 cpu device" in S.describe(one)
+  assert "expert" not in S.describe(S.make_mesh(2, 2, 2))  # an axis of 1 is not named
+  assert "data=2 x fsdp=1 x tensor=1 x expert=4 over 8" in S.describe(S.make_mesh(2, 1, 1,
+                                                                                  expert=4))
 
 
 def test_mesh_wrong_device_count_names_both_numbers():
@@ -108,12 +113,13 @@ def test_mesh_bad_axis_values(sizes, match):
 
 def test_mesh_and_rules_from_config():
   cfg = ml_collections.ConfigDict({"data": 2, "fsdp": -1, "tensor": 2, "rules": {}})
-  assert dict(S.mesh_from_config(cfg).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(S.mesh_from_config(cfg).shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
   assert S.rules_from_config(cfg) == S.DEFAULT_RULES
   cfg.rules = {"embed": "none", "mlp": "fsdp,tensor"}  # as --config.mesh.rules.embed=none sets it
   assert dict(S.rules_from_config(cfg))["embed"] is None
   assert dict(S.rules_from_config(cfg))["mlp"] == ("fsdp", "tensor")
-  assert dict(S.mesh_from_config({"tensor": 4}).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert dict(S.mesh_from_config({"tensor": 4}).shape) == {"data": 1, "fsdp": 2, "tensor": 4,
+                                                          "expert": 1}
   # the whole table in a config, every entry overridable; or a one-line string of overrides
   assert S.make_rules(S.rules_config()) == S.DEFAULT_RULES
   assert dict(S.rules_from_config({"rules": "embed=none; act_batch=data"}))["act_batch"] == "data"
@@ -288,7 +294,7 @@ def test_shard_batch_places_rows_on_the_right_devices():
   placed = S.shard_batch(batch, mesh)
   assert placed["inputs"].shape == TOKENS_BT.shape
   rows_per_shard = 8 // S.batch_size_multiple(mesh)
-  for (d, f, t), device in np.ndenumerate(mesh.devices):
+  for (d, f, t, _), device in np.ndenumerate(mesh.devices):
     start = (d * mesh.shape["fsdp"] + f) * rows_per_shard  # same rows on both tensor devices
     for name, x in batch.items():
       (shard,) = [s for s in placed[name].addressable_shards if s.device == device]

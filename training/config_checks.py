@@ -1,8 +1,9 @@
-"""The config's sections checked before anything is built (training/run.py's build_run calls
-them): numeric ranges of the train / optimizer / eval / checkpoint / log sections, the mesh
-against the device count (and mesh.cpu_devices), the sharding rules, and the batch against
-grad_accum, the data-parallel size and the process count. Each failure is one UserError
-sentence naming the bad value."""
+"""The experiment config's own checks, before anything is built (training/run.py: build_run
+calls them in this order): the numbers of the train / optimizer / eval / checkpoint / log
+sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
+against grad_accum, the data-parallel size and the process count, and the expert axis against
+the experts. Each fails with one UserError sentence naming the bad value.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import jax
 import ml_collections
 
+from model.config import ModelConfig
 from model.errors import UserError
 from sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape, rules_from_config
 from training.step import check_loss_chunk
@@ -23,7 +25,6 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "checkpoint.
 _NON_NEGATIVE = ("train.seed", "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps",
                  "optimizer.weight_decay", "optimizer.clip", "eval.every", "eval.batches",
                  "checkpoint.every")
-
 
 
 def _get(config, dotted: str):
@@ -110,11 +111,13 @@ def configure_cpu_devices(config) -> None:
     pass
 
 
-def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes over `num_devices` (default: all devices), -1 resolved."""
+def check_mesh(config, num_devices: int | None = None) -> tuple[int, int, int, int]:
+  """(data, fsdp, tensor, expert) sizes over `num_devices` (default: all devices), -1
+  resolved."""
   m = config.mesh
   try:
-    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices)
+    return resolve_mesh_shape(m.data, m.fsdp, m.tensor, num_devices=num_devices,
+                              expert=m.get("expert", 1))
   except UserError as e:
     raise UserError(f"config.mesh: {e}") from None
 
@@ -126,15 +129,30 @@ def check_rules(config):
     raise UserError(f"config.mesh.rules: {e}") from None
 
 
-def check_batch(config, mesh_shape: tuple[int, int, int]) -> None:
+def check_experts(cfg: ModelConfig, mesh_shape: tuple[int, ...], rules) -> None:
+  """The mesh axes the rules put the experts on must divide model.num_experts."""
+  if not cfg.num_experts:
+    return
+  axes = dict(rules).get("expert")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  size = math.prod(dict(zip(MESH_AXES, mesh_shape))[a] for a in axes)
+  if cfg.num_experts % size:
+    where = " x ".join(f"mesh.{a}" for a in axes)
+    raise UserError(f"config.{where} ({size}) must divide model.num_experts "
+                    f"({cfg.num_experts}): each device holds the same number of experts.")
+
+
+def check_batch(config, mesh_shape: tuple[int, ...]) -> None:
   B, k = config.train.batch_size, config.train.grad_accum
   dp = math.prod(s for name, s in zip(MESH_AXES, mesh_shape) if name in BATCH_AXES)
   if B % k:
     raise UserError(f"config.train.batch_size ({B}) must be divisible by "
                     f"config.train.grad_accum ({k}).")
   if (B // k) % dp:
+    sizes = dict(zip(MESH_AXES, mesh_shape))
+    axes = " x ".join(f"mesh.{a}" for a in BATCH_AXES if a != "expert" or sizes[a] > 1)
     raise UserError(f"The micro-batch config.train.batch_size / grad_accum = {B // k} must be "
-                    f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}.")
+                    f"divisible by the data-parallel size {axes} = {dp}.")
   if B % jax.process_count():
     raise UserError(f"config.train.batch_size ({B}) must be divisible by the number of "
                     f"processes ({jax.process_count()}).")

@@ -94,8 +94,8 @@ def check_out(out: str | os.PathLike, force: bool, workdir: str | os.PathLike | 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
               force: bool = False, merge: bool = False) -> dict[str, Any]:
   """Exports the run's latest (or `step`) checkpoint to `out`; returns what was written:
-  out, step, files, model_type, adapter (whether `out` is a PEFT adapter directory),
-  tokenizer ("gpt2", "char" or "hf"), vocab_size, block_size. A LoRA run is written as a PEFT
+  out, step, files, model_type, hf_class (its transformers class), adapter (whether `out` is
+  a PEFT adapter directory), tokenizer ("gpt2", "char" or "hf"), vocab_size, block_size. A LoRA run is written as a PEFT
   adapter directory (model/hf/peft.py) naming its base, or with `merge` as the whole model
   with the adapters folded in."""
   local = "://" not in os.fspath(workdir)
@@ -141,8 +141,8 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"out": out, "step": w.step, "files": files, "model_type": kind, "adapter": adapter,
-          "tokenizer": record["name"],
+  return {"out": out, "step": w.step, "files": files, "model_type": kind,
+          "hf_class": hf.HF_CLASSES[kind], "adapter": adapter, "tokenizer": record["name"],
           "vocab_size": w.cfg.vocab_size, "block_size": w.cfg.block_size}
 
 

@@ -146,9 +146,10 @@ class _MetricsReader:
                     "mfu": flops.mfu(tps, self.t.flops_per_token, self.t.device_kind,
                                      self.t.mesh.devices.size)}
         # the family's metrics (accuracy: masked-token or target-token; packed rows'
-        # scored_tokens and padding_share, and their useful_tokens_per_sec)
-        self.row.update({k: float(v) for k, v in m.items()
-                         if k not in ("loss", "lr", "grad_norm")})
+        # scored_tokens and padding_share, and their useful_tokens_per_sec; a mixture of
+        # experts' losses, and each expert's load as a list)
+        self.row.update({k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                         for k, v in m.items() if k not in ("loss", "lr", "grad_norm")})
         if useful is not None:
           self.row["useful_tokens_per_sec"] = useful
         if self.is_log_step(step) and not (hold_last and step == last_step):

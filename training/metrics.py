@@ -5,9 +5,12 @@ step, loss, lr, grad_norm,
 tokens_per_sec, mfu (null where the device's peak is unknown); rows of evaluation steps add
 val_loss. Runs of packed examples (training/lm_inputs.py) add scored_tokens (the targets the
 loss counted), padding_share (of the step's input tokens) and useful_tokens_per_sec (the
-tokens that are not padding, per second: tokens_per_sec x (1 - padding_share)). `step` counts optimizer updates: the row of step s describes the s-th update (the
-loss of its batch before the update, the learning rate it used) and val_loss is measured on the
-parameters after it.
+tokens that are not padding, per second: tokens_per_sec x (1 - padding_share)). A mixture of
+experts (model/moe.py) adds moe_aux_loss, moe_z_loss, moe_dropped and moe_load (a list: each
+expert's share of the routed assignments, averaged over the sparse layers); its `loss` is the
+cross-entropy (the objective adds the weighted aux and z losses). `step` counts optimizer
+updates: the row of step s describes the s-th update (the loss of its batch before the update,
+the learning rate it used) and val_loss is measured on the parameters after it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ METRICS_PARTS = "metrics"
 _TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu",
             "useful_tokens_per_sec": "perf/useful_tokens_per_sec",
-            "padding_share": "perf/padding_share", "val_loss": "eval/val_loss"}
+            "padding_share": "perf/padding_share", "val_loss": "eval/val_loss",
+            "moe_aux_loss": "moe/aux_loss", "moe_z_loss": "moe/z_loss",
+            "moe_dropped": "moe/dropped"}
 
 
 def _rows(text: str) -> list[dict[str, Any]]:
@@ -225,6 +230,10 @@ class Console:
       parts.append(f"loss {row['loss']:.4f}")
     if row.get("accuracy") is not None:
       parts.append(f"acc {100 * row['accuracy']:.1f}%")
+    if row.get("moe_aux_loss") is not None:  # a mixture of experts (J when balanced)
+      parts.append(f"aux {row['moe_aux_loss']:.3f}")
+    if row.get("moe_dropped"):
+      parts.append(f"dropped {100 * row['moe_dropped']:.1f}%")
     if row.get("val_loss") is not None:
       parts.append(f"val {row['val_loss']:.4f}")
     if row.get("val_accuracy") is not None:

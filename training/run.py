@@ -6,12 +6,13 @@
     state = run.create_state()                  # born sharded over run.mesh
     train_step = run.compile_train_step()       # (state, batch) -> (state, metrics)
 
-Every check happens in `build_run` (the config's sections: training/config_checks.py), before
-anything is compiled, and fails with one UserError sentence naming the bad value: numeric ranges of the train / optimizer / eval / checkpoint / log
-sections, mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch
-against grad_accum, the data-parallel size and the process count, the block size, the data
-(path, vocabulary), the model fields, a --workdir that already holds a run of another model, and
-a workdir (and its checkpoints/) that cannot be created or written.
+Every check happens in `build_run`, before anything is compiled, and fails with one UserError
+sentence naming the bad value: the config's own (training/config_checks.py: numeric ranges,
+mesh.cpu_devices, the mesh against the device count, the sharding rules, the batch against
+grad_accum, the data-parallel size and the process count, the expert axis against the
+experts), the block size, the data (path, vocabulary), the model fields, a --workdir that
+already holds a run of another model, and a workdir (and its checkpoints/) that cannot be
+created or written.
 The same config is therefore checked and built the same way by training, the benchmark and the
 ahead-of-time TPU compile. `config.init_from` (fine-tuning: gpt2 | gpt2-medium | ... | a
 Hugging Face directory | a training workdir) is checked against the model here (nothing big
@@ -33,7 +34,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from model import attention
+from model import attention, grouped_matmul
 from model.config import FAMILIES, RENAMED_FIELDS, ModelConfig, upgrade_fields
 from model.errors import UserError
 from model.tokenizer import describe_tokenizer, same_tokenizer, tokenizer_difference
@@ -42,8 +43,8 @@ from training import storage
 from training.adapters import (REFERENCE, join, lora_fields, meta_key, split_trainable,
                                trainable_params, with_lora, with_reference)
 from training.checkpoint import CHECKPOINT_DIR, resolve_workdir
-from training.config_checks import (check_batch, check_mesh, check_rules, check_values,
-                                    configure_cpu_devices)
+from training.config_checks import (check_batch, check_experts, check_mesh, check_rules,
+                                    check_values, configure_cpu_devices)
 from training.dpo import DPOSettings, settings_from_config
 from training.data import DataSource
 from training.data.sources import NUM_SPECIALS, special_ids
@@ -61,7 +62,8 @@ from training.workdir import CONFIG_NAME
 # ModelConfig fields that may change between runs on one workdir: they change how the
 # computation runs, not what the parameters are.
 RUNTIME_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dropout_rng", "dtype",
-                        "attention", "remat")
+                        "attention", "remat", "moe_kernel")
+
 
 @dataclasses.dataclass
 class Run:
@@ -99,7 +101,7 @@ class Run:
     return self.layout in ("packed", "preference") or self.eot_id is not None
 
   @property
-  def mesh_shape(self) -> tuple[int, int, int]:
+  def mesh_shape(self) -> tuple[int, ...]:
     return tuple(self.mesh.shape[name] for name in MESH_AXES)
 
   @property
@@ -410,16 +412,19 @@ def build_run(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike |
   if weights is not None:
     vocab_from = f"config.init_from={init_from!r}"
   cfg = with_lora(model_config(config, data_vocab, specials), lora)
+  check_experts(cfg, mesh_shape, rules)
   tokenizer = source.tokenizer if source is not None else None
   if source is None and config.data.get("document_mask") is True:  # not read: what it records
     tokenizer = data_tokenizer(config.data, task)[2]
   eot_id = document_eot(config.data, task, family, tokenizer)
-  mesh = make_mesh(*mesh_shape, devices=devices)
+  mesh = make_mesh(*mesh_shape[:3], devices=devices, expert=mesh_shape[3])
   if family == "gpt":  # a kernel this platform cannot run is one sentence now, not in compiling
     attention.implementation(cfg, cfg.block_size, cfg.attn_dropout > 0,
                              platform=mesh.devices.flat[0].platform,
                              segments=batch_layout(task) == "packed" or eot_id is not None,
                              prefix=cfg.prefix_lm)
+    if cfg.num_experts:
+      grouped_matmul.kernel(cfg, platform=mesh.devices.flat[0].platform)
   if saved is not None:
     check_same_model(saved, cfg, f"--workdir {str(path)!r}")
   if path is not None and jax.process_index() == 0:

@@ -34,6 +34,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.families import build
 from model.gpt import GPT, logits_from_hidden
+from model.moe import MOE_COLLECTION, moe_metrics, moe_objective
 from sharding import DEFAULT_RULES, activate, batch_sharding, is_cpu
 from training.adapters import join, split_trainable
 from training.dpo import METRICS as DPO_METRICS
@@ -158,7 +159,10 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
             chunks of the sequence (chunked_cross_entropy); no metrics. Documents kept apart
             with `eot_id` (data.document_mask). In the packed `layout` (training/lm_inputs.py)
             sum(nll * w) over the scored targets / weight_total (default: their count), with
-            the metrics scored_tokens and padding_tokens
+            the metrics scored_tokens and padding_tokens. A mixture of experts (model/moe.py)
+            adds the weighted load-balancing and z losses to the loss, and to the metrics the
+            cross-entropy as "loss" (what the steps report), moe_aux_loss, moe_z_loss,
+            moe_dropped and, in training, moe_load [E]
     bert    masked LM: inputs [B, :T], targets [B, T:] (-1: not chosen); loss and accuracy on
             the chosen positions only
     encdec  teacher forcing on [B, S + T + 1] (split_seq2seq): loss and token accuracy on the
@@ -188,18 +192,30 @@ def loss_and_metrics(params: Any, cfg: ModelConfig, batch: jax.Array, key: jax.A
   chunked = 0 < loss_chunk < lm.inputs_BT.shape[1]
   out = GPT(cfg).apply({"params": params}, lm.inputs_BT, deterministic=not dropout,
                        rngs=rngs, return_hidden=chunked, segment_ids_BT=lm.segment_ids_BT,
-                       prefix_BT=lm.prefix_BT)
+                       prefix_BT=lm.prefix_BT,
+                       mutable=[MOE_COLLECTION] if cfg.num_experts else False)
+  if cfg.num_experts:
+    out, sown = out
   if lm.weights_BT is None:
     if chunked:
-      return chunked_cross_entropy(params, cfg, out, lm.targets_BT, loss_chunk), {}
-    return cross_entropy(out, lm.targets_BT), {}
-  if chunked:
-    nll = chunked_nll_sum(params, cfg, out, lm.targets_BT, loss_chunk, lm.weights_BT)
+      loss = chunked_cross_entropy(params, cfg, out, lm.targets_BT, loss_chunk)
+    else:
+      loss = cross_entropy(out, lm.targets_BT)
+    metrics = {}
   else:
-    nll = jnp.sum(token_cross_entropy(out, lm.targets_BT) * lm.weights_BT)
-  if weight_total is None:
-    weight_total = jnp.maximum(jnp.sum(lm.weights_BT), 1.0)
-  return nll / weight_total, packed_metrics(lm)
+    if chunked:
+      nll = chunked_nll_sum(params, cfg, out, lm.targets_BT, loss_chunk, lm.weights_BT)
+    else:
+      nll = jnp.sum(token_cross_entropy(out, lm.targets_BT) * lm.weights_BT)
+    if weight_total is None:
+      weight_total = jnp.maximum(jnp.sum(lm.weights_BT), 1.0)
+    loss, metrics = nll / weight_total, packed_metrics(lm)
+  if not cfg.num_experts:
+    return loss, metrics
+  experts = moe_metrics(sown[MOE_COLLECTION], cfg)
+  if not train:
+    del experts["moe_load"]
+  return loss + moe_objective(experts, cfg), {**metrics, "loss": loss, **experts}
 
 
 def split_micro_batches(tokens_BT1: jax.Array, grad_accum: int) -> jax.Array:
@@ -223,8 +239,13 @@ def _finish_metrics(aux: dict[str, jax.Array], batch: jax.Array) -> dict[str, ja
   return aux
 
 
-def _merge_micro(aux_A: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {k: jnp.sum(v) if k in COUNT_METRICS else jnp.mean(v) for k, v in aux_A.items()}
+def _merge_micro(aux_A: dict[str, jax.Array], shares: bool) -> dict[str, jax.Array]:
+  """The micro-batches' metrics [A, ...] as the batch's: counts summed, the others averaged
+  (moe_load [A, E] per expert), "loss" summed when each micro-batch's is its share of the
+  batch's (`shares`: a packed or preference batch)."""
+  summed = COUNT_METRICS + (("loss",) if shares else ())
+  return {k: jnp.sum(v, axis=0) if k in summed else jnp.mean(v, axis=0)
+          for k, v in aux_A.items()}
 
 
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
@@ -278,7 +299,7 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: ModelConfig,
       loss = jnp.mean(losses_A)
     else:  # each micro-batch's loss and gradients are its share of the batch's already
       loss = jnp.sum(losses_A)
-    aux = _merge_micro(aux_A)
+    aux = _merge_micro(aux_A, total is not None)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -313,10 +334,7 @@ def eval_step(params: Any, tokens_BT1: jax.Array, *, cfg: ModelConfig, grad_accu
     return _finish_metrics(metrics(tokens_BT1), tokens_BT1)
   _, out_A = jax.lax.scan(lambda _, tokens: (None, metrics(tokens)), None,
                           split_micro_batches(tokens_BT1, grad_accum))
-  out = _merge_micro(out_A)
-  if total is not None:
-    out["loss"] = jnp.sum(out_A["loss"])
-  return _finish_metrics(out, tokens_BT1)
+  return _finish_metrics(_merge_micro(out_A, total is not None), tokens_BT1)
 
 
 def scored_nll(params: Any, tokens_BT1: jax.Array, weights_BT: jax.Array, *,

@@ -139,7 +139,7 @@ def load_weights(name_or_dir: str | os.PathLike, *, step: int | None = None,
 def checkpoint_tokenizer(directory: str, cfg: ModelConfig) -> dict | None:
   """The tokenizer a Hugging Face decoder checkpoint's ids mean (a to_dict() record): an
   export's TOKENIZER_RECORD_FILE (a character table, GPT-2 BPE, or the folder's own tokenizer
-  files), a Llama's own tokenizer files, GPT-2 BPE for a GPT-2 of GPT-2's 50,257 tokens; None
+  files), a Llama-shaped decoder's own tokenizer files, GPT-2 BPE for a GPT-2 of GPT-2's 50,257 tokens; None
   where that is unknown (another GPT-2, read with GPT-2 BPE; BERT / BART, their own files)."""
   if cfg.family != "gpt":
     return None
@@ -156,7 +156,8 @@ def checkpoint_tokenizer(directory: str, cfg: ModelConfig) -> dict | None:
     if record["name"] == "hf":  # the export's own tokenizer files
       record = dict(record, path=os.path.abspath(directory))
     return record
-  if hf.read_hf_config(directory).get("model_type") == "llama":
+  kind = hf.read_hf_config(directory).get("model_type")
+  if kind in hf.HF_CLASSES and kind != "gpt2":  # Llama, Qwen3, a mixture of experts
     directory = os.path.abspath(directory)
     return {"name": "hf", "path": directory, "sha256": content_sha256(directory)}
   if cfg.vocab_size == GPT2_VOCAB_SIZE:
@@ -205,7 +206,8 @@ def _no_step(path: str, step: int | None) -> None:
 # what the parameters are. block_size may be lowered (positions cropped) and padded_vocab_size
 # raised (rows re-padded); every other field is the weights'.
 RUN_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "dtype", "param_dtype",
-              "attention", "dropout_rng", "scan_layers", "remat")
+              "attention", "dropout_rng", "scan_layers", "remat", "capacity_factor",
+              "moe_kernel", "router_aux_loss_coef", "router_z_loss_coef")
 
 
 def describe_init_from(name_or_dir: str) -> Weights:

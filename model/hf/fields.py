@@ -20,10 +20,13 @@ KINDS = {
     "int+": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "int0": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
     "float+": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "float0": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "prob": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "id": (lambda v: _is_int(v) and v >= 0, "a token id (a whole number >= 0)"),
+    "ints": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
+             "a list of whole numbers >= 0"),
 }
 
 

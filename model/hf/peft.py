@@ -43,7 +43,10 @@ GPT2_MODULES = {"attn/c_attn": "attn.c_attn", "attn/c_proj": "attn.c_proj",
 LLAMA_PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
                      "down": "mlp.down_proj"}
-PREFIXES = {"gpt2": "base_model.model.transformer.h", "llama": "base_model.model.model.layers"}
+# the layers of each model type in PEFT's names (every Llama-shaped type has Llama's)
+PREFIXES = {"gpt2": "base_model.model.transformer.h",
+            **{kind: "base_model.model.model.layers"
+               for kind in ("llama", "qwen3", "mixtral", "qwen3_moe", "olmoe")}}
 # adapter_config.json fields that change what the adapter computes, and the value we support
 UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("use_rslora", False, "rsLoRA (use_rslora)"),
                ("bias", "none", "trained biases (bias)"), ("lora_bias", False, "lora_bias"),
@@ -225,7 +228,7 @@ def save_adapter(params: dict, cfg: ModelConfig, model_type: str, path: str,
       for proj, (ppath, part) in lora.projections(cfg).items():
         if ppath != mpath or (parts != (lora.WHOLE,) and part not in parts):
           continue
-        key = f"{PREFIXES['llama']}.{i}.{LLAMA_PROJECTIONS[proj]}"
+        key = f"{PREFIXES[model_type]}.{i}.{LLAMA_PROJECTIONS[proj]}"
         if parts == (lora.WHOLE,):
           b = node["lora_b"] if part == lora.WHOLE else node["lora_b"][:, fused.index(part)]
           put(key, node["lora_a"], b)

@@ -40,11 +40,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from model import attention
+from model import attention, grouped_matmul
 from model.config import ModelConfig
 from model.errors import UserError
-from model.families import num_params
-from sharding import BATCH_AXES, MESH_AXES, abstract_model_params, describe, placements
+from model.families import count_params, num_params
+from sharding import BATCH_AXES, abstract_model_params, describe, placements
 from training.perf import flops
 from training.adapters import REFERENCE, split_trainable
 from training.run import build_run
@@ -214,7 +214,7 @@ def compiler_oom(error: Exception) -> str | None:
 def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
   """What to change when a config does not fit, most effective first."""
   out = []
-  data, _, tensor = (report.mesh[name] for name in MESH_AXES)
+  data, tensor = report.mesh["data"], report.mesh["tensor"]
   chips = report.total_chips
   if report.unsplit and report.state_bytes_per_chip > 2 * report.state_bytes / chips:
     out.append(f"{len(report.unsplit)} parameter(s) are stored whole on some chips (see \"not "
@@ -229,7 +229,7 @@ def suggestions(report: AotReport, cfg: ModelConfig) -> list[str]:
   if cfg.remat == "none":
     out.append("recompute activations in the backward pass: --config.model.remat=full")
   B, k = report.batch_size, report.grad_accum
-  dp = math.prod(report.mesh[name] for name in BATCH_AXES)
+  dp = math.prod(report.mesh.get(name, 1) for name in BATCH_AXES)
   if B // k // dp > 1:
     more = [n for n in range(k + 1, B // dp + 1) if B % n == 0 and (B // n) % dp == 0]
     accum = f"--config.train.grad_accum={more[0]} (same batch) or " if more else ""
@@ -287,6 +287,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, tpu: TpuSlice, *,
                                              "scan_layers", "remat")},
              "family": cfg.family, "vocab_from": run.vocab_from, "kv_heads": cfg.kv_heads,
              "activation": cfg.activation, "formula": flops.formula(cfg),
+             **({"num_experts": cfg.num_experts, "experts_per_token": cfg.num_experts_per_tok,
+                 "active_params": count_params(cfg, active=True),
+                 "moe": moe_words(cfg, mesh)} if cfg.num_experts else {}),
              **({"num_decoder_layers": cfg.decoder_layers, "num_decoder_heads": cfg.decoder_heads,
                  "decoder_d_mlp": cfg.decoder_mlp} if cfg.family == "encdec" else {}),
              # the kernel the no-cache causal attention runs on this slice (model/attention.py;
@@ -345,10 +348,29 @@ def verdict(total: int, hbm: int) -> str:
 
 
 def _kv_words(model: dict) -> str:
-  """" sharing G key/value heads" (grouped-query attention), " with SwiGLU" where they apply."""
+  """" sharing G key/value heads" (grouped-query attention), " with SwiGLU" where they apply,
+  a mixture of experts' experts."""
   kv = model.get("kv_heads", model["num_heads"])
   return ((f" sharing {kv} key/value heads" if kv != model["num_heads"] else "")
-          + (", SwiGLU" if model.get("activation") == "swiglu" else ""))
+          + (", SwiGLU" if model.get("activation") == "swiglu" else "")
+          + (f", {model['experts_per_token']} of {model['num_experts']} experts per token "
+             f"({_count(model['active_params'])} active)" if model.get("num_experts") else ""))
+
+
+def moe_words(cfg: ModelConfig, mesh) -> str:
+  """How a mixture of experts is dispatched, and what that does to XLA's FLOP count."""
+  ep = mesh.shape.get("expert", 1)
+  if cfg.capacity_factor:
+    return (f"capacity factor {cfg.capacity_factor:g}: the experts compute "
+            f"{cfg.capacity_factor:g}x their share, empty slots included")
+  words = f"dropless, the grouped matmuls on {grouped_matmul.kernel(cfg, 'tpu')}"
+  if ep > 1:
+    words += (f"; with expert parallelism each chip's buffers hold the worst case (every token "
+              f"of its expert group routed to its experts: {ep}x its share), which XLA counts")
+  if grouped_matmul.kernel(cfg, "tpu") == "ragged_dot":
+    words += ("; XLA counts ragged_dot's weight gradient (a ragged contraction) as a dense one "
+              "per expert")
+  return words
 
 
 def _formula_name(r: "AotReport") -> str:
@@ -363,7 +385,7 @@ def vocab_from_words(model: dict) -> str:
 def format_report(r: AotReport) -> str:
   m = r.model
   slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
-  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items() if k != "expert" or v > 1)
   accum = f" in {r.grad_accum} micro-batches" if r.grad_accum > 1 else ""
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{_count(r.params)} parameters "
@@ -425,6 +447,8 @@ def format_report(r: AotReport) -> str:
   ]
   if m.get("formula"):
     lines.append(f"    ({m['formula']})")
+  if m.get("moe"):
+    lines.append(f"    (experts: {m['moe']})")
   if r.xla_flops_per_chip is not None:
     note = (" (counts the scanned layers / micro-batch / loss-chunk loop body once: an "
             "undercount)"

@@ -236,7 +236,7 @@ def _kv_words(model: dict[str, Any]) -> str:
 
 def format_decode_report(r: DecodeReport) -> str:
   m = r.model
-  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items() if k != "expert" or v > 1)
   lines = [
       f"model: {r.config_name + ' ' if r.config_name else ''}{r.params / 1e6:.1f}M parameters "
       f"({m['num_layers']} layers, width {m['d_model']}, {m['num_heads']} heads"

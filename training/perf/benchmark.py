@@ -357,8 +357,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _hf_model(params: Any, cfg: ModelConfig, directory: str):
-  """transformers' GPT2LMHeadModel, or LlamaForCausalLM for a Llama-style model, with our
-  weights (model/hf's export; no hub)."""
+  """transformers' class of our model's export (GPT2LMHeadModel, LlamaForCausalLM, a mixture
+  of experts' ...: model/hf's HF_CLASSES) with our weights (no hub)."""
   # pylint: disable=import-outside-toplevel  (optional dependencies: the "hf" extra)
   import torch
   import transformers
@@ -368,7 +368,8 @@ def _hf_model(params: Any, cfg: ModelConfig, directory: str):
   if dtype is None:
     raise UserError(f"--compare transformers needs model.dtype float32 or bfloat16, got "
                     f"{cfg.dtype!r}.")
-  cls = transformers.LlamaForCausalLM if kind == "llama" else transformers.GPT2LMHeadModel
+  from model.hf import HF_CLASSES
+  cls = getattr(transformers, HF_CLASSES[kind])
   return cls.from_pretrained(directory, dtype=dtype).eval()
 
 

@@ -7,7 +7,13 @@ plus the LM head, with the padded vocabulary. For GPT-2 124M (V = 50257, tied) N
 The 12 L T D term is attention's score and value matmuls (forward 2 * 2 * T * D per layer).
 Llama-style decoders need nothing else: N counts what their layers hold, SwiGLU's three D x F
 matrices and, with grouped-query attention, K/V projections of D x G*K (G key/value heads), and
-the attention term is the same (every query head still reads T keys of K dimensions).
+the attention term is the same (every query head still reads T keys of K dimensions; with a
+head size K other than D / H, as Qwen3's, the term is 12 L T H K).
+A mixture of experts (model/moe.py) counts its active parameters: the router, and of each
+sparse layer's E experts only the J a token is routed to (count_params(active=True)); so 6N is
+the work of the dropless dispatch (XLA:CPU and XLA:GPU expand its grouped matmuls into a dense
+matmul per expert, E times that work, which this formula leaves out; with a capacity factor c
+the experts compute c times their share, empty slots included).
 
 The same count for the other families, per position of a training row:
   bert    6 N + 12 L T D: bidirectional attention reads all T keys, as the causal formula
@@ -70,14 +76,14 @@ _KIND_ALIASES = (
 
 def non_embedding_params(cfg: ModelConfig) -> int:
   """N of the FLOPs formula: non-embedding parameters plus the LM head (see module doc)."""
-  return count_params(cfg, non_embedding=True)
+  return count_params(cfg, non_embedding=True, active=True)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
-  """Training FLOPs per token: 6 N + 12 L T D, T = seq_len (default block_size)."""
+  """Training FLOPs per token: 6 N + 12 L T D, T = seq_len (default block_size); D is H K."""
   T = cfg.block_size if seq_len is None else seq_len
   layers = cfg.num_layers + (2 * cfg.decoder_layers if cfg.family == "encdec" else 0)
-  return 6 * non_embedding_params(cfg) + 12 * layers * T * cfg.d_model
+  return 6 * non_embedding_params(cfg) + 12 * layers * T * cfg.num_heads * cfg.head_dim
 
 
 def formula(cfg: ModelConfig) -> str:
@@ -87,6 +93,9 @@ def formula(cfg: ModelConfig) -> str:
     parts.append("SwiGLU's three D x F matrices per layer")
   if cfg.kv_heads != cfg.num_heads:
     parts.append(f"K/V projections of {cfg.kv_heads} key/value heads")
+  if cfg.num_experts:
+    parts.append(f"the {cfg.num_experts_per_tok} of {cfg.num_experts} experts a token is "
+                 f"routed to, and the router")
   n = f"N = {non_embedding_params(cfg):,} ({'; '.join(parts)})"
   if cfg.family == "encdec":
     return (f"6N + 12*(L_enc + 2*L_dec)*T*D per target token, L_enc = {cfg.num_layers}, "
