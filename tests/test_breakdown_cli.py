@@ -3,6 +3,7 @@ flag sets in fresh processes; bad sets and flags are one sentence before anythin
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -52,17 +53,23 @@ def test_attention_as_identity_drops_the_attention_but_not_the_projections():
 def test_every_project_flag_set_is_one_xla_knows():
   """XLA parses XLA_FLAGS when its CPU client starts and aborts on a flag it does not know or
   a value it cannot read (GPU flags included): every flag of FLAG_SETS starts it, a misspelt one
-  does not."""
+  or a value it cannot read does not. A failure shows XLA's error lines (not the flag list it
+  prints after them)."""
   def start(flags):
     return subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"],
                           env=dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu"),
                           capture_output=True, text=True, timeout=240, check=False)
+  def errors(run):  # XLA's error (E) and fatal (F) log lines
+    return "\n".join(line for line in run.stderr.splitlines()
+                     if re.match(r"[EF]\d{4} ", line)) or run.stderr[-2000:]
   every = [flag for flags in breakdown.FLAG_SETS.values() for flag in flags]
   assert len(every) >= 4
   ok = start(every)
-  assert ok.returncode == 0 and ok.stdout.strip() == "cpu", ok.stderr[-2000:]
+  assert ok.returncode == 0 and ok.stdout.strip() == "cpu", errors(ok)
   misspelt = start([every[0].replace("enable", "enabel")])
-  assert misspelt.returncode != 0 and "Unknown flag in XLA_FLAGS" in misspelt.stderr
+  assert misspelt.returncode != 0 and "Unknown flag in XLA_FLAGS" in errors(misspelt)
+  unreadable = start(["--xla_allow_excess_precision=yes"])
+  assert unreadable.returncode != 0 and "Couldn't interpret value yes" in errors(unreadable)
 
 
 @pytest.mark.parametrize("args, message", [
