@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data parallel: each device holds all weights and a share of the batch
   c.mesh.fsdp = 1  # FSDP (ZeRO-3): weights, gradients, optimizer state split too
   c.mesh.tensor = 1  # tensor parallel: heads, MLP width and vocabulary split
+  # expert parallel: a mixture of experts' experts split over this many devices; the batch and
+  # the other weights (as FSDP) are split over them too
+  c.mesh.expert = 1
   # CPU-only hosts: split the CPU into this many JAX devices, data parallel over the cores
   # (-1: one per core, as many as divide train.batch_size; 0: JAX's default, one device).
   c.mesh.cpu_devices = 0

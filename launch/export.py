@@ -67,7 +67,7 @@ def _main(args: list[str]) -> int:
   else:
     print(f"load it: from transformers import {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r})")
-  if r["tokenizer"] != "gpt2":
+  if r["tokenizer"] not in ("gpt2", "hf"):
     print(f"note: this is a character-level model and transformers has no tokenizer for it; "
           f"its vocabulary is in {r['out']}/flaxgpt_tokenizer.json: token id i is the i-th "
           f"character of \"chars\" (ids = [chars.index(c) for c in text]).")

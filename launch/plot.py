@@ -47,7 +47,7 @@ def _main(args: list[str]) -> int:
     plot_expert_load(runs, out, x=FLAGS.x, title=FLAGS.title)
   else:
     plot_runs(runs, out, x=FLAGS.x, title=FLAGS.title, metric=FLAGS.metric)
-  rows = sum(len(r.steps) for r in runs)
+  rows = sum(len(r.load_steps if FLAGS.metric == LOAD_METRIC else r.steps) for r in runs)
   print(f"wrote {out}: {len(runs)} run{'s' * (len(runs) > 1)}, {rows} logged steps")
   return 0
 
