@@ -57,17 +57,18 @@ def _main(args: list[str]) -> int:
   print(f"wrote {r['out']}: {', '.join(r['files'])} (step {r['step']} of {FLAGS.workdir}, "
         f"vocabulary {r['vocab_size']}, block {r['block_size']})")
   cls = r["hf_class"]
+  characters = r["tokenizer"] not in ("gpt2", "hf")  # no tokenizer transformers can load
   if r["adapter"]:
     print(f"load it: from peft import PeftModel; model = PeftModel.from_pretrained(base, "
           f"{r['out']!r})  # base: {cls}.from_pretrained(<its base_model_name_or_path>)")
-  elif r["tokenizer"] in ("gpt2", "hf"):
+  elif not characters:
     print(f"load it: from transformers import AutoTokenizer, {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r}); "
           f"tokenizer = AutoTokenizer.from_pretrained({r['out']!r})")
   else:
     print(f"load it: from transformers import {cls}; "
           f"model = {cls}.from_pretrained({r['out']!r})")
-  if r["tokenizer"] not in ("gpt2", "hf"):
+  if characters:
     print(f"note: this is a character-level model and transformers has no tokenizer for it; "
           f"its vocabulary is in {r['out']}/flaxgpt_tokenizer.json: token id i is the i-th "
           f"character of \"chars\" (ids = [chars.index(c) for c in text]).")
